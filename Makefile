@@ -1,0 +1,40 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Each creates .venv, installs the project into it and, when run as root,
+# installs the Debian peers the tests use (scripts/install-debian-packages.sh).
+
+VENV    ?= .venv
+PYTHON  ?= python3
+STAMP   := $(VENV)/.installed
+PYTEST_WORKERS ?= auto
+
+.PHONY: demo test lint format debian-packages clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+debian-packages:
+	@bash scripts/install-debian-packages.sh
+
+demo: $(STAMP) debian-packages
+	$(VENV)/bin/tdw-emu demo
+
+# pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
+test: $(STAMP) debian-packages
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
