@@ -1,3 +1,3 @@
-"""tdw-emulator: IHE-RO Treatment Delivery Workflow performing devices, reference TMS and Archive."""
+"""tdw-emulator: IHE-RO Treatment Delivery Workflow devices, reference TMS and Archive."""
 
 __version__ = "0.1.0"

@@ -98,7 +98,7 @@ def apply_series(
     series_number: int,
     description: str,
 ) -> None:
-    """General/RT Series module attributes; Appendix A asks for number, date, time and description."""
+    """General/RT Series module; Appendix A asks for number, date, time and description."""
     ds.Modality = modality
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = series_number

@@ -8,6 +8,7 @@ performing device must follow beam by beam.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -70,7 +71,7 @@ class PlanSpec:
 def _half_widths(radius: float) -> list[float]:
     """Half-opening of each leaf pair conforming to a circle of ``radius`` (0 = closed)."""
     widths = []
-    for low, high in zip(LEAF_BOUNDARIES, LEAF_BOUNDARIES[1:], strict=False):
+    for low, high in itertools.pairwise(LEAF_BOUNDARIES):
         centre = (low + high) / 2
         widths.append(round(math.sqrt(radius**2 - centre**2), 1) if abs(centre) < radius else 0.0)
     return widths
