@@ -1,0 +1,159 @@
+"""``tdw-emu``: parses arguments and delegates; the work happens in the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from emulator import __version__
+
+
+def _add_seed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("seed", help="write synthetic RT patients (CT, RTSTRUCT, RTPLAN, ...)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--patients", type=int, default=1)
+    p.add_argument("--slices", type=int, default=40, help="CT slices")
+    p.add_argument("--slice-spacing", type=float, default=2.5, help="CT slice spacing, mm")
+    p.add_argument("--rows", type=int, default=128, help="CT rows and columns")
+    p.add_argument("--pixel-spacing", type=float, default=3.0, help="CT pixel spacing, mm")
+    p.add_argument("--beams", type=int, default=4)
+    p.add_argument("--dynamic-beams", type=int, default=2, help="how many beams are DYNAMIC")
+    p.add_argument("--control-points", type=int, default=20, help="per DYNAMIC beam")
+    p.add_argument("--fractions", type=int, default=30)
+    p.add_argument("--dose-per-fraction", type=float, default=2.0, help="Gy")
+    p.add_argument("--dose-bits", type=int, choices=(16, 32), default=16)
+    p.add_argument("--uids", choices=("final", "trial"), default="final")
+
+
+def _add_archive(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("archive", help="run the reference Archive (Storage, FIND, MOVE SCP)")
+    p.add_argument("--config", type=Path, help="YAML file; flags override it")
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--ae-title")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="0 picks a free port")
+    p.add_argument("--peer", action="append", default=[], metavar="AET@HOST:PORT")
+    p.add_argument("--allow", action="append", default=[], metavar="AET", help="extra caller")
+    p.add_argument("--accept-any-ae", action="store_true", default=None)
+    p.add_argument("--duplicate-policy", choices=("reject", "replace"))
+    p.add_argument("--uids", choices=("final", "trial"))
+    p.add_argument("--import", dest="import_dir", type=Path, help="preload files from a dir")
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="seed, serve and retrieve a patient end to end")
+    p.add_argument("--data-dir", type=Path, help="keep the demo's data here (default: temp)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tdw-emu", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"tdw-emu {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_seed(sub)
+    _add_archive(sub)
+    _add_demo(sub)
+    return parser
+
+
+def _cmd_seed(args: argparse.Namespace) -> int:
+    from emulator.seeding import SeedOptions, seed_patients
+
+    options = SeedOptions(
+        patients=args.patients,
+        slices=args.slices,
+        slice_spacing=args.slice_spacing,
+        rows=args.rows,
+        pixel_spacing=args.pixel_spacing,
+        beams=args.beams,
+        dynamic_beams=args.dynamic_beams,
+        control_points=args.control_points,
+        fractions=args.fractions,
+        dose_per_fraction=args.dose_per_fraction,
+        dose_bits=args.dose_bits,
+        uids=args.uids,
+    )
+    written = seed_patients(args.out, options)
+    for paths in written:
+        print(f"{paths[0].parent}: {len(paths)} objects")
+    return 0
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def _cmd_archive(args: argparse.Namespace) -> int:
+    from emulator.config import archive_config, load_yaml_config, merge
+    from emulator.reference.archive import ArchiveServer
+    from emulator.store.importer import dicom_files, import_files
+
+    flags = {
+        "data_dir": args.data_dir,
+        "ae_title": args.ae_title,
+        "host": args.host,
+        "port": args.port,
+        "peer": args.peer,
+        "allow": args.allow,
+        "accept_any_ae": args.accept_any_ae,
+        "duplicate_policy": args.duplicate_policy,
+        "uids": args.uids,
+        "import_dir": args.import_dir,
+    }
+    values = merge(load_yaml_config(args.config, "archive"), flags)
+    config = archive_config(values)
+    server = ArchiveServer(config)
+    if values.get("import_dir"):
+        results = import_files(server.store, dicom_files(Path(values["import_dir"])))
+        refused = {p: r for p, r in results.items() if isinstance(r, Exception)}
+        print(f"imported {len(results) - len(refused)} objects, refused {len(refused)}")
+        for path, reason in refused.items():
+            print(f"  refused {path}: {reason}", file=sys.stderr)
+    host, port = server.start()
+    callers = "any" if config.accept_any_ae else ", ".join(config.calling_allow_list() or [])
+    print(f"archive {config.ae_title} listening on {host}:{port}", flush=True)
+    print(f"  data dir {config.data_dir}, {server.store.count()} instances", flush=True)
+    print(f"  accepted callers: {callers}", flush=True)
+    for peer in server.peers:
+        print(f"  move destination {peer}", flush=True)
+    try:
+        _wait_for_signal()
+    finally:
+        server.stop()
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from emulator.demo import run_demo
+
+    return run_demo(args.data_dir)
+
+
+COMMANDS = {"seed": _cmd_seed, "archive": _cmd_archive, "demo": _cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.verbose < 2:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    from emulator.config import ConfigError
+    from emulator.reference.archive import ArchiveConfigError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, ArchiveConfigError, ValueError) as exc:
+        print(f"tdw-emu {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

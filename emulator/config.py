@@ -1,0 +1,108 @@
+"""Turns YAML files and command-line flags into typed configuration, validated in one place.
+
+Every flag has a YAML key of the same name (dashes become underscores); a flag given on
+the command line wins over the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from emulator.net.peers import Peer, PeerError, validate_ae_title
+from emulator.profile import UID_SETS
+from emulator.reference.archive import ArchiveConfig
+from emulator.store import AdmissionLimits, DuplicatePolicy
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the key."""
+
+
+def load_yaml_config(path: Path | None, section: str) -> dict[str, Any]:
+    """The ``section`` mapping of a YAML config file (or the whole file if it has none)."""
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping")
+    section_data = data.get(section, data)
+    if not isinstance(section_data, dict):
+        raise ConfigError(f"config {path}: '{section}' must be a mapping")
+    return section_data
+
+
+def merge(file_values: dict[str, Any], flag_values: dict[str, Any]) -> dict[str, Any]:
+    """Flags that were given (not None, not empty lists) override the file."""
+    merged = dict(file_values)
+    merged.update({k: v for k, v in flag_values.items() if v is not None and v != []})
+    return merged
+
+
+def _peers(values: Any) -> list[Peer]:
+    if values in (None, ""):
+        return []
+    if isinstance(values, str):
+        values = [values]
+    try:
+        return [Peer.parse(str(v)) for v in values]
+    except PeerError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def archive_config(values: dict[str, Any]) -> ArchiveConfig:
+    """Validates the merged ``archive`` settings."""
+    known = {
+        "data_dir",
+        "ae_title",
+        "host",
+        "port",
+        "peer",
+        "peers",
+        "allow",
+        "accept_any_ae",
+        "duplicate_policy",
+        "uids",
+        "max_dataset_bytes",
+        "import_dir",
+    }
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown archive settings: {', '.join(sorted(unknown))}")
+    if not values.get("data_dir"):
+        raise ConfigError("data_dir is required")
+    try:
+        ae_title = validate_ae_title(str(values.get("ae_title", "ARCHIVE")))
+        allow = [validate_ae_title(str(a)) for a in values.get("allow") or []]
+    except PeerError as exc:
+        raise ConfigError(str(exc)) from exc
+    port = int(values.get("port", 11112))
+    if not 0 <= port < 65536:
+        raise ConfigError(f"port {port} out of range")
+    uids = str(values.get("uids", "final"))
+    if uids not in UID_SETS:
+        raise ConfigError(f"uids must be one of {', '.join(UID_SETS)}")
+    try:
+        policy = DuplicatePolicy(str(values.get("duplicate_policy", "reject")))
+    except ValueError as exc:
+        raise ConfigError("duplicate_policy must be 'reject' or 'replace'") from exc
+    limits = AdmissionLimits()
+    if values.get("max_dataset_bytes"):
+        limits = AdmissionLimits(max_dataset_bytes=int(values["max_dataset_bytes"]))
+    return ArchiveConfig(
+        data_dir=Path(values["data_dir"]),
+        ae_title=ae_title,
+        host=str(values.get("host", "127.0.0.1")),
+        port=port,
+        peers=_peers(values.get("peers")) + _peers(values.get("peer")),
+        allowed_callers=allow,
+        accept_any_ae=bool(values.get("accept_any_ae", False)),
+        duplicate_policy=policy,
+        uid_set=uids,
+        limits=limits,
+    )

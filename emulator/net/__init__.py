@@ -1,0 +1,1 @@
+"""DICOM plumbing shared by every actor: AE factory, peers, and SCU helpers."""

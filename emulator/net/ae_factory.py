@@ -1,0 +1,82 @@
+"""Builds pynetdicom AEs the same way for every actor: timeouts, PDU size, TCP_NODELAY, allow-list.
+
+Loopback DICOM without TCP_NODELAY stalls on Nagle plus delayed ACK (about 45 ms per
+object, measured in shared/spec-notes.md), so every association socket gets it, on both
+the requesting and the accepting side, through the connection-open event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pynetdicom import AE, evt
+from pynetdicom.transport import AssociationServer
+
+from emulator.net.peers import validate_ae_title
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """Association parameters common to all actors."""
+
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    connection_timeout: float | None = 10.0
+    maximum_pdu_size: int = 256 * 1024
+    maximum_associations: int = 32
+    tls_context: ssl.SSLContext | None = None
+
+
+def _set_nodelay(event: evt.Event) -> None:
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+NODELAY_HANDLER = (evt.EVT_CONN_OPEN, _set_nodelay)
+
+
+def make_ae(
+    ae_title: str,
+    settings: NetworkSettings | None = None,
+    allowed_calling_aets: Iterable[str] | None = None,
+) -> AE:
+    """An AE with the project's network settings; ``allowed_calling_aets`` None accepts any."""
+    settings = settings or NetworkSettings()
+    ae = AE(ae_title=validate_ae_title(ae_title))
+    ae.acse_timeout = settings.acse_timeout
+    ae.dimse_timeout = settings.dimse_timeout
+    ae.network_timeout = settings.network_timeout
+    ae.connection_timeout = settings.connection_timeout
+    ae.maximum_pdu_size = settings.maximum_pdu_size
+    ae.maximum_associations = settings.maximum_associations
+    if allowed_calling_aets is not None:
+        titles = [validate_ae_title(t) for t in allowed_calling_aets]
+        if not titles:
+            # pynetdicom reads an empty allow-list as "accept any": refuse to build that.
+            raise ValueError("an empty allow-list would accept any caller; pass None for that")
+        ae.require_calling_aet = titles
+    return ae
+
+
+def start_server(
+    ae: AE,
+    host: str,
+    port: int,
+    handlers: list,
+    settings: NetworkSettings | None = None,
+) -> AssociationServer:
+    """Starts a non-blocking server; port 0 binds a free port (see ``server.server_address``)."""
+    settings = settings or NetworkSettings()
+    return ae.start_server(
+        (host, port),
+        block=False,
+        evt_handlers=[NODELAY_HANDLER, *handlers],
+        ssl_context=settings.tls_context,
+    )

@@ -1,0 +1,67 @@
+"""Remote application entities, written ``AET@HOST:PORT`` on the command line and in YAML."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_PEER = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>\[[0-9a-fA-F:]+\]|[^:@\s]+):(?P<port>\d{1,5})$")
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: no backslash, no control
+
+
+class PeerError(ValueError):
+    """A peer specification that cannot be used."""
+
+
+def validate_ae_title(title: str) -> str:
+    """An AE title as PS3.5 allows it (1-16 chars, no backslash or controls, not all spaces)."""
+    if not _AE_TITLE.match(title) or not title.strip():
+        raise PeerError(f"invalid AE title {title!r}: 1-16 printable characters, no backslash")
+    return title.strip()
+
+
+@dataclass(frozen=True)
+class Peer:
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Peer:
+        """Parses ``AET@HOST:PORT``; IPv6 hosts go in brackets."""
+        match = _PEER.match(text.strip())
+        if not match:
+            raise PeerError(f"peer {text!r} is not AET@HOST:PORT")
+        port = int(match["port"])
+        if not 0 < port < 65536:
+            raise PeerError(f"peer {text!r}: port out of range")
+        host = match["host"].strip("[]")
+        return cls(validate_ae_title(match["aet"]), host, port)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.ae_title}@{host}:{self.port}"
+
+
+class PeerDirectory:
+    """The configured peers: the only C-MOVE destinations and, by default, the only callers."""
+
+    def __init__(self, peers: list[Peer] | tuple[Peer, ...] = ()) -> None:
+        self._by_title: dict[str, Peer] = {}
+        for peer in peers:
+            if peer.ae_title in self._by_title:
+                raise PeerError(f"peer AE title {peer.ae_title} is configured twice")
+            self._by_title[peer.ae_title] = peer
+
+    def get(self, ae_title: str) -> Peer | None:
+        return self._by_title.get(ae_title.strip())
+
+    @property
+    def ae_titles(self) -> list[str]:
+        return list(self._by_title)
+
+    def __iter__(self):
+        return iter(self._by_title.values())
+
+    def __len__(self) -> int:
+        return len(self._by_title)

@@ -1,0 +1,154 @@
+"""Typed SCU calls used by the CLI, the demo and the performing devices.
+
+Each call opens its own association to one peer with exactly the contexts it needs and
+raises :class:`DimseError` with the status when the peer says no, so callers never have
+to remember to check a status by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, build_context
+from pynetdicom.association import Association
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from emulator.net.ae_factory import NODELAY_HANDLER, NetworkSettings, make_ae
+from emulator.net.peers import Peer
+
+UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+
+
+class DimseError(RuntimeError):
+    """A peer refused the association or answered a request with a failure status."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message if status is None else f"{message} (status 0x{status:04X})")
+        self.status = status
+
+
+@dataclass
+class MoveResult:
+    status: int
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    failed_sop_instances: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def associate(
+    calling_ae: str,
+    peer: Peer,
+    contexts: list,
+    settings: NetworkSettings | None = None,
+) -> Iterator[Association]:
+    """An established association that is always released (or aborted) on exit."""
+    ae: AE = make_ae(calling_ae, settings)
+    ae.requested_contexts = contexts
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        evt_handlers=[NODELAY_HANDLER],
+        tls_args=(settings.tls_context, None) if settings and settings.tls_context else None,
+    )
+    if not assoc.is_established:
+        reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
+        raise DimseError(f"association with {peer} {reason}")
+    try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _status_of(rsp: Dataset | None, what: str) -> int:
+    if rsp is None or "Status" not in rsp:
+        raise DimseError(f"{what}: no response (timeout or aborted association)")
+    return int(rsp.Status)
+
+
+def echo(calling_ae: str, peer: Peer, settings: NetworkSettings | None = None) -> int:
+    with associate(calling_ae, peer, [build_context(Verification)], settings) as assoc:
+        return _status_of(assoc.send_c_echo(), "C-ECHO")
+
+
+def store(
+    calling_ae: str,
+    peer: Peer,
+    objects: Iterable[Dataset | Path],
+    settings: NetworkSettings | None = None,
+) -> list[int]:
+    """C-STOREs each object; raises on the first failure so nothing is silently lost."""
+    datasets = [dcmread(o) if isinstance(o, str | Path) else o for o in objects]
+    sop_classes = dict.fromkeys(ds.SOPClassUID for ds in datasets)
+    contexts = [build_context(uid, UNCOMPRESSED) for uid in sop_classes]
+    statuses = []
+    with associate(calling_ae, peer, contexts, settings) as assoc:
+        for ds in datasets:
+            status = _status_of(assoc.send_c_store(ds), f"C-STORE {ds.SOPInstanceUID}")
+            if status not in (0x0000, 0xB000, 0xB006, 0xB007):
+                raise DimseError(f"C-STORE {ds.SOPInstanceUID} refused", status)
+            statuses.append(status)
+    return statuses
+
+
+def find(
+    calling_ae: str,
+    peer: Peer,
+    identifier: Dataset,
+    model: str = StudyRootQueryRetrieveInformationModelFind,
+    settings: NetworkSettings | None = None,
+) -> list[Dataset]:
+    """All pending identifiers of a C-FIND; raises unless the final status is success."""
+    results = []
+    with associate(calling_ae, peer, [build_context(model)], settings) as assoc:
+        for status, found in assoc.send_c_find(identifier, model):
+            code = _status_of(status, "C-FIND")
+            if code in (0xFF00, 0xFF01):
+                results.append(found)
+            elif code == 0x0000:
+                return results
+            else:
+                raise DimseError("C-FIND failed", code)
+    raise DimseError("C-FIND ended without a final response")
+
+
+def move(
+    calling_ae: str,
+    peer: Peer,
+    identifier: Dataset,
+    destination: str,
+    settings: NetworkSettings | None = None,
+) -> MoveResult:
+    """A Study Root C-MOVE; returns the final counts, raising if the move itself failed."""
+    model = StudyRootQueryRetrieveInformationModelMove
+    final: MoveResult | None = None
+    with associate(calling_ae, peer, [build_context(model)], settings) as assoc:
+        for status, found in assoc.send_c_move(identifier, destination, model):
+            code = _status_of(status, "C-MOVE")
+            if code == 0xFF00:
+                continue
+            final = MoveResult(
+                code,
+                int(status.get("NumberOfCompletedSuboperations", 0) or 0),
+                int(status.get("NumberOfFailedSuboperations", 0) or 0),
+                int(status.get("NumberOfWarningSuboperations", 0) or 0),
+                list(found.get("FailedSOPInstanceUIDList", []) or []) if found else [],
+            )
+    if final is None:
+        raise DimseError("C-MOVE ended without a final response")
+    if final.status not in (0x0000, 0xB000):
+        raise DimseError("C-MOVE failed", final.status)
+    return final

@@ -1,0 +1,1 @@
+"""Reference counterparts of the performing devices: the Archive (and, later, the TMS)."""

@@ -1,0 +1,59 @@
+"""``tdw-emu seed``: writes synthetic patients to disk from command-line style options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from emulator.profile import load_sop_classes
+from emulator.synth import PatientContext, PhantomGeometry, PlanSpec, generate_patient
+from emulator.synth.dose import build_dose
+
+
+@dataclass(frozen=True)
+class SeedOptions:
+    patients: int = 1
+    slices: int = 40
+    slice_spacing: float = 2.5
+    rows: int = 128
+    pixel_spacing: float = 3.0
+    beams: int = 4
+    dynamic_beams: int = 2
+    control_points: int = 20
+    fractions: int = 30
+    dose_per_fraction: float = 2.0
+    dose_bits: int = 16
+    uids: str = "final"
+    patient_id_prefix: str = "TDW"
+
+
+def seed_patients(out_dir: Path, options: SeedOptions) -> list[list[Path]]:
+    """One sub-directory per patient (``patient_001`` ...), names chosen by us."""
+    uids = load_sop_classes(options.uids)
+    geometry = PhantomGeometry(
+        rows=options.rows,
+        columns=options.rows,
+        pixel_spacing=options.pixel_spacing,
+        slices=options.slices,
+        slice_spacing=options.slice_spacing,
+    )
+    spec = PlanSpec(
+        beams=options.beams,
+        dynamic_beams=options.dynamic_beams,
+        control_points=options.control_points,
+        fractions=options.fractions,
+        dose_per_fraction_gy=options.dose_per_fraction,
+    )
+    written = []
+    for index in range(1, options.patients + 1):
+        context = PatientContext(
+            patient_name=f"TDW^Phantom{index:03d}",
+            patient_id=f"{options.patient_id_prefix}{index:04d}",
+            accession_number=f"{options.patient_id_prefix}{index:04d}A",
+        )
+        patient = generate_patient(context, geometry, spec, uids)
+        if options.dose_bits != 16:
+            patient.dose = build_dose(context, geometry, patient.plan, uids, options.dose_bits)
+            patient.planning_objects[-1] = patient.dose
+        written.append(patient.write(Path(out_dir) / f"patient_{index:03d}"))
+    return written

@@ -1,0 +1,122 @@
+"""Checks an incoming object before it is stored, so bad input is refused with a reason.
+
+A store that indexes a malformed UID or a 10 kB Patient ID would corrupt every later query
+and move. These checks run before anything touches the disk; each failure carries the
+C-STORE status to answer with and a comment short enough for Error Comment (LO, 64 chars).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from pydicom import config as pydicom_config
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+from pydicom.valuerep import validate_value
+
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+# Attributes the index and the Q/R matching depend on: their values must be valid for their VR.
+IDENTIFYING = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "Modality",
+    "SeriesNumber",
+    "InstanceNumber",
+)
+REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+class AdmissionError(Exception):
+    """An object was refused; ``status`` is the C-STORE failure status to send."""
+
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment[:64]
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    """Size limits: a peer may not make the Archive hold arbitrarily large objects."""
+
+    max_dataset_bytes: int = 1 << 31
+    max_element_bytes: int = 1 << 30
+
+
+def admit(
+    encoded: bytes,
+    expected_sop_class: str | None = None,
+    expected_sop_instance: str | None = None,
+    limits: AdmissionLimits | None = None,
+) -> Dataset:
+    """Parses Part 10 bytes and returns the header if the object may be stored.
+
+    Raises :class:`AdmissionError` with the status and reason otherwise.
+    """
+    limits = limits or AdmissionLimits()
+    if len(encoded) > limits.max_dataset_bytes:
+        raise AdmissionError(
+            STATUS_OUT_OF_RESOURCES,
+            f"dataset of {len(encoded)} bytes exceeds {limits.max_dataset_bytes}",
+        )
+    try:
+        ds = dcmread(io.BytesIO(encoded), force=False)
+        # Touch every top-level element so a truncated value fails here, not later.
+        for element in ds:
+            if element.VR not in ("SQ",) and element.value is not None:
+                length = len(element.value) if isinstance(element.value, bytes | str) else 0
+                if length > limits.max_element_bytes:
+                    raise AdmissionError(
+                        STATUS_OUT_OF_RESOURCES,
+                        f"element {element.tag} of {length} bytes is too large",
+                    )
+    except AdmissionError:
+        raise
+    except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError) as exc:
+        raise AdmissionError(STATUS_CANNOT_UNDERSTAND, f"cannot parse dataset: {exc}") from exc
+
+    for keyword in REQUIRED:
+        if not str(ds.get(keyword, "") or "").strip():
+            raise AdmissionError(STATUS_DATASET_MISMATCH, f"missing {keyword}")
+    for keyword in IDENTIFYING:
+        if keyword not in ds:
+            continue
+        element = ds[keyword]
+        value = element.value
+        if value is None or value == "":
+            continue
+        try:
+            values = value if element.VM > 1 else [value]
+            for single in values:
+                validate_value(element.VR, str(single), pydicom_config.RAISE)
+        except (ValueError, TypeError) as exc:
+            raise AdmissionError(STATUS_DATASET_MISMATCH, f"invalid {keyword}: {exc}") from exc
+    for keyword in REQUIRED:
+        if keyword.endswith("UID") and not UID(str(ds[keyword].value)).is_valid:
+            raise AdmissionError(STATUS_DATASET_MISMATCH, f"invalid UID in {keyword}")
+    if expected_sop_class and ds.SOPClassUID != expected_sop_class:
+        raise AdmissionError(
+            STATUS_DATASET_MISMATCH,
+            f"SOP Class {ds.SOPClassUID} does not match the context",
+        )
+    if expected_sop_instance and ds.SOPInstanceUID != expected_sop_instance:
+        raise AdmissionError(
+            STATUS_DATASET_MISMATCH, "SOP Instance UID differs from the C-STORE request"
+        )
+    return ds
