@@ -38,7 +38,12 @@ def build_delivery_instruction(
     continuations: dict[int, ContinuationRange] | None = None,
     omitted_beams: dict[int, str] | None = None,
 ) -> Dataset:
-    """One BeamTask per beam to deliver; ``continuations`` maps beam numbers to ranges."""
+    """One BeamTask per beam to deliver.
+
+    ``continuations`` maps beam numbers to the meterset range still to deliver;
+    ``omitted_beams`` maps beam numbers to a free-text reason, recorded as
+    ALREADY_TREATED (PS3.3 C.8.8.29 defined term) with the text as its description.
+    """
     continuations = continuations or {}
     omitted_beams = omitted_beams or {}
     ds = new_dataset(uids["rt_beams_delivery_instruction"])
@@ -81,7 +86,8 @@ def build_delivery_instruction(
             item = Dataset()
             item.ReferencedFractionGroupNumber = group_number
             item.ReferencedBeamNumber = number
-            item.ReasonForOmission = reason
+            item.ReasonForOmission = "ALREADY_TREATED"
+            item.ReasonForOmissionDescription = reason[:64]
             omitted.append(item)
         ds.OmittedBeamTaskSequence = sequence(*omitted)
     return ds

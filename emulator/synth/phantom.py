@@ -38,25 +38,17 @@ class PhantomGeometry:
             raise ValueError("pixel and slice spacing must be positive")
         half_width = self.columns * self.pixel_spacing / 2
         if self.body_semi_axes[0] >= half_width:
-            # Shrink the body rather than clip it, so EXTERNAL stays inside the image.
+            # Shrink the anatomy rather than clip it, so EXTERNAL stays inside the image.
+            # Scaled values are rounded so they stay within DS's 16 characters.
             scale = 0.85 * half_width / self.body_semi_axes[0]
-            object.__setattr__(
-                self,
-                "body_semi_axes",
-                (self.body_semi_axes[0] * scale, self.body_semi_axes[1] * scale),
-            )
-            object.__setattr__(
-                self,
-                "lung_centres_x",
-                tuple(x * scale for x in self.lung_centres_x),
-            )
-            object.__setattr__(
-                self, "lung_semi_axes", tuple(a * scale for a in self.lung_semi_axes)
-            )
-            object.__setattr__(self, "spine_centre_y", self.spine_centre_y * scale)
-            object.__setattr__(self, "spine_radius", self.spine_radius * scale)
-            object.__setattr__(self, "ptv_radius", self.ptv_radius * scale)
-            object.__setattr__(self, "ptv_centre_y", self.ptv_centre_y * scale)
+
+            def scaled(*values: float) -> tuple[float, ...]:
+                return tuple(round(v * scale, 3) for v in values)
+
+            for name in ("body_semi_axes", "lung_centres_x", "lung_semi_axes"):
+                object.__setattr__(self, name, scaled(*getattr(self, name)))
+            for name in ("spine_centre_y", "spine_radius", "ptv_radius", "ptv_centre_y"):
+                object.__setattr__(self, name, scaled(getattr(self, name))[0])
 
     @property
     def origin_x(self) -> float:
@@ -74,7 +66,7 @@ class PhantomGeometry:
     @property
     def isocenter(self) -> tuple[float, float, float]:
         """The PTV centre, placed on the slice nearest z = 0 so the POINT lies on an image."""
-        return (0.0, self.ptv_centre_y, self.slice_z(self.slices // 2))
+        return (0.0, round(self.ptv_centre_y, 3), self.slice_z(self.slices // 2))
 
     def ptv_radius_at(self, z: float) -> float:
         dz = z - self.isocenter[2]

@@ -1,0 +1,1 @@
+"""Checks of what the project writes and receives against tables kept in profiles/."""
