@@ -110,7 +110,12 @@ def parse_identifier(identifier: Dataset) -> ParsedQuery:
         requested.append(keyword)
         if keyword not in INDEXED_KEYWORDS or element.VR == "SQ":
             continue
-        value = "" if element.value is None else str(element.value).strip()
+        if element.value is None:
+            value = ""
+        elif element.VM > 1:  # a UID list arrives as a multi-valued element
+            value = "\\".join(str(v) for v in element.value)
+        else:
+            value = str(element.value).strip()
         if not value or value == "*":
             continue
         column, vr, _ = INDEXED_KEYWORDS[keyword]

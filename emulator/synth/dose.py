@@ -79,7 +79,7 @@ def build_dose(
     ds.PixelSpacing = [DOSE_GRID_SPACING, DOSE_GRID_SPACING]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.ImagePositionPatient = [round(float(c), 3) for c in corner]
-    ds.SliceThickness = ""
+    ds.SliceThickness = None
     # Image Pixel and Multi-frame
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"

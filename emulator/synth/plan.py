@@ -136,9 +136,9 @@ def _control_point(
         cp.PatientSupportRotationDirection = "NONE"
         cp.TableTopEccentricAngle = 0.0
         cp.TableTopEccentricRotationDirection = "NONE"
-        cp.TableTopVerticalPosition = ""
-        cp.TableTopLongitudinalPosition = ""
-        cp.TableTopLateralPosition = ""
+        cp.TableTopVerticalPosition = None
+        cp.TableTopLongitudinalPosition = None
+        cp.TableTopLateralPosition = None
         cp.IsocenterPosition = list(isocenter)
     else:
         mlc_item = Dataset()
