@@ -1,0 +1,120 @@
+"""The archive's YAML config and its flags are equivalent, and bad settings fail clearly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from emulator.config import ConfigError, archive_config, load_yaml_config, merge
+from emulator.net import scu
+from emulator.net.peers import Peer, PeerError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_yaml_and_flags_give_the_same_config(tmp_path):
+    config_file = tmp_path / "archive.yaml"
+    config_file.write_text(
+        yaml.safe_dump(
+            {
+                "archive": {
+                    "data_dir": str(tmp_path / "data"),
+                    "ae_title": "ARCH1",
+                    "port": 0,
+                    "peers": ["DEV1@127.0.0.1:11113", "DEV2@[::1]:11114"],
+                    "allow": ["TPS"],
+                    "duplicate_policy": "replace",
+                    "uids": "trial",
+                }
+            }
+        )
+    )
+    from_file = archive_config(load_yaml_config(config_file, "archive"))
+    from_flags = archive_config(
+        merge(
+            {},
+            {
+                "data_dir": str(tmp_path / "data"),
+                "ae_title": "ARCH1",
+                "port": 0,
+                "peer": ["DEV1@127.0.0.1:11113", "DEV2@[::1]:11114"],
+                "allow": ["TPS"],
+                "duplicate_policy": "replace",
+                "uids": "trial",
+            },
+        )
+    )
+    assert from_file == from_flags
+    assert from_file.calling_allow_list() == ["DEV1", "DEV2", "TPS"]
+    assert from_file.peers[1] == Peer("DEV2", "::1", 11114)
+
+
+def test_flags_override_the_file(tmp_path):
+    merged = merge({"data_dir": "a", "port": 1, "peers": ["X@h:1"]}, {"port": 0, "peer": []})
+    assert merged == {"data_dir": "a", "port": 0, "peers": ["X@h:1"]}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({}, "data_dir is required"),
+        ({"data_dir": "d", "port": 70000}, "out of range"),
+        ({"data_dir": "d", "peer": ["nohost"]}, "AET@HOST:PORT"),
+        ({"data_dir": "d", "ae_title": "A" * 17}, "invalid AE title"),
+        ({"data_dir": "d", "uids": "draft"}, "uids must be"),
+        ({"data_dir": "d", "duplicate_policy": "overwrite"}, "duplicate_policy"),
+        ({"data_dir": "d", "colour": "blue"}, "unknown archive settings: colour"),
+    ],
+)
+def test_bad_settings_name_the_problem(values, message):
+    with pytest.raises((ConfigError, PeerError), match=message):
+        archive_config(values)
+
+
+def test_archive_command_refuses_to_accept_nobody(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "emulator.cli", "archive", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "no caller would be accepted" in result.stderr
+
+
+def test_archive_command_serves_from_a_yaml_config(tmp_path, archive_process_factory):
+    config_file = tmp_path / "archive.yaml"
+    config_file.write_text(
+        yaml.safe_dump(
+            {
+                "archive": {
+                    "data_dir": str(tmp_path / "d"),
+                    "ae_title": "YAMLARCH",
+                    "port": 0,
+                    "accept_any_ae": True,
+                }
+            }
+        )
+    )
+    proc = archive_process_factory("--config", str(config_file))
+    assert proc.host == "127.0.0.1"  # loopback unless configured otherwise
+    assert scu.echo("WHOEVER", Peer("YAMLARCH", proc.host, proc.port)) == 0x0000
+    assert any("accepted callers: any" in line for line in proc.output)
+
+
+def test_demo_command_runs_end_to_end(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "emulator.cli", "demo", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "every retrieved object matches the archived one" in result.stdout
+    assert (tmp_path / "archive" / "index.sqlite3").exists()
