@@ -27,6 +27,7 @@ def _add_seed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dose-per-fraction", type=float, default=2.0, help="Gy")
     p.add_argument("--dose-bits", type=int, choices=(16, 32), default=16)
     p.add_argument("--uids", choices=("final", "trial"), default="final")
+    p.add_argument("--patient-id-prefix", default="TDW")
 
 
 def _add_archive(sub: argparse._SubParsersAction) -> None:
@@ -61,22 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_seed(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from emulator.seeding import SeedOptions, seed_patients
 
-    options = SeedOptions(
-        patients=args.patients,
-        slices=args.slices,
-        slice_spacing=args.slice_spacing,
-        rows=args.rows,
-        pixel_spacing=args.pixel_spacing,
-        beams=args.beams,
-        dynamic_beams=args.dynamic_beams,
-        control_points=args.control_points,
-        fractions=args.fractions,
-        dose_per_fraction=args.dose_per_fraction,
-        dose_bits=args.dose_bits,
-        uids=args.uids,
-    )
+    options = SeedOptions(**{f.name: getattr(args, f.name) for f in fields(SeedOptions)})
     written = seed_patients(args.out, options)
     for paths in written:
         print(f"{paths[0].parent}: {len(paths)} objects")

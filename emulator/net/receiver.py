@@ -8,15 +8,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import evt
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
-from emulator.net.ae_factory import NetworkSettings, make_ae, start_server
+from emulator.net.ae_factory import NetworkSettings, make_ae
+from emulator.net.served_ae import ServedAE
 from emulator.net.storage_scp import store_event
 from emulator.store import AdmissionLimits, ObjectStore
 
 
-class StorageReceiver:
+class StorageReceiver(ServedAE):
     """Accepts only the SOP classes it is given, from the callers it is given."""
 
     def __init__(
@@ -30,6 +31,7 @@ class StorageReceiver:
         settings: NetworkSettings | None = None,
         limits: AdmissionLimits | None = None,
     ) -> None:
+        super().__init__()
         self.store = ObjectStore(Path(data_dir))
         self.ae_title = ae_title
         self.sop_classes = sop_classes
@@ -38,32 +40,14 @@ class StorageReceiver:
         self.port = port
         self.settings = settings or NetworkSettings()
         self.limits = limits or AdmissionLimits()
-        self._server = None
 
-    def start(self) -> tuple[str, int]:
+    def build(self) -> tuple[AE, list]:
         ae = make_ae(self.ae_title, self.settings, self.allowed_callers)
         ae.add_supported_context(Verification)
         for uid in self.sop_classes:
             ae.add_supported_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         handler = (evt.EVT_C_STORE, lambda event: store_event(event, self.store, self.limits))
-        self._server = start_server(ae, self.host, self.port, [handler], self.settings)
-        return self.address
+        return ae, [handler]
 
-    @property
-    def address(self) -> tuple[str, int]:
-        if self._server is None:
-            raise RuntimeError("receiver not started")
-        return self._server.server_address[:2]
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+    def close_resources(self) -> None:
         self.store.close()
-
-    def __enter__(self) -> StorageReceiver:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

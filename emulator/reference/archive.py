@@ -9,21 +9,21 @@ are refused with a reason, and nothing is acknowledged before it is on disk and 
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import build_context, evt
+from pynetdicom import AE, build_context, evt
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
 
-from emulator.net.ae_factory import NODELAY_HANDLER, NetworkSettings, make_ae, start_server
+from emulator.net.ae_factory import NODELAY_HANDLER, NetworkSettings, make_ae
 from emulator.net.peers import Peer, PeerDirectory
+from emulator.net.served_ae import ServedAE
 from emulator.net.storage_scp import status_dataset, store_event
 from emulator.profile import DEFAULT_UID_SET, load_sop_classes
 from emulator.reference.qr_query import QueryError, StudyRootQuery
@@ -67,22 +67,20 @@ class ArchiveConfig:
         return titles
 
 
-class ArchiveServer:
+class ArchiveServer(ServedAE):
     """One Archive AE; start() binds (port 0 picks a free port) and returns at once."""
 
     def __init__(self, config: ArchiveConfig) -> None:
+        super().__init__()
         self.config = config
+        self.host, self.port, self.settings = config.host, config.port, config.network
         self.peers = PeerDirectory(config.peers)
         self.sop_classes = load_sop_classes(config.uid_set)
         self.store = ObjectStore(Path(config.data_dir), config.duplicate_policy)
         self.query = StudyRootQuery(self.store, config.ae_title)
         self.storage_uids = self.sop_classes.archive_storage_uids()
-        self._server = None
-        self._lock = threading.Lock()
 
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def start(self) -> tuple[str, int]:
+    def build(self) -> tuple[AE, list]:
         ae = make_ae(self.config.ae_title, self.config.network, self.config.calling_allow_list())
         ae.add_supported_context(Verification)
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
@@ -94,32 +92,15 @@ class ArchiveServer:
             (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_C_MOVE, self._on_move),
         ]
-        self._ae = ae
-        self._server = start_server(
-            ae, self.config.host, self.config.port, handlers, self.config.network
-        )
-        host, port = self._server.server_address[:2]
+        return ae, handlers
+
+    def start(self) -> tuple[str, int]:
+        host, port = super().start()
         LOG.info("archive %s listening on %s:%s", self.config.ae_title, host, port)
         return host, port
 
-    @property
-    def address(self) -> tuple[str, int]:
-        if self._server is None:
-            raise RuntimeError("archive not started")
-        return self._server.server_address[:2]
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+    def close_resources(self) -> None:
         self.store.close()
-
-    def __enter__(self) -> ArchiveServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- handlers --------------------------------------------------------------------------
 
