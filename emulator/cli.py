@@ -45,6 +45,39 @@ def _add_archive(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--import", dest="import_dir", type=Path, help="preload files from a dir")
 
 
+def _add_tms(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tms",
+        help="run the reference TMS with its Archive (serve), or schedule fractions (schedule)",
+    )
+    p.add_argument("action", nargs="?", choices=("serve", "schedule"), default="serve")
+    p.add_argument("--config", type=Path, help="YAML file (key 'tms'); flags override it")
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--ae-title")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TMS port; 0 picks a free port")
+    p.add_argument("--archive-ae-title")
+    p.add_argument("--archive-port", type=int, help="Archive port; 0 picks a free port")
+    p.add_argument("--peer", action="append", default=[], metavar="AET@HOST:PORT")
+    p.add_argument("--allow", action="append", default=[], metavar="AET", help="extra caller")
+    p.add_argument(
+        "--seed",
+        action="append",
+        default=[],
+        metavar="STATION",
+        help="store a synthetic patient and schedule a session for STATION",
+    )
+    p.add_argument("--accept-any-ae", action="store_true", default=None)
+    p.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"))
+    p.add_argument("--uids", choices=("final", "trial"))
+    g = p.add_argument_group("schedule")
+    g.add_argument("--plan-uid", help="RT Plan SOP Instance UID held by the Archive")
+    g.add_argument("--station", help="station code for the scheduled sessions")
+    g.add_argument("--fractions", type=int, default=1, help="how many sessions, one per weekday")
+    g.add_argument("--first-fraction", type=int, default=1)
+    g.add_argument("--start", help="first session start, YYYYMMDDHHMM (default: now)")
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="seed, serve and retrieve a patient end to end")
     p.add_argument("--data-dir", type=Path, help="keep the demo's data here (default: temp)")
@@ -57,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_seed(sub)
     _add_archive(sub)
+    _add_tms(sub)
     _add_demo(sub)
     return parser
 
@@ -120,13 +154,76 @@ def _cmd_archive(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tms(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from emulator.config import load_yaml_config, merge, site_config
+    from emulator.reference.site import ReferenceSite
+
+    flags = {
+        "data_dir": args.data_dir,
+        "ae_title": args.ae_title,
+        "host": args.host,
+        "port": args.port,
+        "archive_ae_title": args.archive_ae_title,
+        "archive_port": args.archive_port,
+        "peer": args.peer,
+        "allow": args.allow,
+        "seed": args.seed,
+        "accept_any_ae": args.accept_any_ae,
+        "profile": args.profile,
+        "uids": args.uids,
+    }
+    values = merge(load_yaml_config(args.config, "tms"), flags)
+    config = site_config(values)
+    site = ReferenceSite(config)
+    if args.action == "schedule":
+        if not args.plan_uid or not args.station:
+            raise ValueError("tms schedule needs --plan-uid and --station")
+        start = (
+            dt.datetime.strptime(args.start, "%Y%m%d%H%M")
+            if args.start
+            else dt.datetime.now().replace(second=0, microsecond=0)
+        )
+        try:
+            sessions = site.tms.scheduler.schedule_fractions(
+                args.plan_uid, args.station, start, args.fractions, args.first_fraction
+            )
+        finally:
+            site.stop()
+        for session_id in sessions:
+            print(f"scheduled session {session_id} at {args.station}")
+        return 0
+    addresses = site.start()
+    try:
+        for ae_title, (host, port) in addresses.items():
+            role = "tms" if ae_title == config.tms_ae_title else "archive"
+            print(f"{role} {ae_title} listening on {host}:{port}", flush=True)
+        callers = (
+            "any"
+            if config.accept_any_ae
+            else ", ".join(
+                dict.fromkeys([*(p.ae_title for p in config.peers), *config.allowed_callers])
+            )
+        )
+        print(f"  profile {config.edition}, UIDs {config.uid_set}, callers: {callers}", flush=True)
+        for index, station in enumerate(values.get("seed") or [], start=1):
+            session_id = site.seed(station, index)
+            print(f"  seeded session {session_id} for station {station}: 4 UPS", flush=True)
+        print("ready", flush=True)
+        _wait_for_signal()
+    finally:
+        site.stop()
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from emulator.demo import run_demo
 
     return run_demo(args.data_dir)
 
 
-COMMANDS = {"seed": _cmd_seed, "archive": _cmd_archive, "demo": _cmd_demo}
+COMMANDS = {"seed": _cmd_seed, "archive": _cmd_archive, "tms": _cmd_tms, "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ the command line wins over the file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -15,6 +15,9 @@ from emulator.net.peers import Peer, PeerError, validate_ae_title
 from emulator.profile import UID_SETS
 from emulator.reference.archive import ArchiveConfig
 from emulator.store import AdmissionLimits, DuplicatePolicy
+
+if TYPE_CHECKING:
+    from emulator.reference.site import SiteConfig
 
 
 class ConfigError(ValueError):
@@ -105,4 +108,68 @@ def archive_config(values: dict[str, Any]) -> ArchiveConfig:
         duplicate_policy=policy,
         uid_set=uids,
         limits=limits,
+    )
+
+
+def site_config(values: dict[str, Any]) -> SiteConfig:
+    """Validates the merged ``tms`` settings (the TMS and its co-hosted Archive)."""
+    from emulator.profile import EDITIONS
+    from emulator.reference.site import SiteConfig
+
+    known = {
+        "data_dir",
+        "ae_title",
+        "host",
+        "port",
+        "archive_ae_title",
+        "archive_port",
+        "peer",
+        "peers",
+        "allow",
+        "seed",
+        "accept_any_ae",
+        "profile",
+        "uids",
+        "stations",
+    }
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown tms settings: {', '.join(sorted(unknown))}")
+    if not values.get("data_dir"):
+        raise ConfigError("data_dir is required")
+    try:
+        tms_ae = validate_ae_title(str(values.get("ae_title", "TMS")))
+        archive_ae = validate_ae_title(str(values.get("archive_ae_title", "ARCHIVE")))
+        allow = [validate_ae_title(str(a)) for a in values.get("allow") or []]
+    except PeerError as exc:
+        raise ConfigError(str(exc)) from exc
+    if tms_ae == archive_ae:
+        raise ConfigError("the TMS and the Archive need different AE titles")
+    ports = [int(values.get("port", 11114)), int(values.get("archive_port", 11112))]
+    if any(not 0 <= p < 65536 for p in ports):
+        raise ConfigError("ports must be 0-65535")
+    edition = str(values.get("profile", "ihe-ro-2008"))
+    if edition not in EDITIONS:
+        raise ConfigError(f"profile must be one of {', '.join(EDITIONS)}")
+    uids = str(values.get("uids", "final"))
+    if uids not in UID_SETS:
+        raise ConfigError(f"uids must be one of {', '.join(UID_SETS)}")
+    peers = _peers(values.get("peers")) + _peers(values.get("peer"))
+    accept_any = bool(values.get("accept_any_ae", False))
+    if not accept_any and not peers and not allow:
+        raise ConfigError(
+            "no caller would be accepted: configure --peer or --allow, or --accept-any-ae"
+        )
+    return SiteConfig(
+        data_dir=Path(values["data_dir"]),
+        tms_ae_title=tms_ae,
+        archive_ae_title=archive_ae,
+        host=str(values.get("host", "127.0.0.1")),
+        tms_port=ports[0],
+        archive_port=ports[1],
+        peers=peers,
+        allowed_callers=allow,
+        accept_any_ae=accept_any,
+        edition=edition,
+        uid_set=uids,
     )

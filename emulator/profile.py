@@ -61,6 +61,7 @@ class SopClasses:
 
     uid_set: str
     uids: dict[str, str]
+    reference_style: str = "access_macro"
 
     def __getitem__(self, name: str) -> str:
         try:
@@ -96,7 +97,11 @@ def load_sop_classes(uid_set: str = DEFAULT_UID_SET) -> SopClasses:
     data = load_yaml("sop_classes.yaml")
     if uid_set not in data["uid_sets"]:
         raise ProfileError(f"unknown UID set {uid_set!r}; choose one of {', '.join(UID_SETS)}")
-    return SopClasses(uid_set, {**data["common"], **data["uid_sets"][uid_set]})
+    return SopClasses(
+        uid_set,
+        {**data["common"], **data["uid_sets"][uid_set]},
+        data["reference_styles"][uid_set],
+    )
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from emulator.profile import load_sop_classes
-from emulator.synth import PatientContext, PhantomGeometry, PlanSpec, generate_patient
+from emulator.profile import SopClasses, load_sop_classes
+from emulator.synth import (
+    PatientContext,
+    PhantomGeometry,
+    PlanSpec,
+    SyntheticPatient,
+    generate_patient,
+)
 from emulator.synth.dose import build_dose
 
 
@@ -27,9 +33,11 @@ class SeedOptions:
     patient_id_prefix: str = "TDW"
 
 
-def seed_patients(out_dir: Path, options: SeedOptions) -> list[list[Path]]:
-    """One sub-directory per patient (``patient_001`` ...), names chosen by us."""
-    uids = load_sop_classes(options.uids)
+def synthetic_patient(
+    options: SeedOptions, index: int, uids: SopClasses | None = None
+) -> SyntheticPatient:
+    """Patient number ``index`` (from 1) as the options describe it."""
+    uids = uids or load_sop_classes(options.uids)
     geometry = PhantomGeometry(
         rows=options.rows,
         columns=options.rows,
@@ -44,16 +52,22 @@ def seed_patients(out_dir: Path, options: SeedOptions) -> list[list[Path]]:
         fractions=options.fractions,
         dose_per_fraction_gy=options.dose_per_fraction,
     )
-    written = []
-    for index in range(1, options.patients + 1):
-        context = PatientContext(
-            patient_name=f"TDW^Phantom{index:03d}",
-            patient_id=f"{options.patient_id_prefix}{index:04d}",
-            accession_number=f"{options.patient_id_prefix}{index:04d}A",
-        )
-        patient = generate_patient(context, geometry, spec, uids)
-        if options.dose_bits != 16:
-            patient.dose = build_dose(context, geometry, patient.plan, uids, options.dose_bits)
-            patient.planning_objects[-1] = patient.dose
-        written.append(patient.write(Path(out_dir) / f"patient_{index:03d}"))
-    return written
+    context = PatientContext(
+        patient_name=f"TDW^Phantom{index:03d}",
+        patient_id=f"{options.patient_id_prefix}{index:04d}",
+        accession_number=f"{options.patient_id_prefix}{index:04d}A",
+    )
+    patient = generate_patient(context, geometry, spec, uids)
+    if options.dose_bits != 16:
+        patient.dose = build_dose(context, geometry, patient.plan, uids, options.dose_bits)
+        patient.planning_objects[-1] = patient.dose
+    return patient
+
+
+def seed_patients(out_dir: Path, options: SeedOptions) -> list[list[Path]]:
+    """One sub-directory per patient (``patient_001`` ...), names chosen by us."""
+    uids = load_sop_classes(options.uids)
+    return [
+        synthetic_patient(options, index, uids).write(Path(out_dir) / f"patient_{index:03d}")
+        for index in range(1, options.patients + 1)
+    ]

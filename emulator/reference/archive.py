@@ -14,20 +14,21 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, build_context, evt
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
 
-from emulator.net.ae_factory import NODELAY_HANDLER, NetworkSettings, make_ae
+from emulator.net.ae_factory import NetworkSettings, make_ae
 from emulator.net.peers import Peer, PeerDirectory
 from emulator.net.served_ae import ServedAE
-from emulator.net.storage_scp import status_dataset, store_event
+from emulator.net.storage_scp import store_event
 from emulator.profile import DEFAULT_UID_SET, load_sop_classes
-from emulator.reference.qr_query import QueryError, StudyRootQuery
-from emulator.store import AdmissionLimits, DuplicatePolicy, ObjectStore, StoredInstance
+from emulator.reference.qr_query import StudyRootQuery
+from emulator.reference.qr_scp import QueryRetrieveSCP
+from emulator.store import AdmissionLimits, DuplicatePolicy, ObjectStore
 
 LOG = logging.getLogger("tdw.archive")
 TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
@@ -78,6 +79,7 @@ class ArchiveServer(ServedAE):
         self.sop_classes = load_sop_classes(config.uid_set)
         self.store = ObjectStore(Path(config.data_dir), config.duplicate_policy)
         self.query = StudyRootQuery(self.store, config.ae_title)
+        self.qr = QueryRetrieveSCP(self.query, self.peers)
         self.storage_uids = self.sop_classes.archive_storage_uids()
 
     def build(self) -> tuple[AE, list]:
@@ -89,8 +91,8 @@ class ArchiveServer(ServedAE):
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
         handlers = [
             (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_C_FIND, self._on_find),
-            (evt.EVT_C_MOVE, self._on_move),
+            (evt.EVT_C_FIND, self.qr.on_find),
+            (evt.EVT_C_MOVE, self.qr.on_move),
         ]
         return ae, handlers
 
@@ -106,68 +108,3 @@ class ArchiveServer(ServedAE):
 
     def _on_store(self, event: evt.Event) -> Dataset:
         return store_event(event, self.store, self.config.limits)
-
-    def _on_find(self, event: evt.Event):
-        try:
-            matches = self.query.find(event.identifier)
-            for response in matches:
-                if event.is_cancelled:
-                    yield STATUS_CANCEL, None
-                    return
-                yield STATUS_PENDING, response
-        except QueryError as exc:
-            LOG.warning("C-FIND refused (0x%04X): %s", exc.status, exc.comment)
-            yield status_dataset(exc.status, exc.comment), None
-            return
-        yield 0x0000, None
-
-    def _move_contexts(self, instances: list[StoredInstance]) -> list:
-        contexts = []
-        for sop_class in dict.fromkeys(i.sop_class_uid for i in instances):
-            syntaxes = list(
-                dict.fromkeys(
-                    [
-                        *(i.transfer_syntax_uid for i in instances if i.sop_class_uid == sop_class),
-                        *TRANSFER_SYNTAXES,
-                    ]
-                )
-            )
-            contexts.append(build_context(sop_class, syntaxes))
-        return contexts[:128]
-
-    def _on_move(self, event: evt.Event):
-        destination = event.move_destination
-        destination = (
-            destination.decode("ascii", "replace")
-            if isinstance(destination, bytes)
-            else str(destination)
-        ).strip()
-        peer = self.peers.get(destination)
-        if peer is None:
-            LOG.warning("C-MOVE to unknown destination %r refused", destination)
-            yield None, None
-            return
-        try:
-            instances = self.query.instances(event.identifier)
-        except QueryError as exc:
-            LOG.warning("C-MOVE refused (0x%04X): %s", exc.status, exc.comment)
-            # pynetdicom wants a destination and a count before any status.
-            yield peer.host, peer.port, {"contexts": [build_context(Verification)]}
-            yield 1
-            yield status_dataset(exc.status, exc.comment), None
-            return
-        yield (
-            peer.host,
-            peer.port,
-            {
-                "contexts": self._move_contexts(instances) or None,
-                # The sub-association is opened by pynetdicom: give it TCP_NODELAY too.
-                "evt_handlers": [NODELAY_HANDLER],
-            },
-        )
-        yield len(instances)
-        for instance in instances:
-            if event.is_cancelled:
-                yield STATUS_CANCEL, None
-                return
-            yield STATUS_PENDING, self.store.read(instance)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
+from emulator.reference.matching import condition, element_text
 from emulator.store import INDEXED_KEYWORDS, ObjectStore, StoredInstance
 
 LEVELS = ("STUDY", "SERIES", "IMAGE")
@@ -39,7 +40,6 @@ NEUTRAL_KEYS = {
     "RetrieveAETitle",
     "TimezoneOffsetFromUTC",
 }
-RANGE_VRS = {"DA", "TM", "DT"}
 
 
 class QueryError(Exception):
@@ -52,33 +52,6 @@ class QueryError(Exception):
 
 
 STATUS_IDENTIFIER_MISMATCH = 0xA900
-
-
-def _glob_pattern(value: str) -> str:
-    """A DICOM wildcard value as an SQLite GLOB pattern (case-sensitive, '[' escaped)."""
-    return value.replace("[", "[[]")
-
-
-def _condition(column: str, vr: str, value: str) -> tuple[str, list[str]]:
-    if vr == "UI":
-        uids = [u.strip() for u in value.split("\\") if u.strip()]
-        return f"{column} IN ({', '.join('?' * len(uids))})", uids
-    if vr in RANGE_VRS and "-" in value:
-        low, _, high = value.partition("-")
-        parts, params = [], []
-        if low:
-            parts.append(f"{column} >= ?")
-            params.append(low)
-        if high:
-            parts.append(f"{column} <= ?")
-            # A time or date-time bound includes the whole of its last given unit.
-            params.append(high if vr == "DA" else high + "\uffff")
-        return " AND ".join(parts) or "1", params
-    if "*" in value or "?" in value:
-        return f"{column} GLOB ?", [_glob_pattern(value)]
-    if vr == "IS":
-        return f"CAST({column} AS INTEGER) = CAST(? AS INTEGER)", [value]
-    return f"{column} = ?", [value]
 
 
 @dataclass(frozen=True)
@@ -110,16 +83,11 @@ def parse_identifier(identifier: Dataset) -> ParsedQuery:
         requested.append(keyword)
         if keyword not in INDEXED_KEYWORDS or element.VR == "SQ":
             continue
-        if element.value is None:
-            value = ""
-        elif element.VM > 1:  # a UID list arrives as a multi-valued element
-            value = "\\".join(str(v) for v in element.value)
-        else:
-            value = str(element.value).strip()
+        value = element_text(element)
         if not value or value == "*":
             continue
         column, vr, _ = INDEXED_KEYWORDS[keyword]
-        sql, values = _condition(column, vr, value)
+        sql, values = condition(column, vr, value)
         parts.append(f"({sql})")
         params.extend(values)
     return ParsedQuery(level, " AND ".join(parts), params, requested)

@@ -51,6 +51,28 @@ class PatientContext:
     frame_of_reference_uid: str = field(default_factory=new_uid)
     position_reference_indicator: str = ""
     created: dt.datetime = field(default_factory=lambda: dt.datetime.now().replace(microsecond=0))
+    # Set when the identity is copied from an existing object: its exact study date/time.
+    study_date: str = ""
+    study_time: str = ""
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> PatientContext:
+        """The identity an existing object carries, so new objects copy it (Appendix A)."""
+        return cls(
+            patient_name=str(ds.get("PatientName", "")),
+            patient_id=str(ds.get("PatientID", "")),
+            birth_date=str(ds.get("PatientBirthDate", "")),
+            sex=str(ds.get("PatientSex", "")),
+            study_instance_uid=str(ds.StudyInstanceUID),
+            study_id=str(ds.get("StudyID", "")),
+            accession_number=str(ds.get("AccessionNumber", "")),
+            study_description=str(ds.get("StudyDescription", "")),
+            referring_physician=str(ds.get("ReferringPhysicianName", "")),
+            frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "")) or new_uid(),
+            position_reference_indicator=str(ds.get("PositionReferenceIndicator", "")),
+            study_date=str(ds.get("StudyDate", "")),
+            study_time=str(ds.get("StudyTime", "")),
+        )
 
     def apply_patient_study(self, ds: Dataset) -> None:
         """Patient and General Study modules, copied unchanged into every object."""
@@ -59,8 +81,8 @@ class PatientContext:
         ds.PatientBirthDate = self.birth_date
         ds.PatientSex = self.sex
         ds.StudyInstanceUID = self.study_instance_uid
-        ds.StudyDate = da(self.created)
-        ds.StudyTime = tm(self.created)
+        ds.StudyDate = self.study_date or da(self.created)
+        ds.StudyTime = self.study_time or tm(self.created)
         ds.ReferringPhysicianName = self.referring_physician
         ds.StudyID = self.study_id
         ds.AccessionNumber = self.accession_number

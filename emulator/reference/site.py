@@ -1,0 +1,102 @@
+"""One process, two AEs: the reference TMS and the reference Archive it schedules from.
+
+This is what ``tdw-emu tms`` runs, what the demo embeds and what tests start: the TMS reads
+plans and treatment records from the co-hosted Archive's store, each AE on its own port.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from emulator.net.peers import Peer
+from emulator.reference.archive import ArchiveConfig, ArchiveServer
+from emulator.reference.tms import TmsConfig, TmsServer
+from emulator.seeding import SeedOptions, synthetic_patient
+from emulator.store.importer import import_files
+
+
+@dataclass
+class SiteConfig:
+    data_dir: Path
+    tms_ae_title: str = "TMS"
+    archive_ae_title: str = "ARCHIVE"
+    host: str = "127.0.0.1"
+    tms_port: int = 11114
+    archive_port: int = 11112
+    peers: list[Peer] = field(default_factory=list)
+    allowed_callers: list[str] = field(default_factory=list)
+    accept_any_ae: bool = False
+    edition: str = "ihe-ro-2008"
+    uid_set: str = "final"
+    seed_options: SeedOptions = field(default_factory=SeedOptions)
+
+
+class ReferenceSite:
+    """The TMS and the Archive, started and stopped together."""
+
+    def __init__(self, config: SiteConfig) -> None:
+        self.config = config
+        root = Path(config.data_dir)
+        self.archive = ArchiveServer(
+            ArchiveConfig(
+                data_dir=root / "archive",
+                ae_title=config.archive_ae_title,
+                host=config.host,
+                port=config.archive_port,
+                peers=config.peers,
+                allowed_callers=config.allowed_callers,
+                accept_any_ae=config.accept_any_ae,
+                uid_set=config.uid_set,
+            )
+        )
+        self.tms = TmsServer(
+            TmsConfig(
+                data_dir=root / "tms",
+                ae_title=config.tms_ae_title,
+                host=config.host,
+                port=config.tms_port,
+                peers=config.peers,
+                allowed_callers=config.allowed_callers,
+                accept_any_ae=config.accept_any_ae,
+                edition=config.edition,
+                uid_set=config.uid_set,
+            ),
+            self.archive.store,
+            config.archive_ae_title,
+        )
+
+    def start(self) -> dict[str, tuple[str, int]]:
+        archive = self.archive.start()
+        tms = self.tms.start()
+        return {self.config.archive_ae_title: archive, self.config.tms_ae_title: tms}
+
+    def stop(self) -> None:
+        self.tms.stop()
+        self.archive.stop()
+
+    def __enter__(self) -> ReferenceSite:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def seed(self, station: str, index: int, start: dt.datetime | None = None) -> str:
+        """Stores one synthetic patient in the Archive and schedules one session for it."""
+        patient = synthetic_patient(self.config.seed_options, index, self.tms.profile.sop_classes)
+        out = Path(self.config.data_dir) / "seed" / f"patient_{index:03d}"
+        paths = patient.write(out)
+        planning = [p for p in paths if p.name != "RTBDI.dcm"]
+        refused = {
+            p: r
+            for p, r in import_files(self.archive.store, planning).items()
+            if isinstance(r, Exception)
+        }
+        if refused:
+            raise RuntimeError(f"seeded objects refused by the Archive: {refused}")
+        start = start or dt.datetime.now().replace(second=0, microsecond=0)
+        return self.tms.scheduler.schedule_session(
+            patient.plan.SOPInstanceUID, station, start, fraction=1
+        )

@@ -1,0 +1,429 @@
+"""The reference TMS: a strict UPS SCP (RO-17, 19, 21, 25, 26) and RO-20 C-MOVE SCP.
+
+Every N-ACTION and N-SET is decided by the data in ``profiles/ups.yaml`` and written
+atomically by :class:`UpsStore`, so the state survives a restart and two devices racing
+for one UPS cannot both win. When a delivery ends CANCELED part-way, the continuation is
+scheduled from the treatment record the device stored.
+"""
+
+from __future__ import annotations
+
+import logging
+from copy import deepcopy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import config as pydicom_config
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import generate_uid
+from pydicom.valuerep import validate_value
+from pynetdicom import AE, evt, register_uid
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    UnifiedProcedureStepServiceClass,
+    Verification,
+)
+
+from emulator.net.ae_factory import NetworkSettings, make_ae
+from emulator.net.peers import Peer, PeerDirectory
+from emulator.net.served_ae import ServedAE
+from emulator.net.storage_scp import status_dataset
+from emulator.profile import DEFAULT_EDITION, DEFAULT_UID_SET, Profile, load_profile
+from emulator.reference import ups_rules
+from emulator.reference.matching import condition, element_text
+from emulator.reference.qr_query import StudyRootQuery
+from emulator.reference.qr_scp import QueryRetrieveSCP
+from emulator.reference.scheduler import Scheduler
+from emulator.reference.ups_store import (
+    UPS_CODE_COLUMNS,
+    UPS_COLUMNS,
+    UpsRecord,
+    UpsStore,
+    now_dt,
+)
+from emulator.store import ObjectStore
+
+LOG = logging.getLogger("tdw.tms")
+STATUS_PENDING = 0xFF00
+STATUS_UNABLE_TO_PROCESS = 0xC000
+STATUS_INVALID_ATTRIBUTE = 0x0106
+STATUS_NO_SUCH_ACTION = 0x0123
+ACTION_CHANGE_STATE = 1
+ACTION_REQUEST_CANCEL = 2
+# Attributes a performer may send with a cancel (seed RO-18: the reason goes with it).
+CANCEL_EXTRAS = ("ReasonForCancellation", "ProcedureStepProgressInformationSequence")
+
+
+@dataclass
+class TmsConfig:
+    data_dir: Path
+    ae_title: str = "TMS"
+    host: str = "127.0.0.1"
+    port: int = 11114
+    peers: list[Peer] = field(default_factory=list)
+    allowed_callers: list[str] = field(default_factory=list)
+    accept_any_ae: bool = False
+    edition: str = DEFAULT_EDITION
+    uid_set: str = DEFAULT_UID_SET
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+
+    def calling_allow_list(self) -> list[str] | None:
+        if self.accept_any_ae:
+            return None
+        titles = list(dict.fromkeys([*(p.ae_title for p in self.peers), *self.allowed_callers]))
+        if not titles:
+            raise ValueError("no caller would be accepted: configure --peer or --allow")
+        return titles
+
+
+def register_trial_uids(profile: Profile) -> None:
+    """Teaches pynetdicom the draft UPS UIDs so they get the UPS service class."""
+    if profile.sop_classes.uid_set == "final":
+        return
+    for name in ("ups_push", "ups_pull", "ups_watch", "ups_event"):
+        keyword = "Trial" + "".join(p.capitalize() for p in name.split("_"))
+        register_uid(profile.sop_classes[name], keyword, UnifiedProcedureStepServiceClass)
+
+
+class TmsServer(ServedAE):
+    """The TMS AE; ``archive_store`` is the co-hosted Archive, where records are read."""
+
+    def __init__(
+        self,
+        config: TmsConfig,
+        archive_store: ObjectStore,
+        archive_ae_title: str,
+        station_names: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.host, self.port, self.settings = config.host, config.port, config.network
+        self.profile = load_profile(config.edition, config.uid_set)
+        register_trial_uids(self.profile)
+        root = Path(config.data_dir)
+        self.ups = UpsStore(root / "ups.sqlite3")
+        self.store = ObjectStore(root / "objects")
+        self.archive_store = archive_store
+        self.peers = PeerDirectory(config.peers)
+        self.qr = QueryRetrieveSCP(StudyRootQuery(self.store, config.ae_title), self.peers)
+        self.scheduler = Scheduler(
+            self.ups,
+            archive_store,
+            self.store,
+            self.profile,
+            config.ae_title,
+            archive_ae_title,
+            station_names,
+        )
+        self.continuations: list[str] = []
+
+    def build(self) -> tuple[AE, list]:
+        uids = self.profile.sop_classes
+        ae = make_ae(self.config.ae_title, self.config.network, self.config.calling_allow_list())
+        ae.add_supported_context(Verification)
+        classes = ["ups_push", "ups_pull"] + (["ups_query"] if "ups_query" in uids.uids else [])
+        for name in classes:
+            ae.add_supported_context(uids[name])
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+        handlers = [
+            (evt.EVT_C_FIND, self._on_find),
+            (evt.EVT_C_MOVE, self.qr.on_move),
+            (evt.EVT_N_ACTION, self._on_n_action),
+            (evt.EVT_N_SET, self._on_n_set),
+            (evt.EVT_N_GET, self._on_n_get),
+        ]
+        return ae, handlers
+
+    def close_resources(self) -> None:
+        self.ups.close()
+        self.store.close()
+
+    # -- C-FIND ------------------------------------------------------------------------------
+
+    def _on_find(self, event: evt.Event):
+        if event.context.abstract_syntax == StudyRootQueryRetrieveInformationModelFind:
+            yield from self.qr.on_find(event)
+            return
+        try:
+            where, params = self._ups_query(event.identifier)
+            records = self.ups.select(where, params)
+        except ValueError as exc:
+            LOG.warning("UPS C-FIND refused: %s", exc)
+            yield status_dataset(STATUS_UNABLE_TO_PROCESS, str(exc)), None
+            return
+        for record in records:
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            yield STATUS_PENDING, self._response(event.identifier, record.dataset)
+        yield 0x0000, None
+
+    def _ups_query(self, identifier: Dataset) -> tuple[str, list[str]]:
+        parts, params = [], []
+        for element in identifier:
+            keyword = element.keyword
+            if keyword in UPS_COLUMNS:
+                value = element_text(element)
+                column, vr = UPS_COLUMNS[keyword]
+                _validate(keyword, vr, value)
+                if value and value != "*":
+                    sql, values = condition(column, vr, value)
+                    parts.append(f"({sql})")
+                    params += values
+            elif keyword in UPS_CODE_COLUMNS and element.value:
+                item = element.value[0]
+                for sub, column in zip(
+                    ("CodeValue", "CodingSchemeDesignator"), UPS_CODE_COLUMNS[keyword], strict=True
+                ):
+                    value = str(item.get(sub, "") or "").strip()
+                    _validate(sub, "SH", value)
+                    if value and value != "*":
+                        sql, values = condition(column, "SH", value)
+                        parts.append(f"({sql})")
+                        params += values
+        return " AND ".join(parts), params
+
+    def _response(self, identifier: Dataset, ups: Dataset) -> Dataset:
+        """The requested keys of one UPS, never its Transaction UID (PS3.4 CC.2.5.1.1)."""
+        hidden = ups_rules.never_returned()
+        rsp = Dataset()
+        for element in identifier:
+            keyword = element.keyword
+            if not keyword or keyword in hidden:
+                continue
+            if keyword in ups:
+                stored = deepcopy(ups[keyword])
+                if element.VR == "SQ" and element.value and stored.value:
+                    wanted = {e.tag for e in element.value[0]}
+                    if wanted:
+                        for item in stored.value:
+                            for tag in [e.tag for e in item if e.tag not in wanted]:
+                                del item[tag]
+                rsp[element.tag] = stored
+            else:
+                empty = deepcopy(element)
+                empty.value = [] if element.VR == "SQ" else None
+                rsp[element.tag] = empty
+        return rsp
+
+    # -- N-ACTION ----------------------------------------------------------------------------
+
+    def _on_n_action(self, event: evt.Event) -> tuple[Dataset | int, Dataset | None]:
+        uid = str(event.request.RequestedSOPInstanceUID)
+        if event.request.RequestedSOPClassUID != self.profile.sop_classes["ups_push"]:
+            comment = "Requested SOP Class must be UPS Push (RO-19 3.19.4.1)"
+            return status_dataset(0x0118, comment), None
+        info = event.action_information or Dataset()
+        if event.action_type == ACTION_CHANGE_STATE:
+            return self._change_state(uid, info)
+        if event.action_type == ACTION_REQUEST_CANCEL:
+            return self._request_cancel(uid, info)
+        return status_dataset(STATUS_NO_SUCH_ACTION, "only Change State and Request Cancel"), None
+
+    def _change_state(self, uid: str, info: Dataset) -> tuple[Dataset, Dataset | None]:
+        requested = str(info.get("ProcedureStepState", "") or "").strip()
+        sent_uid = str(info.get("TransactionUID", "") or "").strip()
+        outcome: dict = {}
+
+        def decide(current: UpsRecord | None) -> UpsRecord | None:
+            if current is None:
+                outcome["status"] = ups_rules.ups_rules()["change_state"]["unknown_instance"]
+                return None
+            after = deepcopy(current.dataset)
+            if requested == "CANCELED":
+                for keyword in CANCEL_EXTRAS:
+                    if keyword in info:
+                        after[keyword] = deepcopy(info[keyword])
+            decision = ups_rules.change_state(
+                current.state, requested, sent_uid, current.transaction_uid, after
+            )
+            outcome.update(status=decision.status, comment=decision.comment, state=current.state)
+            if decision.status != 0 or decision.to_state is None:
+                return None
+            transaction_uid = current.transaction_uid
+            if decision.record_uid:
+                if not sent_uid and not self.profile.performer_may_send_empty_transaction_uid:
+                    outcome.update(status=0xC301, comment="Transaction UID is required")
+                    return None
+                transaction_uid = sent_uid or str(generate_uid())
+                outcome["generated_uid"] = "" if sent_uid else transaction_uid
+            after.ProcedureStepState = decision.to_state
+            _finalise(after, decision.to_state)
+            outcome["state"] = decision.to_state
+            outcome["dataset"] = after
+            return UpsRecord(
+                current.sop_instance_uid,
+                current.session_id,
+                current.step,
+                decision.to_state,
+                transaction_uid,
+                current.cancel_requested,
+                after,
+            )
+
+        updated = self.ups.transition(uid, decide)
+        status = int(outcome["status"])
+        LOG.info("N-ACTION %s -> %s: 0x%04X %s", uid, requested, status, outcome.get("comment", ""))
+        if status & 0xF000 in (0xA000, 0xC000) or status in (0x0106, 0x0118):
+            return status_dataset(status, outcome.get("comment", "")), None
+        reply = Dataset()
+        reply.ProcedureStepState = outcome.get("state", requested)
+        if outcome.get("generated_uid"):
+            reply.TransactionUID = outcome["generated_uid"]
+        final = (updated.dataset if updated else None) or outcome.get("dataset")
+        progress = final.get("ProcedureStepProgressInformationSequence") if final else None
+        if progress:
+            reply.ProcedureStepProgressInformationSequence = deepcopy(progress)
+        if updated is not None and updated.state == "CANCELED" and updated.step == "delivery":
+            self._continue_after(updated)
+        return status_dataset(status), reply
+
+    def _request_cancel(self, uid: str, info: Dataset) -> tuple[Dataset, Dataset | None]:
+        outcome: dict = {}
+
+        def decide(current: UpsRecord | None) -> UpsRecord | None:
+            if current is None:
+                outcome["status"] = ups_rules.ups_rules()["change_state"]["unknown_instance"]
+                return None
+            decision = ups_rules.request_cancel(current.state)
+            outcome["status"] = decision.status
+            if decision.status != 0:
+                return None
+            after = deepcopy(current.dataset)
+            state = current.state
+            if decision.to_state:
+                state = after.ProcedureStepState = decision.to_state
+                progress = Dataset()
+                progress.ProcedureStepProgress = 0
+                progress.ProcedureStepCancellationDateTime = now_dt()
+                reason = str(info.get("ReasonForCancellation", "") or "canceled by request")
+                after.ReasonForCancellation = reason
+                after.ProcedureStepProgressInformationSequence = Sequence([progress])
+            return UpsRecord(
+                current.sop_instance_uid,
+                current.session_id,
+                current.step,
+                state,
+                current.transaction_uid,
+                decision.cancel_requested,
+                after,
+            )
+
+        self.ups.transition(uid, decide)
+        status = int(outcome["status"])
+        return status_dataset(status), None
+
+    def _continue_after(self, canceled: UpsRecord) -> None:
+        try:
+            session_id = self.scheduler.schedule_continuation(canceled, self._find_object)
+        except Exception:  # a continuation failure must never undo the accepted cancel
+            LOG.exception("could not schedule the continuation of %s", canceled.session_id)
+            return
+        if session_id:
+            self.continuations.append(session_id)
+
+    def _find_object(self, sop_instance_uid: str) -> Dataset | None:
+        for store in (self.store, self.archive_store):
+            instance = store.get(sop_instance_uid)
+            if instance is not None:
+                return store.read(instance)
+        return None
+
+    # -- N-SET / N-GET -----------------------------------------------------------------------
+
+    def _on_n_set(self, event: evt.Event) -> tuple[Dataset, Dataset | None]:
+        uid = str(event.request.RequestedSOPInstanceUID)
+        modifications = event.modification_list or Dataset()
+        forbidden = ups_rules.n_set_forbidden(modifications)
+        if forbidden:
+            return status_dataset(
+                ups_rules.ups_rules()["n_set"]["forbidden_status"],
+                f"N-SET may not modify {', '.join(forbidden)}",
+            ), None
+        try:
+            _validate_dataset(modifications)
+        except ValueError as exc:
+            return status_dataset(STATUS_INVALID_ATTRIBUTE, str(exc)), None
+        sent_uid = str(modifications.get("TransactionUID", "") or "").strip()
+        outcome: dict = {}
+
+        def decide(current: UpsRecord | None) -> UpsRecord | None:
+            if current is None:
+                outcome["status"] = ups_rules.ups_rules()["n_set"]["unknown_instance"]
+                return None
+            status = ups_rules.n_set_status(current.state, sent_uid, current.transaction_uid)
+            outcome["status"] = status
+            if status:
+                return None
+            after = deepcopy(current.dataset)
+            for element in modifications:
+                if element.keyword != "TransactionUID":
+                    after[element.tag] = deepcopy(element)
+            after.ScheduledProcedureStepModificationDateTime = now_dt()
+            return UpsRecord(
+                current.sop_instance_uid,
+                current.session_id,
+                current.step,
+                current.state,
+                current.transaction_uid,
+                current.cancel_requested,
+                after,
+            )
+
+        self.ups.transition(uid, decide)
+        status = int(outcome["status"])
+        LOG.info("N-SET %s: 0x%04X", uid, status)
+        return status_dataset(status), None
+
+    def _on_n_get(self, event: evt.Event) -> tuple[Dataset, Dataset | None]:
+        record = self.ups.get(str(event.request.RequestedSOPInstanceUID))
+        if record is None:
+            return status_dataset(0xC307), None
+        hidden = ups_rules.never_returned()
+        wanted = list(event.attribute_identifiers or [])
+        reply = Dataset()
+        for element in record.dataset:
+            if element.keyword in hidden or (wanted and element.tag not in wanted):
+                continue
+            reply[element.tag] = deepcopy(element)
+        return status_dataset(0x0000), reply
+
+
+def _finalise(ups: Dataset, state: str) -> None:
+    """What the TMS records itself when a UPS reaches a final state."""
+    items = ups.get("ProcedureStepProgressInformationSequence") or Sequence([Dataset()])
+    progress = items[0]
+    if state == "COMPLETED":
+        progress.ProcedureStepProgress = 100
+    elif state == "CANCELED" and "ProcedureStepCancellationDateTime" not in progress:
+        progress.ProcedureStepCancellationDateTime = now_dt()
+    ups.ProcedureStepProgressInformationSequence = Sequence(list(items))
+
+
+def _validate(keyword: str, vr: str, value: str) -> None:
+    for single in value.split("\\") if vr == "UI" else [value]:
+        if single and not (vr != "UI" and ("*" in single or "?" in single)):
+            try:
+                validate_value(vr, single, pydicom_config.RAISE)
+            except ValueError as exc:
+                raise ValueError(f"invalid {keyword}: {str(exc)[:40]}") from exc
+
+
+def _validate_dataset(ds: Dataset, depth: int = 0) -> None:
+    """Every value of an N-SET modification list must be valid for its VR."""
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value or []:
+                _validate_dataset(item, depth + 1)
+            continue
+        if element.value in (None, "") or isinstance(element.value, bytes):
+            continue
+        values = element.value if element.VM > 1 else [element.value]
+        for single in values:
+            try:
+                validate_value(element.VR, str(single), pydicom_config.RAISE)
+            except ValueError as exc:
+                raise ValueError(f"invalid {element.keyword or element.tag}") from exc

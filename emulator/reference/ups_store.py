@@ -1,0 +1,266 @@
+"""Durable UPS state for the reference TMS: sessions, UPS attributes, Transaction UIDs.
+
+Each UPS is kept as its full DICOM dataset plus the columns its C-FIND matches on. Every
+change goes through :meth:`UpsStore.transition`, which decides and writes under one lock
+inside one SQLite transaction, so two devices racing for a claim cannot both win and a
+restart finds exactly the state that was last acknowledged.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+# UPS keyword -> (column, VR) for the keys C-FIND matches on.
+UPS_COLUMNS: dict[str, tuple[str, str]] = {
+    "SOPInstanceUID": ("sop_instance_uid", "UI"),
+    "ProcedureStepState": ("state", "CS"),
+    "ProcedureStepLabel": ("label", "LO"),
+    "ScheduledProcedureStepStartDateTime": ("start_datetime", "DT"),
+    "PatientName": ("patient_name", "PN"),
+    "PatientID": ("patient_id", "LO"),
+    "StudyInstanceUID": ("study_instance_uid", "UI"),
+}
+# Code sequence keyword -> (code value column, scheme column).
+UPS_CODE_COLUMNS = {
+    "ScheduledStationNameCodeSequence": ("station_code", "station_scheme"),
+    "ScheduledWorkitemCodeSequence": ("workitem_code", "workitem_scheme"),
+}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY,
+    station_code TEXT NOT NULL,
+    patient_id TEXT NOT NULL,
+    plan_uid TEXT NOT NULL,
+    fraction_number INTEGER NOT NULL,
+    delivery_type TEXT NOT NULL,
+    continues_session TEXT NOT NULL DEFAULT '',
+    delivered_json TEXT NOT NULL DEFAULT '{}',
+    note TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ups (
+    sop_instance_uid TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL REFERENCES sessions(session_id),
+    step TEXT NOT NULL,
+    state TEXT NOT NULL,
+    transaction_uid TEXT NOT NULL DEFAULT '',
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    label TEXT NOT NULL DEFAULT '',
+    start_datetime TEXT NOT NULL DEFAULT '',
+    patient_name TEXT NOT NULL DEFAULT '',
+    patient_id TEXT NOT NULL DEFAULT '',
+    study_instance_uid TEXT NOT NULL DEFAULT '',
+    station_code TEXT NOT NULL DEFAULT '',
+    station_scheme TEXT NOT NULL DEFAULT '',
+    workitem_code TEXT NOT NULL DEFAULT '',
+    workitem_scheme TEXT NOT NULL DEFAULT '',
+    dataset BLOB NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ups_state_station ON ups (state, station_code);
+"""
+
+
+def encode_dataset(ds: Dataset) -> bytes:
+    """A dataset as explicit VR little endian Part 10 bytes (lossless round trip)."""
+    copy = Dataset(ds)
+    copy.file_meta = FileMetaDataset()
+    copy.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    copy.save_as(buffer, enforce_file_format=False, implicit_vr=False, little_endian=True)
+    return buffer.getvalue()
+
+
+def decode_dataset(data: bytes) -> Dataset:
+    ds = dcmread(io.BytesIO(data), force=True)
+    ds.file_meta = FileMetaDataset()
+    return ds
+
+
+def now_dt() -> str:
+    """The current local date-time as a DICOM DT value."""
+    return dt.datetime.now().strftime("%Y%m%d%H%M%S")
+
+
+@dataclass
+class UpsRecord:
+    sop_instance_uid: str
+    session_id: str
+    step: str
+    state: str
+    transaction_uid: str
+    cancel_requested: bool
+    dataset: Dataset
+
+
+@dataclass
+class SessionRecord:
+    session_id: str
+    station_code: str
+    patient_id: str
+    plan_uid: str
+    fraction_number: int
+    delivery_type: str
+    continues_session: str = ""
+    delivered: dict[int, float] = field(default_factory=dict)
+    note: str = ""
+
+
+def _code_of(ds: Dataset, keyword: str) -> tuple[str, str]:
+    items = ds.get(keyword) or []
+    if not items:
+        return "", ""
+    return str(items[0].get("CodeValue", "")), str(items[0].get("CodingSchemeDesignator", ""))
+
+
+class UpsStore:
+    """SQLite persistence of sessions and UPS, safe to share between association threads."""
+
+    def __init__(self, path: Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _row_values(self, ds: Dataset) -> dict[str, str]:
+        values = {col: str(ds.get(kw, "") or "") for kw, (col, _) in UPS_COLUMNS.items()}
+        for keyword, (code_col, scheme_col) in UPS_CODE_COLUMNS.items():
+            values[code_col], values[scheme_col] = _code_of(ds, keyword)
+        return values
+
+    def add_session(self, session: SessionRecord, steps: list[tuple[str, Dataset]]) -> None:
+        """Stores a session and its UPS in one transaction: all four or none."""
+        stamp = now_dt()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        session.session_id,
+                        session.station_code,
+                        session.patient_id,
+                        session.plan_uid,
+                        session.fraction_number,
+                        session.delivery_type,
+                        session.continues_session,
+                        json.dumps({str(k): v for k, v in session.delivered.items()}),
+                        session.note,
+                        stamp,
+                    ),
+                )
+                for step, ds in steps:
+                    values = self._row_values(ds)
+                    columns = ["session_id", "step", "dataset", "updated_at", *values]
+                    self._db.execute(
+                        f"INSERT INTO ups ({', '.join(columns)}) "
+                        f"VALUES ({', '.join('?' * len(columns))})",
+                        [session.session_id, step, encode_dataset(ds), stamp, *values.values()],
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _record(self, row: tuple) -> UpsRecord:
+        uid, session_id, step, state, transaction_uid, cancel, blob = row
+        return UpsRecord(
+            uid, session_id, step, state, transaction_uid, bool(cancel), decode_dataset(blob)
+        )
+
+    _SELECT = (
+        "SELECT sop_instance_uid, session_id, step, state, transaction_uid, "
+        "cancel_requested, dataset FROM ups"
+    )
+
+    def get(self, sop_instance_uid: str) -> UpsRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                f"{self._SELECT} WHERE sop_instance_uid = ?", (sop_instance_uid,)
+            ).fetchone()
+        return self._record(row) if row else None
+
+    def select(self, where: str = "", params: list | tuple = ()) -> list[UpsRecord]:
+        sql = self._SELECT + (f" WHERE {where}" if where else "")
+        sql += " ORDER BY start_datetime, session_id, workitem_code"
+        with self._lock:
+            rows = self._db.execute(sql, list(params)).fetchall()
+        return [self._record(r) for r in rows]
+
+    def transition(
+        self, sop_instance_uid: str, decide: Callable[[UpsRecord | None], UpsRecord | None]
+    ) -> UpsRecord | None:
+        """Reads, decides and writes atomically; ``decide`` returns the new record or None."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                current = self.get(sop_instance_uid)
+                updated = decide(current)
+                if updated is not None:
+                    values = self._row_values(updated.dataset)
+                    assignments = ", ".join(f"{c} = ?" for c in values)
+                    self._db.execute(
+                        "UPDATE ups SET state = ?, transaction_uid = ?, cancel_requested = ?, "
+                        f"dataset = ?, updated_at = ?, {assignments} WHERE sop_instance_uid = ?",
+                        [
+                            updated.state,
+                            updated.transaction_uid,
+                            int(updated.cancel_requested),
+                            encode_dataset(updated.dataset),
+                            now_dt(),
+                            *values.values(),
+                            sop_instance_uid,
+                        ],
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return updated
+
+    def session(self, session_id: str) -> SessionRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT session_id, station_code, patient_id, plan_uid, fraction_number, "
+                "delivery_type, continues_session, delivered_json, note FROM sessions "
+                "WHERE session_id = ?",
+                (session_id,),
+            ).fetchone()
+        if not row:
+            return None
+        delivered = {int(k): float(v) for k, v in json.loads(row[7]).items()}
+        return SessionRecord(*row[:7], delivered=delivered, note=row[8])
+
+    def sessions(self) -> list[SessionRecord]:
+        with self._lock:
+            ids = [
+                r[0]
+                for r in self._db.execute(
+                    "SELECT session_id FROM sessions ORDER BY created_at, session_id"
+                )
+            ]
+        return [s for s in (self.session(i) for i in ids) if s]
+
+    def set_session_note(self, session_id: str, note: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE sessions SET note = ? WHERE session_id = ?", (note, session_id)
+            )

@@ -1,0 +1,1 @@
+"""Builders of the objects a performing device stores: treatment records and more."""

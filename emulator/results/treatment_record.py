@@ -1,0 +1,191 @@
+"""RT Beams Treatment Record (PS3.3 A.29) from what a device actually delivered.
+
+The record reports, per beam and control point, the meterset that was delivered and never
+more: delivered meterset is the sum over control points, and an interrupted beam records
+where it stopped, so the TMS can schedule exactly the remainder as a CONTINUATION.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+
+from emulator.profile import SopClasses
+from emulator.synth.common import (
+    PatientContext,
+    apply_equipment,
+    apply_series,
+    da,
+    new_dataset,
+    new_uid,
+    sequence,
+    tm,
+)
+
+TERMINATIONS = ("NORMAL", "OPERATOR", "MACHINE", "UNKNOWN")
+
+
+@dataclass(frozen=True)
+class DeliveredControlPoint:
+    index: int
+    specified_meterset: float
+    delivered_meterset: float
+    dose_rate_set: float
+    dose_rate_delivered: float
+    gantry_angle: float
+    moment: dt.datetime
+
+
+@dataclass
+class DeliveredBeam:
+    """One beam as delivered: the control points reached and how the beam ended."""
+
+    beam_number: int
+    control_points: list[DeliveredControlPoint] = field(default_factory=list)
+    termination: str = "NORMAL"
+    delivery_type: str = "TREATMENT"
+    verification: str = "VERIFIED"
+
+    @property
+    def delivered(self) -> float:
+        return round(sum(cp.delivered_meterset for cp in self.control_points), 4)
+
+
+def build_treatment_record(
+    plan: Dataset,
+    beams: list[DeliveredBeam],
+    uids: SopClasses,
+    study_instance_uid: str,
+    machine_name: str,
+    fraction_number: int,
+    session_start: dt.datetime,
+    operator: str = "",
+    previous_records: list[Dataset] | None = None,
+) -> Dataset:
+    """A record of one session; ``study_instance_uid`` is the one the UPS supplied (RO-24)."""
+    for beam in beams:
+        if beam.termination not in TERMINATIONS:
+            raise ValueError(f"termination {beam.termination!r} not in {TERMINATIONS}")
+    ctx = PatientContext.from_dataset(plan)
+    ctx.study_instance_uid = study_instance_uid
+    ds = new_dataset(uids["rt_beams_treatment_record"])
+    ctx.apply_patient_study(ds)
+    apply_series(ds, ctx, "RTRECORD", new_uid(), 20, "Treatment record")
+    ds.OperatorsName = operator
+    apply_equipment(ds, model="tdw-emulator performing device", station=machine_name[:16])
+    # RT General Treatment Record
+    ds.InstanceNumber = fraction_number
+    ds.TreatmentDate = da(session_start)
+    ds.TreatmentTime = tm(session_start)
+    ref_plan = Dataset()
+    ref_plan.ReferencedSOPClassUID = plan.SOPClassUID
+    ref_plan.ReferencedSOPInstanceUID = plan.SOPInstanceUID
+    ds.ReferencedRTPlanSequence = sequence(ref_plan)
+    if previous_records:
+        refs = []
+        for record in previous_records:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = record.SOPClassUID
+            ref.ReferencedSOPInstanceUID = record.SOPInstanceUID
+            refs.append(ref)
+        ds.ReferencedTreatmentRecordSequence = sequence(*refs)
+    # RT Treatment Machine Record
+    machine = Dataset()
+    machine.TreatmentMachineName = machine_name
+    machine.Manufacturer = "tdw-emulator"
+    machine.InstitutionName = ""
+    machine.ManufacturerModelName = "simulated C-arm linac"
+    machine.DeviceSerialNumber = "SIM-0001"
+    ds.TreatmentMachineSequence = sequence(machine)
+    # RT Beams Session Record
+    group = plan.FractionGroupSequence[0]
+    ds.NumberOfFractionsPlanned = group.NumberOfFractionsPlanned
+    ds.PrimaryDosimeterUnit = "MU"
+    planned = {int(b.BeamNumber): b for b in plan.BeamSequence}
+    specified = {
+        int(r.ReferencedBeamNumber): float(r.BeamMeterset) for r in group.ReferencedBeamSequence
+    }
+    items = []
+    for beam in beams:
+        source = planned[beam.beam_number]
+        item = Dataset()
+        item.ReferencedBeamNumber = beam.beam_number
+        item.BeamName = source.BeamName
+        item.BeamType = source.BeamType
+        item.RadiationType = source.RadiationType
+        pairs = []
+        for device in source.BeamLimitingDeviceSequence:
+            pair = Dataset()
+            pair.RTBeamLimitingDeviceType = device.RTBeamLimitingDeviceType
+            pair.NumberOfLeafJawPairs = device.NumberOfLeafJawPairs
+            pairs.append(pair)
+        item.BeamLimitingDeviceLeafPairsSequence = sequence(*pairs)
+        item.NumberOfWedges = 0
+        item.NumberOfCompensators = 0
+        item.NumberOfBoli = 0
+        item.NumberOfBlocks = 0
+        item.CurrentFractionNumber = fraction_number
+        item.TreatmentDeliveryType = beam.delivery_type
+        item.TreatmentTerminationStatus = beam.termination
+        item.TreatmentVerificationStatus = beam.verification
+        item.SpecifiedPrimaryMeterset = specified[beam.beam_number]
+        item.DeliveredPrimaryMeterset = beam.delivered
+        item.NumberOfControlPoints = len(beam.control_points)
+        cps = []
+        for cp in beam.control_points:
+            point = Dataset()
+            point.ReferencedControlPointIndex = cp.index
+            point.TreatmentControlPointDate = da(cp.moment)
+            point.TreatmentControlPointTime = tm(cp.moment)
+            point.SpecifiedMeterset = round(cp.specified_meterset, 4)
+            point.DeliveredMeterset = round(cp.delivered_meterset, 4)
+            point.DoseRateSet = cp.dose_rate_set
+            point.DoseRateDelivered = cp.dose_rate_delivered
+            point.GantryAngle = cp.gantry_angle
+            point.GantryRotationDirection = "NONE"
+            cps.append(point)
+        item.ControlPointDeliverySequence = sequence(*cps)
+        items.append(item)
+    ds.TreatmentSessionBeamSequence = sequence(*items)
+    return ds
+
+
+def delivered_as_planned(
+    plan: Dataset, beam_number: int, fraction: float = 1.0, start: dt.datetime | None = None
+) -> DeliveredBeam:
+    """A beam delivered along its plan up to ``fraction`` of its meterset (for tests, demos)."""
+    group = plan.FractionGroupSequence[0]
+    total = next(
+        float(r.BeamMeterset)
+        for r in group.ReferencedBeamSequence
+        if int(r.ReferencedBeamNumber) == beam_number
+    )
+    beam = next(b for b in plan.BeamSequence if int(b.BeamNumber) == beam_number)
+    cps = beam.ControlPointSequence
+    final = float(beam.FinalCumulativeMetersetWeight)
+    moment = start or dt.datetime.now().replace(microsecond=0)
+    dose_rate = float(cps[0].DoseRateSet)
+    gantry = float(cps[0].GantryAngle)
+    reached = []
+    delivered_so_far = 0.0
+    limit = total * fraction
+    for index in range(len(cps) - 1):
+        segment = (
+            total
+            * (
+                float(cps[index + 1].CumulativeMetersetWeight)
+                - float(cps[index].CumulativeMetersetWeight)
+            )
+            / final
+        )
+        given = max(0.0, min(segment, limit - delivered_so_far))
+        reached.append(
+            DeliveredControlPoint(index, segment, given, dose_rate, dose_rate, gantry, moment)
+        )
+        delivered_so_far += given
+        if given < segment:
+            break
+    termination = "NORMAL" if fraction >= 1.0 else "MACHINE"
+    return DeliveredBeam(beam_number, reached, termination)
