@@ -20,8 +20,7 @@ CALLER = "PLANNER"
 
 
 def _archive_args(data_dir) -> list[str]:
-    return ["--data-dir", str(data_dir), "--ae-title", "ARCHIVE", "--port", "0",
-            "--allow", CALLER]  # fmt: skip
+    return ["--data-dir", str(data_dir), "--ae-title", "ARCHIVE", "--port", "0", "--allow", CALLER]
 
 
 def _find_all(peer: Peer) -> set[str]:

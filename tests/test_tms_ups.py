@@ -1,0 +1,404 @@
+"""The reference TMS as a UPS SCP: RO-17 rules, matching, the whole state table, claims."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from emulator.net.peers import Peer
+from emulator.net.receiver import StorageReceiver
+from emulator.profile import load_sop_classes
+from emulator.reference.site import ReferenceSite, SiteConfig
+from emulator.seeding import SeedOptions
+from emulator.ups_references import references_in
+from tests.ups_client import UpsClient, final_update, progress
+
+SMALL = SeedOptions(slices=6, rows=48, beams=3, dynamic_beams=1, control_points=8)
+ARCHIVE_AE, TMS_AE = "ARCHIVE", "TMS"
+
+
+@pytest.fixture
+def make_site(tmp_path):
+    started: list = []
+
+    def factory(edition: str = "ihe-ro-2008", uid_set: str = "final", sessions: int = 1):
+        receiver = StorageReceiver(
+            tmp_path / f"device{len(started)}",
+            "DEVICE",
+            load_sop_classes(uid_set).archive_storage_uids(),
+            [ARCHIVE_AE, TMS_AE],
+        )
+        receiver.start()
+        site = ReferenceSite(
+            SiteConfig(
+                data_dir=tmp_path / f"site{len(started)}",
+                tms_port=0,
+                archive_port=0,
+                peers=[Peer("DEVICE", *receiver.address)],
+                allowed_callers=["DEVICE2"],
+                edition=edition,
+                uid_set=uid_set,
+                seed_options=SMALL,
+            )
+        )
+        site.start()
+        started.append((site, receiver))
+        for index in range(1, sessions + 1):
+            site.seed("LINAC1", index)
+        return site, receiver
+
+    yield factory
+    for site, receiver in started:
+        site.stop()
+        receiver.stop()
+
+
+def client(site: ReferenceSite, calling: str = "DEVICE", uids: str = "final") -> UpsClient:
+    host, port = site.tms.address
+    return UpsClient(host, port, TMS_AE, calling, uids)
+
+
+def by_code(worklist: list[Dataset]) -> dict[str, Dataset]:
+    return {ups.ScheduledWorkitemCodeSequence[0].CodeValue: ups for ups in worklist}
+
+
+@pytest.mark.parametrize(
+    ("edition", "concept"),
+    [("ihe-ro-2008", ("2008001", "99IHERO2008")), ("tdw-ii", ("121740", "DCM"))],
+)
+def test_ro17_exactly_four_ups_with_their_inputs(make_site, edition, concept):
+    site, _ = make_site(edition)
+    with client(site) as tms:
+        worklist = tms.worklist("LINAC1")
+    assert len(worklist) == 4
+    codes = by_code(worklist)
+    assert set(codes) == {"121707", "121714", "121722", "121726"}
+    for ups in worklist:
+        assert ups.SOPClassUID == "1.2.840.10008.5.1.4.34.6.1"  # Push, not Pull
+        assert ups.ProcedureStepState == "SCHEDULED"
+        assert "TransactionUID" not in ups
+        assert ups.ProcedureStepLabel and ups.StudyInstanceUID and ups.PatientID
+        station = ups.ScheduledStationNameCodeSequence[0]
+        assert station.CodeValue == "LINAC1" and station.CodeMeaning
+        assert ups.ScheduledWorkitemCodeSequence[0].CodingSchemeDesignator == "DCM"
+        parameter = ups.ScheduledProcessingParametersSequence[0]
+        assert parameter.ValueType == "TEXT" and parameter.TextValue == "TREATMENT"
+        name = parameter.ConceptNameCodeSequence[0]
+        assert (name.CodeValue, name.CodingSchemeDesignator) == concept
+        assert name.CodeMeaning == "Treatment Delivery Type"
+    ct_refs = references_in(codes["121707"].InputInformationSequence)
+    assert len(ct_refs) == SMALL.slices and {r.retrieve_ae_title for r in ct_refs} == {ARCHIVE_AE}
+    assert len({r.series_instance_uid for r in ct_refs}) == 1
+    assert codes["121714"].InputInformationSequence == []
+    assert codes["121722"].InputInformationSequence == []
+    delivery = {r.sop_class_uid: r for r in references_in(codes["121726"].InputInformationSequence)}
+    uids = load_sop_classes()
+    assert set(delivery) == {uids["rt_plan"], uids["rt_beams_delivery_instruction"]}
+    assert delivery[uids["rt_plan"]].retrieve_ae_title == ARCHIVE_AE
+    assert delivery[uids["rt_beams_delivery_instruction"]].retrieve_ae_title == TMS_AE
+
+
+def test_tdw_ii_schedules_plan_and_fraction_parameters(make_site):
+    site, _ = make_site("tdw-ii")
+    with client(site) as tms:
+        ups = tms.worklist("LINAC1")[0]
+    names = [
+        p.ConceptNameCodeSequence[0].CodeValue for p in ups.ScheduledProcessingParametersSequence
+    ]
+    assert names == ["121740", "2018001", "2018002", "2018003"]
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        ({}, 4),
+        ({"PatientName": "TDW^Phantom*"}, 4),
+        ({"PatientName": "TDW^Other*"}, 0),
+        ({"PatientID": "TDW0001"}, 4),
+        ({"PatientID": "TDW000?"}, 4),
+        ({"ScheduledProcedureStepStartDateTime": "19990101000000-19991231235959"}, 0),
+        ({"ScheduledProcedureStepStartDateTime": ""}, 4),
+        ({"ProcedureStepState": "IN PROGRESS"}, 0),
+    ],
+)
+def test_matching_keys(make_site, keys, expected):
+    site, _ = make_site()
+    with client(site) as tms:
+        assert len(tms.worklist("LINAC1", **keys)) == expected
+
+
+def test_station_matching(make_site):
+    site, _ = make_site()
+    with client(site) as tms:
+        assert len(tms.worklist("LINAC2")) == 0
+        assert len(tms.worklist("LINAC*")) == 4
+        assert len(tms.worklist("")) == 4  # universal
+
+
+def _registration(tms: UpsClient) -> Dataset:
+    return by_code(tms.worklist("LINAC1"))["121714"]
+
+
+def _bring_to(tms: UpsClient, uid: str, state: str, workitem: Dataset) -> str:
+    """Puts a fresh UPS into ``state`` the way a performer would; returns its Transaction UID."""
+    transaction = str(generate_uid())
+    if state == "SCHEDULED":
+        return transaction
+    assert tms.change_state(uid, "IN PROGRESS", transaction)[0] == 0x0000
+    assert tms.n_set(uid, final_update(transaction, workitem, "LINAC1")) == 0x0000
+    assert tms.n_set(uid, progress(transaction, 40.0)) == 0x0000
+    if state == "COMPLETED":
+        assert tms.change_state(uid, "COMPLETED", transaction)[0] == 0x0000
+    elif state == "CANCELED":
+        status, _ = tms.change_state(
+            uid, "CANCELED", transaction, ReasonForCancellation="couch fault"
+        )
+        assert status == 0x0000
+    return transaction
+
+
+# PS3.4 Table CC.1.1-2 as spec-notes gives it: (current state, request, UID) -> status.
+STATE_TABLE = [
+    ("SCHEDULED", "IN PROGRESS", "new", 0x0000),
+    ("SCHEDULED", "COMPLETED", "right", 0xC310),
+    ("SCHEDULED", "CANCELED", "right", 0xC310),
+    ("SCHEDULED", "COMPLETED", "missing", 0xC301),
+    ("SCHEDULED", "SCHEDULED", "right", 0xC303),
+    ("IN PROGRESS", "IN PROGRESS", "new", 0xC302),
+    ("IN PROGRESS", "COMPLETED", "right", 0x0000),
+    ("IN PROGRESS", "CANCELED", "right", 0x0000),
+    ("IN PROGRESS", "COMPLETED", "wrong", 0xC301),
+    ("IN PROGRESS", "CANCELED", "missing", 0xC301),
+    ("IN PROGRESS", "SCHEDULED", "right", 0xC303),
+    ("COMPLETED", "IN PROGRESS", "new", 0xC300),
+    ("COMPLETED", "COMPLETED", "right", 0xB306),
+    ("COMPLETED", "CANCELED", "right", 0xC300),
+    ("COMPLETED", "COMPLETED", "wrong", 0xC301),
+    ("COMPLETED", "SCHEDULED", "right", 0xC303),
+    ("CANCELED", "IN PROGRESS", "new", 0xC300),
+    ("CANCELED", "COMPLETED", "right", 0xC300),
+    ("CANCELED", "CANCELED", "right", 0xB304),
+    ("CANCELED", "CANCELED", "wrong", 0xC301),
+    ("CANCELED", "SCHEDULED", "right", 0xC303),
+]
+
+
+@pytest.mark.parametrize(("state", "request_state", "uid_kind", "expected"), STATE_TABLE)
+def test_state_table_row(make_site, state, request_state, uid_kind, expected):
+    site, _ = make_site()
+    with client(site) as tms:
+        ups = _registration(tms)
+        uid = ups.SOPInstanceUID
+        transaction = _bring_to(tms, uid, state, ups.ScheduledWorkitemCodeSequence[0])
+        sent = {
+            "new": str(generate_uid()),
+            "right": transaction,
+            "wrong": str(generate_uid()),
+            "missing": None,
+        }[uid_kind]
+        reason = {"ReasonForCancellation": "test"} if request_state == "CANCELED" else {}
+        status, reply = tms.change_state(uid, request_state, sent, **reason)
+        assert status == expected, f"{state} + {request_state} ({uid_kind})"
+        if status in (0x0000, 0xB304, 0xB306):
+            assert reply.ProcedureStepState in (request_state, state)
+        status, current = tms.n_get(uid, [0x00741000])
+        after = {0x0000: request_state}.get(expected, state)
+        assert current.ProcedureStepState == after
+
+
+def test_completed_reply_echoes_state_and_full_progress(make_site):
+    site, _ = make_site()
+    with client(site) as tms:
+        ups = _registration(tms)
+        transaction = _bring_to(
+            tms, ups.SOPInstanceUID, "IN PROGRESS", ups.ScheduledWorkitemCodeSequence[0]
+        )
+        status, reply = tms.change_state(ups.SOPInstanceUID, "COMPLETED", transaction)
+    assert status == 0x0000
+    assert reply.ProcedureStepState == "COMPLETED"
+    assert float(reply.ProcedureStepProgressInformationSequence[0].ProcedureStepProgress) == 100
+
+
+def test_final_state_requirements_are_checked(make_site):
+    site, _ = make_site()
+    with client(site) as tms:
+        ups = _registration(tms)
+        transaction = str(generate_uid())
+        assert tms.change_state(ups.SOPInstanceUID, "IN PROGRESS", transaction)[0] == 0
+        assert tms.change_state(ups.SOPInstanceUID, "COMPLETED", transaction)[0] == 0xC304
+        assert tms.change_state(ups.SOPInstanceUID, "CANCELED", transaction)[0] == 0xC304
+        status, _ = tms.change_state(
+            ups.SOPInstanceUID, "CANCELED", transaction, ReasonForCancellation="patient unwell"
+        )
+        assert status == 0xC304  # no progress information yet
+        assert tms.n_set(ups.SOPInstanceUID, progress(transaction, 0.0)) == 0
+        status, reply = tms.change_state(
+            ups.SOPInstanceUID, "CANCELED", transaction, ReasonForCancellation="patient unwell"
+        )
+        assert status == 0x0000
+        assert float(reply.ProcedureStepProgressInformationSequence[0].ProcedureStepProgress) == 0
+
+
+def test_unknown_ups_is_c307(make_site):
+    site, _ = make_site()
+    with client(site) as tms:
+        unknown = str(generate_uid())
+        assert tms.change_state(unknown, "IN PROGRESS", str(generate_uid()))[0] == 0xC307
+        assert tms.n_set(unknown, progress(str(generate_uid()), 10)) == 0xC307
+        assert tms.n_get(unknown)[0] == 0xC307
+
+
+def test_seed_variant_tms_creates_the_transaction_uid(make_site):
+    site, _ = make_site("ihe-ro-2008")
+    with client(site) as tms:
+        ups = _registration(tms)
+        status, reply = tms.change_state(ups.SOPInstanceUID, "IN PROGRESS", "")
+        assert status == 0x0000 and reply.ProcedureStepState == "IN PROGRESS"
+        created = reply.TransactionUID
+        assert created
+        assert tms.n_set(ups.SOPInstanceUID, progress(created, 5)) == 0x0000
+        assert tms.n_set(ups.SOPInstanceUID, progress(str(generate_uid()), 5)) == 0xC301
+
+
+def test_tdw_ii_requires_the_performer_transaction_uid(make_site):
+    site, _ = make_site("tdw-ii")
+    with client(site) as tms:
+        ups = _registration(tms)
+        assert tms.change_state(ups.SOPInstanceUID, "IN PROGRESS", "")[0] == 0xC301
+        status, reply = tms.change_state(ups.SOPInstanceUID, "IN PROGRESS", str(generate_uid()))
+        assert status == 0x0000 and "TransactionUID" not in reply
+
+
+def test_n_set_rules_and_n_get_hides_the_transaction_uid(make_site):
+    site, _ = make_site()
+    with client(site) as tms:
+        ups = _registration(tms)
+        uid = ups.SOPInstanceUID
+        transaction = str(generate_uid())
+        assert tms.n_set(uid, progress(transaction, 0)) == 0xC310  # still SCHEDULED
+        tms.change_state(uid, "IN PROGRESS", transaction)
+        assert tms.n_set(uid, progress(str(generate_uid()), 10)) == 0xC301
+        bad = progress(transaction, 10)
+        bad.ProcedureStepState = "COMPLETED"
+        assert tms.n_set(uid, bad) == 0x0106  # the state never changes by N-SET
+        assert tms.n_set(uid, progress(transaction, 25, beam=1)) == 0x0000
+        status, ups_now = tms.n_get(uid)
+        assert status == 0 and "TransactionUID" not in ups_now
+        assert ups_now.ProcedureStepState == "IN PROGRESS"
+        assert (
+            float(ups_now.ProcedureStepProgressInformationSequence[0].ProcedureStepProgress) == 25
+        )
+        _bring_final = final_update(transaction, ups.ScheduledWorkitemCodeSequence[0], "LINAC1")
+        tms.n_set(uid, _bring_final)
+        tms.change_state(uid, "COMPLETED", transaction)
+        assert tms.n_set(uid, progress(transaction, 10)) == 0xC300  # final: no more updates
+
+
+def test_request_cancel(make_site):
+    site, _ = make_site()
+    with client(site) as tms:
+        codes = by_code(tms.worklist("LINAC1"))
+        scheduled = codes["121722"].SOPInstanceUID
+        assert tms.request_cancel(scheduled, "patient did not attend") == 0x0000
+        assert tms.n_get(scheduled)[1].ProcedureStepState == "CANCELED"
+        assert tms.request_cancel(scheduled) == 0xB304
+        ups = codes["121714"]
+        _bring_to(tms, ups.SOPInstanceUID, "COMPLETED", ups.ScheduledWorkitemCodeSequence[0])
+        assert tms.request_cancel(ups.SOPInstanceUID) == 0xC311
+        delivery = codes["121726"].SOPInstanceUID
+        tms.change_state(delivery, "IN PROGRESS", str(generate_uid()))
+        assert tms.request_cancel(delivery) == 0x0000  # recorded; the performer decides
+        assert tms.n_get(delivery)[1].ProcedureStepState == "IN PROGRESS"
+
+
+def test_requested_sop_class_must_be_push(make_site):
+    site, _ = make_site()
+    with client(site) as tms:
+        ups = _registration(tms)
+        info = Dataset()
+        info.ProcedureStepState = "IN PROGRESS"
+        info.TransactionUID = str(generate_uid())
+        status, _ = tms.assoc.send_n_action(info, 1, tms.pull, ups.SOPInstanceUID)
+        assert status.Status == 0x0118
+
+
+def test_concurrent_claim_has_exactly_one_winner(make_site):
+    site, _ = make_site()
+    with client(site) as tms:
+        uid = by_code(tms.worklist("LINAC1"))["121726"].SOPInstanceUID
+    barrier = threading.Barrier(8)
+    results: list[int] = []
+
+    def claim(calling: str) -> None:
+        with client(site, calling) as device:
+            barrier.wait()
+            results.append(device.change_state(uid, "IN PROGRESS", str(generate_uid()))[0])
+
+    threads = [
+        threading.Thread(target=claim, args=("DEVICE" if i % 2 else "DEVICE2",)) for i in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(results) == [0x0000] + [0xC302] * 7
+
+
+def test_restart_in_the_middle_of_a_session(make_site):
+    site, _ = make_site()
+    with client(site) as tms:
+        codes = by_code(tms.worklist("LINAC1"))
+        ups = codes["121714"]
+        transaction = str(generate_uid())
+        assert tms.change_state(ups.SOPInstanceUID, "IN PROGRESS", transaction)[0] == 0
+        assert tms.n_set(ups.SOPInstanceUID, progress(transaction, 30)) == 0
+    site.stop()
+    again = ReferenceSite(site.config)
+    again.config.tms_port = again.config.archive_port = 0
+    again = ReferenceSite(again.config)
+    again.start()
+    try:
+        with client(again) as tms:
+            assert len(tms.worklist("LINAC1")) == 3
+            assert tms.change_state(ups.SOPInstanceUID, "IN PROGRESS", transaction)[0] == 0xC302
+            assert tms.n_set(ups.SOPInstanceUID, progress(str(generate_uid()), 50)) == 0xC301
+            update = final_update(transaction, ups.ScheduledWorkitemCodeSequence[0], "LINAC1")
+            assert tms.n_set(ups.SOPInstanceUID, update) == 0
+            assert tms.change_state(ups.SOPInstanceUID, "COMPLETED", transaction)[0] == 0
+    finally:
+        again.stop()
+
+
+def test_continuation_scheduled_after_partial_cancel(make_site):
+    from tests.tms_helpers import deliver_partially_and_cancel
+
+    site, receiver = make_site()
+    outcome = deliver_partially_and_cancel(site, receiver, fractions_delivered={1: 1.0, 2: 0.4})
+    with client(site) as tms:
+        worklist = tms.worklist("LINAC1")
+    kinds = [u.ScheduledProcessingParametersSequence[0].TextValue for u in worklist]
+    # The original session's three positioning UPS are untouched; the continuation adds four.
+    assert sorted(kinds) == ["CONTINUATION"] * 4 + ["TREATMENT"] * 3
+    continuation = [u for u, k in zip(worklist, kinds, strict=True) if k == "CONTINUATION"]
+    assert len({u.SOPInstanceUID for u in continuation}) == 4
+    delivery = by_code(continuation)["121726"]
+    refs = references_in(delivery.InputInformationSequence)
+    uids = load_sop_classes()
+    kinds = sorted(r.sop_class_uid for r in refs)
+    assert kinds == sorted(
+        [uids["rt_plan"], uids["rt_beams_delivery_instruction"], uids["rt_beams_treatment_record"]]
+    )
+    instruction = outcome.fetch_from_tms(
+        next(r for r in refs if r.sop_class_uid == uids["rt_beams_delivery_instruction"])
+    )
+    tasks = {int(t.ReferencedBeamNumber): t for t in instruction.BeamTaskSequence}
+    assert set(tasks) == {2, 3}
+    assert tasks[2].TreatmentDeliveryType == "CONTINUATION"
+    specified = outcome.specified[2]
+    assert float(tasks[2].ContinuationStartMeterset) == pytest.approx(0.4 * specified, abs=0.01)
+    assert float(tasks[2].ContinuationEndMeterset) == pytest.approx(specified)
+    assert tasks[3].TreatmentDeliveryType == "TREATMENT"
+    assert [int(o.ReferencedBeamNumber) for o in instruction.OmittedBeamTaskSequence] == [1]

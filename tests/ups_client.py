@@ -1,0 +1,167 @@
+"""A small UPS SCU written from the seed and PS3.4 Annex CC, independent of emulator/.
+
+It negotiates UPS Pull, sends N-ACTION/N-SET/N-GET with the Push SOP Class (seed RO-19,
+spec-notes), and returns raw statuses so tests can compare them with the state table.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pynetdicom import AE, build_context
+
+PUSH = {"final": "1.2.840.10008.5.1.4.34.6.1", "trial": "1.2.840.10008.5.1.4.34.4.1"}
+PULL = {"final": "1.2.840.10008.5.1.4.34.6.3", "trial": "1.2.840.10008.5.1.4.34.4.3"}
+RO17_KEYS = [
+    "SpecificCharacterSet",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "ProcedureStepState",
+    "ProcedureStepLabel",
+    "ScheduledProcedureStepStartDateTime",
+    "ScheduledWorkitemCodeSequence",
+    "ScheduledProcessingParametersSequence",
+    "InputInformationSequence",
+    "StudyInstanceUID",
+    "PatientName",
+    "PatientID",
+]
+
+
+class UpsClient:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        called: str = "TMS",
+        calling: str = "DEVICE",
+        uids: str = "final",
+    ) -> None:
+        self.ae = AE(ae_title=calling)
+        self.ae.requested_contexts = [build_context(PULL[uids])]
+        self.ae.dimse_timeout = 30
+        self.push, self.pull = PUSH[uids], PULL[uids]
+        self.assoc = self.ae.associate(host, port, ae_title=called)
+        assert self.assoc.is_established, "association with the TMS failed"
+
+    def close(self) -> None:
+        if self.assoc.is_established:
+            self.assoc.release()
+
+    def __enter__(self) -> UpsClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def worklist(self, station: str = "", state: str = "SCHEDULED", **keys) -> list[Dataset]:
+        today = dt.date.today().strftime("%Y%m%d")
+        ident = Dataset()
+        for keyword in RO17_KEYS:
+            setattr(ident, keyword, [] if keyword.endswith("Sequence") else "")
+        ident.ProcedureStepState = state
+        ident.ScheduledProcedureStepStartDateTime = f"{today}000000-{today}235959"
+        station_item = Dataset()
+        station_item.CodeValue = station
+        station_item.CodingSchemeDesignator = ""
+        station_item.CodeMeaning = ""
+        ident.ScheduledStationNameCodeSequence = Sequence([station_item])
+        ident.TransactionUID = ""  # asked for, must never be returned
+        for keyword, value in keys.items():
+            setattr(ident, keyword, value)
+        return self.find(ident)
+
+    def find(self, ident: Dataset) -> list[Dataset]:
+        found, final = [], None
+        for status, identifier in self.assoc.send_c_find(ident, self.pull):
+            if status.Status in (0xFF00, 0xFF01):
+                found.append(identifier)
+            else:
+                final = status.Status
+        if final != 0x0000:
+            raise RuntimeError(f"C-FIND ended with 0x{final:04X}")
+        return found
+
+    def find_status(self, ident: Dataset) -> int:
+        statuses = [s.Status for s, _ in self.assoc.send_c_find(ident, self.pull)]
+        return statuses[-1]
+
+    def change_state(
+        self, uid: str, state: str, transaction_uid: str | None, **extra
+    ) -> tuple[int, Dataset | None]:
+        info = Dataset()
+        info.ProcedureStepState = state
+        if transaction_uid is not None:
+            info.TransactionUID = transaction_uid
+        for keyword, value in extra.items():
+            setattr(info, keyword, value)
+        status, reply = self.assoc.send_n_action(info, 1, self.push, uid)
+        return status.Status, reply
+
+    def request_cancel(self, uid: str, reason: str = "") -> int:
+        # No reason means no Action Information at all: pynetdicom announces a data set for
+        # an empty Dataset and then sends nothing, which leaves any SCP waiting.
+        info = None
+        if reason:
+            info = Dataset()
+            info.ReasonForCancellation = reason
+        status, _ = self.assoc.send_n_action(info, 2, self.push, uid)
+        return status.Status
+
+    def n_set(self, uid: str, modifications: Dataset) -> int:
+        status, _ = self.assoc.send_n_set(modifications, self.push, uid)
+        return status.Status
+
+    def n_get(self, uid: str, tags: list | None = None) -> tuple[int, Dataset | None]:
+        status, reply = self.assoc.send_n_get(tags or [], self.push, uid)
+        return status.Status, reply
+
+
+def code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def progress(transaction_uid: str, percent: float, beam: int | None = None) -> Dataset:
+    """RO-26 progress N-SET body (seed Table 3.26-1, final-standard tags)."""
+    ds = Dataset()
+    ds.TransactionUID = transaction_uid
+    info = Dataset()
+    info.ProcedureStepProgress = percent
+    ds.ProcedureStepProgressInformationSequence = Sequence([info])
+    if beam is not None:
+        parameter = Dataset()
+        parameter.ValueType = "TEXT"
+        parameter.ConceptNameCodeSequence = Sequence(
+            [code("121700", "DCM", "Referenced Beam Number in Progress")]
+        )
+        parameter.TextValue = str(beam)
+        performed = Dataset()
+        performed.PerformedProcessingParametersSequence = Sequence([parameter])
+        performed.OutputInformationSequence = Sequence([])
+        performed.NonDICOMOutputCodeSequence = Sequence([])
+        ds.UnifiedProcedureStepPerformedProcedureSequence = Sequence([performed])
+    return ds
+
+
+def final_update(
+    transaction_uid: str, workitem: Dataset, station: str, outputs: list[Dataset] | None = None
+) -> Dataset:
+    """RO-21 final update body (seed Table 3.21-1, final-standard tags)."""
+    now = dt.datetime.now().strftime("%Y%m%d%H%M%S")
+    ds = Dataset()
+    ds.TransactionUID = transaction_uid
+    performed = Dataset()
+    performed.PerformedStationNameCodeSequence = Sequence(
+        [code(station, "99DEVICE", "Performed Station Name")]
+    )
+    performed.PerformedProcedureStepStartDateTime = now
+    performed.PerformedProcedureStepEndDateTime = now
+    performed.PerformedWorkitemCodeSequence = Sequence([workitem])
+    performed.OutputInformationSequence = Sequence(outputs or [])
+    performed.NonDICOMOutputCodeSequence = Sequence([])
+    ds.UnifiedProcedureStepPerformedProcedureSequence = Sequence([performed])
+    return ds
