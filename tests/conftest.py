@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -107,6 +107,7 @@ class ArchiveProcess:
     host: str
     port: int
     output: list[str]
+    addresses: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -124,11 +125,22 @@ class ArchiveProcess:
 
 def start_archive_process(*args: str, timeout: float = 30.0) -> ArchiveProcess:
     """Runs ``tdw-emu archive ARGS`` and waits for its 'listening on' line."""
-    command = [sys.executable, "-m", "emulator.cli", "archive", *args]
+    return start_cli_process("archive", *args, timeout=timeout)
+
+
+def start_cli_process(
+    command_name: str, *args: str, timeout: float = 60.0, ready: str = "listening on"
+) -> ArchiveProcess:
+    """Runs ``tdw-emu COMMAND ARGS`` and waits for a line containing ``ready``.
+
+    Every 'AE listening on HOST:PORT' line seen before it is kept in ``addresses``.
+    """
+    command = [sys.executable, "-m", "emulator.cli", command_name, *args]
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
     )
     output: list[str] = []
+    addresses: dict[str, tuple[str, int]] = {}
     deadline = time.monotonic() + timeout
     assert process.stdout is not None
     while time.monotonic() < deadline:
@@ -136,14 +148,17 @@ def start_archive_process(*args: str, timeout: float = 30.0) -> ArchiveProcess:
         if not line:
             break
         output.append(line.rstrip())
-        match = re.search(r"listening on (\S+):(\d+)", line)
+        match = re.search(r"(\S+) listening on (\S+):(\d+)", line)
         if match:
+            addresses[match[1]] = (match[2], int(match[3]))
+        if ready in line:
             # Keep draining so a chatty server never blocks on a full pipe.
             threading.Thread(
                 target=lambda: output.extend(line.rstrip() for line in process.stdout),
                 daemon=True,
             ).start()
-            return ArchiveProcess(process, match[1], int(match[2]), output)
+            host, port = next(iter(addresses.values()))
+            return ArchiveProcess(process, host, port, output, addresses)
     process.kill()
     raise RuntimeError("archive did not start:\n" + "\n".join(output))
 
@@ -152,8 +167,10 @@ def start_archive_process(*args: str, timeout: float = 30.0) -> ArchiveProcess:
 def archive_process_factory() -> Iterator:
     started: list[ArchiveProcess] = []
 
-    def factory(*args: str) -> ArchiveProcess:
-        proc = start_archive_process(*args)
+    def factory(
+        *args: str, command: str = "archive", ready: str = "listening on"
+    ) -> ArchiveProcess:
+        proc = start_cli_process(command, *args, ready=ready)
         started.append(proc)
         return proc
 

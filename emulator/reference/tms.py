@@ -394,6 +394,8 @@ class TmsServer(ServedAE):
 
 def _finalise(ups: Dataset, state: str) -> None:
     """What the TMS records itself when a UPS reaches a final state."""
+    if state not in ups_rules.ups_rules()["final_states"]:
+        return
     items = ups.get("ProcedureStepProgressInformationSequence") or Sequence([Dataset()])
     progress = items[0]
     if state == "COMPLETED":

@@ -1,0 +1,186 @@
+"""`tdw-emu tms --seed` as a real process, retrieved from by DCMTK; malformed requests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from emulator.conformance.iod_table import check_iod
+from emulator.profile import load_sop_classes
+from emulator.ups_references import references_in
+from tests.conftest import dciodvfy_errors, dcmtk, free_port, wait_for_port
+from tests.ups_client import UpsClient, progress
+
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+@pytest.fixture
+def storescp(tmp_path):
+    tool = dcmtk("storescp")
+    out = tmp_path / "received"
+    out.mkdir()
+    port = free_port()
+    process = subprocess.Popen(
+        [tool, "--aetitle", "STORESCP", "--output-directory", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+    )
+    try:
+        wait_for_port(port)
+        yield port, out
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def tms(tmp_path, storescp, archive_process_factory):
+    port, _ = storescp
+    return archive_process_factory(
+        "--data-dir",
+        str(tmp_path / "site"),
+        "--port",
+        "0",
+        "--archive-port",
+        "0",
+        "--peer",
+        f"STORESCP@127.0.0.1:{port}",
+        "--allow",
+        "DEVICE",
+        "--allow",
+        "MOVESCU",
+        "--seed",
+        "LINAC1",
+        command="tms",
+        ready="ready",
+    )
+
+
+def test_every_input_retrieved_by_dcmtk_from_the_ae_it_names(tms, storescp):
+    _, received_dir = storescp
+    host, port = tms.addresses["TMS"]
+    with UpsClient(host, port, "TMS", "DEVICE") as client:
+        worklist = client.worklist("LINAC1")
+    assert len(worklist) == 4
+    refs = [r for ups in worklist for r in references_in(ups.InputInformationSequence)]
+    assert {r.retrieve_ae_title for r in refs} == {"ARCHIVE", "TMS"}
+    for ref in refs:
+        ae_host, ae_port = tms.addresses[ref.retrieve_ae_title]
+        result = subprocess.run(
+            [
+                dcmtk("movescu"),
+                "-S",
+                "-aet",
+                "MOVESCU",
+                "-aec",
+                ref.retrieve_ae_title,
+                "-aem",
+                "STORESCP",
+                "-k",
+                "QueryRetrieveLevel=IMAGE",
+                "-k",
+                f"StudyInstanceUID={ref.study_instance_uid}",
+                "-k",
+                f"SOPInstanceUID={ref.sop_instance_uid}",
+                ae_host,
+                str(ae_port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=ENV,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+    received = {
+        dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in Path(received_dir).iterdir()
+    }
+    assert set(received) == {r.sop_instance_uid for r in refs}
+    instruction_class = load_sop_classes()["rt_beams_delivery_instruction"]
+    for ref in refs:
+        path = received[ref.sop_instance_uid]
+        if ref.sop_class_uid == instruction_class:  # dicom3tools does not know this IOD
+            assert check_iod(dcmread(path), "rt_beams_delivery_instruction") == []
+        else:
+            assert dciodvfy_errors(path) == [], path
+
+
+def _ups_find(client: UpsClient, **keys) -> int:
+    ident = Dataset()
+    ident.ProcedureStepState = "SCHEDULED"
+    ident.SOPInstanceUID = ""
+    for keyword, value in keys.items():
+        setattr(ident, keyword, value)
+    return client.find_status(ident)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_malformed_requests_get_clean_failures(tms):
+    from pydicom import config as pydicom_config
+
+    host, port = tms.addresses["TMS"]
+    previous = pydicom_config.settings.writing_validation_mode
+    pydicom_config.settings.writing_validation_mode = pydicom_config.WARN
+    try:
+        with UpsClient(host, port, "TMS", "DEVICE") as client:
+            assert _ups_find(client, SOPInstanceUID="1.2.abc!!") == 0xC000  # garbage UI
+            worklist = client.worklist("LINAC1")
+            uid = worklist[0].SOPInstanceUID
+            transaction = str(generate_uid())
+            assert client.change_state(uid, "IN PROGRESS", transaction)[0] == 0
+            huge = progress(transaction, 10)
+            huge.ProcedureStepProgressInformationSequence[0].ProcedureStepProgressDescription = (
+                "x" * 70_000
+            )
+            assert client.n_set(uid, huge) == 0x0106  # 70 KB in an ST (1024 chars at most)
+            assert len(client.worklist("LINAC1")) == 3  # still answering
+    finally:
+        pydicom_config.settings.writing_validation_mode = previous
+    assert tms.process.poll() is None
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_association_aborted_mid_n_set(tms):
+    host, port = tms.addresses["TMS"]
+    with UpsClient(host, port, "TMS", "DEVICE") as client:
+        uid = client.worklist("LINAC1")[0].SOPInstanceUID
+        transaction = str(generate_uid())
+        assert client.change_state(uid, "IN PROGRESS", transaction)[0] == 0
+    doomed = UpsClient(host, port, "TMS", "DEVICE")
+    transport = doomed.assoc.dul.socket
+    original_send = transport.send
+    sent = {"pdus": 0}
+
+    def send_then_reset(data: bytes) -> None:
+        # The N-SET command goes out, then the connection is reset before the data set.
+        if sent["pdus"] >= 1:
+            raw = transport.socket
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            raw.close()
+            raise OSError("connection dropped by the test")
+        sent["pdus"] += 1
+        original_send(data)
+
+    transport.send = send_then_reset
+    doomed.assoc.dimse_timeout = 5
+    update = progress(transaction, 60)
+    update.ProcedureStepProgressInformationSequence[0].ProcedureStepProgressDescription = "x" * 900
+    with contextlib.suppress(AttributeError, OSError):
+        doomed.n_set(uid, update)  # the SCU sees no response: that is the point
+    time.sleep(0.3)
+    with UpsClient(host, port, "TMS", "DEVICE") as client:
+        status, ups = client.n_get(uid)
+        assert status == 0 and ups.ProcedureStepState == "IN PROGRESS"
+        assert "ProcedureStepProgressInformationSequence" not in ups  # half an N-SET is nothing
+        assert client.n_set(uid, progress(transaction, 61)) == 0  # the retry succeeds
+    assert tms.process.poll() is None
