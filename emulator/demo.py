@@ -1,18 +1,21 @@
-"""``tdw-emu demo``: the whole planning-to-device data path on loopback, in one command.
+"""``tdw-emu demo``: the embedded reference TMS and Archive, and a device's first steps.
 
-Until the reference TMS and the performing devices land, the demo does what the Archive
-side of the workflow needs: a planning system stores a synthetic patient (RO-1 to RO-12),
-then a device retrieves the plan and the CT series by Study Root C-MOVE (RO-18) into its
-own Storage SCP, and the demo checks that every byte that arrived is what was stored.
+Until the emulated devices land ([3/7]), the demo runs what the reference side and the
+device's DICOM plumbing already do: the TMS schedules a synthetic patient's session, a
+device queries its worklist (RO-17), retrieves every input from the AE its Retrieve AE
+Title names (RO-18 from the Archive, RO-20 from the TMS) into its own Storage SCP, and
+checks that what arrived is exactly what the Input Information Sequence promised.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import tempfile
 import time
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 from rich.console import Console
 from rich.table import Table
 
@@ -20,143 +23,127 @@ from emulator.net import scu
 from emulator.net.peers import Peer
 from emulator.net.receiver import StorageReceiver
 from emulator.profile import load_sop_classes
-from emulator.reference.archive import ArchiveConfig, ArchiveServer
-from emulator.seeding import SeedOptions, seed_patients
+from emulator.reference.site import ReferenceSite, SiteConfig
 from emulator.store import ObjectStore
+from emulator.ups_references import references_in
 
-PLANNER_AE = "TDW_PLANNER"
 DEVICE_AE = "TDW_DEVICE"
-ARCHIVE_AE = "TDW_ARCHIVE"
+STATION = "LINAC1"
 
 
-def _identifier(level: str, **keys: str) -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(ds, keyword, value)
-    return ds
+def _worklist_query(station: str) -> Dataset:
+    today = dt.date.today().strftime("%Y%m%d")
+    ident = Dataset()
+    for keyword in (
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "ProcedureStepLabel",
+        "PatientName",
+        "PatientID",
+        "StudyInstanceUID",
+    ):
+        setattr(ident, keyword, "")
+    for keyword in (
+        "ScheduledWorkitemCodeSequence",
+        "ScheduledProcessingParametersSequence",
+        "InputInformationSequence",
+    ):
+        setattr(ident, keyword, Sequence([]))
+    ident.ProcedureStepState = "SCHEDULED"
+    ident.ScheduledProcedureStepStartDateTime = f"{today}000000-{today}235959"
+    station_item = Dataset()
+    station_item.CodeValue = station
+    station_item.CodingSchemeDesignator = ""
+    station_item.CodeMeaning = ""
+    ident.ScheduledStationNameCodeSequence = Sequence([station_item])
+    return ident
 
 
 def run_demo(data_dir: Path | None = None) -> int:
     console = Console()
     with tempfile.TemporaryDirectory(prefix="tdw-demo-") as tmp:
         root = Path(data_dir) if data_dir else Path(tmp)
-        uids = load_sop_classes("final")
         steps: list[tuple[str, str, str]] = []
 
         def step(name: str, detail: str, started: float) -> None:
             steps.append((name, detail, f"{(time.perf_counter() - started) * 1000:.0f} ms"))
 
-        t = time.perf_counter()
-        paths = seed_patients(root / "seed", SeedOptions())[0]
-        step("seed", f"{len(paths)} objects written to {paths[0].parent}", t)
-
-        receiver = StorageReceiver(
-            root / "device", DEVICE_AE, uids.archive_storage_uids(), [ARCHIVE_AE]
-        )
+        uids = load_sop_classes("final")
+        receiver = StorageReceiver(root / "device", DEVICE_AE, uids.archive_storage_uids(), None)
         with receiver:
-            device_host, device_port = receiver.address
-            archive = ArchiveServer(
-                ArchiveConfig(
-                    data_dir=root / "archive",
-                    ae_title=ARCHIVE_AE,
-                    port=0,
-                    peers=[Peer(DEVICE_AE, device_host, device_port)],
-                    allowed_callers=[PLANNER_AE],
-                )
+            config = SiteConfig(
+                data_dir=root / "site",
+                tms_port=0,
+                archive_port=0,
+                peers=[Peer(DEVICE_AE, *receiver.address)],
             )
-            with archive:
-                host, port = archive.address
-                peer = Peer(ARCHIVE_AE, host, port)
-                console.print(
-                    f"archive {ARCHIVE_AE} on {host}:{port}, device {DEVICE_AE} on "
-                    f"{device_host}:{device_port}"
-                )
-                t = time.perf_counter()
-                scu.echo(PLANNER_AE, peer)
-                step("C-ECHO", "planner -> archive: success", t)
-
-                t = time.perf_counter()
-                scu.store(PLANNER_AE, peer, paths)
-                step("C-STORE (RO-1..12)", f"{len(paths)} objects acknowledged", t)
-
-                t = time.perf_counter()
-                studies = scu.find(
-                    DEVICE_AE,
-                    peer,
-                    _identifier(
-                        "STUDY",
-                        PatientID="TDW0001",
-                        StudyInstanceUID="",
-                        ModalitiesInStudy="",
-                        NumberOfStudyRelatedInstances="",
+            with ReferenceSite(config) as site:
+                tms = Peer(site.config.tms_ae_title, *site.tms.address)
+                aes = {
+                    site.config.tms_ae_title: tms,
+                    site.config.archive_ae_title: Peer(
+                        site.config.archive_ae_title, *site.archive.address
                     ),
+                }
+                console.print(
+                    f"reference TMS {tms}, Archive {aes['ARCHIVE']}, device "
+                    f"{DEVICE_AE}@{receiver.address[0]}:{receiver.address[1]}"
                 )
-                study = studies[0]
+                t = time.perf_counter()
+                site.seed(STATION, 1)
+                step("seed", "synthetic patient archived, one session scheduled", t)
+
+                t = time.perf_counter()
+                worklist = scu.find(
+                    DEVICE_AE, tms, _worklist_query(STATION), model=uids["ups_pull"]
+                )
+                labels = ", ".join(str(u.ProcedureStepLabel) for u in worklist)
+                step("RO-17 worklist", f"{len(worklist)} UPS: {labels}", t)
+
+                expected: dict[str, str] = {}
+                for ups in worklist:
+                    for ref in references_in(ups.InputInformationSequence):
+                        expected[ref.sop_instance_uid] = ref.retrieve_ae_title
+                for ae_title in sorted(set(expected.values())):
+                    t = time.perf_counter()
+                    ident = Dataset()
+                    ident.QueryRetrieveLevel = "IMAGE"
+                    ident.SOPInstanceUID = [u for u, a in expected.items() if a == ae_title]
+                    result = scu.move(DEVICE_AE, aes[ae_title], ident, DEVICE_AE)
+                    transaction = "RO-20" if ae_title == site.config.tms_ae_title else "RO-18"
+                    step(
+                        f"{transaction} C-MOVE from {ae_title}",
+                        f"{result.completed} instances, {result.failed} failed",
+                        t,
+                    )
+
+                t = time.perf_counter()
+                missing = [u for u in expected if receiver.store.get(u) is None]
+                differing = same_content(
+                    site.archive.store,
+                    receiver.store,
+                    [u for u, a in expected.items() if a == "ARCHIVE"],
+                )
+                differing += same_content(
+                    site.tms.store, receiver.store, [u for u, a in expected.items() if a == "TMS"]
+                )
                 step(
-                    "C-FIND study",
-                    f"{len(studies)} study, modalities {'/'.join(study.ModalitiesInStudy)}, "
-                    f"{study.NumberOfStudyRelatedInstances} instances",
+                    "verify",
+                    f"{len(expected) - len(set(missing + differing))}/{len(expected)}"
+                    " inputs arrived as promised",
                     t,
                 )
-                series = scu.find(
-                    DEVICE_AE,
-                    peer,
-                    _identifier(
-                        "SERIES",
-                        StudyInstanceUID=study.StudyInstanceUID,
-                        SeriesInstanceUID="",
-                        Modality="",
-                        NumberOfSeriesRelatedInstances="",
-                    ),
-                )
-                by_modality = {s.Modality: s for s in series}
-                plan_uid = archive.store.select("modality = 'RTPLAN'")[0].sop_instance_uid
 
-                t = time.perf_counter()
-                plan_move = scu.move(
-                    DEVICE_AE,
-                    peer,
-                    _identifier("IMAGE", SOPInstanceUID=plan_uid),
-                    DEVICE_AE,
-                )
-                step("C-MOVE plan (RO-18)", f"{plan_move.completed} instance moved", t)
-                t = time.perf_counter()
-                ct_move = scu.move(
-                    DEVICE_AE,
-                    peer,
-                    _identifier(
-                        "SERIES",
-                        StudyInstanceUID=study.StudyInstanceUID,
-                        SeriesInstanceUID=by_modality["CT"].SeriesInstanceUID,
-                    ),
-                    DEVICE_AE,
-                )
-                step("C-MOVE CT series (RO-18)", f"{ct_move.completed} slices moved", t)
-
-                t = time.perf_counter()
-                moved = [
-                    plan_uid,
-                    *(
-                        i.sop_instance_uid
-                        for i in archive.store.select(
-                            "series_instance_uid = ?", (by_modality["CT"].SeriesInstanceUID,)
-                        )
-                    ),
-                ]
-                mismatches = same_content(archive.store, receiver.store, moved)
-                step("verify", f"{len(moved) - len(mismatches)}/{len(moved)} objects identical", t)
-
-        table = Table(title="tdw-emu demo: planning data to a device over DICOM")
+        table = Table(title="tdw-emu demo: embedded reference TMS and Archive")
         for column in ("step", "result", "time"):
             table.add_column(column)
         for row in steps:
             table.add_row(*row)
         console.print(table)
-        if mismatches:
-            console.print(f"[red]{len(mismatches)} retrieved objects differ: {mismatches}")
+        if missing or differing or len(worklist) != 4:
+            console.print(f"[red]inputs missing {missing}, differing {differing}")
             return 1
-        console.print("[green]every retrieved object matches the archived one")
+        console.print("[green]four UPS scheduled; every input retrieved from the AE it names")
         return 0
 
 

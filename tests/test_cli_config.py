@@ -116,5 +116,96 @@ def test_demo_command_runs_end_to_end(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "every retrieved object matches the archived one" in result.stdout
-    assert (tmp_path / "archive" / "index.sqlite3").exists()
+    assert "every input retrieved from the AE it names" in result.stdout
+    assert "4 UPS" in result.stdout and "0 failed" in result.stdout
+    assert (tmp_path / "site" / "tms" / "ups.sqlite3").exists()
+
+
+def test_tms_config_from_yaml_matches_flags(tmp_path):
+    from emulator.config import site_config
+
+    values = {
+        "data_dir": str(tmp_path),
+        "ae_title": "TMS1",
+        "archive_ae_title": "ARCH1",
+        "port": 0,
+        "archive_port": 0,
+        "peer": ["LINAC1@127.0.0.1:11113"],
+        "profile": "tdw-ii",
+        "uids": "trial",
+    }
+    config_file = tmp_path / "tms.yaml"
+    config_file.write_text(yaml.safe_dump({"tms": values}))
+    assert site_config(load_yaml_config(config_file, "tms")) == site_config(merge({}, values))
+    with pytest.raises(ConfigError, match="different AE titles"):
+        site_config({"data_dir": "d", "ae_title": "X", "archive_ae_title": "X", "allow": ["A"]})
+    with pytest.raises(ConfigError, match="no caller would be accepted"):
+        site_config({"data_dir": "d"})
+
+
+def test_tms_schedule_command_creates_fraction_sessions(tmp_path, archive_process_factory):
+    from emulator.reference.ups_store import UpsStore
+    from emulator.store import ObjectStore
+
+    first = archive_process_factory(
+        "--data-dir",
+        str(tmp_path),
+        "--port",
+        "0",
+        "--archive-port",
+        "0",
+        "--allow",
+        "DEVICE",
+        "--seed",
+        "LINAC1",
+        command="tms",
+        ready="ready",
+    )
+    first.stop()
+    store = ObjectStore(tmp_path / "archive")
+    plan_uid = store.select("modality = 'RTPLAN'")[0].sop_instance_uid
+    store.close()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "emulator.cli",
+            "tms",
+            "schedule",
+            "--data-dir",
+            str(tmp_path),
+            "--allow",
+            "DEVICE",
+            "--plan-uid",
+            plan_uid,
+            "--station",
+            "LINAC2",
+            "--fractions",
+            "5",
+            "--first-fraction",
+            "2",
+            "--start",
+            "203001070800",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("scheduled session") == 5
+    ups = UpsStore(tmp_path / "tms" / "ups.sqlite3")
+    try:
+        sessions = [s for s in ups.sessions() if s.station_code == "LINAC2"]
+        assert [s.fraction_number for s in sessions] == [2, 3, 4, 5, 6]
+        starts = sorted(
+            {
+                r.dataset.ScheduledProcedureStepStartDateTime[:8]
+                for r in ups.select("station_code = 'LINAC2'")
+            }
+        )
+        # 2030-01-07 is a Monday: five weekdays, no weekend.
+        assert starts == ["20300107", "20300108", "20300109", "20300110", "20300111"]
+        assert len(ups.select("station_code = 'LINAC2'")) == 20
+    finally:
+        ups.close()

@@ -251,12 +251,7 @@ class UpsStore:
 
     def sessions(self) -> list[SessionRecord]:
         with self._lock:
-            ids = [
-                r[0]
-                for r in self._db.execute(
-                    "SELECT session_id FROM sessions ORDER BY created_at, session_id"
-                )
-            ]
+            ids = [r[0] for r in self._db.execute("SELECT session_id FROM sessions ORDER BY rowid")]
         return [s for s in (self.session(i) for i in ids) if s]
 
     def set_session_note(self, session_id: str, note: str) -> None:
