@@ -184,3 +184,119 @@ def test_association_aborted_mid_n_set(tms):
         assert "ProcedureStepProgressInformationSequence" not in ups  # half an N-SET is nothing
         assert client.n_set(uid, progress(transaction, 61)) == 0  # the retry succeeds
     assert tms.process.poll() is None
+
+
+def test_independent_scu_full_cycle_against_the_tms_process(tms, storescp, tmp_path):
+    """Query, claim, update, complete and cancel; then find the CONTINUATION scheduled."""
+    import datetime as dt
+
+    from emulator.results.treatment_record import build_treatment_record, delivered_as_planned
+    from tests.tms_helpers import output_item
+    from tests.ups_client import final_update
+
+    _, received_dir = storescp
+    host, port = tms.addresses["TMS"]
+    archive_host, archive_port = tms.addresses["ARCHIVE"]
+    uids = load_sop_classes()
+    with UpsClient(host, port, "TMS", "DEVICE") as client:
+        worklist = {
+            u.ScheduledWorkitemCodeSequence[0].CodeValue: u for u in client.worklist("LINAC1")
+        }
+        assert sorted(worklist) == ["121707", "121714", "121722", "121726"]
+        for code_value in ("121707", "121714", "121722"):
+            ups = worklist[code_value]
+            status, reply = client.change_state(ups.SOPInstanceUID, "IN PROGRESS", "")
+            assert status == 0x0000
+            transaction = reply.TransactionUID  # seed RO-19: the TMS creates it
+            update = final_update(transaction, ups.ScheduledWorkitemCodeSequence[0], "LINAC1")
+            assert client.n_set(ups.SOPInstanceUID, update) == 0x0000
+            status, reply = client.change_state(ups.SOPInstanceUID, "COMPLETED", transaction)
+            assert (status, reply.ProcedureStepState) == (0x0000, "COMPLETED")
+            assert client.change_state(ups.SOPInstanceUID, "COMPLETED", transaction)[0] == 0xB306
+
+        delivery = worklist["121726"]
+        status, reply = client.change_state(delivery.SOPInstanceUID, "IN PROGRESS", "")
+        transaction = reply.TransactionUID
+        assert client.n_set(delivery.SOPInstanceUID, progress(transaction, 0, beam=1)) == 0
+        plan_ref = next(
+            r
+            for r in references_in(delivery.InputInformationSequence)
+            if r.sop_class_uid == uids["rt_plan"]
+        )
+        subprocess.run(
+            [
+                dcmtk("movescu"),
+                "-S",
+                "-aet",
+                "MOVESCU",
+                "-aec",
+                "ARCHIVE",
+                "-aem",
+                "STORESCP",
+                "-k",
+                "QueryRetrieveLevel=IMAGE",
+                "-k",
+                f"SOPInstanceUID={plan_ref.sop_instance_uid}",
+                archive_host,
+                str(archive_port),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+            env=ENV,
+        )
+        plan = next(
+            ds
+            for p in Path(received_dir).iterdir()
+            if (ds := dcmread(p)).SOPInstanceUID == plan_ref.sop_instance_uid
+        )
+        record = build_treatment_record(
+            plan,
+            [delivered_as_planned(plan, 1), delivered_as_planned(plan, 2, 0.5)],
+            uids,
+            delivery.StudyInstanceUID,
+            "LINAC1",
+            1,
+            dt.datetime.now(),
+        )
+        record_path = tmp_path / "record.dcm"
+        record.save_as(record_path, enforce_file_format=True)
+        stored = subprocess.run(
+            [
+                dcmtk("storescu"),
+                "-aet",
+                "DEVICE",
+                "-aec",
+                "ARCHIVE",
+                archive_host,
+                str(archive_port),
+                str(record_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=ENV,
+        )
+        assert stored.returncode == 0, stored.stderr
+        assert client.n_set(delivery.SOPInstanceUID, progress(transaction, 35.0)) == 0
+        update = final_update(
+            transaction,
+            delivery.ScheduledWorkitemCodeSequence[0],
+            "LINAC1",
+            [output_item(record, "ARCHIVE")],
+        )
+        assert client.n_set(delivery.SOPInstanceUID, update) == 0
+        status, reply = client.change_state(
+            delivery.SOPInstanceUID,
+            "CANCELED",
+            transaction,
+            ReasonForCancellation="beam hold: door interlock",
+        )
+        assert (status, reply.ProcedureStepState) == (0x0000, "CANCELED")
+        assert float(reply.ProcedureStepProgressInformationSequence[0].ProcedureStepProgress) == 35
+
+        continuation = client.worklist("LINAC1")
+        assert len(continuation) == 4
+        assert {u.ScheduledProcessingParametersSequence[0].TextValue for u in continuation} == {
+            "CONTINUATION"
+        }
