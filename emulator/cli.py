@@ -233,11 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose < 2:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     from emulator.config import ConfigError
-    from emulator.reference.archive import ArchiveConfigError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, ArchiveConfigError, ValueError) as exc:
+    except (ConfigError, ValueError) as exc:
         print(f"tdw-emu {args.command}: {exc}", file=sys.stderr)
         return 2
 

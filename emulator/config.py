@@ -58,6 +58,42 @@ def _peers(values: Any) -> list[Peer]:
         raise ConfigError(str(exc)) from exc
 
 
+def _check_known(values: dict[str, Any], known: set[str], section: str) -> None:
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown {section} settings: {', '.join(sorted(unknown))}")
+    if not values.get("data_dir"):
+        raise ConfigError("data_dir is required")
+
+
+def _ae_title(values: dict[str, Any], key: str, default: str) -> str:
+    try:
+        return validate_ae_title(str(values.get(key, default)))
+    except PeerError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _allowed(values: dict[str, Any]) -> list[str]:
+    try:
+        return [validate_ae_title(str(a)) for a in values.get("allow") or []]
+    except PeerError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _port(values: dict[str, Any], key: str, default: int) -> int:
+    port = int(values.get(key, default))
+    if not 0 <= port < 65536:
+        raise ConfigError(f"{key} {port} out of range")
+    return port
+
+
+def _choice(values: dict[str, Any], key: str, default: str, choices: tuple[str, ...]) -> str:
+    value = str(values.get(key, default))
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}")
+    return value
+
+
 def archive_config(values: dict[str, Any]) -> ArchiveConfig:
     """Validates the merged ``archive`` settings."""
     known = {
@@ -74,22 +110,11 @@ def archive_config(values: dict[str, Any]) -> ArchiveConfig:
         "max_dataset_bytes",
         "import_dir",
     }
-    unknown = set(values) - known
-    if unknown:
-        raise ConfigError(f"unknown archive settings: {', '.join(sorted(unknown))}")
-    if not values.get("data_dir"):
-        raise ConfigError("data_dir is required")
-    try:
-        ae_title = validate_ae_title(str(values.get("ae_title", "ARCHIVE")))
-        allow = [validate_ae_title(str(a)) for a in values.get("allow") or []]
-    except PeerError as exc:
-        raise ConfigError(str(exc)) from exc
-    port = int(values.get("port", 11112))
-    if not 0 <= port < 65536:
-        raise ConfigError(f"port {port} out of range")
-    uids = str(values.get("uids", "final"))
-    if uids not in UID_SETS:
-        raise ConfigError(f"uids must be one of {', '.join(UID_SETS)}")
+    _check_known(values, known, "archive")
+    ae_title = _ae_title(values, "ae_title", "ARCHIVE")
+    allow = _allowed(values)
+    port = _port(values, "port", 11112)
+    uids = _choice(values, "uids", "final", UID_SETS)
     try:
         policy = DuplicatePolicy(str(values.get("duplicate_policy", "reject")))
     except ValueError as exc:
@@ -132,28 +157,15 @@ def site_config(values: dict[str, Any]) -> SiteConfig:
         "uids",
         "stations",
     }
-    unknown = set(values) - known
-    if unknown:
-        raise ConfigError(f"unknown tms settings: {', '.join(sorted(unknown))}")
-    if not values.get("data_dir"):
-        raise ConfigError("data_dir is required")
-    try:
-        tms_ae = validate_ae_title(str(values.get("ae_title", "TMS")))
-        archive_ae = validate_ae_title(str(values.get("archive_ae_title", "ARCHIVE")))
-        allow = [validate_ae_title(str(a)) for a in values.get("allow") or []]
-    except PeerError as exc:
-        raise ConfigError(str(exc)) from exc
+    _check_known(values, known, "tms")
+    tms_ae = _ae_title(values, "ae_title", "TMS")
+    archive_ae = _ae_title(values, "archive_ae_title", "ARCHIVE")
+    allow = _allowed(values)
     if tms_ae == archive_ae:
         raise ConfigError("the TMS and the Archive need different AE titles")
-    ports = [int(values.get("port", 11114)), int(values.get("archive_port", 11112))]
-    if any(not 0 <= p < 65536 for p in ports):
-        raise ConfigError("ports must be 0-65535")
-    edition = str(values.get("profile", "ihe-ro-2008"))
-    if edition not in EDITIONS:
-        raise ConfigError(f"profile must be one of {', '.join(EDITIONS)}")
-    uids = str(values.get("uids", "final"))
-    if uids not in UID_SETS:
-        raise ConfigError(f"uids must be one of {', '.join(UID_SETS)}")
+    ports = [_port(values, "port", 11114), _port(values, "archive_port", 11112)]
+    edition = _choice(values, "profile", "ihe-ro-2008", EDITIONS)
+    uids = _choice(values, "uids", "final", UID_SETS)
     peers = _peers(values.get("peers")) + _peers(values.get("peer"))
     accept_any = bool(values.get("accept_any_ae", False))
     if not accept_any and not peers and not allow:

@@ -177,3 +177,27 @@ def archive_process_factory() -> Iterator:
     yield factory
     for proc in started:
         proc.stop()
+
+
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # as our own sockets (spec-notes)
+
+
+@pytest.fixture
+def storescp(tmp_path):
+    """DCMTK storescp (AE STORESCP) receiving into a directory: (port, directory)."""
+    tool = dcmtk("storescp")
+    out = tmp_path / "storescp"
+    out.mkdir()
+    port = free_port()
+    process = subprocess.Popen(
+        [tool, "--aetitle", "STORESCP", "--output-directory", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=DCMTK_ENV,
+    )
+    try:
+        wait_for_port(port)
+        yield port, out
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

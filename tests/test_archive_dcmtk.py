@@ -6,7 +6,6 @@ inside the venv. TCP_NODELAY=1 is set for DCMTK as for our own sockets (spec-not
 
 from __future__ import annotations
 
-import os
 import subprocess
 from copy import deepcopy
 from pathlib import Path
@@ -14,34 +13,13 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from tests.conftest import dcmtk, free_port, wait_for_port
+from tests.conftest import DCMTK_ENV, dcmtk
 
-ENV = {**os.environ, "TCP_NODELAY": "1"}
+ENV = DCMTK_ENV
 
 
 def run(*command: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ENV)
-
-
-@pytest.fixture
-def storescp(tmp_path):
-    """DCMTK storescp receiving C-MOVE sub-operations into a directory."""
-    tool = dcmtk("storescp")
-    out = tmp_path / "storescp"
-    out.mkdir()
-    port = free_port()
-    process = subprocess.Popen(
-        [tool, "--aetitle", "STORESCP", "--output-directory", str(out), str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=ENV,
-    )
-    try:
-        wait_for_port(port)
-        yield port, out
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.fixture

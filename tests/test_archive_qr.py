@@ -9,10 +9,10 @@ from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification
 
 from emulator.net import scu
-from emulator.net.peers import Peer
+from emulator.net.peers import Peer, PeerError
 from emulator.net.receiver import StorageReceiver
 from emulator.profile import load_sop_classes
-from emulator.reference.archive import ArchiveConfig, ArchiveConfigError, ArchiveServer
+from emulator.reference.archive import ArchiveConfig, ArchiveServer
 
 PLANNER, DEVICE, ARCHIVE = "PLANNER", "DEVICE", "ARCHIVE"
 
@@ -206,7 +206,7 @@ def test_accept_any_ae(tmp_path):
 
 def test_archive_without_any_allowed_caller_refuses_to_start(tmp_path):
     server = ArchiveServer(ArchiveConfig(data_dir=tmp_path, port=0))
-    with pytest.raises(ArchiveConfigError, match="no caller would be accepted"):
+    with pytest.raises(PeerError, match="no caller would be accepted"):
         server.start()
     server.stop()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import struct
 import subprocess
@@ -18,30 +17,10 @@ from pydicom.uid import generate_uid
 from emulator.conformance.iod_table import check_iod
 from emulator.profile import load_sop_classes
 from emulator.ups_references import references_in
-from tests.conftest import dciodvfy_errors, dcmtk, free_port, wait_for_port
+from tests.conftest import DCMTK_ENV, dciodvfy_errors, dcmtk
 from tests.ups_client import UpsClient, progress
 
-ENV = {**os.environ, "TCP_NODELAY": "1"}
-
-
-@pytest.fixture
-def storescp(tmp_path):
-    tool = dcmtk("storescp")
-    out = tmp_path / "received"
-    out.mkdir()
-    port = free_port()
-    process = subprocess.Popen(
-        [tool, "--aetitle", "STORESCP", "--output-directory", str(out), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=ENV,
-    )
-    try:
-        wait_for_port(port)
-        yield port, out
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+ENV = DCMTK_ENV
 
 
 @pytest.fixture

@@ -43,6 +43,21 @@ class Peer:
         return f"{self.ae_title}@{host}:{self.port}"
 
 
+def calling_allow_list(peers: list[Peer], allowed: list[str], accept_any: bool) -> list[str] | None:
+    """Calling AE titles to accept: peers plus extra callers; None means any.
+
+    An empty list is refused, because pynetdicom reads an empty allow-list as "accept any".
+    """
+    if accept_any:
+        return None
+    titles = list(dict.fromkeys([*(p.ae_title for p in peers), *allowed]))
+    if not titles:
+        raise PeerError(
+            "no caller would be accepted: configure --peer or --allow, or --accept-any-ae"
+        )
+    return titles
+
+
 class PeerDirectory:
     """The configured peers: the only C-MOVE destinations and, by default, the only callers."""
 

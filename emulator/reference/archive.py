@@ -22,7 +22,7 @@ from pynetdicom.sop_class import (
 )
 
 from emulator.net.ae_factory import NetworkSettings, make_ae
-from emulator.net.peers import Peer, PeerDirectory
+from emulator.net.peers import Peer, PeerDirectory, calling_allow_list
 from emulator.net.served_ae import ServedAE
 from emulator.net.storage_scp import store_event
 from emulator.profile import DEFAULT_UID_SET, load_sop_classes
@@ -34,10 +34,6 @@ LOG = logging.getLogger("tdw.archive")
 TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 STATUS_PENDING = 0xFF00
 STATUS_CANCEL = 0xFE00
-
-
-class ArchiveConfigError(ValueError):
-    """The Archive configuration cannot be served safely."""
 
 
 @dataclass
@@ -58,14 +54,7 @@ class ArchiveConfig:
 
     def calling_allow_list(self) -> list[str] | None:
         """Callers to accept; None means any (only with ``accept_any_ae``)."""
-        if self.accept_any_ae:
-            return None
-        titles = list(dict.fromkeys([*(p.ae_title for p in self.peers), *self.allowed_callers]))
-        if not titles:
-            raise ArchiveConfigError(
-                "no caller would be accepted: configure --peer or --allow, or --accept-any-ae"
-            )
-        return titles
+        return calling_allow_list(self.peers, self.allowed_callers, self.accept_any_ae)
 
 
 class ArchiveServer(ServedAE):

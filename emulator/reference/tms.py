@@ -27,7 +27,7 @@ from pynetdicom.sop_class import (
 )
 
 from emulator.net.ae_factory import NetworkSettings, make_ae
-from emulator.net.peers import Peer, PeerDirectory
+from emulator.net.peers import Peer, PeerDirectory, calling_allow_list
 from emulator.net.served_ae import ServedAE
 from emulator.net.storage_scp import status_dataset
 from emulator.profile import DEFAULT_EDITION, DEFAULT_UID_SET, Profile, load_profile
@@ -70,12 +70,7 @@ class TmsConfig:
     network: NetworkSettings = field(default_factory=NetworkSettings)
 
     def calling_allow_list(self) -> list[str] | None:
-        if self.accept_any_ae:
-            return None
-        titles = list(dict.fromkeys([*(p.ae_title for p in self.peers), *self.allowed_callers]))
-        if not titles:
-            raise ValueError("no caller would be accepted: configure --peer or --allow")
-        return titles
+        return calling_allow_list(self.peers, self.allowed_callers, self.accept_any_ae)
 
 
 def register_trial_uids(profile: Profile) -> None:

@@ -115,7 +115,3 @@ def n_set_forbidden(modifications: Dataset) -> list[str]:
 
 def never_returned() -> set[str]:
     return set(ups_rules()["never_returned"])
-
-
-def ro17_return_keys() -> list[str]:
-    return list(ups_rules()["ro17_return_keys"]["keys"])

@@ -23,6 +23,8 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from emulator.store.sqlite import open_database
+
 STATUS_SUCCESS = 0x0000
 STATUS_DUPLICATE_SOP_INSTANCE = 0x0111
 
@@ -126,12 +128,7 @@ class ObjectStore:
         self.objects_dir.mkdir(parents=True, exist_ok=True)
         self.duplicate_policy = DuplicatePolicy(duplicate_policy)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(
-            self.root / "index.sqlite3", check_same_thread=False, isolation_level=None
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_database(self.root / "index.sqlite3", _SCHEMA)
 
     def close(self) -> None:
         with self._lock:
