@@ -1,0 +1,175 @@
+"""The abstract treatment-machine device: what a performing device needs from hardware.
+
+It knows nothing of DICOM: the workflow turns plans into :class:`BeamProgram` and couch
+corrections into :class:`CouchCorrection`, and every backend (simulated, serial, TCP)
+answers with the same events, so the workflow cannot tell which one it drives.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+
+class DeviceError(RuntimeError):
+    """The device cannot do what was asked (link down, limits exceeded, not ready)."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    vendor: str
+    model: str
+    serial: str
+    firmware: str
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Limits from the machine profile, checked before anything is claimed."""
+
+    energies_mv: tuple[float, ...]
+    max_dose_rate: float
+    min_dose_rate: float
+    mlc_leaf_pairs: int
+    max_beams: int
+    patient_positions: tuple[str, ...]
+    gantry_speed_deg_s: float
+    couch_speed_mm_s: float
+    couch_limits_mm: float
+
+
+@dataclass(frozen=True)
+class ControlPointProgram:
+    """One control point: where the axes are and the cumulative meterset to reach there."""
+
+    index: int
+    cumulative_meterset: float
+    gantry_angle: float
+    collimator_angle: float = 0.0
+    jaws: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    mlc: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class BeamProgram:
+    """A beam as the machine executes it; ``start_meterset`` > 0 resumes a continuation."""
+
+    beam_number: int
+    name: str
+    energy_mv: float
+    dose_rate: float
+    total_meterset: float
+    control_points: tuple[ControlPointProgram, ...]
+    start_meterset: float = 0.0
+    end_meterset: float | None = None
+
+    @property
+    def stop_meterset(self) -> float:
+        return self.total_meterset if self.end_meterset is None else self.end_meterset
+
+
+class Termination(str, enum.Enum):
+    NORMAL = "NORMAL"
+    OPERATOR = "OPERATOR"
+    MACHINE = "MACHINE"
+
+
+@dataclass(frozen=True)
+class MetersetTick:
+    """Delivered meterset so far in this beam (cumulative, from the start of the beam)."""
+
+    meterset: float
+    dose_rate: float
+
+
+@dataclass(frozen=True)
+class ControlPointReached:
+    """Delivery passed control point ``index`` (the segment before it is complete)."""
+
+    index: int
+    meterset: float
+    gantry_angle: float
+
+
+@dataclass(frozen=True)
+class BeamEnded:
+    """The beam stopped; ``meterset`` is what the dosimetry channel measured, never more."""
+
+    meterset: float
+    termination: Termination
+    reason: str = ""
+    interlock_code: str = ""
+
+
+DeliveryEvent = MetersetTick | ControlPointReached | BeamEnded
+
+
+@dataclass(frozen=True)
+class CouchCorrection:
+    """A 6-DOF correction: translations in mm, rotations in degrees (patient LPS axes)."""
+
+    translation: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    rotation: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+@dataclass
+class CouchPosition:
+    lateral: float = 0.0
+    longitudinal: float = 0.0
+    vertical: float = 0.0
+    rotation: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+@dataclass
+class ImageSet:
+    """Images an acquisition returned: voxel values plus their geometry."""
+
+    kind: str
+    pixels: list = field(default_factory=list)
+    pixel_spacing: float = 1.0
+    slice_spacing: float = 1.0
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+class Device(ABC):
+    """One treatment machine behind one link, whichever backend implements it."""
+
+    @abstractmethod
+    def connect(self) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def identify(self) -> Identity: ...
+
+    @abstractmethod
+    def capabilities(self) -> Capabilities: ...
+
+    @abstractmethod
+    def load_beam(self, beam: BeamProgram) -> None:
+        """Sends the beam and sets the axes to control point 0; raises if out of limits."""
+
+    @abstractmethod
+    def beam_on(self) -> Iterator[DeliveryEvent]:
+        """Delivers the loaded beam; the last event is always a :class:`BeamEnded`."""
+
+    @abstractmethod
+    def interrupt(self, reason: str) -> None:
+        """Operator beam hold: the running delivery ends with OPERATOR termination."""
+
+    @abstractmethod
+    def move_couch(self, correction: CouchCorrection) -> CouchPosition: ...
+
+    @abstractmethod
+    def acquire(self, kind: str) -> ImageSet:
+        """Triggers an imaging acquisition (e.g. 'CBCT') and returns the images."""
+
+    def __enter__(self) -> Device:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

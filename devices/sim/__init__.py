@@ -1,0 +1,1 @@
+"""In-process machine models: the virtual backend every test and the demo use."""

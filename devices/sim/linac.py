@@ -1,0 +1,197 @@
+"""A simulated C-arm linac that follows a beam's control points in (scaled) real time.
+
+It delivers each segment at the beam's dose rate, reports meterset ticks and control
+points, and ends a beam exactly where it stopped: at the end, at an operator interrupt, or
+at an injected interlock. It never reports more meterset than it delivered.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from devices.base import (
+    BeamEnded,
+    BeamProgram,
+    Capabilities,
+    ControlPointReached,
+    CouchCorrection,
+    CouchPosition,
+    DeliveryEvent,
+    Device,
+    DeviceError,
+    Identity,
+    ImageSet,
+    MetersetTick,
+    Termination,
+)
+from devices.clock import Clock
+
+
+def load_machine_profile(name_or_path: str = "linac") -> dict[str, Any]:
+    """A machine profile from ``profiles/machines/NAME.yaml`` or a YAML file path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        text = path.read_text(encoding="utf-8")
+    else:
+        resource = resources.files("profiles").joinpath("machines", f"{name_or_path}.yaml")
+        if not resource.is_file():
+            raise DeviceError(f"no machine profile {name_or_path!r}")
+        text = resource.read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+class SimulatedLinac(Device):
+    """``interlocks`` maps beam numbers to the meterset at which an interlock trips."""
+
+    def __init__(
+        self, profile: dict[str, Any], clock: Clock, interlocks: dict[int, float] | None = None
+    ) -> None:
+        self.profile = profile
+        self.clock = clock
+        self.interlocks = dict(interlocks or {})
+        self._beam: BeamProgram | None = None
+        self._hold = threading.Event()
+        self._hold_reason = ""
+        self._connected = False
+        self.couch = CouchPosition()
+        self.setup_error = tuple(profile.get("imaging", {}).get("setup_error_mm", (0, 0, 0)))
+
+    def connect(self) -> None:
+        self._connected = True
+
+    def close(self) -> None:
+        self._connected = False
+
+    def identify(self) -> Identity:
+        ident = self.profile["identity"]
+        return Identity(ident["vendor"], ident["model"], ident["serial"], str(ident["firmware"]))
+
+    def capabilities(self) -> Capabilities:
+        p = self.profile
+        return Capabilities(
+            energies_mv=tuple(float(e) for e in p["energies_mv"]),
+            max_dose_rate=float(p["dose_rate"]["max"]),
+            min_dose_rate=float(p["dose_rate"]["min"]),
+            mlc_leaf_pairs=int(p["mlc_leaf_pairs"]),
+            max_beams=int(p["max_beams"]),
+            patient_positions=tuple(p["patient_positions"]),
+            gantry_speed_deg_s=float(p["axes"]["gantry_speed_deg_s"]),
+            couch_speed_mm_s=float(p["axes"]["couch_speed_mm_s"]),
+            couch_limits_mm=float(p["axes"]["couch_limits_mm"]),
+        )
+
+    def _require_connected(self) -> None:
+        if not self._connected:
+            raise DeviceError("device is not connected")
+
+    def load_beam(self, beam: BeamProgram) -> None:
+        self._require_connected()
+        caps = self.capabilities()
+        if beam.energy_mv not in caps.energies_mv:
+            raise DeviceError(f"beam {beam.beam_number}: {beam.energy_mv} MV not available")
+        if not caps.min_dose_rate <= beam.dose_rate <= caps.max_dose_rate:
+            raise DeviceError(f"beam {beam.beam_number}: dose rate {beam.dose_rate} out of range")
+        if not 0 <= beam.start_meterset < beam.stop_meterset <= beam.total_meterset + 1e-6:
+            raise DeviceError(f"beam {beam.beam_number}: meterset range is not deliverable")
+        # Axes move to control point 0 before the beam may start.
+        self.clock.sleep(abs(beam.control_points[0].gantry_angle) / caps.gantry_speed_deg_s / 10)
+        self._beam = beam
+        self._hold.clear()
+        self.clock.reset()
+
+    def beam_on(self) -> Iterator[DeliveryEvent]:
+        self._require_connected()
+        beam = self._beam
+        if beam is None:
+            raise DeviceError("no beam loaded")
+        self._beam = None
+        timing = self.profile["timing"]
+        self.clock.sleep(float(timing["beam_on_delay_s"]))
+        rate_per_s = beam.dose_rate / 60.0
+        tick = float(timing["tick_s"])
+        delivered = beam.start_meterset
+        trip = self.interlocks.get(beam.beam_number)
+        points = beam.control_points
+        for target in points[1:]:
+            if target.cumulative_meterset <= delivered + 1e-9:
+                continue  # before a continuation's start: already delivered earlier
+            segment_end = min(target.cumulative_meterset, beam.stop_meterset)
+            while delivered < segment_end - 1e-9:
+                step = min(rate_per_s * tick, segment_end - delivered)
+                stop_at = None
+                if trip is not None and delivered < trip <= delivered + step:
+                    step, stop_at = trip - delivered, "MACHINE"
+                awake = self.clock.sleep(step / rate_per_s)
+                if self._hold.is_set() or not awake:
+                    # An operator hold stops the beam where it is; the partial step of a
+                    # wait that was cut short is not counted as delivered.
+                    yield BeamEnded(round(delivered, 4), Termination.OPERATOR, self._hold_reason)
+                    return
+                delivered += step
+                yield MetersetTick(round(delivered, 4), beam.dose_rate)
+                if stop_at:
+                    del self.interlocks[beam.beam_number]
+                    yield BeamEnded(
+                        round(delivered, 4), Termination.MACHINE, "dosimetry interlock", "DOSE1"
+                    )
+                    return
+            if segment_end >= target.cumulative_meterset - 1e-9:
+                yield ControlPointReached(target.index, round(delivered, 4), target.gantry_angle)
+            if delivered >= beam.stop_meterset - 1e-9:
+                break
+        yield BeamEnded(round(delivered, 4), Termination.NORMAL)
+
+    def interrupt(self, reason: str) -> None:
+        self._hold_reason = reason or "operator beam hold"
+        self._hold.set()
+        self.clock.wake()
+
+    def move_couch(self, correction: CouchCorrection) -> CouchPosition:
+        self._require_connected()
+        caps = self.capabilities()
+        if any(abs(t) > caps.couch_limits_mm for t in correction.translation):
+            raise DeviceError("couch correction exceeds the couch limits")
+        distance = max(abs(t) for t in correction.translation)
+        self.clock.sleep(distance / caps.couch_speed_mm_s)
+        self.couch.lateral += correction.translation[0]
+        self.couch.longitudinal += correction.translation[2]
+        self.couch.vertical += correction.translation[1]
+        self.couch.rotation = tuple(
+            a + b for a, b in zip(self.couch.rotation, correction.rotation, strict=True)
+        )
+        self.setup_error = tuple(
+            e + t for e, t in zip(self.setup_error, correction.translation, strict=True)
+        )
+        return self.couch
+
+    def acquire(self, kind: str) -> ImageSet:
+        """A CBCT of an elliptical water phantom lying with the current setup error."""
+        self._require_connected()
+        spec = self.profile["imaging"].get(kind)
+        if spec is None:
+            raise DeviceError(f"imaging kind {kind!r} is not available")
+        rows, slices = int(spec["rows"]), int(spec["slices"])
+        spacing, dz = float(spec["pixel_spacing"]), float(spec["slice_spacing"])
+        axis = (np.arange(rows) - (rows - 1) / 2) * spacing
+        zs = (np.arange(slices) - (slices - 1) / 2) * dz
+        ex, ey, _ = self.setup_error
+        half = rows * spacing / 2
+        a, b = 0.8 * half, 0.55 * half
+        y, x = np.meshgrid(axis, axis, indexing="ij")
+        body = ((x - ex) / a) ** 2 + ((y - ey) / b) ** 2 <= 1.0
+        volume = [np.where(body, 1024 + 40, 24).astype(np.uint16) for _ in zs]
+        self.clock.sleep(60.0)  # one gantry rotation
+        origin = (float(axis[0]), float(axis[0]), float(zs[0]))
+        return ImageSet(kind, volume, spacing, dz, origin)
+
+
+def make_simulated_device(rest: str, clock: Clock, options: dict) -> Device:
+    """The ``sim`` backend: ``sim`` or ``sim:PROFILE`` (a machine profile name or path)."""
+    return SimulatedLinac(load_machine_profile(rest or "linac"), clock, options.get("interlocks"))

@@ -1,0 +1,1 @@
+"""The emulated performing devices: workflow, actors, delivery and safety."""
