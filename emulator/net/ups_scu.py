@@ -1,0 +1,87 @@
+"""The performer's side of the UPS exchanges (RO-17, 19, 21, 25, 26) on one association.
+
+UPS Pull is negotiated; N-ACTION and N-SET name UPS Push as the Requested SOP Class (seed
+RO-19, spec-notes), which pynetdicom sends over the accepted Pull context by itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pynetdicom import build_context
+from pynetdicom.association import Association
+
+from emulator.net.ae_factory import NODELAY_HANDLER, NetworkSettings, make_ae
+from emulator.net.peers import Peer
+from emulator.net.scu import DimseError
+from emulator.profile import Profile
+
+ACTION_CHANGE_STATE = 1
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    dataset: Dataset | None
+
+
+class UpsConnection:
+    """One association with the TMS; use as a context manager."""
+
+    def __init__(
+        self, calling_ae: str, tms: Peer, profile: Profile, settings: NetworkSettings | None = None
+    ) -> None:
+        self.calling_ae = calling_ae
+        self.tms = tms
+        self.profile = profile
+        self.settings = settings or NetworkSettings()
+        self.push = profile.sop_classes["ups_push"]
+        self.pull = profile.sop_classes["ups_pull"]
+        self.assoc: Association | None = None
+
+    def __enter__(self) -> UpsConnection:
+        ae = make_ae(self.calling_ae, self.settings)
+        ae.requested_contexts = [build_context(self.pull)]
+        self.assoc = ae.associate(
+            self.tms.host, self.tms.port, ae_title=self.tms.ae_title, evt_handlers=[NODELAY_HANDLER]
+        )
+        if not self.assoc.is_established:
+            raise DimseError(f"association with TMS {self.tms} failed")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.assoc is not None and self.assoc.is_established:
+            self.assoc.release()
+
+    def _check(self, status: Dataset | None, what: str) -> int:
+        if status is None or "Status" not in status:
+            raise DimseError(f"{what}: no response from the TMS")
+        return int(status.Status)
+
+    def find(self, identifier: Dataset) -> list[Dataset]:
+        found = []
+        for status, ident in self.assoc.send_c_find(identifier, self.pull):
+            code = self._check(status, "UPS C-FIND")
+            if code in (0xFF00, 0xFF01):
+                found.append(ident)
+            elif code == 0x0000:
+                return found
+            else:
+                raise DimseError("UPS C-FIND failed", code)
+        raise DimseError("UPS C-FIND ended without a final response")
+
+    def change_state(
+        self, uid: str, state: str, transaction_uid: str, extra: Dataset | None = None
+    ) -> Reply:
+        info = Dataset()
+        info.ProcedureStepState = state
+        info.TransactionUID = transaction_uid
+        for element in extra or []:
+            info[element.tag] = element
+        status, reply = self.assoc.send_n_action(info, ACTION_CHANGE_STATE, self.push, uid)
+        return Reply(self._check(status, f"N-ACTION {state}"), reply)
+
+    def n_set(self, uid: str, modifications: Dataset) -> int:
+        status, _ = self.assoc.send_n_set(modifications, self.push, uid)
+        return self._check(status, "N-SET")

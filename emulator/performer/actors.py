@@ -1,0 +1,42 @@
+"""Which UPS each kind of performing device takes, from the RO-17 step ranges in profiles/."""
+
+from __future__ import annotations
+
+from pydicom.dataset import Dataset
+
+from emulator.profile import load_yaml
+
+KINDS = {
+    "pps": ("acquisition", "registration", "adjustment"),
+    "tdd": ("delivery",),
+    "pds": ("acquisition", "registration", "adjustment", "delivery"),
+}
+STEP_ORDER = ("acquisition", "registration", "adjustment", "delivery")
+
+
+def step_of(ups: Dataset) -> str | None:
+    """The session step a UPS's Scheduled Workitem code falls in, or None."""
+    items = ups.get("ScheduledWorkitemCodeSequence") or []
+    if not items or items[0].get("CodingSchemeDesignator") != "DCM":
+        return None
+    code = int(str(items[0].CodeValue))
+    for step, bounds in load_yaml("workitems.yaml")["session_steps"].items():
+        if int(bounds["first"]) <= code <= int(bounds["last"]):
+            return step
+    return None
+
+
+def select(kind: str, worklist: list[Dataset]) -> list[tuple[str, Dataset]]:
+    """The UPS this kind performs, session by session, each session in step order."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown device kind {kind!r}; choose {', '.join(KINDS)}")
+    chosen = [(step_of(u), u) for u in worklist]
+    chosen = [(s, u) for s, u in chosen if s in KINDS[kind]]
+    return sorted(
+        chosen,
+        key=lambda su: (
+            str(su[1].get("PatientID", "")),
+            str(su[1].ScheduledProcedureStepStartDateTime)[:8],
+            STEP_ORDER.index(su[0]),
+        ),
+    )

@@ -1,0 +1,496 @@
+"""The one place where RO-17 ... RO-25 happen, in order, for each UPS a device takes.
+
+query (RO-17) -> check inputs -> retrieve (RO-18 from the Archive, RO-20 from the TMS) ->
+check what arrived and the plan -> claim (RO-19) -> progress 0 % (RO-26) -> perform ->
+progress -> store results (RO-22/23/24) -> final update (RO-21) -> complete or cancel
+(RO-25). A problem before the claim leaves the UPS alone; after it, the UPS is CANCELED
+with the reason and the progress actually reached, and never more meterset than delivered.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import generate_uid
+
+from devices.base import CouchCorrection, DeliveryEvent, Device, DeviceError
+from devices.clock import Clock
+from devices.registry import open_device
+from emulator.net import scu
+from emulator.net.ae_factory import NetworkSettings
+from emulator.net.peers import Peer
+from emulator.net.receiver import StorageReceiver
+from emulator.net.scu import DimseError
+from emulator.net.ups_scu import UpsConnection
+from emulator.performer import actors, safety
+from emulator.performer.delivery import BeamTask, SessionDelivery, beam_tasks
+from emulator.profile import Profile, load_profile
+from emulator.results.acquisition import build_cbct_series
+from emulator.results.registration import build_registration, rigid_translation
+from emulator.results.study_identity import result_identity
+from emulator.results.treatment_record import build_treatment_record
+from emulator.store import admit
+from emulator.synth.common import code_item
+from emulator.ups_references import InstanceReference, reference_item, references_in
+
+LOG = logging.getLogger("tdw.device")
+STATION_SCHEME = "99TDWEMU"
+
+
+@dataclass
+class DeviceConfig:
+    kind: str
+    station: str
+    ae_title: str
+    tms: Peer
+    archive: Peer
+    data_dir: Path
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0
+    edition: str = "ihe-ro-2008"
+    uid_set: str = "final"
+    time_scale: float = 0.0
+    device: str = "sim"
+    interlocks: dict[int, float] = field(default_factory=dict)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+
+
+@dataclass
+class UpsOutcome:
+    """What happened to one UPS: COMPLETED, CANCELED, REFUSED (never claimed) or SKIPPED."""
+
+    sop_instance_uid: str
+    step: str
+    label: str
+    state: str
+    reason: str = ""
+    stored: list[str] = field(default_factory=list)
+    delivered: dict[int, float] = field(default_factory=dict)
+    delivery_type: str = ""
+
+
+@dataclass
+class _SessionState:
+    planning_ct: list[Dataset] = field(default_factory=list)
+    cbct: list[Dataset] = field(default_factory=list)
+    translation: tuple[float, float, float] | None = None
+
+
+class _Cancel(Exception):
+    """The work was abandoned after the claim; the UPS must be CANCELED with this reason."""
+
+    def __init__(self, reason: str, percent: float = 0.0, stored: list[Dataset] | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.percent = percent
+        self.stored = stored or []
+
+
+def _dt(moment: dt.datetime) -> str:
+    return moment.strftime("%Y%m%d%H%M%S")
+
+
+class PerformingDevice:
+    """A PPS, PDS or TDD: a DICOM actor in front of one :class:`Device`."""
+
+    def __init__(
+        self,
+        config: DeviceConfig,
+        on_event: Callable[[BeamTask, DeliveryEvent], None] | None = None,
+        on_beam_start: Callable[[BeamTask], None] | None = None,
+    ) -> None:
+        if config.kind not in actors.KINDS:
+            raise ValueError(f"unknown device kind {config.kind!r}")
+        self.config = config
+        self.profile: Profile = load_profile(config.edition, config.uid_set)
+        self.uids = self.profile.sop_classes
+        self.on_event = on_event
+        self.on_beam_start = on_beam_start
+        self.receiver = StorageReceiver(
+            Path(config.data_dir) / "store",
+            config.ae_title,
+            self.uids.archive_storage_uids(),
+            [config.tms.ae_title, config.archive.ae_title],
+            config.listen_host,
+            config.listen_port,
+            config.network,
+        )
+        self.clock = Clock(config.time_scale)
+        self.device: Device = open_device(
+            config.device, self.clock, {"interlocks": dict(config.interlocks)}
+        )
+        self.sessions: dict[str, _SessionState] = {}
+        self.peers = {config.tms.ae_title: config.tms, config.archive.ae_title: config.archive}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> tuple[str, int]:
+        self.device.connect()
+        return self.receiver.start()
+
+    def stop(self) -> None:
+        self.receiver.stop()
+        self.device.close()
+
+    def __enter__(self) -> PerformingDevice:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- RO-17 -------------------------------------------------------------------------------
+
+    def worklist_query(self, day: dt.date | None = None) -> Dataset:
+        """Every required matching and return key of Table 3.17-1 (Notes 1, 5, 6, 7)."""
+        day = day or dt.date.today()
+        ident = Dataset()
+        ident.SpecificCharacterSet = ""
+        ident.SOPClassUID = ""
+        ident.SOPInstanceUID = ""
+        ident.ProcedureStepState = "SCHEDULED"
+        ident.ProcedureStepLabel = ""
+        station = code_item(self.config.station, "", "")
+        ident.ScheduledStationNameCodeSequence = Sequence([station])
+        stamp = day.strftime("%Y%m%d")
+        ident.ScheduledProcedureStepStartDateTime = f"{stamp}000000-{stamp}235959"
+        ident.ScheduledWorkitemCodeSequence = Sequence([])
+        ident.ScheduledProcessingParametersSequence = Sequence([])
+        ident.InputInformationSequence = Sequence([])
+        ident.StudyInstanceUID = ""
+        ident.PatientName = ""
+        ident.PatientID = ""
+        ident.PatientBirthDate = ""
+        ident.PatientSex = ""
+        ident.InputReadinessState = ""
+        return ident
+
+    def query_worklist(self) -> list[Dataset]:
+        with UpsConnection(
+            self.config.ae_title, self.config.tms, self.profile, self.config.network
+        ) as tms:
+            return tms.find(self.worklist_query())
+
+    def run_once(self) -> list[UpsOutcome]:
+        """Queries once and performs every UPS this kind takes, in session and step order."""
+        return [
+            self.perform(step, ups)
+            for step, ups in actors.select(self.config.kind, self.query_worklist())
+        ]
+
+    # -- one UPS -----------------------------------------------------------------------------
+
+    def _retrieve(self, refs: list[InstanceReference]) -> dict[str, Dataset]:
+        """RO-18/RO-20: C-MOVE what is not held yet from the AE each reference names."""
+        store = self.receiver.store
+        missing: dict[str, list[InstanceReference]] = {}
+        for ref in refs:
+            if store.get(ref.sop_instance_uid) is None:
+                missing.setdefault(ref.retrieve_ae_title, []).append(ref)
+        for ae_title, wanted in missing.items():
+            ident = Dataset()
+            ident.QueryRetrieveLevel = "IMAGE"
+            studies = {r.study_instance_uid for r in wanted}
+            if len(studies) == 1:
+                ident.StudyInstanceUID = studies.pop()
+            ident.SOPInstanceUID = [r.sop_instance_uid for r in wanted]
+            scu.move(
+                self.config.ae_title,
+                self.peers[ae_title],
+                ident,
+                self.config.ae_title,
+                self.config.network,
+            )
+        held = {}
+        for ref in refs:
+            instance = store.get(ref.sop_instance_uid)
+            if instance is not None:
+                held[ref.sop_instance_uid] = store.read(instance)
+        return held
+
+    def perform(self, step: str, ups: Dataset) -> UpsOutcome:
+        uid = str(ups.SOPInstanceUID)
+        outcome = UpsOutcome(uid, step, str(ups.get("ProcedureStepLabel", "")), "REFUSED")
+        refs = references_in(ups.get("InputInformationSequence") or [])
+        problems = safety.input_problems(step, ups, set(self.peers), self.uids)
+        held: dict[str, Dataset] = {}
+        if not problems:
+            try:
+                held = self._retrieve(refs)
+            except DimseError as exc:
+                problems = [f"RO-18: retrieval failed: {exc}"]
+        problems = problems or safety.arrival_problems(refs, held)
+        plan = instruction = None
+        if not problems and step == "delivery":
+            plan = next(
+                held[r.sop_instance_uid] for r in refs if r.sop_class_uid == self.uids["rt_plan"]
+            )
+            instruction = next(
+                held[r.sop_instance_uid]
+                for r in refs
+                if r.sop_class_uid == self.uids["rt_beams_delivery_instruction"]
+            )
+            problems = safety.plan_problems(plan, instruction, ups, self.device.capabilities())
+        if problems:
+            outcome.reason = "; ".join(problems)
+            LOG.warning("UPS %s not claimed: %s", uid, outcome.reason)
+            return outcome
+
+        with UpsConnection(
+            self.config.ae_title, self.config.tms, self.profile, self.config.network
+        ) as tms:
+            sent = (
+                "" if self.profile.performer_may_send_empty_transaction_uid else str(generate_uid())
+            )
+            reply = tms.change_state(uid, "IN PROGRESS", sent)
+            if reply.status != 0x0000:
+                outcome.state, outcome.reason = "SKIPPED", f"claim refused (0x{reply.status:04X})"
+                return outcome
+            transaction = sent or str((reply.dataset or Dataset()).get("TransactionUID", ""))
+            if not transaction:
+                outcome.state = "FAILED"
+                outcome.reason = "RO-19: the TMS created no Transaction UID; UPS left IN PROGRESS"
+                return outcome
+            started = dt.datetime.now().replace(microsecond=0)
+            session = self.sessions.setdefault(str(ups.get("PatientID", "")), _SessionState())
+            try:
+                first_beam = None
+                if step == "delivery":
+                    first_beam = int(instruction.BeamTaskSequence[0].ReferencedBeamNumber)
+                self._progress(tms, uid, transaction, 0.0, first_beam)
+                stored, percent = self._do(
+                    step, ups, held, plan, instruction, session, tms, uid, transaction, outcome
+                )
+            except _Cancel as cancel:
+                return self._cancel(tms, ups, uid, transaction, started, cancel, outcome)
+            except (DeviceError, DimseError, ValueError) as exc:
+                return self._cancel(
+                    tms,
+                    ups,
+                    uid,
+                    transaction,
+                    started,
+                    _Cancel(f"{type(exc).__name__}: {exc}"),
+                    outcome,
+                )
+            self._progress(tms, uid, transaction, percent, None)
+            outcome.stored = [str(ds.SOPInstanceUID) for ds in stored]
+            status = self._final_update(tms, ups, uid, transaction, started, stored)
+            if status != 0x0000:
+                outcome.state, outcome.reason = "FAILED", f"RO-21 refused (0x{status:04X})"
+                return outcome
+            reply = tms.change_state(uid, "COMPLETED", transaction)
+            outcome.state = "COMPLETED" if reply.status == 0 else "FAILED"
+            if reply.status:
+                outcome.reason = f"RO-25: COMPLETED refused (0x{reply.status:04X})"
+            return outcome
+
+    # -- the work ----------------------------------------------------------------------------
+
+    def _do(
+        self,
+        step: str,
+        ups: Dataset,
+        held: dict[str, Dataset],
+        plan: Dataset | None,
+        instruction: Dataset | None,
+        session: _SessionState,
+        tms: UpsConnection,
+        uid: str,
+        transaction: str,
+        outcome: UpsOutcome,
+    ) -> tuple[list[Dataset], float]:
+        station = self.config.station
+        if step == "acquisition":
+            session.planning_ct = sorted(
+                (ds for ds in held.values() if ds.SOPClassUID == self.uids["ct_image"]),
+                key=lambda ds: float(ds.ImagePositionPatient[2]),
+            )
+            ctx = result_identity(ups, session.planning_ct)
+            session.cbct = build_cbct_series(ctx, self.device.acquire("CBCT"), self.uids, station)
+            return self._store(session.cbct, "RO-22"), 100.0
+        if step == "registration":
+            if not session.cbct or not session.planning_ct:
+                raise _Cancel("RO-23: no acquisition in this session to register")
+            translation = rigid_translation(session.planning_ct, session.cbct)
+            session.translation = translation
+            ctx = result_identity(ups, session.planning_ct)
+            registration = build_registration(
+                ctx, session.planning_ct, session.cbct, translation, self.uids, station
+            )
+            return self._store([registration], "RO-23"), 100.0
+        if step == "adjustment":
+            shift = session.translation or (0.0, 0.0, 0.0)
+            self.device.move_couch(CouchCorrection(translation=tuple(-s for s in shift)))
+            return [], 100.0
+        return self._deliver(ups, held, plan, instruction, tms, uid, transaction, outcome)
+
+    def _deliver(
+        self,
+        ups: Dataset,
+        held: dict[str, Dataset],
+        plan: Dataset,
+        instruction: Dataset,
+        tms: UpsConnection,
+        uid: str,
+        transaction: str,
+        outcome: UpsOutcome,
+    ) -> tuple[list[Dataset], float]:
+        tasks = beam_tasks(plan, instruction)
+        planned = sum(t.program.stop_meterset - t.program.start_meterset for t in tasks)
+        done: dict[int, float] = {}
+
+        def beam_started(task: BeamTask) -> None:
+            percent = sum(done.values()) / planned * 100 if planned else 0.0
+            self._progress(tms, uid, transaction, percent, task.program.beam_number)
+            if self.on_beam_start:
+                self.on_beam_start(task)
+
+        session_start = dt.datetime.now().replace(microsecond=0)
+        delivery = SessionDelivery(self.device, tasks, self.on_event, beam_started)
+        result = delivery.run()
+        for beam in result.beams:
+            done[beam.beam_number] = beam.delivered
+        outcome.delivered = dict(done)
+        outcome.delivery_type = tasks[0].delivery_type if tasks else ""
+        previous = [
+            ds for ds in held.values() if ds.SOPClassUID == self.uids["rt_beams_treatment_record"]
+        ]
+        fraction = int(instruction.BeamTaskSequence[0].CurrentFractionNumber)
+        record = build_treatment_record(
+            plan,
+            result.beams,
+            self.uids,
+            str(ups.StudyInstanceUID),
+            self.config.station,
+            fraction,
+            session_start,
+            previous_records=previous,
+        )
+        percent = round(result.delivered / planned * 100, 2) if planned else 0.0
+        if result.interrupted:
+            # RO-26: progress before the results are stored, then the record, then cancel.
+            self._progress(tms, uid, transaction, percent, None)
+            stored = self._store([record], "RO-24")
+            raise _Cancel(
+                f"{result.termination} termination: {result.reason or 'beam hold'}", percent, stored
+            )
+        return self._store([record], "RO-24"), 100.0
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def _store(self, objects: list[Dataset], transaction: str) -> list[Dataset]:
+        """Keeps each result locally, then stores it to the Archive; raises on refusal."""
+        for ds in objects:
+            buffer = io.BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            encoded = buffer.getvalue()
+            self.receiver.store.put(encoded, admit(encoded), calling_ae="self")
+        try:
+            scu.store(self.config.ae_title, self.config.archive, objects, self.config.network)
+        except DimseError as exc:
+            raise _Cancel(f"{transaction}: the Archive refused the results: {exc}") from exc
+        return objects
+
+    def _progress(
+        self, tms: UpsConnection, uid: str, transaction: str, percent: float, beam: int | None
+    ) -> None:
+        """RO-26: progress, and the Referenced Beam Number in Progress when there is one."""
+        ds = Dataset()
+        ds.TransactionUID = transaction
+        info = Dataset()
+        info.ProcedureStepProgress = round(min(max(percent, 0.0), 100.0), 2)
+        ds.ProcedureStepProgressInformationSequence = Sequence([info])
+        if beam is not None:
+            concept = self.profile.concept("beam_number_in_progress")
+            parameter = Dataset()
+            parameter.ValueType = "TEXT"
+            parameter.ConceptNameCodeSequence = Sequence(
+                [code_item(concept.value, concept.scheme, concept.meaning)]
+            )
+            parameter.TextValue = str(beam)
+            performed = Dataset()
+            performed.PerformedProcessingParametersSequence = Sequence([parameter])
+            performed.OutputInformationSequence = Sequence([])
+            performed.NonDICOMOutputCodeSequence = Sequence([])
+            ds.UnifiedProcedureStepPerformedProcedureSequence = Sequence([performed])
+        status = tms.n_set(uid, ds)
+        if status != 0x0000:
+            raise _Cancel(f"RO-26: progress update refused (0x{status:04X})", percent)
+
+    def _final_update(
+        self,
+        tms: UpsConnection,
+        ups: Dataset,
+        uid: str,
+        transaction: str,
+        started: dt.datetime,
+        stored: list[Dataset],
+    ) -> int:
+        """RO-21: the Performed Procedure Sequence, Output Information = exactly what was stored."""
+        performed = Dataset()
+        performed.PerformedStationNameCodeSequence = Sequence(
+            [code_item(self.config.station, STATION_SCHEME, "Performed Station Name")]
+        )
+        performed.PerformedProcedureStepStartDateTime = _dt(started)
+        performed.PerformedProcedureStepEndDateTime = _dt(dt.datetime.now())
+        performed.PerformedWorkitemCodeSequence = Sequence([ups.ScheduledWorkitemCodeSequence[0]])
+        by_series: dict[str, list[InstanceReference]] = {}
+        for ds in stored:
+            by_series.setdefault(str(ds.SeriesInstanceUID), []).append(
+                InstanceReference(
+                    str(ds.StudyInstanceUID),
+                    str(ds.SeriesInstanceUID),
+                    str(ds.SOPClassUID),
+                    str(ds.SOPInstanceUID),
+                    self.config.archive.ae_title,
+                )
+            )
+        style = self.uids.reference_style
+        performed.OutputInformationSequence = Sequence(
+            [reference_item(refs, style) for refs in by_series.values()]
+        )
+        performed.NonDICOMOutputCodeSequence = Sequence([])
+        ds = Dataset()
+        ds.TransactionUID = transaction
+        ds.UnifiedProcedureStepPerformedProcedureSequence = Sequence([performed])
+        return tms.n_set(uid, ds)
+
+    def _cancel(
+        self,
+        tms: UpsConnection,
+        ups: Dataset,
+        uid: str,
+        transaction: str,
+        started: dt.datetime,
+        cancel: _Cancel,
+        outcome: UpsOutcome,
+    ) -> UpsOutcome:
+        """RO-25 CANCELED with the reason and the progress reached (seed RO-18)."""
+        LOG.warning("UPS %s canceled: %s", uid, cancel.reason)
+        reason = cancel.reason[:1024]
+        ds = Dataset()
+        ds.TransactionUID = transaction
+        info = Dataset()
+        info.ProcedureStepProgress = round(min(max(cancel.percent, 0.0), 100.0), 2)
+        info.ProcedureStepCancellationDateTime = _dt(dt.datetime.now())
+        info.ReasonForCancellation = reason
+        ds.ProcedureStepProgressInformationSequence = Sequence([info])
+        tms.n_set(uid, ds)
+        self._final_update(tms, ups, uid, transaction, started, cancel.stored)
+        extra = Dataset()
+        extra.ReasonForCancellation = reason
+        reply = tms.change_state(uid, "CANCELED", transaction, extra)
+        outcome.state = "CANCELED" if reply.status == 0 else "FAILED"
+        outcome.reason = (
+            reason if reply.status == 0 else (f"{reason}; CANCELED refused (0x{reply.status:04X})")
+        )
+        outcome.stored = [str(ds.SOPInstanceUID) for ds in cancel.stored]
+        return outcome
