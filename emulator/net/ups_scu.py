@@ -1,7 +1,8 @@
 """The performer's side of the UPS exchanges (RO-17, 19, 21, 25, 26) on one association.
 
 UPS Pull is negotiated; N-ACTION and N-SET name UPS Push as the Requested SOP Class (seed
-RO-19, spec-notes), which pynetdicom sends over the accepted Pull context by itself.
+RO-19, spec-notes). pynetdicom finds the Pull context for Push by itself only for the final
+UIDs, so the Pull UID is passed as ``meta_uid`` for the context lookup in both UID sets.
 """
 
 from __future__ import annotations
@@ -79,9 +80,11 @@ class UpsConnection:
         info.TransactionUID = transaction_uid
         for element in extra or []:
             info[element.tag] = element
-        status, reply = self.assoc.send_n_action(info, ACTION_CHANGE_STATE, self.push, uid)
+        status, reply = self.assoc.send_n_action(
+            info, ACTION_CHANGE_STATE, self.push, uid, meta_uid=self.pull
+        )
         return Reply(self._check(status, f"N-ACTION {state}"), reply)
 
     def n_set(self, uid: str, modifications: Dataset) -> int:
-        status, _ = self.assoc.send_n_set(modifications, self.push, uid)
+        status, _ = self.assoc.send_n_set(modifications, self.push, uid, meta_uid=self.pull)
         return self._check(status, "N-SET")

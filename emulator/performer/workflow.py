@@ -28,6 +28,7 @@ from emulator.net.ae_factory import NetworkSettings
 from emulator.net.peers import Peer
 from emulator.net.receiver import StorageReceiver
 from emulator.net.scu import DimseError
+from emulator.net.uid_registry import register_uid_set
 from emulator.net.ups_scu import UpsConnection
 from emulator.performer import actors, safety
 from emulator.performer.delivery import BeamTask, SessionDelivery, beam_tasks
@@ -111,6 +112,7 @@ class PerformingDevice:
         self.config = config
         self.profile: Profile = load_profile(config.edition, config.uid_set)
         self.uids = self.profile.sop_classes
+        register_uid_set(self.uids)
         self.on_event = on_event
         self.on_beam_start = on_beam_start
         self.receiver = StorageReceiver(
@@ -378,16 +380,21 @@ class PerformingDevice:
         if result.interrupted:
             # RO-26: progress before the results are stored, then the record, then cancel.
             self._progress(tms, uid, transaction, percent, None)
-            stored = self._store([record], "RO-24")
+            stored = self._store([record], "RO-24", percent)
             raise _Cancel(
                 f"{result.termination} termination: {result.reason or 'beam hold'}", percent, stored
             )
-        return self._store([record], "RO-24"), 100.0
+        return self._store([record], "RO-24", percent), 100.0
 
     # -- messages ----------------------------------------------------------------------------
 
-    def _store(self, objects: list[Dataset], transaction: str) -> list[Dataset]:
-        """Keeps each result locally, then stores it to the Archive; raises on refusal."""
+    def _store(
+        self, objects: list[Dataset], transaction: str, percent: float = 100.0
+    ) -> list[Dataset]:
+        """Keeps each result locally, then stores it to the Archive; raises on refusal.
+
+        ``percent`` is the progress actually reached, reported if the UPS must be canceled.
+        """
         for ds in objects:
             buffer = io.BytesIO()
             ds.save_as(buffer, enforce_file_format=True)
@@ -396,7 +403,9 @@ class PerformingDevice:
         try:
             scu.store(self.config.ae_title, self.config.archive, objects, self.config.network)
         except DimseError as exc:
-            raise _Cancel(f"{transaction}: the Archive refused the results: {exc}") from exc
+            raise _Cancel(
+                f"{transaction}: the Archive refused the results: {exc}", percent
+            ) from exc
         return objects
 
     def _progress(

@@ -25,6 +25,7 @@ from emulator.net.ae_factory import NetworkSettings, make_ae
 from emulator.net.peers import Peer, PeerDirectory, calling_allow_list
 from emulator.net.served_ae import ServedAE
 from emulator.net.storage_scp import store_event
+from emulator.net.uid_registry import register_uid_set
 from emulator.profile import DEFAULT_UID_SET, load_sop_classes
 from emulator.reference.qr_query import StudyRootQuery
 from emulator.reference.qr_scp import QueryRetrieveSCP
@@ -66,6 +67,7 @@ class ArchiveServer(ServedAE):
         self.host, self.port, self.settings = config.host, config.port, config.network
         self.peers = PeerDirectory(config.peers)
         self.sop_classes = load_sop_classes(config.uid_set)
+        register_uid_set(self.sop_classes)
         self.store = ObjectStore(Path(config.data_dir), config.duplicate_policy)
         self.query = StudyRootQuery(self.store, config.ae_title)
         self.qr = QueryRetrieveSCP(self.query, self.peers)

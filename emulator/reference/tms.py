@@ -18,11 +18,10 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 from pydicom.valuerep import validate_value
-from pynetdicom import AE, evt, register_uid
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
-    UnifiedProcedureStepServiceClass,
     Verification,
 )
 
@@ -30,7 +29,8 @@ from emulator.net.ae_factory import NetworkSettings, make_ae
 from emulator.net.peers import Peer, PeerDirectory, calling_allow_list
 from emulator.net.served_ae import ServedAE
 from emulator.net.storage_scp import status_dataset
-from emulator.profile import DEFAULT_EDITION, DEFAULT_UID_SET, Profile, load_profile
+from emulator.net.uid_registry import register_uid_set
+from emulator.profile import DEFAULT_EDITION, DEFAULT_UID_SET, load_profile
 from emulator.reference import ups_rules
 from emulator.reference.matching import condition, element_text
 from emulator.reference.qr_query import StudyRootQuery
@@ -73,15 +73,6 @@ class TmsConfig:
         return calling_allow_list(self.peers, self.allowed_callers, self.accept_any_ae)
 
 
-def register_trial_uids(profile: Profile) -> None:
-    """Teaches pynetdicom the draft UPS UIDs so they get the UPS service class."""
-    if profile.sop_classes.uid_set == "final":
-        return
-    for name in ("ups_push", "ups_pull", "ups_watch", "ups_event"):
-        keyword = "Trial" + "".join(p.capitalize() for p in name.split("_"))
-        register_uid(profile.sop_classes[name], keyword, UnifiedProcedureStepServiceClass)
-
-
 class TmsServer(ServedAE):
     """The TMS AE; ``archive_store`` is the co-hosted Archive, where records are read."""
 
@@ -96,7 +87,7 @@ class TmsServer(ServedAE):
         self.config = config
         self.host, self.port, self.settings = config.host, config.port, config.network
         self.profile = load_profile(config.edition, config.uid_set)
-        register_trial_uids(self.profile)
+        register_uid_set(self.profile.sop_classes)
         root = Path(config.data_dir)
         self.ups = UpsStore(root / "ups.sqlite3")
         self.store = ObjectStore(root / "objects")

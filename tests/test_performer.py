@@ -1,0 +1,235 @@
+"""Emulated performing devices end to end against the reference TMS and Archive."""
+
+from __future__ import annotations
+
+from copy import deepcopy
+
+import pytest
+
+from emulator.net.peers import Peer
+from emulator.performer.workflow import DeviceConfig, PerformingDevice
+from emulator.profile import load_sop_classes
+from emulator.reference.site import ReferenceSite, SiteConfig
+from emulator.reference.ups_store import UpsRecord
+from emulator.seeding import SeedOptions
+from emulator.ups_references import references_in
+from tests.conftest import dciodvfy_errors, free_port
+
+SMALL = SeedOptions(slices=8, rows=48, beams=3, dynamic_beams=1, control_points=10)
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """A reference site with one seeded session and devices that can be added to it."""
+    started = []
+
+    def make(kinds=("pds",), edition="ihe-ro-2008", uid_set="final", interlocks=None):
+        ports = {kind: free_port() for kind in kinds}
+        site = ReferenceSite(
+            SiteConfig(
+                data_dir=tmp_path / "site",
+                tms_port=0,
+                archive_port=0,
+                edition=edition,
+                uid_set=uid_set,
+                seed_options=SMALL,
+                peers=[Peer(kind.upper() + "1", "127.0.0.1", port) for kind, port in ports.items()],
+            )
+        )
+        site.start()
+        started.append(site)
+        site.seed("LINAC1", 1)
+        devices = {}
+        for kind, port in ports.items():
+            device = PerformingDevice(
+                DeviceConfig(
+                    kind,
+                    "LINAC1",
+                    kind.upper() + "1",
+                    Peer("TMS", *site.tms.address),
+                    Peer("ARCHIVE", *site.archive.address),
+                    tmp_path / kind,
+                    listen_port=port,
+                    edition=edition,
+                    uid_set=uid_set,
+                    interlocks=dict(interlocks or {}),
+                )
+            )
+            device.start()
+            started.append(device)
+            devices[kind] = device
+        return site, devices
+
+    yield make
+    for item in reversed(started):
+        item.stop()
+
+
+def _states(site: ReferenceSite) -> dict[str, str]:
+    return {r.step: r.state for r in site.tms.ups.select()}
+
+
+def test_pds_runs_a_whole_session(lab, tmp_path):
+    site, devices = lab()
+    outcomes = devices["pds"].run_once()
+    assert [(o.step, o.state) for o in outcomes] == [
+        ("acquisition", "COMPLETED"),
+        ("registration", "COMPLETED"),
+        ("adjustment", "COMPLETED"),
+        ("delivery", "COMPLETED"),
+    ]
+    assert set(_states(site).values()) == {"COMPLETED"}
+    delivery = next(r for r in site.tms.ups.select() if r.step == "delivery")
+    performed = delivery.dataset.UnifiedProcedureStepPerformedProcedureSequence[0]
+    outputs = references_in(performed.OutputInformationSequence)
+    assert [o.sop_instance_uid for o in outputs] == outcomes[3].stored
+    assert performed.PerformedStationNameCodeSequence[0].CodeMeaning == "Performed Station Name"
+    assert performed.NonDICOMOutputCodeSequence == []
+    record = site.archive.store.read(site.archive.store.get(outputs[0].sop_instance_uid))
+    assert record.StudyInstanceUID == delivery.dataset.StudyInstanceUID
+    plan = next(site.archive.store.read(i) for i in site.archive.store.select("modality='RTPLAN'"))
+    specified = {
+        int(r.ReferencedBeamNumber): float(r.BeamMeterset)
+        for r in plan.FractionGroupSequence[0].ReferencedBeamSequence
+    }
+    assert outcomes[3].delivered == pytest.approx(specified)
+    # Every object a device produced passes dciodvfy.
+    produced = [
+        i
+        for i in site.archive.store
+        if i.values["modality"] in ("REG", "RTRECORD") or i.values["series_number"] == "30"
+    ]
+    assert len(produced) == 8 + 16 + 1 + 1 - 8  # CBCT 16, REG 1, record 1
+    failures = {
+        i.sop_instance_uid: e
+        for i in produced
+        if (e := dciodvfy_errors(site.archive.store.path_for(i.sha256)))
+    }
+    assert failures == {}
+
+
+def test_pps_and_tdd_share_one_session(lab):
+    site, devices = lab(("pps", "tdd"))
+    assert [o.step for o in devices["tdd"].run_once()] == ["delivery"]
+    states = _states(site)
+    assert states["delivery"] == "COMPLETED" and states["acquisition"] == "SCHEDULED"
+    pps = devices["pps"].run_once()
+    assert [(o.step, o.state) for o in pps] == [
+        ("acquisition", "COMPLETED"),
+        ("registration", "COMPLETED"),
+        ("adjustment", "COMPLETED"),
+    ]
+    assert set(_states(site).values()) == {"COMPLETED"}
+
+
+def test_interruption_and_continuation_add_up_to_the_plan(lab):
+    site, devices = lab(interlocks={2: 41.5})
+    first = devices["pds"].run_once()
+    interrupted = first[-1]
+    assert interrupted.state == "CANCELED" and "MACHINE" in interrupted.reason
+    assert interrupted.delivered[2] == pytest.approx(41.5)
+    canceled = next(r for r in site.tms.ups.select() if r.state == "CANCELED")
+    progress = canceled.dataset.ProcedureStepProgressInformationSequence[0]
+    assert 0 < float(progress.ProcedureStepProgress) < 100
+    assert "dosimetry interlock" in str(canceled.dataset.ReasonForCancellation)
+    assert len(site.tms.continuations) == 1
+
+    second = devices["pds"].run_once()
+    assert [o.state for o in second] == ["COMPLETED"] * 4
+    assert second[-1].delivery_type == "CONTINUATION"
+    total = {}
+    for beams in (interrupted.delivered, second[-1].delivered):
+        for number, meterset in beams.items():
+            total[number] = total.get(number, 0.0) + meterset
+    assert total == pytest.approx({1: 100.0, 2: 100.0, 3: 100.0}, abs=1e-3)
+    records = [site.archive.store.read(i) for i in site.archive.store.select("modality='RTRECORD'")]
+    continuation = next(r for r in records if "ReferencedTreatmentRecordSequence" in r)
+    beams = {int(b.ReferencedBeamNumber): b for b in continuation.TreatmentSessionBeamSequence}
+    assert beams[2].TreatmentDeliveryType == "CONTINUATION"
+    first_record = next(r for r in records if r is not continuation)
+    assert (
+        continuation.ReferencedTreatmentRecordSequence[0].ReferencedSOPInstanceUID
+        == first_record.SOPInstanceUID
+    )
+    interrupted_beam = next(
+        b for b in first_record.TreatmentSessionBeamSequence if int(b.ReferencedBeamNumber) == 2
+    )
+    assert interrupted_beam.TreatmentTerminationStatus == "MACHINE"
+
+
+@pytest.mark.parametrize(
+    ("edition", "uid_set"),
+    [("ihe-ro-2008", "final"), ("tdw-ii", "final"), ("ihe-ro-2008", "trial"), ("tdw-ii", "trial")],
+)
+def test_both_editions_and_both_uid_sets(lab, edition, uid_set):
+    site, devices = lab(edition=edition, uid_set=uid_set)
+    assert [o.state for o in devices["pds"].run_once()] == ["COMPLETED"] * 4
+    delivery = next(r for r in site.tms.ups.select() if r.step == "delivery")
+    assert delivery.dataset.SOPClassUID == load_sop_classes(uid_set)["ups_push"]
+
+
+def _tamper(site: ReferenceSite, step: str, change) -> None:
+    record = next(r for r in site.tms.ups.select() if r.step == step)
+
+    def decide(current: UpsRecord) -> UpsRecord:
+        changed = deepcopy(current.dataset)
+        change(changed)
+        return UpsRecord(
+            current.sop_instance_uid,
+            current.session_id,
+            current.step,
+            current.state,
+            current.transaction_uid,
+            False,
+            changed,
+        )
+
+    site.tms.ups.transition(record.sop_instance_uid, decide)
+
+
+def test_inconsistent_input_information_is_refused_safely(lab):
+    site, devices = lab(("tdd",))
+    _tamper(site, "delivery", lambda ds: ds.InputInformationSequence.pop(0))  # no plan
+    (outcome,) = devices["tdd"].run_once()
+    assert outcome.state == "REFUSED" and "exactly one RT Plan" in outcome.reason
+    assert _states(site)["delivery"] == "SCHEDULED"  # never claimed
+
+
+def test_input_at_an_unknown_ae_is_refused_safely(lab):
+    site, devices = lab(("tdd",))
+
+    def elsewhere(ds):
+        ds.InputInformationSequence[1].DICOMRetrievalSequence[0].RetrieveAETitle = "ELSEWHERE"
+
+    _tamper(site, "delivery", elsewhere)
+    (outcome,) = devices["tdd"].run_once()
+    assert outcome.state == "REFUSED" and "unknown AE 'ELSEWHERE'" in outcome.reason
+    assert _states(site)["delivery"] == "SCHEDULED"
+
+
+def test_plan_the_machine_cannot_deliver_is_refused_before_the_claim(lab):
+    site, devices = lab(("tdd",))
+    devices["tdd"].device.profile = {**devices["tdd"].device.profile, "energies_mv": [10.0]}
+    (outcome,) = devices["tdd"].run_once()
+    assert outcome.state == "REFUSED" and "energy 6" in outcome.reason
+    assert _states(site)["delivery"] == "SCHEDULED"
+
+
+def test_problem_after_the_claim_cancels_with_a_reason_and_keeps_the_record(lab):
+    site, devices = lab(("tdd",))
+    device = devices["tdd"]
+    # The Archive goes down once the beam is on: inputs were retrieved, results cannot be
+    # stored. The safe outcome is a CANCELED UPS with the reason, and the record kept.
+    device.on_beam_start = lambda task: site.archive.stop()
+    (outcome,) = device.run_once()
+    assert outcome.state == "CANCELED" and "RO-24" in outcome.reason
+    canceled = next(r for r in site.tms.ups.select() if r.step == "delivery")
+    assert canceled.state == "CANCELED"
+    assert "RO-24" in str(canceled.dataset.ReasonForCancellation)
+    progress = canceled.dataset.ProcedureStepProgressInformationSequence[0]
+    assert float(progress.ProcedureStepProgress) == 100  # all delivered, only storing failed
+    kept = device.receiver.store.select("modality = 'RTRECORD'")
+    assert len(kept) == 1
+    record = device.receiver.store.read(kept[0])
+    delivered = sum(float(b.DeliveredPrimaryMeterset) for b in record.TreatmentSessionBeamSequence)
+    assert delivered == pytest.approx(sum(outcome.delivered.values()))
