@@ -19,7 +19,7 @@ debian-packages:
 	@bash scripts/install-debian-packages.sh
 
 demo: $(STAMP) debian-packages
-	$(VENV)/bin/tdw-emu demo
+	$(VENV)/bin/tdw-emu demo --interrupt 2:40
 
 # pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
 test: $(STAMP) debian-packages

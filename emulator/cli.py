@@ -78,9 +78,32 @@ def _add_tms(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--start", help="first session start, YYYYMMDDHHMM (default: now)")
 
 
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run an emulated performing device (PPS, PDS or TDD)")
+    p.add_argument("--config", type=Path, help="YAML file (key 'run'); flags override it")
+    p.add_argument("--kind", choices=("pds", "pps", "tdd"))
+    p.add_argument("--station", help="Scheduled Station Name code value to query for")
+    p.add_argument("--tms", metavar="AET@HOST:PORT")
+    p.add_argument("--archive", metavar="AET@HOST:PORT")
+    p.add_argument("--ae-title")
+    p.add_argument("--listen-port", type=int, help="Storage SCP port for C-MOVE results")
+    p.add_argument("--listen-host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"))
+    p.add_argument("--uids", choices=("final", "trial"))
+    p.add_argument("--time-scale", type=float, help="1 real time, 0 as fast as possible")
+    p.add_argument("--sessions", type=int, help="sessions to perform (default 1)")
+    p.add_argument("--wait", type=float, help="seconds to wait for work on the worklist")
+    p.add_argument("--interrupt", metavar="BEAM:MU", help="trip an interlock at BEAM:MU")
+    p.add_argument("--device", help="device backend spec (default sim)")
+    p.add_argument("--data-dir", type=Path, help="device state and results (default: temp)")
+    p.add_argument("--report-dir", type=Path)
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="seed, serve and retrieve a patient end to end")
+    p = sub.add_parser("demo", help="embedded TMS and Archive, and a PDS through a fraction")
     p.add_argument("--data-dir", type=Path, help="keep the demo's data here (default: temp)")
+    p.add_argument("--interrupt", metavar="BEAM:MU", help="interlock, then the CONTINUATION")
+    p.add_argument("--time-scale", type=float, default=0.02)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_seed(sub)
     _add_archive(sub)
     _add_tms(sub)
+    _add_run(sub)
     _add_demo(sub)
     return parser
 
@@ -217,13 +241,70 @@ def _cmd_tms(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from emulator.config import device_config, load_yaml_config, merge
+    from emulator.performer.runner import run_sessions
+    from emulator.performer.workflow import PerformingDevice
+
+    flags = {
+        k: getattr(args, k)
+        for k in (
+            "kind",
+            "station",
+            "tms",
+            "archive",
+            "ae_title",
+            "listen_port",
+            "listen_host",
+            "profile",
+            "uids",
+            "time_scale",
+            "sessions",
+            "wait",
+            "interrupt",
+            "device",
+            "data_dir",
+            "report_dir",
+        )
+    }
+    values = merge(load_yaml_config(args.config, "run"), flags)
+    with tempfile.TemporaryDirectory(prefix="tdw-run-") as tmp:
+        values.setdefault("data_dir", tmp)
+        config, sessions, wait, report_dir = device_config(values)
+        with PerformingDevice(config) as device:
+            report = run_sessions(device, sessions, wait)
+    table = Table(title=f"tdw-emu run: {config.kind.upper()} {config.ae_title} at {config.station}")
+    for column in ("UPS", "step", "state", "delivered MU", "stored", "reason"):
+        table.add_column(column)
+    for o in report.outcomes:
+        mu = ", ".join(f"{b}: {m:g}" for b, m in o.delivered.items())
+        table.add_row(o.label, o.step, o.state, mu, str(len(o.stored)), o.reason[:60])
+    Console().print(table)
+    if report_dir:
+        print(f"report written to {report.write(Path(report_dir))}")
+    for problem in report.problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from emulator.demo import run_demo
 
-    return run_demo(args.data_dir)
+    return run_demo(args.data_dir, args.interrupt, args.time_scale)
 
 
-COMMANDS = {"seed": _cmd_seed, "archive": _cmd_archive, "tms": _cmd_tms, "demo": _cmd_demo}
+COMMANDS = {
+    "seed": _cmd_seed,
+    "archive": _cmd_archive,
+    "tms": _cmd_tms,
+    "run": _cmd_run,
+    "demo": _cmd_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

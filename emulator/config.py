@@ -17,6 +17,7 @@ from emulator.reference.archive import ArchiveConfig
 from emulator.store import AdmissionLimits, DuplicatePolicy
 
 if TYPE_CHECKING:
+    from emulator.performer.workflow import DeviceConfig
     from emulator.reference.site import SiteConfig
 
 
@@ -185,3 +186,72 @@ def site_config(values: dict[str, Any]) -> SiteConfig:
         edition=edition,
         uid_set=uids,
     )
+
+
+def parse_interrupt(text: str | None) -> dict[int, float]:
+    """``BEAM:MU`` as an interlock to inject, e.g. ``2:40``."""
+    if not text:
+        return {}
+    beam, _, meterset = str(text).partition(":")
+    try:
+        value = {int(beam): float(meterset)}
+    except ValueError as exc:
+        raise ConfigError(f"--interrupt must be BEAM:MU, not {text!r}") from exc
+    if next(iter(value.values())) <= 0:
+        raise ConfigError("--interrupt meterset must be positive")
+    return value
+
+
+def device_config(values: dict[str, Any]) -> tuple[DeviceConfig, int, float, Path | None]:
+    """Validates the merged ``run`` settings: the device config, sessions, wait, report dir."""
+    from emulator.performer.actors import KINDS
+    from emulator.performer.workflow import DeviceConfig
+    from emulator.profile import EDITIONS
+
+    known = {
+        "kind",
+        "station",
+        "tms",
+        "archive",
+        "ae_title",
+        "listen_port",
+        "listen_host",
+        "profile",
+        "uids",
+        "time_scale",
+        "sessions",
+        "wait",
+        "interrupt",
+        "device",
+        "data_dir",
+        "report_dir",
+    }
+    _check_known(values, known, "run")
+    for key in ("kind", "station", "tms", "archive"):
+        if not values.get(key):
+            raise ConfigError(f"{key} is required")
+    kind = _choice(values, "kind", "pds", tuple(KINDS))
+    tms, archive = _peers(values["tms"])[0], _peers(values["archive"])[0]
+    scale = float(values.get("time_scale", 0.0))
+    if scale < 0:
+        raise ConfigError("time_scale must be 0 or positive")
+    sessions = int(values.get("sessions", 1))
+    if sessions < 1:
+        raise ConfigError("sessions must be at least 1")
+    config = DeviceConfig(
+        kind=kind,
+        station=str(values["station"]),
+        ae_title=_ae_title(values, "ae_title", kind.upper() + "1"),
+        tms=tms,
+        archive=archive,
+        data_dir=Path(values["data_dir"]),
+        listen_host=str(values.get("listen_host", "127.0.0.1")),
+        listen_port=_port(values, "listen_port", 11113),
+        edition=_choice(values, "profile", "ihe-ro-2008", EDITIONS),
+        uid_set=_choice(values, "uids", "final", UID_SETS),
+        time_scale=scale,
+        device=str(values.get("device", "sim")),
+        interlocks=parse_interrupt(values.get("interrupt")),
+    )
+    report_dir = Path(values["report_dir"]) if values.get("report_dir") else None
+    return config, sessions, float(values.get("wait", 0.0)), report_dir

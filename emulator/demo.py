@@ -1,157 +1,149 @@
-"""``tdw-emu demo``: the embedded reference TMS and Archive, and a device's first steps.
+"""``tdw-emu demo``: the embedded reference TMS and Archive and a PDS through a fraction.
 
-Until the emulated devices land ([3/7]), the demo runs what the reference side and the
-device's DICOM plumbing already do: the TMS schedules a synthetic patient's session, a
-device queries its worklist (RO-17), retrieves every input from the AE its Retrieve AE
-Title names (RO-18 from the Archive, RO-20 from the TMS) into its own Storage SCP, and
-checks that what arrived is exactly what the Input Information Sequence promised.
+It starts both reference AEs on free loopback ports, seeds a synthetic patient, and runs an
+emulated PDS through the session (RO-17 to RO-26) with a live bar per beam in MU. With
+``--interrupt BEAM:MU`` an interlock trips there; the TMS schedules the CONTINUATION from
+the stored record and the PDS delivers exactly the rest. It ends with the UPS outcomes and
+the objects the Archive holds, and exits 0 only if everything ran as intended.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import tempfile
-import time
+from collections import Counter
 from pathlib import Path
 
-from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
-from emulator.net import scu
+from devices.base import BeamEnded, DeliveryEvent, MetersetTick
+from emulator.config import parse_interrupt
 from emulator.net.peers import Peer
-from emulator.net.receiver import StorageReceiver
-from emulator.profile import load_sop_classes
+from emulator.performer.delivery import BeamTask
+from emulator.performer.runner import judge
+from emulator.performer.workflow import DeviceConfig, PerformingDevice, UpsOutcome
 from emulator.reference.site import ReferenceSite, SiteConfig
-from emulator.store import ObjectStore
-from emulator.ups_references import references_in
+from emulator.seeding import SeedOptions
 
-DEVICE_AE = "TDW_DEVICE"
 STATION = "LINAC1"
+DEVICE_AE = "PDS1"
+PLACEHOLDER = 104  # replaced by point_at() once the reference AEs have their ports
 
 
-def _worklist_query(station: str) -> Dataset:
-    today = dt.date.today().strftime("%Y%m%d")
-    ident = Dataset()
-    for keyword in (
-        "SOPClassUID",
-        "SOPInstanceUID",
-        "ProcedureStepLabel",
-        "PatientName",
-        "PatientID",
-        "StudyInstanceUID",
-    ):
-        setattr(ident, keyword, "")
-    for keyword in (
-        "ScheduledWorkitemCodeSequence",
-        "ScheduledProcessingParametersSequence",
-        "InputInformationSequence",
-    ):
-        setattr(ident, keyword, Sequence([]))
-    ident.ProcedureStepState = "SCHEDULED"
-    ident.ScheduledProcedureStepStartDateTime = f"{today}000000-{today}235959"
-    station_item = Dataset()
-    station_item.CodeValue = station
-    station_item.CodingSchemeDesignator = ""
-    station_item.CodeMeaning = ""
-    ident.ScheduledStationNameCodeSequence = Sequence([station_item])
-    return ident
+class BeamBars:
+    """One rich progress bar per beam, in MU, fed by the device's delivery events."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.bars: dict[int, TaskID] = {}
+
+    def beam_started(self, task: BeamTask) -> None:
+        program = task.program
+        kind = "continuation of " if task.delivery_type == "CONTINUATION" else ""
+        self.bars[program.beam_number] = self.progress.add_task(
+            f"{kind}beam {program.beam_number} {program.name}",
+            total=program.total_meterset,
+            completed=program.start_meterset,
+        )
+
+    def event(self, task: BeamTask, event: DeliveryEvent) -> None:
+        bar = self.bars.get(task.program.beam_number)
+        if bar is None:
+            return
+        if isinstance(event, MetersetTick):
+            self.progress.update(bar, completed=event.meterset)
+        elif isinstance(event, BeamEnded):
+            description = self.progress.tasks[bar].description
+            self.progress.update(
+                bar,
+                completed=event.meterset,
+                description=f"{description} [{event.termination.value}]",
+            )
 
 
-def run_demo(data_dir: Path | None = None) -> int:
+def _outcome_table(outcomes: list[UpsOutcome]) -> Table:
+    table = Table(title="UPS outcomes")
+    for column in ("UPS", "state", "delivered MU", "stored", "reason"):
+        table.add_column(column)
+    for o in outcomes:
+        mu = ", ".join(f"beam {b}: {m:g}" for b, m in o.delivered.items())
+        table.add_row(o.label, o.state, mu, str(len(o.stored)), o.reason[:50])
+    return table
+
+
+def run_demo(
+    data_dir: Path | None = None, interrupt: str | None = None, time_scale: float = 0.02
+) -> int:
     console = Console()
+    interlocks = parse_interrupt(interrupt)
     with tempfile.TemporaryDirectory(prefix="tdw-demo-") as tmp:
         root = Path(data_dir) if data_dir else Path(tmp)
-        steps: list[tuple[str, str, str]] = []
-
-        def step(name: str, detail: str, started: float) -> None:
-            steps.append((name, detail, f"{(time.perf_counter() - started) * 1000:.0f} ms"))
-
-        uids = load_sop_classes("final")
-        receiver = StorageReceiver(root / "device", DEVICE_AE, uids.archive_storage_uids(), None)
-        with receiver:
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed:>6.1f} / {task.total:g} MU"),
+            console=console,
+        )
+        bars = BeamBars(progress)
+        placeholder = Peer("TMS", "127.0.0.1", PLACEHOLDER)
+        device = PerformingDevice(
+            DeviceConfig(
+                "pds",
+                STATION,
+                DEVICE_AE,
+                placeholder,
+                Peer("ARCHIVE", "127.0.0.1", PLACEHOLDER),
+                root / "device",
+                time_scale=time_scale,
+                interlocks=interlocks,
+            ),
+            on_event=bars.event,
+            on_beam_start=bars.beam_started,
+        )
+        outcomes: list[UpsOutcome] = []
+        with device:
             config = SiteConfig(
                 data_dir=root / "site",
                 tms_port=0,
                 archive_port=0,
-                peers=[Peer(DEVICE_AE, *receiver.address)],
+                peers=[Peer(DEVICE_AE, *device.receiver.address)],
+                seed_options=SeedOptions(slices=16, beams=5, dynamic_beams=2),
             )
             with ReferenceSite(config) as site:
-                tms = Peer(site.config.tms_ae_title, *site.tms.address)
-                aes = {
-                    site.config.tms_ae_title: tms,
-                    site.config.archive_ae_title: Peer(
-                        site.config.archive_ae_title, *site.archive.address
-                    ),
-                }
+                device.point_at(
+                    Peer("TMS", *site.tms.address), Peer("ARCHIVE", *site.archive.address)
+                )
                 console.print(
-                    f"reference TMS {tms}, Archive {aes['ARCHIVE']}, device "
-                    f"{DEVICE_AE}@{receiver.address[0]}:{receiver.address[1]}"
+                    f"reference TMS on {site.tms.address[0]}:{site.tms.address[1]}, "
+                    f"Archive on {site.archive.address[1]}, {DEVICE_AE} on "
+                    f"{device.receiver.address[1]}"
                 )
-                t = time.perf_counter()
                 site.seed(STATION, 1)
-                step("seed", "synthetic patient archived, one session scheduled", t)
-
-                t = time.perf_counter()
-                worklist = scu.find(
-                    DEVICE_AE, tms, _worklist_query(STATION), model=uids["ups_pull"]
-                )
-                labels = ", ".join(str(u.ProcedureStepLabel) for u in worklist)
-                step("RO-17 worklist", f"{len(worklist)} UPS: {labels}", t)
-
-                expected: dict[str, str] = {}
-                for ups in worklist:
-                    for ref in references_in(ups.InputInformationSequence):
-                        expected[ref.sop_instance_uid] = ref.retrieve_ae_title
-                for ae_title in sorted(set(expected.values())):
-                    t = time.perf_counter()
-                    ident = Dataset()
-                    ident.QueryRetrieveLevel = "IMAGE"
-                    ident.SOPInstanceUID = [u for u, a in expected.items() if a == ae_title]
-                    result = scu.move(DEVICE_AE, aes[ae_title], ident, DEVICE_AE)
-                    transaction = "RO-20" if ae_title == site.config.tms_ae_title else "RO-18"
-                    step(
-                        f"{transaction} C-MOVE from {ae_title}",
-                        f"{result.completed} instances, {result.failed} failed",
-                        t,
-                    )
-
-                t = time.perf_counter()
-                missing = [u for u in expected if receiver.store.get(u) is None]
-                differing = same_content(
-                    site.archive.store,
-                    receiver.store,
-                    [u for u, a in expected.items() if a == "ARCHIVE"],
-                )
-                differing += same_content(
-                    site.tms.store, receiver.store, [u for u, a in expected.items() if a == "TMS"]
-                )
-                step(
-                    "verify",
-                    f"{len(expected) - len(set(missing + differing))}/{len(expected)}"
-                    " inputs arrived as promised",
-                    t,
-                )
-
-        table = Table(title="tdw-emu demo: embedded reference TMS and Archive")
-        for column in ("step", "result", "time"):
-            table.add_column(column)
-        for row in steps:
-            table.add_row(*row)
-        console.print(table)
-        if missing or differing or len(worklist) != 4:
-            console.print(f"[red]inputs missing {missing}, differing {differing}")
+                rounds = 2 if interlocks else 1
+                with progress:
+                    for _ in range(rounds):
+                        outcomes += device.run_once()
+                held = Counter(i.values["modality"] for i in site.archive.store)
+                continuations = len(site.tms.continuations)
+        console.print(_outcome_table(outcomes))
+        stored = Table(title="objects in the reference Archive")
+        stored.add_column("modality")
+        stored.add_column("count")
+        for modality, count in sorted(held.items()):
+            stored.add_row(modality, str(count))
+        console.print(stored)
+        problems = judge(outcomes, bool(interlocks))
+        if interlocks and continuations != 1:
+            problems.append("no CONTINUATION session was scheduled after the interruption")
+        if len(outcomes) != 4 * (2 if interlocks else 1):
+            problems.append(f"{len(outcomes)} UPS performed")
+        for problem in problems:
+            console.print(f"[red]problem: {problem}")
+        if problems:
             return 1
-        console.print("[green]four UPS scheduled; every input retrieved from the AE it names")
+        console.print(
+            "[green]every UPS ran as intended"
+            + (", and the CONTINUATION delivered the rest" if interlocks else "")
+        )
         return 0
-
-
-def same_content(source: ObjectStore, copy: ObjectStore, sop_instance_uids: list[str]) -> list[str]:
-    """UIDs whose dataset (file meta aside) differs between two stores, or is missing."""
-    differing = []
-    for uid in sop_instance_uids:
-        original, received = source.get(uid), copy.get(uid)
-        if received is None or original is None or source.read(original) != copy.read(received):
-            differing.append(uid)
-    return differing

@@ -109,16 +109,139 @@ def test_archive_command_serves_from_a_yaml_config(tmp_path, archive_process_fac
 
 def test_demo_command_runs_end_to_end(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "emulator.cli", "demo", "--data-dir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "emulator.cli",
+            "demo",
+            "--data-dir",
+            str(tmp_path),
+            "--interrupt",
+            "2:40",
+            "--time-scale",
+            "0",
+        ],
         capture_output=True,
         text=True,
         cwd=REPO,
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "every input retrieved from the AE it names" in result.stdout
-    assert "4 UPS" in result.stdout and "0 failed" in result.stdout
-    assert (tmp_path / "site" / "tms" / "ups.sqlite3").exists()
+    assert "CONTINUATION delivered the rest" in result.stdout
+    assert "MACHINE" in result.stdout and "RTRECORD" in result.stdout
+
+
+def test_run_command_against_a_tms_process(tmp_path, archive_process_factory):
+    import json
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    tms = archive_process_factory(
+        "--data-dir",
+        str(tmp_path / "site"),
+        "--port",
+        "0",
+        "--archive-port",
+        "0",
+        "--peer",
+        f"PDS1@127.0.0.1:{port}",
+        "--seed",
+        "LINAC1",
+        command="tms",
+        ready="ready",
+    )
+    (tms_host, tms_port), (archive_host, archive_port) = (
+        tms.addresses["TMS"],
+        tms.addresses["ARCHIVE"],
+    )
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "run": {
+                    "kind": "pds",
+                    "station": "LINAC1",
+                    "tms": f"TMS@{tms_host}:{tms_port}",
+                    "archive": f"ARCHIVE@{archive_host}:{archive_port}",
+                    "ae_title": "PDS1",
+                    "listen_port": port,
+                    "time_scale": 0,
+                    "sessions": 2,
+                    "interrupt": "2:40",
+                }
+            }
+        )
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "emulator.cli",
+            "run",
+            "--config",
+            str(config),
+            "--report-dir",
+            str(tmp_path / "report"),
+            "--wait",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "report" / "run-report.json").read_text())
+    assert report["ok"] and report["sessions"] == 2
+    states = [o["state"] for o in report["outcomes"]]
+    assert states == ["COMPLETED"] * 3 + ["CANCELED"] + ["COMPLETED"] * 4
+    delivered: dict[str, float] = {}
+    for outcome in report["outcomes"]:
+        for beam, mu in outcome["delivered"].items():
+            delivered[beam] = delivered.get(beam, 0.0) + mu
+    assert delivered == pytest.approx({"1": 100.0, "2": 100.0, "3": 100.0, "4": 100.0})
+
+
+def test_run_command_fails_when_the_worklist_is_empty(tmp_path, archive_process_factory):
+    tms = archive_process_factory(
+        "--data-dir",
+        str(tmp_path / "site"),
+        "--port",
+        "0",
+        "--archive-port",
+        "0",
+        "--allow",
+        "PDS1",
+        command="tms",
+        ready="ready",
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "emulator.cli",
+            "run",
+            "--kind",
+            "pds",
+            "--station",
+            "LINAC9",
+            "--tms",
+            "TMS@{}:{}".format(*tms.addresses["TMS"]),
+            "--archive",
+            "ARCHIVE@{}:{}".format(*tms.addresses["ARCHIVE"]),
+            "--ae-title",
+            "PDS1",
+            "--listen-port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "found work for 0 of 1 sessions" in result.stderr
 
 
 def test_tms_config_from_yaml_matches_flags(tmp_path):

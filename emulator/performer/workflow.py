@@ -133,6 +133,16 @@ class PerformingDevice:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    def point_at(self, tms: Peer, archive: Peer) -> None:
+        """Sets where the TMS and the Archive are, e.g. once their free ports are known."""
+        if (tms.ae_title, archive.ae_title) != (
+            self.config.tms.ae_title,
+            self.config.archive.ae_title,
+        ):
+            raise ValueError("the AE titles are fixed at construction (allow-list)")
+        self.config.tms, self.config.archive = tms, archive
+        self.peers = {tms.ae_title: tms, archive.ae_title: archive}
+
     def start(self) -> tuple[str, int]:
         self.device.connect()
         return self.receiver.start()
