@@ -233,3 +233,27 @@ def test_problem_after_the_claim_cancels_with_a_reason_and_keeps_the_record(lab)
     record = device.receiver.store.read(kept[0])
     delivered = sum(float(b.DeliveredPrimaryMeterset) for b in record.TreatmentSessionBeamSequence)
     assert delivered == pytest.approx(sum(outcome.delivered.values()))
+
+
+def test_operator_interrupt_cancels_with_operator_termination(lab):
+    from devices.base import MetersetTick
+
+    site, devices = lab(("tdd",))
+    device = devices["tdd"]
+    held_at: list[float] = []
+
+    def hold_after_25(task, event):
+        first_beam = task.program.beam_number == 1
+        if isinstance(event, MetersetTick) and first_beam and event.meterset >= 25 and not held_at:
+            held_at.append(event.meterset)  # the last meterset the dosimetry reported
+            device.device.interrupt("operator: patient moved")
+
+    device.on_event = hold_after_25
+    (outcome,) = device.run_once()
+    assert outcome.state == "CANCELED" and "OPERATOR" in outcome.reason
+    assert outcome.delivered == {1: pytest.approx(held_at[0])}
+    record = site.archive.store.read(site.archive.store.select("modality = 'RTRECORD'")[0])
+    (beam,) = record.TreatmentSessionBeamSequence
+    assert beam.TreatmentTerminationStatus == "OPERATOR"
+    assert float(beam.DeliveredPrimaryMeterset) == pytest.approx(held_at[0])
+    assert len(site.tms.continuations) == 1
