@@ -247,31 +247,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from emulator.config import device_config, load_yaml_config, merge
+    from emulator.config import RUN_SETTINGS, device_config, load_yaml_config, merge
     from emulator.performer.runner import run_sessions
     from emulator.performer.workflow import PerformingDevice
 
-    flags = {
-        k: getattr(args, k)
-        for k in (
-            "kind",
-            "station",
-            "tms",
-            "archive",
-            "ae_title",
-            "listen_port",
-            "listen_host",
-            "profile",
-            "uids",
-            "time_scale",
-            "sessions",
-            "wait",
-            "interrupt",
-            "device",
-            "data_dir",
-            "report_dir",
-        )
-    }
+    flags = {k: getattr(args, k) for k in RUN_SETTINGS}
     values = merge(load_yaml_config(args.config, "run"), flags)
     with tempfile.TemporaryDirectory(prefix="tdw-run-") as tmp:
         values.setdefault("data_dir", tmp)

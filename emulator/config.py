@@ -188,6 +188,27 @@ def site_config(values: dict[str, Any]) -> SiteConfig:
     )
 
 
+# Settings of ``tdw-emu run``: each is a flag (dashes) and a YAML key (underscores).
+RUN_SETTINGS = (
+    "kind",
+    "station",
+    "tms",
+    "archive",
+    "ae_title",
+    "listen_port",
+    "listen_host",
+    "profile",
+    "uids",
+    "time_scale",
+    "sessions",
+    "wait",
+    "interrupt",
+    "device",
+    "data_dir",
+    "report_dir",
+)
+
+
 def parse_interrupt(text: str | None) -> dict[int, float]:
     """``BEAM:MU`` as an interlock to inject, e.g. ``2:40``."""
     if not text:
@@ -208,25 +229,7 @@ def device_config(values: dict[str, Any]) -> tuple[DeviceConfig, int, float, Pat
     from emulator.performer.workflow import DeviceConfig
     from emulator.profile import EDITIONS
 
-    known = {
-        "kind",
-        "station",
-        "tms",
-        "archive",
-        "ae_title",
-        "listen_port",
-        "listen_host",
-        "profile",
-        "uids",
-        "time_scale",
-        "sessions",
-        "wait",
-        "interrupt",
-        "device",
-        "data_dir",
-        "report_dir",
-    }
-    _check_known(values, known, "run")
+    _check_known(values, set(RUN_SETTINGS), "run")
     for key in ("kind", "station", "tms", "archive"):
         if not values.get(key):
             raise ConfigError(f"{key} is required")

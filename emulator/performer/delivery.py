@@ -26,6 +26,7 @@ from devices.base import (
     Termination,
 )
 from emulator.results.treatment_record import DeliveredBeam, DeliveredControlPoint
+from emulator.synth.plan_access import plan_beam, specified_metersets
 
 STATES = ["idle", "beam_ready", "beam_on", "beam_done", "interrupted", "session_done"]
 TRANSITIONS = [
@@ -71,13 +72,8 @@ def beam_program(
     plan: Dataset, beam_number: int, start: float = 0.0, end: float | None = None
 ) -> BeamProgram:
     """A plan beam as the machine executes it, with cumulative metersets in MU."""
-    group = plan.FractionGroupSequence[0]
-    total = next(
-        float(r.BeamMeterset)
-        for r in group.ReferencedBeamSequence
-        if int(r.ReferencedBeamNumber) == beam_number
-    )
-    beam = next(b for b in plan.BeamSequence if int(b.BeamNumber) == beam_number)
+    total = specified_metersets(plan)[beam_number]
+    beam = plan_beam(plan, beam_number)
     final = float(beam.FinalCumulativeMetersetWeight)
     first = beam.ControlPointSequence[0]
     gantry = float(first.GantryAngle)

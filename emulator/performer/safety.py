@@ -11,6 +11,7 @@ from pydicom.dataset import Dataset
 
 from devices.base import Capabilities
 from emulator.profile import SopClasses
+from emulator.synth.plan_access import specified_metersets
 from emulator.ups_references import InstanceReference, references_in
 
 
@@ -105,11 +106,7 @@ def plan_problems(
     if len(refs) != 1 or refs[0].ReferencedSOPInstanceUID != plan.SOPInstanceUID:
         problems.append("RT-Beams-Delivery-Instruction: does not reference the input plan")
     numbers = {int(b.BeamNumber) for b in beams}
-    specified = {
-        int(r.ReferencedBeamNumber): float(r.BeamMeterset)
-        for g in groups
-        for r in g.ReferencedBeamSequence
-    }
+    specified = specified_metersets(plan)
     for task in instruction.get("BeamTaskSequence") or []:
         number = int(task.ReferencedBeamNumber)
         if number not in numbers:

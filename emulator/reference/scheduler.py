@@ -26,7 +26,8 @@ from emulator.store import ObjectStore, StoredInstance
 from emulator.store.admission import admit
 from emulator.store.object_store import StoreOutcome
 from emulator.synth import ContinuationRange, PatientContext, build_delivery_instruction
-from emulator.synth.common import code_item, new_dataset
+from emulator.synth.common import STUDY_ATTRIBUTES, code_item, new_dataset
+from emulator.synth.plan_access import specified_metersets
 from emulator.ups_references import InstanceReference, reference_item, references_in
 
 LOG = logging.getLogger("tdw.tms.scheduler")
@@ -62,13 +63,6 @@ def _dt(moment: dt.datetime) -> str:
     return moment.strftime("%Y%m%d%H%M%S")
 
 
-def _specified_metersets(plan: Dataset) -> dict[int, float]:
-    group = plan.FractionGroupSequence[0]
-    return {
-        int(b.ReferencedBeamNumber): float(b.BeamMeterset) for b in group.ReferencedBeamSequence
-    }
-
-
 def continuation_for(
     plan: Dataset, instruction: Dataset, records: list[Dataset]
 ) -> ContinuationOutcome:
@@ -78,7 +72,7 @@ def continuation_for(
     beams were complete, CONTINUATION beams started at their ContinuationStartMeterset);
     the records add what this session delivered. Over-delivery is never scheduled again.
     """
-    specified = _specified_metersets(plan)
+    specified = specified_metersets(plan)
     before: dict[int, float] = {}
     for task in instruction.get("BeamTaskSequence", []):
         if task.TreatmentDeliveryType == "CONTINUATION":
@@ -221,14 +215,7 @@ class Scheduler:
         ds = new_dataset(self.profile.sop_classes["ups_push"])
         del ds.file_meta
         PatientContext.from_dataset(plan).apply_patient_study(ds)
-        for keyword in (
-            "StudyDate",
-            "StudyTime",
-            "StudyID",
-            "AccessionNumber",
-            "StudyDescription",
-            "ReferringPhysicianName",
-        ):
+        for keyword in STUDY_ATTRIBUTES:
             delattr(ds, keyword)  # the UPS IOD carries only the Study Instance UID of these
         ds.ScheduledProcedureStepPriority = "MEDIUM"
         ds.ProcedureStepLabel = f"Fx {fraction} {code.meaning}"[:64]

@@ -12,15 +12,6 @@ from pydicom.dataset import Dataset
 
 from emulator.synth import PatientContext
 
-STUDY_KEYWORDS = (
-    "StudyDate",
-    "StudyTime",
-    "StudyID",
-    "AccessionNumber",
-    "StudyDescription",
-    "ReferringPhysicianName",
-)
-
 
 def result_identity(ups: Dataset, inputs: list[Dataset]) -> PatientContext:
     """Identity for a result of ``ups``: patient from the UPS, study from a same-study input."""

@@ -23,6 +23,7 @@ from emulator.synth.common import (
     sequence,
     tm,
 )
+from emulator.synth.plan_access import plan_beam, specified_metersets
 
 TERMINATIONS = ("NORMAL", "OPERATOR", "MACHINE", "UNKNOWN")
 
@@ -104,9 +105,7 @@ def build_treatment_record(
     ds.NumberOfFractionsPlanned = group.NumberOfFractionsPlanned
     ds.PrimaryDosimeterUnit = "MU"
     planned = {int(b.BeamNumber): b for b in plan.BeamSequence}
-    specified = {
-        int(r.ReferencedBeamNumber): float(r.BeamMeterset) for r in group.ReferencedBeamSequence
-    }
+    specified = specified_metersets(plan)
     items = []
     for beam in beams:
         source = planned[beam.beam_number]
@@ -156,13 +155,8 @@ def delivered_as_planned(
     plan: Dataset, beam_number: int, fraction: float = 1.0, start: dt.datetime | None = None
 ) -> DeliveredBeam:
     """A beam delivered along its plan up to ``fraction`` of its meterset (for tests, demos)."""
-    group = plan.FractionGroupSequence[0]
-    total = next(
-        float(r.BeamMeterset)
-        for r in group.ReferencedBeamSequence
-        if int(r.ReferencedBeamNumber) == beam_number
-    )
-    beam = next(b for b in plan.BeamSequence if int(b.BeamNumber) == beam_number)
+    total = specified_metersets(plan)[beam_number]
+    beam = plan_beam(plan, beam_number)
     cps = beam.ControlPointSequence
     final = float(beam.FinalCumulativeMetersetWeight)
     moment = start or dt.datetime.now().replace(microsecond=0)

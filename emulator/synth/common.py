@@ -22,6 +22,17 @@ MODEL_NAME = "tdw-emulator synthetic planning"
 IMPLEMENTATION_VERSION = f"TDWEMU_{__version__}".replace(".", "")[:16]
 
 
+# General Study attributes besides the Study Instance UID (Appendix A: copied, never altered).
+STUDY_ATTRIBUTES = (
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "StudyDescription",
+    "ReferringPhysicianName",
+)
+
+
 def new_uid() -> str:
     """A fresh UID under pydicom's documented generation root."""
     return str(generate_uid())
