@@ -156,6 +156,11 @@ class Link:
                 self._nak = True
                 self._acked.notify_all()
             return
+        if item.type == MessageType.HELLO and item.seq == 0:
+            # A new session (the host reconnected on a line that stayed up): start over.
+            self._expected = 0
+            with self._acked:
+                self._next_seq = 0
         if item.seq == self._expected:
             self._control(MessageType.ACK, item.seq)
             self._expected = (self._expected + 1) & 0xFFFF

@@ -1,1 +1,1 @@
-"""Bench rig: controller simulator, wire protocol and rig configurations (issue [4/7])."""
+"""Bench rig: the controller simulator, its fault injection and the wire protocol docs."""

@@ -1,0 +1,214 @@
+"""The controller side of protocol v1, on a real pty or a TCP socket.
+
+The machine itself is devices.sim.linac.SimulatedLinac (device logic); this module is only
+the protocol interface in front of it, plus the faults of hil.faults. Its timing is the
+linac's: axis speeds and dose rate at the configured time scale.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import threading
+import time
+from dataclasses import asdict
+
+from devices.base import (
+    BeamEnded,
+    BeamProgram,
+    ControlPointProgram,
+    ControlPointReached,
+    CouchCorrection,
+    DeviceError,
+    MetersetTick,
+)
+from devices.clock import Clock
+from devices.link import FdTransport, Link, LinkLost, SocketTransport
+from devices.protocol import MessageType
+from devices.sim.linac import SimulatedLinac, load_machine_profile
+from hil.faults import Faults, FaultyTransport
+
+
+def program_from_body(body: dict) -> BeamProgram:
+    points = tuple(
+        ControlPointProgram(
+            int(cp["index"]),
+            float(cp["cumulative_meterset"]),
+            float(cp["gantry_angle"]),
+            float(cp.get("collimator_angle", 0.0)),
+            tuple(cp.get("jaws", (0, 0, 0, 0))),
+            tuple(cp.get("mlc", ())),
+        )
+        for cp in body["control_points"]
+    )
+    return BeamProgram(
+        int(body["beam_number"]),
+        str(body["name"]),
+        float(body["energy_mv"]),
+        float(body["dose_rate"]),
+        float(body["total_meterset"]),
+        points,
+        float(body.get("start_meterset", 0.0)),
+        None if body.get("end_meterset") is None else float(body["end_meterset"]),
+    )
+
+
+class ControllerSim:
+    def __init__(
+        self, machine: str = "linac", time_scale: float = 1.0, faults: Faults | None = None
+    ) -> None:
+        self.profile = load_machine_profile(machine)
+        self.clock = Clock(time_scale)
+        self.faults = faults or Faults()
+        self.linac = SimulatedLinac(self.profile, self.clock)
+        self.linac.connect()
+        self._delivery: threading.Thread | None = None
+        self.sessions = 0
+
+    def _hello_body(self) -> dict:
+        caps = asdict(self.linac.capabilities())
+        return {"identity": asdict(self.linac.identify()), "capabilities": caps}
+
+    def _deliver(self, link: Link) -> None:
+        try:
+            for event in self.linac.beam_on():
+                while self.faults.stalled:
+                    time.sleep(0.05)
+                if isinstance(event, MetersetTick):
+                    link.send(
+                        MessageType.METERSET,
+                        {"meterset": event.meterset, "dose_rate": event.dose_rate},
+                    )
+                elif isinstance(event, ControlPointReached):
+                    link.send(
+                        MessageType.CONTROL_POINT,
+                        {
+                            "index": event.index,
+                            "meterset": event.meterset,
+                            "gantry": event.gantry_angle,
+                        },
+                    )
+                elif isinstance(event, BeamEnded):
+                    link.send(
+                        MessageType.BEAM_ENDED,
+                        {
+                            "meterset": event.meterset,
+                            "termination": event.termination.value,
+                            "reason": event.reason,
+                            "code": event.interlock_code,
+                        },
+                    )
+        except LinkLost:
+            self.linac.interrupt("link lost")  # a controller that loses its host holds the beam
+
+    def _abort_delivery(self) -> None:
+        if self._delivery is not None and self._delivery.is_alive():
+            self.linac.interrupt("host link lost")
+            self._delivery.join(timeout=5)
+
+    def handle(self, link: Link, kind: MessageType, body: dict) -> None:
+        try:
+            if kind == MessageType.HELLO:
+                self._abort_delivery()
+                self.sessions += 1
+                link.send(MessageType.HELLO_REPLY, self._hello_body())
+            elif kind == MessageType.LOAD_BEAM:
+                program = program_from_body(body)
+                self.linac.interlocks = dict(self.faults.interlocks)
+                self.linac.load_beam(program)
+                link.send(MessageType.LOADED, {"beam": program.beam_number})
+            elif kind == MessageType.BEAM_ON:
+                link.send(MessageType.BEAM_STARTED, {})
+                self._delivery = threading.Thread(target=self._deliver, args=(link,), daemon=True)
+                self._delivery.start()
+            elif kind == MessageType.INTERRUPT:
+                self.linac.interrupt(str(body.get("reason", "")))
+            elif kind == MessageType.MOVE_COUCH:
+                position = self.linac.move_couch(
+                    CouchCorrection(
+                        tuple(body["translation"]), tuple(body.get("rotation", (0, 0, 0)))
+                    )
+                )
+                link.send(MessageType.COUCH_POSITION, asdict(position))
+            elif kind == MessageType.ACQUIRE:
+                images = self.linac.acquire(str(body["kind"]))
+                link.send(
+                    MessageType.IMAGES,
+                    {
+                        "shape": list(images.pixels[0].shape),
+                        "planes": [
+                            base64.b64encode(p.astype("<u2").tobytes()).decode()
+                            for p in images.pixels
+                        ],
+                        "pixel_spacing": images.pixel_spacing,
+                        "slice_spacing": images.slice_spacing,
+                        "origin": list(images.origin),
+                    },
+                )
+            elif kind == MessageType.HEARTBEAT:
+                link.send(MessageType.HEARTBEAT_REPLY, {"sessions": self.sessions})
+        except DeviceError as exc:
+            link.send(MessageType.ERROR, {"code": "LIMIT", "text": str(exc)})
+
+    def serve(self, transport) -> None:
+        """Serves one connection until it closes (or a drop fault closes it)."""
+        link = Link(FaultyTransport(transport, self.faults))
+        try:
+            while not link.closed.is_set():
+                if self.faults.drop_requested:
+                    self.faults.drop_requested = False
+                    self.faults.count("dropped")
+                    break
+                frame = link.recv(timeout=0.05) if not link.closed.is_set() else None
+                if frame is not None and not self.faults.stalled:
+                    self.handle(link, frame.type, frame.body)
+        except LinkLost:
+            pass
+        finally:
+            # The link goes first: after a drop the host hears nothing more, as on a real
+            # cut cable. Then the controller holds its own beam.
+            link.close()
+            self._abort_delivery()
+
+    def serve_tcp(
+        self, host: str = "127.0.0.1", port: int = 0, ready: threading.Event | None = None
+    ) -> None:
+        """Accepts one host at a time, again after every drop, until the process ends."""
+        server = socket.create_server((host, port))
+        self.address = server.getsockname()[:2]
+        if ready:
+            ready.set()
+        while True:
+            conn, _ = server.accept()
+            self.serve(SocketTransport(conn))
+
+    def open_pty(self) -> tuple[int, str]:
+        """A pty pair; the host opens the returned slave path, we keep the master."""
+        master, slave = os.openpty()
+        path = os.ttyname(slave)
+        self._slave_fd = slave  # kept open so the line survives host reconnects
+        return master, path
+
+    def serve_pty(self, master: int) -> None:
+        """Serves the pty master for good; after a dropped session the line stays up."""
+        line = _KeepOpen(FdTransport(master))
+        while True:
+            self.serve(line)
+            time.sleep(0.05)
+
+
+class _KeepOpen:
+    """A transport whose close() leaves the line up: a pty outlives each link session."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def read(self, size: int) -> bytes:
+        return self.inner.read(size)
+
+    def write(self, data: bytes) -> None:
+        self.inner.write(data)
+
+    def close(self) -> None:
+        pass

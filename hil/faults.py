@@ -1,0 +1,155 @@
+"""Fault injection for the controller simulator, driven through a control channel.
+
+Faults act where real rigs break: on the wire (garbled, duplicated or reordered frames,
+latency and jitter, an unplugged cable) and in the controller (an interlock at a given
+meterset, a stall). The control channel is a line-oriented JSON socket on loopback, so a
+test or an operator can inject them while a session runs, as lewis does for its devices.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Faults:
+    garble_rate: float = 0.0
+    duplicate_rate: float = 0.0
+    reorder_rate: float = 0.0
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    stall_until: float = 0.0
+    unplugged_until: float = 0.0
+    drop_requested: bool = False
+    interlocks: dict[int, float] = field(default_factory=dict)
+    seed: int = 1
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.lock = threading.Lock()
+
+    def count(self, name: str) -> None:
+        with self.lock:
+            self.counters[name] = self.counters.get(name, 0) + 1
+
+    @property
+    def stalled(self) -> bool:
+        return time.monotonic() < self.stall_until
+
+    @property
+    def unplugged(self) -> bool:
+        return time.monotonic() < self.unplugged_until
+
+    def apply(self, command: dict) -> dict:
+        """One control-channel command; returns the reply."""
+        kind = command.get("fault")
+        now = time.monotonic()
+        if kind == "interlock":
+            self.interlocks[int(command["beam"])] = float(command["meterset"])
+        elif kind in ("garble", "duplicate", "reorder"):
+            setattr(self, f"{kind}_rate", float(command.get("rate", 1.0)))
+        elif kind == "latency":
+            self.latency_ms = float(command.get("ms", 0))
+            self.jitter_ms = float(command.get("jitter_ms", 0))
+        elif kind == "stall":
+            self.stall_until = now + float(command.get("seconds", 5))
+        elif kind == "unplug":
+            self.unplugged_until = now + float(command.get("seconds", 3))
+        elif kind == "drop":
+            self.drop_requested = True
+        elif kind == "clear":
+            self.garble_rate = self.duplicate_rate = self.reorder_rate = 0.0
+            self.latency_ms = self.jitter_ms = 0.0
+            self.stall_until = self.unplugged_until = 0.0
+            self.interlocks.clear()
+        elif kind == "status":
+            pass
+        else:
+            return {"ok": False, "error": f"unknown fault {kind!r}"}
+        return {"ok": True, "counters": dict(self.counters)}
+
+
+class FaultyTransport:
+    """Wraps the controller's transport and applies the wire faults to what it sends."""
+
+    def __init__(self, inner, faults: Faults) -> None:
+        self.inner = inner
+        self.faults = faults
+        self._held: bytes | None = None
+
+    def read(self, size: int) -> bytes:
+        data = self.inner.read(size)
+        if data and (self.faults.unplugged or self.faults.stalled):
+            self.faults.count("read_discarded")
+            return b""
+        return data
+
+    def write(self, data: bytes) -> None:
+        f = self.faults
+        if f.unplugged or f.stalled:
+            f.count("write_discarded")
+            return
+        if f.latency_ms or f.jitter_ms:
+            time.sleep((f.latency_ms + f.rng.uniform(0, f.jitter_ms)) / 1000)
+        if f.garble_rate and f.rng.random() < f.garble_rate and len(data) > 2:
+            broken = bytearray(data)
+            broken[f.rng.randrange(len(broken) - 1)] ^= 1 << f.rng.randrange(8)
+            data = bytes(broken)
+            f.count("garbled")
+        if f.reorder_rate and self._held is None and f.rng.random() < f.reorder_rate:
+            self._held = data  # sent after the next frame
+            f.count("reordered")
+            return
+        self.inner.write(data)
+        if f.duplicate_rate and f.rng.random() < f.duplicate_rate:
+            self.inner.write(data)
+            f.count("duplicated")
+        if self._held is not None:
+            held, self._held = self._held, None
+            self.inner.write(held)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class ControlChannel:
+    """JSON lines on 127.0.0.1: each line a command, each answered with one line."""
+
+    def __init__(self, faults: Faults, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.faults = faults
+        self.server = socket.create_server((host, port))
+        self.address = self.server.getsockname()[:2]
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="faults")
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rw") as stream:
+                for line in stream:
+                    try:
+                        reply = self.faults.apply(json.loads(line))
+                    except (ValueError, KeyError, TypeError) as exc:
+                        reply = {"ok": False, "error": str(exc)}
+                    stream.write(json.dumps(reply) + "\n")
+                    stream.flush()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def send_fault(address: tuple[str, int], command: dict) -> dict:
+    """Client side of the control channel: one command, one reply."""
+    with socket.create_connection(address, timeout=5) as sock, sock.makefile("rw") as stream:
+        stream.write(json.dumps(command) + "\n")
+        stream.flush()
+        return json.loads(stream.readline())

@@ -1,0 +1,162 @@
+"""One workflow, three backends (sim, serial over a real pty, TCP), and the fault matrix."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from devices.base import MetersetTick
+from emulator.net.peers import Peer
+from emulator.performer.workflow import DeviceConfig, PerformingDevice
+from emulator.reference.site import ReferenceSite, SiteConfig
+from emulator.seeding import SeedOptions
+from hil.controller_sim import ControllerSim
+from hil.faults import ControlChannel, Faults, send_fault
+from tests.conftest import free_port
+
+SMALL = SeedOptions(slices=6, rows=48, beams=3, dynamic_beams=1, control_points=8)
+
+
+def start_controller(kind: str, time_scale: float = 0.0):
+    """A controller simulator in a daemon thread; returns (device spec, sim, control addr)."""
+    faults = Faults()
+    sim = ControllerSim("linac", time_scale, faults)
+    control = ControlChannel(faults)
+    if kind == "tcp":
+        ready = threading.Event()
+        threading.Thread(target=sim.serve_tcp, kwargs={"ready": ready}, daemon=True).start()
+        ready.wait(5)
+        spec = f"tcp://{sim.address[0]}:{sim.address[1]}"
+    else:
+        master, path = sim.open_pty()
+        threading.Thread(target=sim.serve_pty, args=(master,), daemon=True).start()
+        spec = f"serial://{path}"
+    return spec, sim, control.address
+
+
+@pytest.fixture
+def bench(tmp_path):
+    started = []
+
+    def make(device_spec: str):
+        port = free_port()
+        site = ReferenceSite(
+            SiteConfig(
+                data_dir=tmp_path / f"site{len(started)}",
+                tms_port=0,
+                archive_port=0,
+                seed_options=SMALL,
+                peers=[Peer("TDD1", "127.0.0.1", port)],
+            )
+        )
+        site.start()
+        site.seed("LINAC1", 1)
+        device = PerformingDevice(
+            DeviceConfig(
+                "tdd",
+                "LINAC1",
+                "TDD1",
+                Peer("TMS", *site.tms.address),
+                Peer("ARCHIVE", *site.archive.address),
+                tmp_path / f"dev{len(started)}",
+                listen_port=port,
+                device=device_spec,
+            )
+        )
+        device.start()
+        started.append((site, device))
+        return site, device
+
+    yield make
+    for site, device in started:
+        device.stop()
+        site.stop()
+
+
+def record_summary(site: ReferenceSite) -> list[tuple]:
+    record = site.archive.store.read(site.archive.store.select("modality = 'RTRECORD'")[0])
+    return [
+        (
+            int(b.ReferencedBeamNumber),
+            str(b.TreatmentTerminationStatus),
+            int(b.NumberOfControlPoints),
+            round(float(b.DeliveredPrimaryMeterset), 3),
+            tuple(round(float(cp.DeliveredMeterset), 3) for cp in b.ControlPointDeliverySequence),
+        )
+        for b in record.TreatmentSessionBeamSequence
+    ]
+
+
+def test_one_workflow_three_backends_same_records(bench):
+    summaries = {}
+    for kind in ("sim", "serial", "tcp"):
+        spec = "sim" if kind == "sim" else start_controller(kind)[0]
+        site, device = bench(spec)
+        (outcome,) = device.run_once()
+        assert outcome.state == "COMPLETED", (kind, outcome.reason)
+        summaries[kind] = record_summary(site)
+    assert summaries["sim"] == summaries["serial"] == summaries["tcp"]
+    assert [s[3] for s in summaries["tcp"]] == [100.0, 100.0, 100.0]
+
+
+@pytest.mark.parametrize("kind", ["serial", "tcp"])
+def test_interlock_from_the_control_channel(bench, kind):
+    spec, _, control = start_controller(kind)
+    assert send_fault(control, {"fault": "interlock", "beam": 2, "meterset": 40})["ok"]
+    _site, device = bench(spec)
+    (outcome,) = device.run_once()
+    assert outcome.state == "CANCELED" and "MACHINE" in outcome.reason
+    assert "dosimetry interlock" in outcome.reason
+    assert outcome.delivered == {1: 100.0, 2: 40.0}
+
+
+@pytest.mark.parametrize("kind", ["serial", "tcp"])
+def test_garbled_frames_are_retried_and_the_delivery_is_exact(bench, kind):
+    spec, sim, control = start_controller(kind)
+    send_fault(control, {"fault": "garble", "rate": 0.15})
+    send_fault(control, {"fault": "duplicate", "rate": 0.1})
+    _site, device = bench(spec)
+    (outcome,) = device.run_once()
+    assert outcome.state == "COMPLETED", outcome.reason
+    assert outcome.delivered == {1: 100.0, 2: 100.0, 3: 100.0}
+    assert sim.faults.counters.get("garbled", 0) > 0
+    link = device.device.link
+    assert link is None or link.counters.garbled + link.counters.duplicates >= 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "fault"),
+    [
+        ("tcp", {"fault": "drop"}),
+        ("tcp", {"fault": "stall", "seconds": 4}),
+        ("serial", {"fault": "unplug", "seconds": 4}),
+    ],
+)
+def test_link_lost_mid_beam_ends_machine_at_the_last_reported_meterset(bench, kind, fault):
+    spec, _sim, control = start_controller(kind, time_scale=0.02)
+    _site, device = bench(spec)
+    reported: list[float] = []
+    injected = threading.Event()
+
+    def on_event(task, event):
+        if isinstance(event, MetersetTick):
+            reported.append(event.meterset)
+            if task.program.beam_number == 1 and event.meterset >= 20 and not injected.is_set():
+                injected.set()
+                send_fault(control, fault)
+
+    device.on_event = on_event
+    (outcome,) = device.run_once()
+    assert outcome.state == "CANCELED" and "link lost" in outcome.reason
+    assert outcome.delivered[1] == pytest.approx(max(reported))  # never more than reported
+    assert outcome.delivered[1] < 100
+    time.sleep(4.5 if fault["fault"] != "drop" else 0.2)
+    send_fault(control, {"fault": "clear"})
+    # The driver reconnects: the continuation the TMS scheduled is delivered to the end.
+    device.on_event = None
+    (again,) = device.run_once()
+    assert again.state == "COMPLETED", again.reason
+    assert again.delivered[1] + outcome.delivered[1] == pytest.approx(100.0)
+    assert device.device.reconnects >= 1
