@@ -99,6 +99,18 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report-dir", type=Path)
 
 
+def _add_hil(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("hil", help="bench-rig tools: the controller simulator")
+    hil_sub = p.add_subparsers(dest="hil_command", required=True)
+    sim = hil_sub.add_parser("controller-sim", help="serve a simulated controller")
+    where = sim.add_mutually_exclusive_group(required=True)
+    where.add_argument("--serial", metavar="PTY", help="'auto' creates a pty pair; or a device")
+    where.add_argument("--tcp", metavar="HOST:PORT", help="listen here (port 0: a free one)")
+    sim.add_argument("--machine", default="linac", help="machine profile name or YAML path")
+    sim.add_argument("--time-scale", type=float, default=1.0)
+    sim.add_argument("--control-port", type=int, default=0, help="fault-injection channel")
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="embedded TMS and Archive, and a PDS through a fraction")
     p.add_argument("--data-dir", type=Path, help="keep the demo's data here (default: temp)")
@@ -115,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_archive(sub)
     _add_tms(sub)
     _add_run(sub)
+    _add_hil(sub)
     _add_demo(sub)
     return parser
 
@@ -272,6 +285,43 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_hil(args: argparse.Namespace) -> int:
+    import threading
+
+    from devices.link import SerialTransport
+    from hil.controller_sim import ControllerSim, KeepOpen
+    from hil.faults import ControlChannel, Faults
+
+    faults = Faults()
+    sim = ControllerSim(args.machine, args.time_scale, faults)
+    control = ControlChannel(faults, port=args.control_port)
+    print(f"control channel on {control.address[0]}:{control.address[1]}", flush=True)
+    if args.tcp:
+        host, _, port = args.tcp.rpartition(":")
+        ready = threading.Event()
+        thread = threading.Thread(target=sim.serve_tcp, args=(host, int(port), ready), daemon=True)
+        thread.start()
+        ready.wait(5)
+        print(f"controller listening on tcp://{sim.address[0]}:{sim.address[1]}", flush=True)
+    elif args.serial == "auto":
+        master, path = sim.open_pty()
+        thread = threading.Thread(target=sim.serve_pty, args=(master,), daemon=True)
+        thread.start()
+        print(f"controller listening on serial://{path}", flush=True)
+    else:
+        line = KeepOpen(SerialTransport(args.serial))
+        thread = threading.Thread(
+            target=lambda: [sim.serve(line) for _ in iter(int, 1)], daemon=True
+        )
+        thread.start()
+        print(f"controller listening on serial://{args.serial}", flush=True)
+    try:
+        _wait_for_signal()
+    finally:
+        control.close()
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from emulator.demo import run_demo
 
@@ -283,6 +333,7 @@ COMMANDS = {
     "archive": _cmd_archive,
     "tms": _cmd_tms,
     "run": _cmd_run,
+    "hil": _cmd_hil,
     "demo": _cmd_demo,
 }
 

@@ -192,13 +192,13 @@ class ControllerSim:
 
     def serve_pty(self, master: int) -> None:
         """Serves the pty master for good; after a dropped session the line stays up."""
-        line = _KeepOpen(FdTransport(master))
+        line = KeepOpen(FdTransport(master))
         while True:
             self.serve(line)
             time.sleep(0.05)
 
 
-class _KeepOpen:
+class KeepOpen:
     """A transport whose close() leaves the line up: a pty outlives each link session."""
 
     def __init__(self, inner) -> None:

@@ -135,7 +135,7 @@ def start_cli_process(
 
     Every 'AE listening on HOST:PORT' line seen before it is kept in ``addresses``.
     """
-    command = [sys.executable, "-m", "emulator.cli", command_name, *args]
+    command = [sys.executable, "-m", "emulator.cli", *command_name.split(), *args]
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
     )
@@ -157,7 +157,7 @@ def start_cli_process(
                 target=lambda: output.extend(line.rstrip() for line in process.stdout),
                 daemon=True,
             ).start()
-            host, port = next(iter(addresses.values()))
+            host, port = next(iter(addresses.values()), ("", 0))
             return ArchiveProcess(process, host, port, output, addresses)
     process.kill()
     raise RuntimeError("archive did not start:\n" + "\n".join(output))

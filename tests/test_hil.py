@@ -160,3 +160,28 @@ def test_link_lost_mid_beam_ends_machine_at_the_last_reported_meterset(bench, ki
     assert again.state == "COMPLETED", again.reason
     assert again.delivered[1] + outcome.delivered[1] == pytest.approx(100.0)
     assert device.device.reconnects >= 1
+
+
+@pytest.mark.parametrize("where", [["--tcp", "127.0.0.1:0"], ["--serial", "auto"]])
+def test_controller_sim_command(where, archive_process_factory):
+    from devices.base import BeamEnded
+    from devices.clock import Clock
+    from devices.registry import open_device
+    from emulator.performer.delivery import beam_program
+    from emulator.synth import generate_patient
+    from tests.conftest import SMALL_GEOMETRY
+
+    proc = archive_process_factory(
+        *where, "--time-scale", "0", command="hil controller-sim", ready="controller listening on"
+    )
+    line = next(out for out in proc.output if "controller listening on" in out)
+    spec = line.split("listening on ")[1].strip()
+    control = next(out for out in proc.output if "control channel on" in out).split(" on ")[1]
+    host, port = control.rsplit(":", 1)
+    assert send_fault((host, int(port)), {"fault": "status"})["ok"]
+    plan = generate_patient(geometry=SMALL_GEOMETRY).plan
+    with open_device(spec, Clock(0)) as device:
+        assert device.identify().model == "SimLinac C-arm"
+        device.load_beam(beam_program(plan, 1))
+        events = list(device.beam_on())
+    assert isinstance(events[-1], BeamEnded) and events[-1].meterset == pytest.approx(100.0)
