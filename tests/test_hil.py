@@ -185,3 +185,17 @@ def test_controller_sim_command(where, archive_process_factory):
         device.load_beam(beam_program(plan, 1))
         events = list(device.beam_on())
     assert isinstance(events[-1], BeamEnded) and events[-1].meterset == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize(
+    "fault", [{"fault": "reorder", "rate": 0.2}, {"fault": "latency", "ms": 5, "jitter_ms": 20}]
+)
+def test_reordered_and_delayed_frames_still_deliver_exactly(bench, fault):
+    spec, sim, control = start_controller("tcp")
+    assert send_fault(control, fault)["ok"]
+    _site, device = bench(spec)
+    (outcome,) = device.run_once()
+    assert outcome.state == "COMPLETED", outcome.reason
+    assert outcome.delivered == {1: 100.0, 2: 100.0, 3: 100.0}
+    if fault["fault"] == "reorder":
+        assert sim.faults.counters.get("reordered", 0) > 0
