@@ -23,6 +23,7 @@ from emulator.synth.common import (
     new_dataset,
     new_uid,
     sequence,
+    sop_reference,
     tm,
 )
 
@@ -92,9 +93,7 @@ def build_registration(
         entry.FrameOfReferenceUID = frame_uid
         refs = []
         for image in images:
-            ref = Dataset()
-            ref.ReferencedSOPClassUID = image.SOPClassUID
-            ref.ReferencedSOPInstanceUID = image.SOPInstanceUID
+            ref = sop_reference(image)
             refs.append(ref)
         entry.ReferencedImageSequence = sequence(*refs)
         transform = Dataset()
@@ -130,9 +129,7 @@ def build_registration(
             entry.SeriesInstanceUID = series_uid
             instances = []
             for image in images:
-                ref = Dataset()
-                ref.ReferencedSOPClassUID = image.SOPClassUID
-                ref.ReferencedSOPInstanceUID = image.SOPInstanceUID
+                ref = sop_reference(image)
                 instances.append(ref)
             entry.ReferencedInstanceSequence = sequence(*instances)
             entries.append(entry)

@@ -21,6 +21,7 @@ from emulator.synth.common import (
     new_dataset,
     new_uid,
     sequence,
+    sop_reference,
     tm,
 )
 from emulator.synth.plan_access import plan_beam, specified_metersets
@@ -80,16 +81,12 @@ def build_treatment_record(
     ds.InstanceNumber = fraction_number
     ds.TreatmentDate = da(session_start)
     ds.TreatmentTime = tm(session_start)
-    ref_plan = Dataset()
-    ref_plan.ReferencedSOPClassUID = plan.SOPClassUID
-    ref_plan.ReferencedSOPInstanceUID = plan.SOPInstanceUID
+    ref_plan = sop_reference(plan)
     ds.ReferencedRTPlanSequence = sequence(ref_plan)
     if previous_records:
         refs = []
         for record in previous_records:
-            ref = Dataset()
-            ref.ReferencedSOPClassUID = record.SOPClassUID
-            ref.ReferencedSOPInstanceUID = record.SOPInstanceUID
+            ref = sop_reference(record)
             refs.append(ref)
         ds.ReferencedTreatmentRecordSequence = sequence(*refs)
     # RT Treatment Machine Record

@@ -158,5 +158,13 @@ def code_item(value: str, scheme: str, meaning: str) -> Dataset:
     return item
 
 
+def sop_reference(ds: Dataset) -> Dataset:
+    """A Referenced SOP Class UID / Referenced SOP Instance UID item pointing at ``ds``."""
+    item = Dataset()
+    item.ReferencedSOPClassUID = ds.SOPClassUID
+    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    return item
+
+
 def sequence(*items: Dataset) -> Sequence:
     return Sequence(list(items))

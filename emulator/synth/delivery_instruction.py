@@ -19,6 +19,7 @@ from emulator.synth.common import (
     new_dataset,
     new_uid,
     sequence,
+    sop_reference,
 )
 
 
@@ -51,9 +52,7 @@ def build_delivery_instruction(
     apply_series(ds, ctx, "PLAN", new_uid(), 10, "Delivery instruction")
     apply_equipment(ds, model="tdw-emulator reference TMS")
     ds.InstanceNumber = fraction_number
-    ref_plan = Dataset()
-    ref_plan.ReferencedSOPClassUID = plan.SOPClassUID
-    ref_plan.ReferencedSOPInstanceUID = plan.SOPInstanceUID
+    ref_plan = sop_reference(plan)
     ds.ReferencedRTPlanSequence = sequence(ref_plan)
 
     group_number = plan.FractionGroupSequence[0].FractionGroupNumber

@@ -19,6 +19,7 @@ from emulator.synth.common import (
     new_dataset,
     new_uid,
     sequence,
+    sop_reference,
     tm,
 )
 from emulator.synth.phantom import PhantomGeometry
@@ -100,9 +101,7 @@ def build_dose(
     # Appendix A (2008 draft) asks for a Referenced Fraction Group Sequence here, but the
     # final PS3.3 C.8.8.3 forbids it when Dose Summation Type is PLAN. The standard wins;
     # the plan has exactly one fraction group, so the reference stays unambiguous.
-    ref_plan = Dataset()
-    ref_plan.ReferencedSOPClassUID = plan.SOPClassUID
-    ref_plan.ReferencedSOPInstanceUID = plan.SOPInstanceUID
+    ref_plan = sop_reference(plan)
     ds.ReferencedRTPlanSequence = sequence(ref_plan)
     ds.GridFrameOffsetVector = [round(float(o), 3) for o in offsets]
     ds.DoseGridScaling = f"{scaling:.9e}"

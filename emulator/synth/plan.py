@@ -23,6 +23,7 @@ from emulator.synth.common import (
     new_dataset,
     new_uid,
     sequence,
+    sop_reference,
     tm,
 )
 from emulator.synth.phantom import PhantomGeometry
@@ -226,9 +227,7 @@ def build_plan(
     ds.RTPlanDate = da(ctx.created)
     ds.RTPlanTime = tm(ctx.created)
     ds.RTPlanGeometry = "PATIENT"
-    ref_ss = Dataset()
-    ref_ss.ReferencedSOPClassUID = structure_set.SOPClassUID
-    ref_ss.ReferencedSOPInstanceUID = structure_set.SOPInstanceUID
+    ref_ss = sop_reference(structure_set)
     ds.ReferencedStructureSetSequence = sequence(ref_ss)
     # RT Prescription
     dose_ref = Dataset()

@@ -19,6 +19,7 @@ from emulator.synth.common import (
     new_dataset,
     new_uid,
     sequence,
+    sop_reference,
     tm,
 )
 from emulator.synth.phantom import PhantomGeometry, ellipse_points
@@ -34,16 +35,9 @@ class RoiNumbers:
 ROIS = RoiNumbers()
 
 
-def _image_ref(image: Dataset) -> Dataset:
-    item = Dataset()
-    item.ReferencedSOPClassUID = image.SOPClassUID
-    item.ReferencedSOPInstanceUID = image.SOPInstanceUID
-    return item
-
-
 def _contour(image: Dataset, geometric_type: str, points: list[float]) -> Dataset:
     item = Dataset()
-    item.ContourImageSequence = sequence(_image_ref(image))
+    item.ContourImageSequence = sequence(sop_reference(image))
     item.ContourGeometricType = geometric_type
     item.NumberOfContourPoints = len(points) // 3
     item.ContourData = points
@@ -66,7 +60,7 @@ def build_structure_set(
 
     series = Dataset()
     series.SeriesInstanceUID = ct[0].SeriesInstanceUID
-    series.ContourImageSequence = sequence(*(_image_ref(image) for image in ct))
+    series.ContourImageSequence = sequence(*(sop_reference(image) for image in ct))
     study = Dataset()
     study.ReferencedSOPClassUID = uids["study_component_reference"]
     study.ReferencedSOPInstanceUID = ctx.study_instance_uid
