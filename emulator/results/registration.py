@@ -91,11 +91,7 @@ def build_registration(
     def item(frame_uid: str, images: list[Dataset], matrix: list[float], kind: str) -> Dataset:
         entry = Dataset()
         entry.FrameOfReferenceUID = frame_uid
-        refs = []
-        for image in images:
-            ref = sop_reference(image)
-            refs.append(ref)
-        entry.ReferencedImageSequence = sequence(*refs)
+        entry.ReferencedImageSequence = sequence(*(sop_reference(image) for image in images))
         transform = Dataset()
         transform.FrameOfReferenceTransformationMatrix = matrix
         transform.FrameOfReferenceTransformationMatrixType = "RIGID"
@@ -127,11 +123,7 @@ def build_registration(
         for series_uid, images in series.items():
             entry = Dataset()
             entry.SeriesInstanceUID = series_uid
-            instances = []
-            for image in images:
-                ref = sop_reference(image)
-                instances.append(ref)
-            entry.ReferencedInstanceSequence = sequence(*instances)
+            entry.ReferencedInstanceSequence = sequence(*(sop_reference(i) for i in images))
             entries.append(entry)
         if study_uid == str(ds.StudyInstanceUID):
             series_items.extend(entries)

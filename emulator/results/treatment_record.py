@@ -84,11 +84,9 @@ def build_treatment_record(
     ref_plan = sop_reference(plan)
     ds.ReferencedRTPlanSequence = sequence(ref_plan)
     if previous_records:
-        refs = []
-        for record in previous_records:
-            ref = sop_reference(record)
-            refs.append(ref)
-        ds.ReferencedTreatmentRecordSequence = sequence(*refs)
+        ds.ReferencedTreatmentRecordSequence = sequence(
+            *(sop_reference(record) for record in previous_records)
+        )
     # RT Treatment Machine Record
     machine = Dataset()
     machine.TreatmentMachineName = machine_name
