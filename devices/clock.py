@@ -28,6 +28,19 @@ class Clock:
             return not self._interrupt.is_set()
         return not self._interrupt.wait(seconds * self.scale)
 
+    def sleep_until(self, origin: float, device_seconds: float) -> bool:
+        """Waits until ``device_seconds`` of device time after ``origin`` (a now() value).
+
+        Pacing against absolute deadlines keeps time spent elsewhere (sending events,
+        waiting for ACKs) from accumulating as drift; returns False if woken early.
+        """
+        if self.scale == 0:
+            return not self._interrupt.is_set()
+        remaining = origin + device_seconds * self.scale - self.now()
+        if remaining <= 0:
+            return not self._interrupt.is_set()
+        return not self._interrupt.wait(remaining)
+
     def wake(self) -> None:
         """Ends any current and future wait at once (an operator interrupt, a stop)."""
         self._interrupt.set()

@@ -113,7 +113,9 @@ class SimulatedLinac(Device):
             raise DeviceError("no beam loaded")
         self._beam = None
         timing = self.profile["timing"]
-        self.clock.sleep(float(timing["beam_on_delay_s"]))
+        origin = self.clock.now()
+        delay = float(timing["beam_on_delay_s"])
+        self.clock.sleep_until(origin, delay)
         rate_per_s = beam.dose_rate / 60.0
         tick = float(timing["tick_s"])
         delivered = beam.start_meterset
@@ -128,7 +130,9 @@ class SimulatedLinac(Device):
                 stop_at = None
                 if trip is not None and delivered < trip <= delivered + step:
                     step, stop_at = trip - delivered, "MACHINE"
-                awake = self.clock.sleep(step / rate_per_s)
+                # Paced against the beam's own schedule, not the previous step's end.
+                due = delay + (delivered + step - beam.start_meterset) / rate_per_s
+                awake = self.clock.sleep_until(origin, due)
                 if self._hold.is_set() or not awake:
                     # An operator hold stops the beam where it is; the partial step of a
                     # wait that was cut short is not counted as delivered.
