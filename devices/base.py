@@ -70,6 +70,28 @@ class BeamProgram:
         return self.total_meterset if self.end_meterset is None else self.end_meterset
 
 
+@dataclass(frozen=True)
+class DwellPosition:
+    """One source stop: channel, position along it (mm) and dwell time at reference activity."""
+
+    channel: int
+    position_mm: float
+    reference_time_s: float
+
+
+@dataclass(frozen=True)
+class DwellProgramme:
+    """An afterloader treatment: dwell positions whose times are given at reference activity."""
+
+    number: int
+    name: str
+    positions: tuple[DwellPosition, ...]
+
+    @property
+    def total_reference_time(self) -> float:
+        return round(sum(p.reference_time_s for p in self.positions), 4)
+
+
 class Termination(str, enum.Enum):
     NORMAL = "NORMAL"
     OPERATOR = "OPERATOR"
@@ -94,6 +116,15 @@ class ControlPointReached:
 
 
 @dataclass(frozen=True)
+class DwellReached:
+    """The source completed a dwell; ``actual_time_s`` is decay-corrected."""
+
+    channel: int
+    position_mm: float
+    actual_time_s: float
+
+
+@dataclass(frozen=True)
 class BeamEnded:
     """The beam stopped; ``meterset`` is what the dosimetry channel measured, never more."""
 
@@ -103,7 +134,7 @@ class BeamEnded:
     interlock_code: str = ""
 
 
-DeliveryEvent = MetersetTick | ControlPointReached | BeamEnded
+DeliveryEvent = MetersetTick | ControlPointReached | DwellReached | BeamEnded
 
 
 @dataclass(frozen=True)
@@ -166,6 +197,14 @@ class Device(ABC):
     @abstractmethod
     def acquire(self, kind: str) -> ImageSet:
         """Triggers an imaging acquisition (e.g. 'CBCT') and returns the images."""
+
+    def load_dwell_programme(self, programme: DwellProgramme) -> None:
+        """Afterloaders only; other machines refuse."""
+        raise DeviceError(f"{type(self).__name__} has no source to drive")
+
+    def treat(self) -> Iterator[DeliveryEvent]:
+        """Runs the loaded dwell programme (afterloaders only)."""
+        raise DeviceError(f"{type(self).__name__} has no source to drive")
 
     def __enter__(self) -> Device:
         self.connect()

@@ -197,5 +197,15 @@ class SimulatedLinac(Device):
 
 
 def make_simulated_device(rest: str, clock: Clock, options: dict) -> Device:
-    """The ``sim`` backend: ``sim`` or ``sim:PROFILE`` (a machine profile name or path)."""
-    return SimulatedLinac(load_machine_profile(rest or "linac"), clock, options.get("interlocks"))
+    """The ``sim`` backend: ``sim`` or ``sim:PROFILE``; the profile's ``kind`` picks the model."""
+    profile = load_machine_profile(rest or "linac")
+    kind = profile.get("kind", "linac")
+    if kind == "afterloader":
+        from devices.sim.afterloader import SimulatedAfterloader
+
+        return SimulatedAfterloader(profile, clock)
+    if kind == "couch":
+        from devices.sim.couch import SimulatedCouch
+
+        return SimulatedCouch(profile, clock)
+    return SimulatedLinac(profile, clock, options.get("interlocks"))
