@@ -65,6 +65,10 @@ class ControllerSim:
         self.linac.connect()
         self._delivery: threading.Thread | None = None
         self.sessions = 0
+        # Per beam, the last meterset whose frame the host acknowledged: no record may
+        # ever report more than this (the fault matrix checks it).
+        self.acknowledged: dict[int, float] = {}
+        self._beam_number = 0
 
     def _hello_body(self) -> dict:
         caps = asdict(self.linac.capabilities())
@@ -80,6 +84,7 @@ class ControllerSim:
                         MessageType.METERSET,
                         {"meterset": event.meterset, "dose_rate": event.dose_rate},
                     )
+                    self.acknowledged[self._beam_number] = event.meterset  # send() got its ACK
                 elif isinstance(event, ControlPointReached):
                     link.send(
                         MessageType.CONTROL_POINT,
@@ -99,6 +104,7 @@ class ControllerSim:
                             "code": event.interlock_code,
                         },
                     )
+                    self.acknowledged[self._beam_number] = event.meterset
         except LinkLost:
             self.linac.interrupt("link lost")  # a controller that loses its host holds the beam
 
@@ -117,6 +123,8 @@ class ControllerSim:
                 program = program_from_body(body)
                 self.linac.interlocks = dict(self.faults.interlocks)
                 self.linac.load_beam(program)
+                self._beam_number = program.beam_number
+                self.acknowledged[program.beam_number] = program.start_meterset
                 link.send(MessageType.LOADED, {"beam": program.beam_number})
             elif kind == MessageType.BEAM_ON:
                 link.send(MessageType.BEAM_STARTED, {})

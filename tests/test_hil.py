@@ -103,13 +103,14 @@ def test_one_workflow_three_backends_same_records(bench):
 
 @pytest.mark.parametrize("kind", ["serial", "tcp"])
 def test_interlock_from_the_control_channel(bench, kind):
-    spec, _, control = start_controller(kind)
+    spec, sim, control = start_controller(kind)
     assert send_fault(control, {"fault": "interlock", "beam": 2, "meterset": 40})["ok"]
     _site, device = bench(spec)
     (outcome,) = device.run_once()
     assert outcome.state == "CANCELED" and "MACHINE" in outcome.reason
     assert "dosimetry interlock" in outcome.reason
     assert outcome.delivered == {1: 100.0, 2: 40.0}
+    assert all(outcome.delivered[b] <= sim.acknowledged[b] + 1e-9 for b in outcome.delivered)
 
 
 @pytest.mark.parametrize("kind", ["serial", "tcp"])
@@ -121,6 +122,7 @@ def test_garbled_frames_are_retried_and_the_delivery_is_exact(bench, kind):
     (outcome,) = device.run_once()
     assert outcome.state == "COMPLETED", outcome.reason
     assert outcome.delivered == {1: 100.0, 2: 100.0, 3: 100.0}
+    assert outcome.delivered == sim.acknowledged
     assert sim.faults.counters.get("garbled", 0) > 0
     link = device.device.link
     assert link is None or link.counters.garbled + link.counters.duplicates >= 0
@@ -135,7 +137,7 @@ def test_garbled_frames_are_retried_and_the_delivery_is_exact(bench, kind):
     ],
 )
 def test_link_lost_mid_beam_ends_machine_at_the_last_reported_meterset(bench, kind, fault):
-    spec, _sim, control = start_controller(kind, time_scale=0.02)
+    spec, sim, control = start_controller(kind, time_scale=0.02)
     _site, device = bench(spec)
     reported: list[float] = []
     injected = threading.Event()
@@ -151,6 +153,7 @@ def test_link_lost_mid_beam_ends_machine_at_the_last_reported_meterset(bench, ki
     (outcome,) = device.run_once()
     assert outcome.state == "CANCELED" and "link lost" in outcome.reason
     assert outcome.delivered[1] == pytest.approx(max(reported))  # never more than reported
+    assert outcome.delivered[1] <= sim.acknowledged[1] + 1e-9  # nor than acknowledged
     assert outcome.delivered[1] < 100
     time.sleep(4.5 if fault["fault"] != "drop" else 0.2)
     send_fault(control, {"fault": "clear"})
@@ -199,3 +202,39 @@ def test_reordered_and_delayed_frames_still_deliver_exactly(bench, fault):
     assert outcome.delivered == {1: 100.0, 2: 100.0, 3: 100.0}
     if fault["fault"] == "reorder":
         assert sim.faults.counters.get("reordered", 0) > 0
+
+
+def test_spy_url_logs_the_traffic_of_a_serial_session(tmp_path):
+    from devices.base import BeamEnded
+    from devices.clock import Clock
+    from devices.registry import open_device
+    from emulator.performer.delivery import beam_program
+    from emulator.synth import generate_patient
+    from tests.conftest import SMALL_GEOMETRY
+
+    spec, _, _ = start_controller("serial")
+    log = tmp_path / "spy.txt"
+    path = spec.removeprefix("serial://")
+    plan = generate_patient(geometry=SMALL_GEOMETRY).plan
+    with open_device(f"serial:spy://{path}?file={log}", Clock(0)) as device:
+        device.load_beam(beam_program(plan, 1))
+        assert isinstance(list(device.beam_on())[-1], BeamEnded)
+    assert log.stat().st_size > 0  # pyserial's spy:// wrote the exchange
+
+
+def test_third_party_backends_register_by_name():
+    from devices.clock import Clock
+    from devices.registry import backends, open_device, register
+    from devices.sim.linac import SimulatedLinac, load_machine_profile
+
+    made = []
+
+    def factory(rest, clock, options):
+        made.append(rest)
+        return SimulatedLinac(load_machine_profile("linac"), clock)
+
+    register("vendorx", factory)
+    assert "vendorx" in backends()
+    with open_device("vendorx:bench-7", Clock(0)) as device:
+        assert device.identify().model == "SimLinac C-arm"
+    assert made == ["bench-7"]
