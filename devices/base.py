@@ -71,6 +71,34 @@ class BeamProgram:
 
 
 @dataclass(frozen=True)
+class AxisState:
+    """Where the machine's axes are now, as the controller reports them."""
+
+    gantry_angle: float
+    collimator_angle: float
+    jaws: tuple[float, float, float, float]
+    mlc: tuple[float, ...]
+    couch: tuple[float, float, float]
+
+    def differences(
+        self, cp: ControlPointProgram, angle_tol: float = 0.1, position_tol: float = 0.5
+    ) -> list[str]:
+        """Axes that are not where control point ``cp`` puts them (verify before beam on)."""
+        problems = []
+        if abs((self.gantry_angle - cp.gantry_angle + 180) % 360 - 180) > angle_tol:
+            problems.append(f"gantry at {self.gantry_angle}, planned {cp.gantry_angle}")
+        if abs((self.collimator_angle - cp.collimator_angle + 180) % 360 - 180) > angle_tol:
+            problems.append(f"collimator at {self.collimator_angle}, planned {cp.collimator_angle}")
+        if any(abs(a - b) > position_tol for a, b in zip(self.jaws, cp.jaws, strict=True)):
+            problems.append("jaws not at their planned positions")
+        if len(self.mlc) != len(cp.mlc) or any(
+            abs(a - b) > position_tol for a, b in zip(self.mlc, cp.mlc, strict=True)
+        ):
+            problems.append("MLC not at its planned positions")
+        return problems
+
+
+@dataclass(frozen=True)
 class DwellPosition:
     """One source stop: channel, position along it (mm) and dwell time at reference activity."""
 
@@ -197,6 +225,10 @@ class Device(ABC):
     @abstractmethod
     def acquire(self, kind: str) -> ImageSet:
         """Triggers an imaging acquisition (e.g. 'CBCT') and returns the images."""
+
+    def axes(self) -> AxisState:
+        """The controller's report of where its axes are."""
+        raise DeviceError(f"{type(self).__name__} reports no axes")
 
     def load_dwell_programme(self, programme: DwellProgramme) -> None:
         """Afterloaders only; other machines refuse."""

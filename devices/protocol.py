@@ -32,6 +32,7 @@ class MessageType(enum.IntEnum):
     INTERRUPT = 0x04
     MOVE_COUCH = 0x05
     ACQUIRE = 0x06
+    GET_STATE = 0x07
     HEARTBEAT = 0x10
     HELLO_REPLY = 0x81
     LOADED = 0x82

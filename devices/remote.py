@@ -18,6 +18,7 @@ from dataclasses import asdict
 import numpy as np
 
 from devices.base import (
+    AxisState,
     BeamEnded,
     BeamProgram,
     Capabilities,
@@ -112,6 +113,16 @@ class RemoteDevice(Device):
         caps["energies_mv"] = tuple(caps["energies_mv"])
         caps["patient_positions"] = tuple(caps["patient_positions"])
         return Capabilities(**caps)
+
+    def axes(self) -> AxisState:
+        body = self._request(MessageType.GET_STATE, {}, {MessageType.STATE}).body
+        return AxisState(
+            float(body["gantry_angle"]),
+            float(body["collimator_angle"]),
+            tuple(body["jaws"]),
+            tuple(body["mlc"]),
+            tuple(body["couch"]),
+        )
 
     def load_beam(self, beam: BeamProgram) -> None:
         self._request(MessageType.LOAD_BEAM, program_to_body(beam), {MessageType.LOADED})

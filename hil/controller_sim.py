@@ -122,6 +122,7 @@ class ControllerSim:
             elif kind == MessageType.LOAD_BEAM:
                 program = program_from_body(body)
                 self.linac.interlocks = dict(self.faults.interlocks)
+                self.linac.axis_faults = dict(self.faults.axis_faults)
                 self.linac.load_beam(program)
                 self._beam_number = program.beam_number
                 self.acknowledged[program.beam_number] = program.start_meterset
@@ -154,6 +155,10 @@ class ControllerSim:
                         "origin": list(images.origin),
                     },
                 )
+            elif kind == MessageType.GET_STATE:
+                state = asdict(self.linac.axes())
+                state["beam_on"] = self._delivery is not None and self._delivery.is_alive()
+                link.send(MessageType.STATE, state)
             elif kind == MessageType.HEARTBEAT:
                 link.send(MessageType.HEARTBEAT_REPLY, {"sessions": self.sessions})
         except DeviceError as exc:

@@ -27,6 +27,7 @@ class Faults:
     unplugged_until: float = 0.0
     drop_requested: bool = False
     interlocks: dict[int, float] = field(default_factory=dict)
+    axis_faults: dict[str, float] = field(default_factory=dict)
     seed: int = 1
     counters: dict[str, int] = field(default_factory=dict)
 
@@ -61,6 +62,8 @@ class Faults:
             self.stall_until = now + float(command.get("seconds", 5))
         elif kind == "unplug":
             self.unplugged_until = now + float(command.get("seconds", 3))
+        elif kind == "stuck_axis":
+            self.axis_faults[str(command["axis"])] = float(command.get("short_by", 5.0))
         elif kind == "drop":
             self.drop_requested = True
         elif kind == "clear":
@@ -68,6 +71,7 @@ class Faults:
             self.latency_ms = self.jitter_ms = 0.0
             self.stall_until = self.unplugged_until = 0.0
             self.interlocks.clear()
+            self.axis_faults.clear()
         elif kind == "status":
             pass
         else:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from devices.base import MetersetTick
+from devices.base import DeviceError, MetersetTick
 from emulator.net.peers import Peer
 from emulator.performer.workflow import DeviceConfig, PerformingDevice
 from emulator.reference.site import ReferenceSite, SiteConfig
@@ -238,3 +238,62 @@ def test_third_party_backends_register_by_name():
     with open_device("vendorx:bench-7", Clock(0)) as device:
         assert device.identify().model == "SimLinac C-arm"
     assert made == ["bench-7"]
+
+
+def test_pds_over_tcp_images_moves_the_couch_and_verifies_axes(tmp_path):
+    """Imaging, couch moves and axis reports cross the link too, not only beams."""
+    spec, sim, _ = start_controller("tcp")
+    port = free_port()
+    site = ReferenceSite(
+        SiteConfig(
+            data_dir=tmp_path / "site",
+            tms_port=0,
+            archive_port=0,
+            seed_options=SMALL,
+            peers=[Peer("PDS1", "127.0.0.1", port)],
+        )
+    )
+    site.start()
+    try:
+        site.seed("LINAC1", 1)
+        device = PerformingDevice(
+            DeviceConfig(
+                "pds",
+                "LINAC1",
+                "PDS1",
+                Peer("TMS", *site.tms.address),
+                Peer("ARCHIVE", *site.archive.address),
+                tmp_path / "dev",
+                listen_port=port,
+                device=spec,
+            )
+        )
+        with device:
+            outcomes = device.run_once()
+            state = device.device.axes()
+        assert [o.state for o in outcomes] == ["COMPLETED"] * 4
+        assert len(outcomes[0].stored) == 16  # CBCT slices that crossed the link as IMAGES
+        assert abs(sim.linac.couch.lateral + 3.0) < 0.5  # moved against the setup error
+        assert state.gantry_angle == sim.linac.axes().gantry_angle
+    finally:
+        site.stop()
+
+
+def test_axes_that_do_not_reach_control_point_0_stop_the_beam(patient):
+    from devices.clock import Clock
+    from devices.registry import open_device
+    from emulator.performer.delivery import BeamTask, SessionDelivery, beam_program
+
+    program = beam_program(patient.plan, 1)
+    faulty = open_device("sim", Clock(0), {"axis_faults": {"gantry": 5.0}})
+    with faulty as device, pytest.raises(DeviceError, match="gantry at"):
+        SessionDelivery(device, [BeamTask(program)]).run()
+
+
+def test_stuck_axis_over_the_link_cancels_before_any_meterset(bench):
+    spec, _sim, control = start_controller("tcp")
+    assert send_fault(control, {"fault": "stuck_axis", "axis": "gantry", "short_by": 3})["ok"]
+    _site, device = bench(spec)
+    (outcome,) = device.run_once()
+    assert outcome.state == "CANCELED" and "gantry at" in outcome.reason
+    assert outcome.delivered == {}

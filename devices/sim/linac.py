@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 
 from devices.base import (
+    AxisState,
     BeamEnded,
     BeamProgram,
     Capabilities,
@@ -51,16 +52,23 @@ class SimulatedLinac(Device):
     """``interlocks`` maps beam numbers to the meterset at which an interlock trips."""
 
     def __init__(
-        self, profile: dict[str, Any], clock: Clock, interlocks: dict[int, float] | None = None
+        self,
+        profile: dict[str, Any],
+        clock: Clock,
+        interlocks: dict[int, float] | None = None,
+        axis_faults: dict[str, float] | None = None,
     ) -> None:
         self.profile = profile
         self.clock = clock
         self.interlocks = dict(interlocks or {})
+        # A stuck axis stops this far short of where it was sent (degrees), e.g. gantry.
+        self.axis_faults = dict(axis_faults or {})
         self._beam: BeamProgram | None = None
         self._hold = threading.Event()
         self._hold_reason = ""
         self._connected = False
         self.couch = CouchPosition()
+        self._axes = AxisState(0.0, 0.0, (0.0, 0.0, 0.0, 0.0), (), (0.0, 0.0, 0.0))
         self.setup_error = tuple(profile.get("imaging", {}).get("setup_error_mm", (0, 0, 0)))
 
     def connect(self) -> None:
@@ -100,11 +108,23 @@ class SimulatedLinac(Device):
             raise DeviceError(f"beam {beam.beam_number}: dose rate {beam.dose_rate} out of range")
         if not 0 <= beam.start_meterset < beam.stop_meterset <= beam.total_meterset + 1e-6:
             raise DeviceError(f"beam {beam.beam_number}: meterset range is not deliverable")
-        # Axes move to control point 0 before the beam may start.
-        self.clock.sleep(abs(beam.control_points[0].gantry_angle) / caps.gantry_speed_deg_s / 10)
+        # The axes travel to control point 0 at the gantry speed (the slowest axis).
+        first = beam.control_points[0]
+        travel = abs((first.gantry_angle - self._axes.gantry_angle + 180) % 360 - 180)
+        self.clock.sleep(travel / caps.gantry_speed_deg_s)
+        self._move_axes(first)
         self._beam = beam
         self._hold.clear()
         self.clock.reset()
+
+    def _move_axes(self, cp) -> None:
+        couch = (self.couch.lateral, self.couch.vertical, self.couch.longitudinal)
+        gantry = cp.gantry_angle - self.axis_faults.get("gantry", 0.0)
+        collimator = cp.collimator_angle - self.axis_faults.get("collimator", 0.0)
+        self._axes = AxisState(gantry, collimator, tuple(cp.jaws), tuple(cp.mlc), couch)
+
+    def axes(self) -> AxisState:
+        return self._axes
 
     def beam_on(self) -> Iterator[DeliveryEvent]:
         self._require_connected()
@@ -147,6 +167,7 @@ class SimulatedLinac(Device):
                     )
                     return
             if segment_end >= target.cumulative_meterset - 1e-9:
+                self._move_axes(target)
                 yield ControlPointReached(target.index, round(delivered, 4), target.gantry_angle)
             if delivered >= beam.stop_meterset - 1e-9:
                 break
@@ -208,4 +229,4 @@ def make_simulated_device(rest: str, clock: Clock, options: dict) -> Device:
         from devices.sim.couch import SimulatedCouch
 
         return SimulatedCouch(profile, clock)
-    return SimulatedLinac(profile, clock, options.get("interlocks"))
+    return SimulatedLinac(profile, clock, options.get("interlocks"), options.get("axis_faults"))

@@ -22,6 +22,7 @@ from devices.base import (
     ControlPointReached,
     DeliveryEvent,
     Device,
+    DeviceError,
     MetersetTick,
     Termination,
 )
@@ -157,6 +158,7 @@ class SessionDelivery:
         outcome = SessionOutcome()
         for task in self.tasks:
             self.device.load_beam(task.program)
+            self._verify_axes(task)
             self.load()
             self.on_beam_start(task)
             self.start()
@@ -172,6 +174,16 @@ class SessionDelivery:
             self.complete()
         self.finish()
         return outcome
+
+    def _verify_axes(self, task: BeamTask) -> None:
+        """Set and verify: the machine's own report must match control point 0."""
+        try:
+            state = self.device.axes()
+        except DeviceError:
+            return  # a machine without axis reports (none of ours) cannot be verified
+        problems = state.differences(task.program.control_points[0])
+        if problems:
+            raise DeviceError(f"beam {task.program.beam_number}: " + "; ".join(problems))
 
     def _deliver(self, task: BeamTask) -> DeliveredBeam:
         program = task.program
