@@ -297,3 +297,23 @@ def test_stuck_axis_over_the_link_cancels_before_any_meterset(bench):
     (outcome,) = device.run_once()
     assert outcome.state == "CANCELED" and "gantry at" in outcome.reason
     assert outcome.delivered == {}
+
+
+@pytest.mark.parametrize("kind", ["serial", "tcp"])
+def test_operator_hold_over_the_link(bench, kind):
+    spec, sim, _ = start_controller(kind, time_scale=0.02)
+    _site, device = bench(spec)
+    seen: list[float] = []
+
+    def hold(task, event):
+        second_beam = task.program.beam_number == 2
+        if isinstance(event, MetersetTick) and second_beam and not seen and event.meterset >= 30:
+            seen.append(event.meterset)
+            device.device.interrupt("operator: patient coughing")
+
+    device.on_event = hold
+    (outcome,) = device.run_once()
+    assert outcome.state == "CANCELED" and "OPERATOR" in outcome.reason
+    assert outcome.delivered[1] == 100.0
+    assert seen[0] <= outcome.delivered[2] <= sim.acknowledged[2] + 1e-9
+    assert outcome.delivered[2] < 100.0
