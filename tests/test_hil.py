@@ -40,7 +40,8 @@ def start_controller(kind: str, time_scale: float = 0.0):
 def bench(tmp_path):
     started = []
 
-    def make(device_spec: str):
+    def make(device_spec: str, kind: str = "tdd"):
+        ae_title = kind.upper() + "1"
         port = free_port()
         site = ReferenceSite(
             SiteConfig(
@@ -48,16 +49,16 @@ def bench(tmp_path):
                 tms_port=0,
                 archive_port=0,
                 seed_options=SMALL,
-                peers=[Peer("TDD1", "127.0.0.1", port)],
+                peers=[Peer(ae_title, "127.0.0.1", port)],
             )
         )
         site.start()
         site.seed("LINAC1", 1)
         device = PerformingDevice(
             DeviceConfig(
-                "tdd",
+                kind,
                 "LINAC1",
-                "TDD1",
+                ae_title,
                 Peer("TMS", *site.tms.address),
                 Peer("ARCHIVE", *site.archive.address),
                 tmp_path / f"dev{len(started)}",
@@ -240,43 +241,16 @@ def test_third_party_backends_register_by_name():
     assert made == ["bench-7"]
 
 
-def test_pds_over_tcp_images_moves_the_couch_and_verifies_axes(tmp_path):
+def test_pds_over_tcp_images_moves_the_couch_and_verifies_axes(bench):
     """Imaging, couch moves and axis reports cross the link too, not only beams."""
     spec, sim, _ = start_controller("tcp")
-    port = free_port()
-    site = ReferenceSite(
-        SiteConfig(
-            data_dir=tmp_path / "site",
-            tms_port=0,
-            archive_port=0,
-            seed_options=SMALL,
-            peers=[Peer("PDS1", "127.0.0.1", port)],
-        )
-    )
-    site.start()
-    try:
-        site.seed("LINAC1", 1)
-        device = PerformingDevice(
-            DeviceConfig(
-                "pds",
-                "LINAC1",
-                "PDS1",
-                Peer("TMS", *site.tms.address),
-                Peer("ARCHIVE", *site.archive.address),
-                tmp_path / "dev",
-                listen_port=port,
-                device=spec,
-            )
-        )
-        with device:
-            outcomes = device.run_once()
-            state = device.device.axes()
-        assert [o.state for o in outcomes] == ["COMPLETED"] * 4
-        assert len(outcomes[0].stored) == 16  # CBCT slices that crossed the link as IMAGES
-        assert abs(sim.linac.couch.lateral + 3.0) < 0.5  # moved against the setup error
-        assert state.gantry_angle == sim.linac.axes().gantry_angle
-    finally:
-        site.stop()
+    _site, device = bench(spec, kind="pds")
+    outcomes = device.run_once()
+    state = device.device.axes()
+    assert [o.state for o in outcomes] == ["COMPLETED"] * 4
+    assert len(outcomes[0].stored) == 16  # CBCT slices that crossed the link as IMAGES
+    assert abs(sim.linac.couch.lateral + 3.0) < 0.5  # moved against the setup error
+    assert state.gantry_angle == sim.linac.axes().gantry_angle
 
 
 def test_axes_that_do_not_reach_control_point_0_stop_the_beam(patient):
