@@ -30,6 +30,9 @@ class NetworkSettings:
     maximum_pdu_size: int = 256 * 1024
     maximum_associations: int = 32
     tls_context: ssl.SSLContext | None = None
+    # Extra (event, handler) pairs bound to every association, e.g. the conformance
+    # traffic recorder; they only observe, so the exchanges are the same with or without.
+    observers: tuple = ()
 
 
 def _set_nodelay(event: evt.Event) -> None:
@@ -40,6 +43,11 @@ def _set_nodelay(event: evt.Event) -> None:
 
 
 NODELAY_HANDLER = (evt.EVT_CONN_OPEN, _set_nodelay)
+
+
+def association_handlers(settings: NetworkSettings | None) -> list:
+    """TCP_NODELAY plus the settings' observers, for requested and accepted associations."""
+    return [NODELAY_HANDLER, *(settings.observers if settings else ())]
 
 
 def make_ae(
@@ -77,6 +85,6 @@ def start_server(
     return ae.start_server(
         (host, port),
         block=False,
-        evt_handlers=[NODELAY_HANDLER, *handlers],
+        evt_handlers=[*association_handlers(settings), *handlers],
         ssl_context=settings.tls_context,
     )

@@ -23,7 +23,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from emulator.net.ae_factory import NODELAY_HANDLER, NetworkSettings, make_ae
+from emulator.net.ae_factory import NetworkSettings, association_handlers, make_ae
 from emulator.net.peers import Peer
 
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
@@ -60,7 +60,7 @@ def associate(
         peer.host,
         peer.port,
         ae_title=peer.ae_title,
-        evt_handlers=[NODELAY_HANDLER],
+        evt_handlers=association_handlers(settings),
         tls_args=(settings.tls_context, None) if settings and settings.tls_context else None,
     )
     if not assoc.is_established:
