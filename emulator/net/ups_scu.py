@@ -8,12 +8,17 @@ UIDs, so the Pull UID is passed as ``meta_uid`` for the context lookup in both U
 from __future__ import annotations
 
 from dataclasses import dataclass
+from io import BytesIO
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pynetdicom import build_context
+from pynetdicom import build_context, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import N_SET_RQ
+from pynetdicom.dimse_primitives import N_SET
+from pynetdicom.dsutils import encode
 
-from emulator.net.ae_factory import NODELAY_HANDLER, NetworkSettings, make_ae
+from emulator.net.ae_factory import NetworkSettings, association_handlers, make_ae
 from emulator.net.peers import Peer
 from emulator.net.scu import DimseError
 from emulator.profile import Profile
@@ -44,8 +49,13 @@ class UpsConnection:
     def __enter__(self) -> UpsConnection:
         ae = make_ae(self.calling_ae, self.settings)
         ae.requested_contexts = [build_context(self.pull)]
+        tls = self.settings.tls_context
         self.assoc = ae.associate(
-            self.tms.host, self.tms.port, ae_title=self.tms.ae_title, evt_handlers=[NODELAY_HANDLER]
+            self.tms.host,
+            self.tms.port,
+            ae_title=self.tms.ae_title,
+            evt_handlers=association_handlers(self.settings),
+            tls_args=(tls, None) if tls else None,
         )
         if not self.assoc.is_established:
             raise DimseError(f"association with TMS {self.tms} failed")
@@ -88,3 +98,32 @@ class UpsConnection:
     def n_set(self, uid: str, modifications: Dataset) -> int:
         status, _ = self.assoc.send_n_set(modifications, self.push, uid, meta_uid=self.pull)
         return self._check(status, "N-SET")
+
+    def n_get(self, uid: str, keywords: list[str]) -> Reply:
+        """N-GET of some attributes (e.g. the state), as a performer may after a failure."""
+        tags = [tag_for_keyword(k) for k in keywords]
+        status, reply = self.assoc.send_n_get(tags, self.push, uid, meta_uid=self.pull)
+        return Reply(self._check(status, "N-GET"), reply)
+
+    def abort_during_n_set(self, uid: str, modifications: Dataset) -> None:
+        """Sends the command of an N-SET, then aborts before its data set: a cut-off update.
+
+        It goes through pynetdicom's DIMSE encoding, but only the first P-DATA leaves, so the
+        TMS sees a request start and the association end with A-ABORT.
+        """
+        assoc = self.assoc
+        context = next(c for c in assoc.accepted_contexts if c.abstract_syntax == self.pull)
+        syntax = context.transfer_syntax[0]
+        request = N_SET()
+        request.MessageID = 1
+        request.RequestedSOPClassUID = self.push
+        request.RequestedSOPInstanceUID = uid
+        request.ModificationList = BytesIO(
+            encode(modifications, syntax.is_implicit_VR, syntax.is_little_endian)
+        )
+        message = N_SET_RQ()
+        message.primitive_to_message(request)
+        fragments = list(message.encode_msg(context.context_id, assoc.acceptor.maximum_length))
+        evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": message})
+        assoc.dul.send_pdu(fragments[0])
+        assoc.abort()

@@ -26,6 +26,14 @@ def step_of(ups: Dataset) -> str | None:
     return None
 
 
+def session_key(ups: Dataset) -> tuple[str, str]:
+    """The session a UPS belongs to as a device sees it: the patient and the scheduled day."""
+    return (
+        str(ups.get("PatientID", "")),
+        str(ups.get("ScheduledProcedureStepStartDateTime", ""))[:8],
+    )
+
+
 def select(kind: str, worklist: list[Dataset]) -> list[tuple[str, Dataset]]:
     """The UPS this kind performs, session by session, each session in step order."""
     if kind not in KINDS:
@@ -34,9 +42,5 @@ def select(kind: str, worklist: list[Dataset]) -> list[tuple[str, Dataset]]:
     chosen = [(s, u) for s, u in chosen if s in KINDS[kind]]
     return sorted(
         chosen,
-        key=lambda su: (
-            str(su[1].get("PatientID", "")),
-            str(su[1].ScheduledProcedureStepStartDateTime)[:8],
-            STEP_ORDER.index(su[0]),
-        ),
+        key=lambda su: (*session_key(su[1]), STEP_ORDER.index(su[0])),
     )

@@ -120,3 +120,15 @@ def plan_problems(
                     f"range {start}-{end} is not within its meterset"
                 )
     return problems
+
+
+def frame_problems(plan: Dataset, planning_ct: Dataset) -> list[str]:
+    """The plan must be in the frame of reference the session's images were registered in."""
+    plan_frame = str(plan.get("FrameOfReferenceUID", ""))
+    ct_frame = str(planning_ct.get("FrameOfReferenceUID", ""))
+    if plan_frame != ct_frame:
+        return [
+            f"Appendix-A/A.1-Frame-of-Reference: the plan's Frame of Reference {plan_frame!r} "
+            f"is not the planning CT's {ct_frame!r}; the couch correction would not apply"
+        ]
+    return []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -161,28 +162,7 @@ class PerformingDevice:
     # -- RO-17 -------------------------------------------------------------------------------
 
     def worklist_query(self, day: dt.date | None = None) -> Dataset:
-        """Every required matching and return key of Table 3.17-1 (Notes 1, 5, 6, 7)."""
-        day = day or dt.date.today()
-        ident = Dataset()
-        ident.SpecificCharacterSet = ""
-        ident.SOPClassUID = ""
-        ident.SOPInstanceUID = ""
-        ident.ProcedureStepState = "SCHEDULED"
-        ident.ProcedureStepLabel = ""
-        station = code_item(self.config.station, "", "")
-        ident.ScheduledStationNameCodeSequence = Sequence([station])
-        stamp = day.strftime("%Y%m%d")
-        ident.ScheduledProcedureStepStartDateTime = f"{stamp}000000-{stamp}235959"
-        ident.ScheduledWorkitemCodeSequence = Sequence([])
-        ident.ScheduledProcessingParametersSequence = Sequence([])
-        ident.InputInformationSequence = Sequence([])
-        ident.StudyInstanceUID = ""
-        ident.PatientName = ""
-        ident.PatientID = ""
-        ident.PatientBirthDate = ""
-        ident.PatientSex = ""
-        ident.InputReadinessState = ""
-        return ident
+        return worklist_identifier(self.config.station, day)
 
     def query_worklist(self) -> list[Dataset]:
         with UpsConnection(
@@ -191,11 +171,54 @@ class PerformingDevice:
             return tms.find(self.worklist_query())
 
     def run_once(self) -> list[UpsOutcome]:
-        """Queries once and performs every UPS this kind takes, in session and step order."""
-        return [
-            self.perform(step, ups)
-            for step, ups in actors.select(self.config.kind, self.query_worklist())
-        ]
+        """Queries once and performs every UPS this kind takes, in session and step order.
+
+        Before the first step of a session every input of the session is retrieved (RO-17
+        Note 8: so the device knows they are available before it starts); if one is missing,
+        no UPS of the session is claimed. After a step that did not complete, the later
+        steps of that session are left SCHEDULED: positioning for a delivery that will not
+        happen, or delivering on an unverified position, is not safe.
+        """
+        outcomes: list[UpsOutcome] = []
+        chosen = actors.select(self.config.kind, self.query_worklist())
+        for _, members in itertools.groupby(chosen, key=lambda su: actors.session_key(su[1])):
+            session = list(members)
+            problems = self._preflight(session)
+            if problems:
+                reason = "; ".join(problems)
+                LOG.warning("session refused, no UPS claimed: %s", reason)
+                outcomes += [self._outcome(step, ups, "REFUSED", reason) for step, ups in session]
+                continue
+            stopped = ""
+            for step, ups in session:
+                if stopped:
+                    outcomes.append(self._outcome(step, ups, "SKIPPED", stopped))
+                    continue
+                outcome = self.perform(step, ups)
+                outcomes.append(outcome)
+                if outcome.state != "COMPLETED":
+                    stopped = f"not started: {outcome.label or outcome.step} ended {outcome.state}"
+        return outcomes
+
+    @staticmethod
+    def _outcome(step: str, ups: Dataset, state: str, reason: str) -> UpsOutcome:
+        label = str(ups.get("ProcedureStepLabel", ""))
+        return UpsOutcome(str(ups.SOPInstanceUID), step, label, state, reason)
+
+    def _preflight(self, session: list[tuple[str, Dataset]]) -> list[str]:
+        """Input checks and retrieval for every UPS of one session, before any claim."""
+        problems: list[str] = []
+        refs: list[InstanceReference] = []
+        for step, ups in session:
+            problems += safety.input_problems(step, ups, set(self.peers), self.uids)
+            refs += references_in(ups.get("InputInformationSequence") or [])
+        if problems:
+            return problems
+        try:
+            held = self._retrieve(refs)
+        except DimseError as exc:
+            return [f"RO-18: retrieval failed: {exc}"]
+        return safety.arrival_problems(refs, held)
 
     # -- one UPS -----------------------------------------------------------------------------
 
@@ -250,6 +273,9 @@ class PerformingDevice:
                 if r.sop_class_uid == self.uids["rt_beams_delivery_instruction"]
             )
             problems = safety.plan_problems(plan, instruction, ups, self.device.capabilities())
+            session = self.sessions.get(str(ups.get("PatientID", "")))
+            if session and session.planning_ct:
+                problems += safety.frame_problems(plan, session.planning_ct[0])
         if problems:
             outcome.reason = "; ".join(problems)
             LOG.warning("UPS %s not claimed: %s", uid, outcome.reason)
@@ -422,24 +448,7 @@ class PerformingDevice:
         self, tms: UpsConnection, uid: str, transaction: str, percent: float, beam: int | None
     ) -> None:
         """RO-26: progress, and the Referenced Beam Number in Progress when there is one."""
-        ds = Dataset()
-        ds.TransactionUID = transaction
-        info = Dataset()
-        info.ProcedureStepProgress = round(min(max(percent, 0.0), 100.0), 2)
-        ds.ProcedureStepProgressInformationSequence = Sequence([info])
-        if beam is not None:
-            concept = self.profile.concept("beam_number_in_progress")
-            parameter = Dataset()
-            parameter.ValueType = "TEXT"
-            parameter.ConceptNameCodeSequence = Sequence(
-                [code_item(concept.value, concept.scheme, concept.meaning)]
-            )
-            parameter.TextValue = str(beam)
-            performed = Dataset()
-            performed.PerformedProcessingParametersSequence = Sequence([parameter])
-            performed.OutputInformationSequence = Sequence([])
-            performed.NonDICOMOutputCodeSequence = Sequence([])
-            ds.UnifiedProcedureStepPerformedProcedureSequence = Sequence([performed])
+        ds = progress_dataset(self.profile, transaction, percent, beam)
         status = tms.n_set(uid, ds)
         if status != 0x0000:
             raise _Cancel(f"RO-26: progress update refused (0x{status:04X})", percent)
@@ -454,32 +463,15 @@ class PerformingDevice:
         stored: list[Dataset],
     ) -> int:
         """RO-21: the Performed Procedure Sequence, Output Information = exactly what was stored."""
-        performed = Dataset()
-        performed.PerformedStationNameCodeSequence = Sequence(
-            [code_item(self.config.station, STATION_SCHEME, "Performed Station Name")]
+        ds = final_update_dataset(
+            ups,
+            self.config.station,
+            transaction,
+            started,
+            stored,
+            self.config.archive.ae_title,
+            self.uids.reference_style,
         )
-        performed.PerformedProcedureStepStartDateTime = _dt(started)
-        performed.PerformedProcedureStepEndDateTime = _dt(dt.datetime.now())
-        performed.PerformedWorkitemCodeSequence = Sequence([ups.ScheduledWorkitemCodeSequence[0]])
-        by_series: dict[str, list[InstanceReference]] = {}
-        for ds in stored:
-            by_series.setdefault(str(ds.SeriesInstanceUID), []).append(
-                InstanceReference(
-                    str(ds.StudyInstanceUID),
-                    str(ds.SeriesInstanceUID),
-                    str(ds.SOPClassUID),
-                    str(ds.SOPInstanceUID),
-                    self.config.archive.ae_title,
-                )
-            )
-        style = self.uids.reference_style
-        performed.OutputInformationSequence = Sequence(
-            [reference_item(refs, style) for refs in by_series.values()]
-        )
-        performed.NonDICOMOutputCodeSequence = Sequence([])
-        ds = Dataset()
-        ds.TransactionUID = transaction
-        ds.UnifiedProcedureStepPerformedProcedureSequence = Sequence([performed])
         return tms.n_set(uid, ds)
 
     def _cancel(
@@ -495,13 +487,7 @@ class PerformingDevice:
         """RO-25 CANCELED with the reason and the progress reached (seed RO-18)."""
         LOG.warning("UPS %s canceled: %s", uid, cancel.reason)
         reason = cancel.reason[:1024]
-        ds = Dataset()
-        ds.TransactionUID = transaction
-        info = Dataset()
-        info.ProcedureStepProgress = round(min(max(cancel.percent, 0.0), 100.0), 2)
-        info.ProcedureStepCancellationDateTime = _dt(dt.datetime.now())
-        info.ReasonForCancellation = reason
-        ds.ProcedureStepProgressInformationSequence = Sequence([info])
+        ds = cancel_dataset(transaction, cancel.percent, reason)
         tms.n_set(uid, ds)
         self._final_update(tms, ups, uid, transaction, started, cancel.stored)
         extra = Dataset()
@@ -513,3 +499,108 @@ class PerformingDevice:
         )
         outcome.stored = [str(ds.SOPInstanceUID) for ds in cancel.stored]
         return outcome
+
+
+# -- the datasets of each message, shared with the scenario runner ----------------------------
+
+
+def worklist_identifier(station: str, day: dt.date | None = None) -> Dataset:
+    """RO-17: every required matching and return key of Table 3.17-1 (Notes 1, 5, 6, 7)."""
+    day = day or dt.date.today()
+    ident = Dataset()
+    ident.SpecificCharacterSet = ""
+    ident.SOPClassUID = ""
+    ident.SOPInstanceUID = ""
+    ident.ProcedureStepState = "SCHEDULED"
+    ident.ProcedureStepLabel = ""
+    ident.ScheduledStationNameCodeSequence = Sequence([code_item(station, "", "")])
+    stamp = day.strftime("%Y%m%d")
+    ident.ScheduledProcedureStepStartDateTime = f"{stamp}000000-{stamp}235959"
+    ident.ScheduledWorkitemCodeSequence = Sequence([])
+    ident.ScheduledProcessingParametersSequence = Sequence([])
+    ident.InputInformationSequence = Sequence([])
+    ident.StudyInstanceUID = ""
+    ident.PatientName = ""
+    ident.PatientID = ""
+    ident.PatientBirthDate = ""
+    ident.PatientSex = ""
+    ident.InputReadinessState = ""
+    return ident
+
+
+def progress_dataset(
+    profile: Profile, transaction: str | None, percent: float, beam: int | None
+) -> Dataset:
+    """RO-26 modifications; ``transaction`` None leaves the Transaction UID out."""
+    ds = Dataset()
+    if transaction is not None:
+        ds.TransactionUID = transaction
+    info = Dataset()
+    info.ProcedureStepProgress = round(min(max(percent, 0.0), 100.0), 2)
+    ds.ProcedureStepProgressInformationSequence = Sequence([info])
+    if beam is not None:
+        concept = profile.concept("beam_number_in_progress")
+        parameter = Dataset()
+        parameter.ValueType = "TEXT"
+        parameter.ConceptNameCodeSequence = Sequence(
+            [code_item(concept.value, concept.scheme, concept.meaning)]
+        )
+        parameter.TextValue = str(beam)
+        performed = Dataset()
+        performed.PerformedProcessingParametersSequence = Sequence([parameter])
+        performed.OutputInformationSequence = Sequence([])
+        performed.NonDICOMOutputCodeSequence = Sequence([])
+        ds.UnifiedProcedureStepPerformedProcedureSequence = Sequence([performed])
+    return ds
+
+
+def final_update_dataset(
+    ups: Dataset,
+    station: str,
+    transaction: str | None,
+    started: dt.datetime,
+    stored: list[Dataset],
+    archive_ae_title: str,
+    reference_style: str,
+) -> Dataset:
+    """RO-21: the Performed Procedure Sequence; Output Information = exactly what was stored."""
+    performed = Dataset()
+    performed.PerformedStationNameCodeSequence = Sequence(
+        [code_item(station, STATION_SCHEME, "Performed Station Name")]
+    )
+    performed.PerformedProcedureStepStartDateTime = _dt(started)
+    performed.PerformedProcedureStepEndDateTime = _dt(dt.datetime.now())
+    performed.PerformedWorkitemCodeSequence = Sequence([ups.ScheduledWorkitemCodeSequence[0]])
+    by_series: dict[str, list[InstanceReference]] = {}
+    for ds in stored:
+        by_series.setdefault(str(ds.SeriesInstanceUID), []).append(
+            InstanceReference(
+                str(ds.StudyInstanceUID),
+                str(ds.SeriesInstanceUID),
+                str(ds.SOPClassUID),
+                str(ds.SOPInstanceUID),
+                archive_ae_title,
+            )
+        )
+    performed.OutputInformationSequence = Sequence(
+        [reference_item(refs, reference_style) for refs in by_series.values()]
+    )
+    performed.NonDICOMOutputCodeSequence = Sequence([])
+    ds = Dataset()
+    if transaction is not None:
+        ds.TransactionUID = transaction
+    ds.UnifiedProcedureStepPerformedProcedureSequence = Sequence([performed])
+    return ds
+
+
+def cancel_dataset(transaction: str | None, percent: float, reason: str) -> Dataset:
+    """RO-25 before CANCELED: the progress reached, when, and why (seed RO-18 3.18.4.1)."""
+    ds = Dataset()
+    if transaction is not None:
+        ds.TransactionUID = transaction
+    info = Dataset()
+    info.ProcedureStepProgress = round(min(max(percent, 0.0), 100.0), 2)
+    info.ProcedureStepCancellationDateTime = _dt(dt.datetime.now())
+    info.ReasonForCancellation = reason[:1024]
+    ds.ProcedureStepProgressInformationSequence = Sequence([info])
+    return ds
