@@ -1,0 +1,515 @@
+"""Rule checks on every message the emulated devices received, read from the traffic log.
+
+The checker replays the log in order and keeps what the devices could know at each point
+(each UPS's state and Transaction UID, which session it belongs to, what was claimed), so
+that a response is judged by the state table of ``profiles/ups.yaml`` and by the RO-17 to
+RO-25 rules of ``profiles/rules.yaml``, never by what one scenario happened to expect.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from copy import deepcopy
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+
+from emulator.conformance.object_rules import appendix_a_findings, wrap
+from emulator.conformance.rulebook import Finding, RuleBook, attribute_label
+from emulator.conformance.traffic import Message, TrafficRecorder
+from emulator.performer.actors import STEP_ORDER, session_key, step_of
+from emulator.profile import Profile
+from emulator.reference import ups_rules
+from emulator.ups_references import references_in
+
+WARNINGS = {0x0001, 0xB304, 0xB305, 0xB306}
+PENDING = {0xFF00, 0xFF01}
+
+
+@dataclass
+class CheckContext:
+    """Who is who, and the profile the TMS is judged by."""
+
+    profile: Profile
+    book: RuleBook
+    tms_ae: str
+    archive_ae: str
+
+
+@dataclass
+class _Ups:
+    state: str = ""
+    transaction_uid: str = ""
+    dataset: Dataset = field(default_factory=Dataset)
+    session: tuple[str, str] = ("", "")
+    step: str | None = None
+
+
+def _where(message: Message) -> str:
+    label = f" during {message.label}" if message.label else ""
+    return f"association {message.association}, {message.name} #{message.seq}{label}"
+
+
+def _status_ok(status: int, service: str, tables: dict) -> bool:
+    statuses = tables["ups_statuses"]
+    if status in statuses["general"] or status in statuses.get(service, []):
+        return True
+    ranges = statuses.get(f"{service}-ranges", [])
+    return any(low <= status <= high for low, high in ranges)
+
+
+class TrafficChecker:
+    """Applies the message rules to a recorded run; ``check`` returns the findings."""
+
+    def __init__(self, context: CheckContext) -> None:
+        self.ctx = context
+        self.book = context.book
+        self.tables = context.book.tables()
+        self.uids = context.profile.sop_classes
+        self.ups: dict[str, _Ups] = defaultdict(_Ups)
+        self.counted: set[str] = set()
+        self.peers: dict[int, str] = {}
+        self.session_inputs: dict[tuple[str, str], set[str]] = defaultdict(set)
+        self.findings: list[Finding] = []
+
+    def _add(self, rule: str, message: str, attribute: str, where: Message) -> None:
+        if rule in self.book:
+            self.findings.append(self.book.finding(rule, message, attribute, _where(where)))
+
+    # -- entry point ---------------------------------------------------------------------------
+
+    def check(
+        self, recorder: TrafficRecorder, messages: list[Message] | None = None
+    ) -> list[Finding]:
+        messages = recorder.since(0) if messages is None else messages
+        ups_classes = {self.uids["ups_push"], self.uids["ups_pull"]}
+        stored: dict[str, Message] = {}
+        find_groups: dict[tuple[int, int], list[Dataset]] = {}
+        for request, response in recorder.exchanges(messages):
+            if request.direction != "sent":
+                if request.name == "C-STORE-RQ":
+                    stored.setdefault(request.sop_instance_uid, request)
+                continue
+            service = request.name[:-3]
+            if (
+                request.sop_class_uid in ups_classes
+                and response.status is not None
+                and not _status_ok(response.status, service, self.tables)
+            ):
+                self._add(
+                    "CC/Status-code",
+                    f"{service} answered with 0x{response.status:04X}, which PS3.4 Annex CC "
+                    f"does not define for {service}",
+                    "Status (0000,0900)",
+                    response,
+                )
+            if service == "C-FIND" and request.sop_class_uid in ups_classes:
+                key = (request.association, request.message_id or 0)
+                if response.status in PENDING and response.dataset is not None:
+                    find_groups.setdefault(key, []).append(response.dataset)
+                    self._identifier(request, response)
+                elif response.status is not None and response.status not in PENDING:
+                    self._worklist(request, response, find_groups.pop(key, []))
+            elif service == "N-ACTION":
+                self._n_action(request, response)
+            elif service == "N-SET":
+                self._n_set(request, response)
+            elif service == "C-MOVE" and response.status not in PENDING:
+                self._move(request, response, stored)
+        self._appendix_a(messages)
+        return self.findings
+
+    # -- RO-17 ---------------------------------------------------------------------------------
+
+    def _is_worklist(self, request: Message) -> bool:
+        ds = request.dataset
+        return ds is not None and str(ds.get("ProcedureStepState", "")) == "SCHEDULED"
+
+    def _identifier(self, request: Message, response: Message) -> None:
+        """Rules on one pending identifier of a UPS C-FIND."""
+        ident, asked = response.dataset, request.dataset or Dataset()
+        uid = str(ident.get("SOPInstanceUID", ""))
+        record = self.ups[uid]
+        record.session = session_key(ident)
+        record.step = step_of(ident)
+        if not record.state and ident.get("ProcedureStepState"):
+            record.state = str(ident.ProcedureStepState)
+        for element in ident:
+            if element.keyword not in record.dataset:
+                record.dataset[element.tag] = deepcopy(element)
+        label = f"UPS {uid} ({ident.get('ProcedureStepLabel', '')})"
+        if str(ident.get("TransactionUID", "") or ""):
+            self._add(
+                "RO-17/Transaction-UID-hidden",
+                f"{label} returned its Transaction UID",
+                attribute_label("TransactionUID"),
+                response,
+            )
+        if "SOPClassUID" in asked and str(ident.get("SOPClassUID", "")) != self.uids["ups_push"]:
+            self._add(
+                "RO-17/SOP-Class",
+                f"{label} has SOP Class UID {ident.get('SOPClassUID', '')!r}, not UPS Push "
+                f"{self.uids['ups_push']}",
+                attribute_label("SOPClassUID"),
+                response,
+            )
+        if not self._is_worklist(request):
+            return
+        if str(ident.get("ProcedureStepState", "")) != "SCHEDULED":
+            self._add(
+                "RO-17/Note-1",
+                f"{label} returned in state {ident.get('ProcedureStepState', '')!r} to a "
+                "query for SCHEDULED",
+                attribute_label("ProcedureStepState"),
+                response,
+            )
+        self._return_keys(ident, asked, label, response)
+        self._workitem(ident, label, response)
+        step = record.step
+        if step in self.tables["ro17_steps_with_outputs"] and not str(
+            ident.get("StudyInstanceUID", "")
+        ):
+            self._add(
+                "RO-17/Note-9",
+                f"{label} ({step}) has no Study Instance UID for its results",
+                attribute_label("StudyInstanceUID"),
+                response,
+            )
+        if step == "delivery":
+            self._delivery_type(ident, label, response)
+        self._inputs(ident, step, label, response)
+
+    def _return_keys(self, ident: Dataset, asked: Dataset, label: str, where: Message) -> None:
+        for key in self.tables["ro17_return_keys"]:
+            parts = key["path"].split(">")
+            if parts[0] not in asked:
+                continue
+            rule = key.get("rule", "RO-17/Table-3.17-1")
+            holders = [ident]
+            for part in parts[:-1]:
+                holders = [i for h in holders if part in h for i in (h[part].value or [])]
+            for holder in holders:
+                keyword = parts[-1]
+                need = key["need"]
+                value = holder[keyword].value if keyword in holder else None
+                if keyword not in holder:
+                    problem = "not returned"
+                elif need == "value" and value in (None, "", []):
+                    problem = "returned empty"
+                elif need == "items" and not value:
+                    problem = "returned without items"
+                else:
+                    continue
+                self._add(
+                    rule,
+                    f"{label}: {key['path']} {problem}",
+                    attribute_label(key["path"]),
+                    where,
+                )
+
+    def _workitem(self, ident: Dataset, label: str, where: Message) -> None:
+        items = ident.get("ScheduledWorkitemCodeSequence") or []
+        code = items[0] if items else Dataset()
+        if step_of(ident) is None:
+            self._add(
+                "RO-17/Workitem-code",
+                f"{label}: Scheduled Workitem Code {code.get('CodeValue', '')!r} "
+                f"({code.get('CodingSchemeDesignator', '')!r}) is in none of the RO-17 ranges",
+                attribute_label("ScheduledWorkitemCodeSequence>CodeValue"),
+                where,
+            )
+
+    def _delivery_type(self, ident: Dataset, label: str, where: Message) -> None:
+        concept = self.ctx.profile.concept("treatment_delivery_type")
+        for item in ident.get("ScheduledProcessingParametersSequence") or []:
+            names = item.get("ConceptNameCodeSequence") or []
+            if (
+                names
+                and str(names[0].get("CodeValue", "")) == concept.value
+                and str(names[0].get("CodingSchemeDesignator", "")) == concept.scheme
+            ):
+                problems = []
+                if str(item.get("ValueType", "")) != "TEXT":
+                    problems.append(f"Value Type {item.get('ValueType', '')!r}, not TEXT")
+                if str(names[0].get("CodeMeaning", "")) != concept.meaning:
+                    problems.append(f"Code Meaning {names[0].get('CodeMeaning', '')!r}")
+                if str(item.get("TextValue", "")) not in ("TREATMENT", "CONTINUATION"):
+                    problems.append(f"Text Value {item.get('TextValue', '')!r}")
+                for problem in problems:
+                    self._add(
+                        "RO-17/Table-3.17-2",
+                        f"{label}: Treatment Delivery Type parameter has {problem}",
+                        attribute_label("ScheduledProcessingParametersSequence"),
+                        where,
+                    )
+                return
+        self._add(
+            "RO-17/Table-3.17-2",
+            f"{label}: no Treatment Delivery Type parameter ({concept.value}, {concept.scheme})",
+            attribute_label("ScheduledProcessingParametersSequence"),
+            where,
+        )
+
+    def _inputs(self, ident: Dataset, step: str | None, label: str, where: Message) -> None:
+        refs = references_in(ident.get("InputInformationSequence") or [])
+        self.session_inputs[session_key(ident)].update(r.sop_instance_uid for r in refs)
+        table = self.tables["ro17_inputs"].get(step or "")
+        if not table:
+            return
+        if "by_code" in table:
+            items = ident.get("ScheduledWorkitemCodeSequence") or []
+            code = str(items[0].get("CodeValue", "")) if items else ""
+            spec = table["by_code"].get(code)
+        else:
+            spec = table["classes"]
+        if spec is None:
+            return
+        attribute = attribute_label("InputInformationSequence")
+        at = {"archive": self.ctx.archive_ae, "tms": self.ctx.tms_ae}
+        by_class: dict[str, list] = defaultdict(list)
+        for ref in refs:
+            by_class[self.uids.name_of(ref.sop_class_uid) or ref.sop_class_uid].append(ref)
+        for name, found in by_class.items():
+            if name not in spec:
+                self._add(
+                    "RO-17/Note-8",
+                    f"{label}: {len(found)} input(s) of class {name} that a {step} step "
+                    "does not need",
+                    attribute,
+                    where,
+                )
+        for name, need in spec.items():
+            found = by_class.get(name, [])
+            low = need.get("count", need.get("min", 0))
+            high = need.get("count", 10**9)
+            if not low <= len(found) <= high:
+                wanted = need.get("count", f"at least {low}")
+                self._add(
+                    "RO-17/Note-8",
+                    f"{label}: {len(found)} {name} input(s), needs {wanted}",
+                    attribute,
+                    where,
+                )
+            place = need.get("at", "any")
+            for ref in found:
+                if place != "any" and ref.retrieve_ae_title != at[place]:
+                    self._add(
+                        "RO-17/Note-8",
+                        f"{label}: {name} {ref.sop_instance_uid} is at "
+                        f"{ref.retrieve_ae_title!r}, must be at the {place} ({at[place]})",
+                        attribute_label("InputInformationSequence>RetrieveAETitle"),
+                        where,
+                    )
+            if need.get("one_series") and len({r.series_instance_uid for r in found}) > 1:
+                self._add(
+                    "RO-17/Note-8",
+                    f"{label}: {name} inputs span several series, one series is expected",
+                    attribute,
+                    where,
+                )
+
+    def _worklist(self, request: Message, final: Message, identifiers: list[Dataset]) -> None:
+        """Exactly four UPS per session, one per step (3.17.4.2).
+
+        Only UPS this run has not seen before are counted: a session part of which a device
+        already claimed is rightly returned with fewer, and a continuation is four new ones.
+        """
+        if not self._is_worklist(request):
+            return
+        sessions: dict[tuple[str, str], list[Dataset]] = defaultdict(list)
+        for ident in identifiers:
+            uid = str(ident.get("SOPInstanceUID", ""))
+            if uid not in self.counted:
+                self.counted.add(uid)
+                sessions[session_key(ident)].append(ident)
+        for (patient, day), members in sessions.items():
+            steps = [step_of(u) for u in members]
+            missing = [s for s in STEP_ORDER if s not in steps]
+            repeated = sorted({s or "unknown" for s in steps if steps.count(s) > 1})
+            if not missing and not repeated:
+                continue
+            detail = []
+            if missing:
+                detail.append("no " + ", ".join(missing))
+            if repeated:
+                detail.append("more than one " + ", ".join(repeated))
+            self._add(
+                "RO-17/Response-count",
+                f"session of patient {patient!r} on {day}: {len(members)} UPS returned "
+                f"({'; '.join(detail)}), four are required",
+                attribute_label("ScheduledWorkitemCodeSequence"),
+                final,
+            )
+
+    # -- N-ACTION / N-SET ---------------------------------------------------------------------
+
+    def _expect(self, request: Message, response: Message, expected: int, what: str) -> None:
+        actual = response.status
+        if actual is None or actual == expected:
+            return
+        if expected == 0 and actual in WARNINGS:
+            return
+        self._add(
+            "CC/State-table",
+            f"{what}: answered 0x{actual:04X}, the state table requires 0x{expected:04X}",
+            "Status (0000,0900)",
+            response,
+        )
+
+    def _n_action(self, request: Message, response: Message) -> None:
+        if request.action_type != 1 or request.dataset is None:
+            return
+        uid = request.sop_instance_uid
+        info = request.dataset
+        state = str(info.get("ProcedureStepState", ""))
+        sent = str(info.get("TransactionUID", "") or "")
+        record = self.ups.get(uid)
+        reply = response.dataset or Dataset()
+        what = f"N-ACTION {state} on UPS {uid}"
+        if record is not None and record.state:
+            after = deepcopy(record.dataset)
+            if state == "CANCELED":
+                for element in info:
+                    if element.keyword != "ProcedureStepState":
+                        after[element.tag] = deepcopy(element)
+            decision = ups_rules.change_state(
+                record.state, state, sent, record.transaction_uid, after
+            )
+            self._expect(request, response, decision.status, f"{what} (UPS was {record.state})")
+        if response.status != 0x0000:
+            return
+        if state == "IN PROGRESS":
+            given = str(reply.get("TransactionUID", "") or "")
+            if not sent and not given:
+                self._add(
+                    "RO-19/Transaction-UID",
+                    f"{what}: claimed with a zero-length Transaction UID, but the reply "
+                    "carries none",
+                    attribute_label("TransactionUID"),
+                    response,
+                )
+            if str(reply.get("ProcedureStepState", "")) != "IN PROGRESS":
+                self._add(
+                    "RO-19/Reply-state",
+                    f"{what}: the reply echoes state {reply.get('ProcedureStepState', '')!r}",
+                    attribute_label("ProcedureStepState"),
+                    response,
+                )
+            if record is not None:
+                record.transaction_uid = sent or given
+        elif state in ("COMPLETED", "CANCELED"):
+            rule = "RO-25/Completed-reply" if state == "COMPLETED" else "RO-25/Canceled-reply"
+            echoed = str(reply.get("ProcedureStepState", ""))
+            items = reply.get("ProcedureStepProgressInformationSequence") or []
+            progress = items[0].get("ProcedureStepProgress") if items else None
+            if echoed != state:
+                self._add(
+                    rule,
+                    f"{what}: the reply echoes state {echoed!r}",
+                    attribute_label("ProcedureStepState"),
+                    response,
+                )
+            ok = progress is not None and (
+                float(progress) == 100.0 if state == "COMPLETED" else 0 <= float(progress) <= 100
+            )
+            if not ok:
+                self._add(
+                    rule,
+                    f"{what}: the reply gives Procedure Step Progress {progress!r}",
+                    attribute_label(
+                        "ProcedureStepProgressInformationSequence>ProcedureStepProgress"
+                    ),
+                    response,
+                )
+        if record is not None:
+            record.state = state
+
+    def _n_set(self, request: Message, response: Message) -> None:
+        uid = request.sop_instance_uid
+        record = self.ups.get(uid)
+        modifications = request.dataset or Dataset()
+        sent = str(modifications.get("TransactionUID", "") or "")
+        if record is not None and record.state:
+            expected = ups_rules.n_set_status(record.state, sent, record.transaction_uid)
+            if expected == 0 and ups_rules.n_set_forbidden(modifications):
+                expected = ups_rules.ups_rules()["n_set"]["forbidden_status"]
+            self._expect(request, response, expected, f"N-SET on UPS {uid} ({record.state})")
+        if record is not None and response.status in (0x0000, *WARNINGS):
+            for element in modifications:
+                record.dataset[element.tag] = deepcopy(element)
+
+    # -- C-MOVE ---------------------------------------------------------------------------------
+
+    def _move(self, request: Message, response: Message, stored: dict[str, Message]) -> None:
+        peer = self._peer_of(request)
+        rule = "RO-20/Move-status" if peer == self.ctx.tms_ae else "RO-18/Move-status"
+        status = response.status
+        counts = {
+            k: int(response.command.get(f"Number{k}Suboperations", 0) or 0)
+            for k in ("Completed", "Failed", "Warning")
+        }
+        tables = self.tables["move_statuses"]
+        allowed = status in tables["final"] or any(
+            low <= (status or 0) <= high for low, high in tables["ranges"]
+        )
+        if not allowed:
+            self._add(
+                rule,
+                f"C-MOVE to {peer} ended with 0x{status:04X}, not a status of PS3.4 Table C.4-2",
+                "Status (0000,0900)",
+                response,
+            )
+        elif status == 0x0000 and (counts["Failed"] or counts["Warning"]):
+            self._add(
+                rule,
+                f"C-MOVE to {peer} reported success 0x0000 with {counts['Failed']} failed and "
+                f"{counts['Warning']} warning sub-operations (B000 is required)",
+                "Status (0000,0900)",
+                response,
+            )
+        elif status == 0xB000 and not (counts["Failed"] or counts["Warning"]):
+            self._add(
+                rule,
+                f"C-MOVE to {peer} reported 0xB000 (failures or warnings) although all "
+                f"{counts['Completed']} sub-operations completed without either",
+                "Status (0000,0900)",
+                response,
+            )
+        wanted = (request.dataset or Dataset()).get("SOPInstanceUID", [])
+        wanted = [wanted] if isinstance(wanted, str) else list(wanted or [])
+        missing = [u for u in wanted if u not in stored or stored[u].time > response.time]
+        if missing:
+            self._add(
+                "RO-17/Note-8-retrievable",
+                f"{len(missing)} of {len(wanted)} input(s) did not arrive from {peer} "
+                f"(C-MOVE 0x{status:04X}, {counts['Completed']} completed): "
+                + ", ".join(missing[:3]),
+                attribute_label("InputInformationSequence>ReferencedSOPInstanceUID"),
+                response,
+            )
+
+    def _peer_of(self, message: Message) -> str:
+        return self.peers.get(message.association, "")
+
+    # -- Appendix A on what arrived -------------------------------------------------------------
+
+    def _appendix_a(self, messages: list[Message]) -> None:
+        received = [
+            m.dataset
+            for m in messages
+            if m.direction == "received" and m.name == "C-STORE-RQ" and m.dataset is not None
+        ]
+        if not received:
+            return
+        objects = wrap(received, self.uids, "retrieved")
+        links = [sorted(uids) for uids in self.session_inputs.values()]
+        self.findings.extend(appendix_a_findings(objects, self.book, links))
+
+
+def check_traffic(
+    recorder: TrafficRecorder, context: CheckContext, messages: list[Message] | None = None
+) -> list[Finding]:
+    """Every message rule over the recorded messages (all of them by default)."""
+    checker = TrafficChecker(context)
+    checker.peers = {n: a.peer_ae for n, a in recorder.associations.items()}
+    return checker.check(recorder, messages)
