@@ -67,6 +67,12 @@ def _add_tms(sub: argparse._SubParsersAction) -> None:
         metavar="STATION",
         help="store a synthetic patient and schedule a session for STATION",
     )
+    p.add_argument(
+        "--seed-scenarios",
+        action="store_true",
+        default=None,
+        help="schedule the sessions the scenario suite needs (tdw-emu scenarios list)",
+    )
     p.add_argument("--accept-any-ae", action="store_true", default=None)
     p.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"))
     p.add_argument("--uids", choices=("final", "trial"))
@@ -118,6 +124,36 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-scale", type=float, default=0.02)
 
 
+def _add_scenarios(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("scenarios", help="conformance scenarios against a TMS and its Archive")
+    actions = p.add_subparsers(dest="scenarios_action", required=True)
+    actions.add_parser("list", help="the scenarios, their stations and what they need")
+    run = actions.add_parser("run", help="run the suite and write the reports")
+    run.add_argument("--tms", metavar="AET@HOST:PORT", required=True)
+    run.add_argument("--archive", metavar="AET@HOST:PORT", required=True)
+    run.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="AET@HOST:PORT",
+        help="an emulated device's AE and C-MOVE receiver (two needed; defaults "
+        "TDWEMU1@127.0.0.1:11130 and TDWEMU2@127.0.0.1:11131)",
+    )
+    run.add_argument("--only", action="append", default=[], metavar="NAME")
+    run.add_argument("--report-dir", type=Path, default=Path("conformance-report"))
+    run.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"), default="ihe-ro-2008")
+    run.add_argument("--uids", choices=("final", "trial"), default="final")
+    run.add_argument("--data-dir", type=Path, help="keep the devices' data here (default: temp)")
+
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("validate", help="apply the Appendix A rules to DICOM files at rest")
+    p.add_argument("files", nargs="+", type=Path, help="files or directories")
+    p.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"), default="ihe-ro-2008")
+    p.add_argument("--uids", choices=("final", "trial"), default="final")
+    p.add_argument("--json", type=Path, help="also write the findings here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tdw-emu", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tdw-emu {__version__}")
@@ -129,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_hil(sub)
     _add_demo(sub)
+    _add_scenarios(sub)
+    _add_validate(sub)
     return parser
 
 
@@ -207,6 +245,7 @@ def _cmd_tms(args: argparse.Namespace) -> int:
         "peer": args.peer,
         "allow": args.allow,
         "seed": args.seed,
+        "seed_scenarios": args.seed_scenarios,
         "accept_any_ae": args.accept_any_ae,
         "profile": args.profile,
         "uids": args.uids,
@@ -247,6 +286,9 @@ def _cmd_tms(args: argparse.Namespace) -> int:
         for index, station in enumerate(values.get("seed") or [], start=1):
             session_id = site.seed(station, index)
             print(f"  seeded session {session_id} for station {station}: 4 UPS", flush=True)
+        if values.get("seed_scenarios"):
+            seeded = site.seed_scenarios(first_index=len(values.get("seed") or []) + 1)
+            print(f"  seeded {len(seeded)} scenario sessions (tdw-emu scenarios list)", flush=True)
         print("ready", flush=True)
         _wait_for_signal()
     finally:
@@ -328,6 +370,93 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.data_dir, args.interrupt, args.time_scale)
 
 
+def _cmd_scenarios(args: argparse.Namespace) -> int:
+    from emulator.conformance.suite import load_scenarios
+
+    if args.scenarios_action == "list":
+        for scenario in load_scenarios():
+            missing = ", its RT Plan missing from the Archive" if scenario.inputs_missing else ""
+            print(
+                f"{scenario.name:32} station {scenario.station:18} "
+                f"{scenario.sessions} session(s) today{missing}\n    {scenario.title}"
+            )
+        return 0
+    import datetime as dt
+
+    from emulator.conformance.reports import print_summary, suite_ok, write_reports
+    from emulator.conformance.scenarios import ScenarioRunner, SuiteConfig
+    from emulator.net.peers import Peer
+
+    devices = [Peer.parse(d) for d in args.device] or [
+        Peer.parse("TDWEMU1@127.0.0.1:11130"),
+        Peer.parse("TDWEMU2@127.0.0.1:11131"),
+    ]
+    config = SuiteConfig(
+        tms=Peer.parse(args.tms),
+        archive=Peer.parse(args.archive),
+        devices=devices,
+        edition=args.profile,
+        uid_set=args.uids,
+        data_dir=args.data_dir,
+    )
+    scenarios = load_scenarios(args.only)
+    runner = ScenarioRunner(config)
+    started = dt.datetime.now().astimezone()
+    try:
+        results = runner.run(scenarios)
+    finally:
+        runner.close()
+    meta = {
+        "tool": f"tdw-emu {__version__}",
+        "started": started.isoformat(timespec="seconds"),
+        "tms": str(config.tms),
+        "archive": str(config.archive),
+        "devices": ", ".join(str(d) for d in devices),
+        "profile": config.edition,
+        "uids": config.uid_set,
+    }
+    paths = write_reports(results, runner.recorder, runner.book, meta, args.report_dir)
+    print_summary(results)
+    for name, path in paths.items():
+        print(f"{name:8} {path}")
+    return 0 if suite_ok(results) else 1
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    import json
+
+    from emulator.conformance.object_rules import appendix_a_findings, read_files
+    from emulator.conformance.rulebook import RuleBook
+    from emulator.profile import load_profile
+
+    profile = load_profile(args.profile, args.uids)
+    book = RuleBook.load(args.profile)
+    objects, unreadable = read_files(args.files, profile.sop_classes)
+    findings = appendix_a_findings(objects, book)
+    for line in unreadable:
+        print(f"unreadable: {line}")
+    for f in findings:
+        print(f"[{f.severity}] {f.rule}: {f.message}")
+        print(f"    attribute {f.attribute or '-'}; {f.reason} ({f.reference}); {f.where}")
+    failing = [f for f in findings if f.fails]
+    print(
+        f"{len(objects)} object(s), {len(findings)} finding(s), {len(failing)} error(s), "
+        f"{len(unreadable)} unreadable"
+    )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "objects": len(objects),
+                    "unreadable": unreadable,
+                    "findings": [f.as_json() for f in findings],
+                },
+                indent=2,
+            )
+        )
+    return 1 if failing or unreadable or not objects else 0
+
+
 COMMANDS = {
     "seed": _cmd_seed,
     "archive": _cmd_archive,
@@ -335,6 +464,8 @@ COMMANDS = {
     "run": _cmd_run,
     "hil": _cmd_hil,
     "demo": _cmd_demo,
+    "scenarios": _cmd_scenarios,
+    "validate": _cmd_validate,
 }
 
 

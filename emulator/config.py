@@ -153,6 +153,7 @@ def site_config(values: dict[str, Any]) -> SiteConfig:
         "peers",
         "allow",
         "seed",
+        "seed_scenarios",
         "accept_any_ae",
         "profile",
         "uids",

@@ -10,6 +10,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from emulator.conformance.suite import load_scenarios
 from emulator.net.peers import Peer
 from emulator.reference.archive import ArchiveConfig, ArchiveServer
 from emulator.reference.tms import TmsConfig, TmsServer
@@ -82,6 +83,23 @@ class ReferenceSite:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def seed_scenarios(self, first_index: int = 1) -> list[tuple[str, str]]:
+        """Schedules what ``profiles/scenarios.yaml`` needs: sessions per scenario station.
+
+        For a scenario whose inputs must be missing, the RT Plan is withdrawn from the
+        Archive's index after scheduling (the file is kept), as if it had been deleted.
+        """
+        seeded, index = [], first_index
+        for scenario in load_scenarios():
+            for _ in range(scenario.sessions):
+                session_id = self.seed(scenario.station, index)
+                if scenario.inputs_missing:
+                    plan_uid = self.tms.ups.session(session_id).plan_uid
+                    self.archive.store.withdraw(plan_uid)
+                seeded.append((scenario.station, session_id))
+                index += 1
+        return seeded
 
     def seed(self, station: str, index: int, start: dt.datetime | None = None) -> str:
         """Stores one synthetic patient in the Archive and schedules one session for it."""

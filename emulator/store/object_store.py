@@ -207,6 +207,33 @@ class ObjectStore:
             return StoreOutcome(STATUS_SUCCESS, "replaced; previous version kept", True)
         return StoreOutcome(STATUS_SUCCESS)
 
+    def withdraw(self, sop_instance_uid: str) -> bool:
+        """Takes an instance out of the index (no longer found or retrievable).
+
+        The file stays and its hash is kept with the superseded versions, so nothing is
+        lost; the reference site uses this to stage a session whose inputs are missing.
+        """
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+        with self._lock:
+            row = self._db.execute(
+                "SELECT sha256 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+            ).fetchone()
+            if row is None:
+                return False
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT INTO superseded VALUES (?, ?, ?)", (sop_instance_uid, row[0], now)
+                )
+                self._db.execute(
+                    "DELETE FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return True
+
     # -- reading ---------------------------------------------------------------------------
 
     def _instance(self, row: sqlite3.Row | tuple) -> StoredInstance:

@@ -1,0 +1,340 @@
+"""Writes a conformance run: terminal summary, JSON, JUnit XML, HTML timeline, traffic log.
+
+JUnit holds one testcase per scenario step and one per rule per scenario, so CI systems
+list exactly which clause a TMS broke. The HTML report is one self-contained file (inline
+CSS, no scripts from elsewhere) with a timeline of the DIMSE messages per association.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import xml.etree.ElementTree as ET
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from emulator.conformance.rulebook import Finding, RuleBook
+from emulator.conformance.scenarios import ScenarioResult
+from emulator.conformance.traffic import Message, TrafficRecorder
+
+REPORT_FILES = {
+    "json": "conformance.json",
+    "junit": "conformance-junit.xml",
+    "html": "conformance.html",
+    "traffic": "dimse-traffic.jsonl",
+}
+
+
+def suite_ok(results: list[ScenarioResult]) -> bool:
+    return bool(results) and all(r.ok for r in results)
+
+
+def _finding_line(f: Finding) -> str:
+    mark = " (expected)" if f.expected else ""
+    return (
+        f"[{f.severity}] {f.rule}{mark}: {f.message} | attribute {f.attribute or '-'} "
+        f"| {f.reference}"
+    )
+
+
+def as_json(results: list[ScenarioResult], meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **meta,
+        "ok": suite_ok(results),
+        "scenarios": [
+            {
+                "name": r.scenario.name,
+                "title": r.scenario.title,
+                "reference": r.scenario.reference,
+                "station": r.scenario.station,
+                "ok": r.ok,
+                "seconds": r.seconds,
+                "error": r.error,
+                "steps": [vars(s) for s in r.steps],
+                "findings": [f.as_json() for f in r.findings],
+            }
+            for r in results
+        ],
+    }
+
+
+def write_junit(results: list[ScenarioResult], book: RuleBook, path: Path) -> Path:
+    suites = ET.Element("testsuites", name="tdw-emu conformance")
+    total = failures = 0
+    for result in results:
+        suite = ET.SubElement(suites, "testsuite", name=result.scenario.name)
+        cases = 0
+        failed = 0
+        for step in result.steps:
+            case = ET.SubElement(
+                suite,
+                "testcase",
+                classname=f"{result.scenario.name}.steps",
+                name=f"{step.index:02d} {step.action} [{step.rule}]",
+                time=f"{step.seconds:.3f}",
+            )
+            cases += 1
+            if not step.ok:
+                failed += 1
+                failure = ET.SubElement(
+                    case,
+                    "failure",
+                    message=f"{step.rule}: expected {step.expected}, observed {step.observed}",
+                )
+                failure.text = f"{step.message}\nrule {step.rule}: {_rule_text(book, step.rule)}"
+        by_rule: dict[str, list[Finding]] = defaultdict(list)
+        for finding in result.findings:
+            by_rule[finding.rule].append(finding)
+        for rule_id in book.rules:
+            case = ET.SubElement(
+                suite, "testcase", classname=f"{result.scenario.name}.rules", name=rule_id
+            )
+            cases += 1
+            findings = by_rule.get(rule_id, [])
+            failing = [f for f in findings if f.fails]
+            if failing:
+                failed += 1
+                failure = ET.SubElement(
+                    case, "failure", message=f"{rule_id}: {failing[0].message}"[:500]
+                )
+                failure.text = "\n".join(_finding_line(f) for f in failing)
+            elif findings:
+                out = ET.SubElement(case, "system-out")
+                out.text = "\n".join(_finding_line(f) for f in findings)
+        suite.set("tests", str(cases))
+        suite.set("failures", str(failed))
+        suite.set("time", f"{result.seconds:.3f}")
+        total += cases
+        failures += failed
+    suites.set("tests", str(total))
+    suites.set("failures", str(failures))
+    ET.indent(suites)
+    path.write_bytes(ET.tostring(suites, encoding="utf-8", xml_declaration=True))
+    return path
+
+
+def _rule_text(book: RuleBook, rule_id: str) -> str:
+    rule = book.rules.get(rule_id)
+    return f"{rule.statement} ({rule.reference})" if rule else ""
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.4em}h2{font-size:1.15em;margin-top:2em}
+table{border-collapse:collapse;margin:.5em 0;font-size:.85em}
+td,th{border:1px solid #ccc;padding:.25em .5em;vertical-align:top;text-align:left}
+.ok{color:#17692b;font-weight:600}.fail{color:#b3261e;font-weight:600}.warn{color:#8a5a00}
+.lane{position:relative;height:22px;border-bottom:1px dotted #ddd;margin-left:16em}
+.lane .name{position:absolute;left:-16em;width:15.5em;font-size:.75em;overflow:hidden;
+ white-space:nowrap;text-overflow:ellipsis}
+.bar{position:absolute;top:8px;height:6px;background:#d7e3f4;border-radius:3px}
+.bar.abort{background:#f4d0cc}
+.m{position:absolute;top:3px;width:7px;height:16px;margin-left:-3px;border-radius:2px}
+.m.rq{background:#3867b5}.m.rs{background:#2e8b57}.m.bad{background:#b3261e}
+.m.pend{background:#9aa5b1}
+details{margin:.3em 0}
+"""
+
+
+def _messages_of(recorder: TrafficRecorder, result: ScenarioResult) -> list[Message]:
+    return [m for m in recorder.since(result.first_seq) if m.seq <= result.last_seq]
+
+
+def _timeline(recorder: TrafficRecorder, result: ScenarioResult) -> str:
+    messages = _messages_of(recorder, result)
+    if not messages:
+        return "<p>No DIMSE traffic.</p>"
+    numbers = sorted({m.association for m in messages})
+    assocs = [recorder.associations[n] for n in numbers if n in recorder.associations]
+    start = min([m.time for m in messages] + [a.opened for a in assocs])
+    end = max([m.time for m in messages] + [a.closed or a.opened for a in assocs])
+    span = max(end - start, 1e-3)
+
+    def x(t: float) -> float:
+        return round((t - start) / span * 100, 3)
+
+    lanes = [f"<p>Time axis: 0 to {span * 1000:.0f} ms from the scenario's first message.</p>"]
+    for assoc in assocs:
+        closed = assoc.closed or end
+        bar = "bar abort" if assoc.ended_by == "abort" else "bar"
+        marks = []
+        for m in (m for m in messages if m.association == assoc.number):
+            if not m.is_response:
+                css = "rq"
+            elif m.status in (0xFF00, 0xFF01):
+                css = "pend"
+            elif m.status is not None and (m.status & 0xF000) in (0xA000, 0xC000):
+                css = "bad"
+            else:
+                css = "rs"
+            status = "" if m.status is None else f" 0x{m.status:04X}"
+            summary = ", ".join(f"{k}={v}" for k, v in m.summary().items())
+            tip = html.escape(
+                f"{(m.time - start) * 1000:.1f} ms {m.direction} {m.name}{status} {summary}"
+            )
+            marks.append(f'<div class="m {css}" style="left:{x(m.time)}%" title="{tip}"></div>')
+        name = html.escape(
+            f"#{assoc.number} {assoc.local_ae} {'→' if assoc.role == 'requestor' else '←'} "
+            f"{assoc.peer_ae} ({assoc.ended_by or 'open'})"
+        )
+        width = max(x(closed) - x(assoc.opened), 0.3)
+        lanes.append(
+            f'<div class="lane"><span class="name" title="{name}">{name}</span>'
+            f'<div class="{bar}" style="left:{x(assoc.opened)}%;width:{width}%"></div>'
+            + "".join(marks)
+            + "</div>"
+        )
+    rows = []
+    for m in messages:
+        status = "" if m.status is None else f"0x{m.status:04X}"
+        summary = ", ".join(f"{k}={v}" for k, v in m.summary().items())
+        rows.append(
+            "<tr>"
+            + "".join(
+                f"<td>{html.escape(str(v))}</td>"
+                for v in (
+                    f"{(m.time - start) * 1000:.1f}",
+                    m.association,
+                    m.direction,
+                    m.name,
+                    status,
+                    m.sop_instance_uid,
+                    summary,
+                )
+            )
+            + "</tr>"
+        )
+    table = (
+        f"<details><summary>{len(messages)} DIMSE messages</summary><table><tr><th>ms</th>"
+        "<th>assoc</th><th>dir</th><th>message</th><th>status</th><th>instance</th>"
+        "<th>summary</th></tr>" + "".join(rows) + "</table></details>"
+    )
+    return "".join(lanes) + table
+
+
+def write_html(
+    results: list[ScenarioResult], recorder: TrafficRecorder, meta: dict[str, Any], path: Path
+) -> Path:
+    ok = suite_ok(results)
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        "<title>tdw-emu conformance report</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>tdw-emu conformance report: ",
+        f"<span class='{'ok' if ok else 'fail'}'>{'PASS' if ok else 'FAIL'}</span></h1>",
+        "<table>",
+    ]
+    for key, value in meta.items():
+        parts.append(f"<tr><th>{html.escape(key)}</th><td>{html.escape(str(value))}</td></tr>")
+    parts.append("</table><table><tr><th>scenario</th><th>result</th><th>steps</th>")
+    parts.append("<th>failing findings</th><th>s</th></tr>")
+    for r in results:
+        failing = sum(1 for f in r.findings if f.fails)
+        parts.append(
+            f"<tr><td><a href='#{r.scenario.name}'>{html.escape(r.scenario.name)}</a></td>"
+            f"<td class='{'ok' if r.ok else 'fail'}'>{'pass' if r.ok else 'FAIL'}</td>"
+            f"<td>{sum(s.ok for s in r.steps)}/{len(r.steps)}</td><td>{failing}</td>"
+            f"<td>{r.seconds:.2f}</td></tr>"
+        )
+    parts.append("</table>")
+    for r in results:
+        parts.append(
+            f"<h2 id='{html.escape(r.scenario.name)}'>{html.escape(r.scenario.name)}: "
+            f"{html.escape(r.scenario.title)} "
+            f"<span class='{'ok' if r.ok else 'fail'}'>{'pass' if r.ok else 'FAIL'}</span></h2>"
+            f"<p>{html.escape(r.scenario.reference)}; station {html.escape(r.scenario.station)}"
+            "</p><table><tr><th>#</th><th>action</th><th>rule</th><th>expected</th>"
+            "<th>observed</th><th>result</th><th>s</th></tr>"
+        )
+        for s in r.steps:
+            parts.append(
+                "<tr>"
+                + "".join(
+                    f"<td>{html.escape(str(v))}</td>"
+                    for v in (s.index, s.action, s.rule, s.expected, f"{s.observed} {s.message}")
+                )
+                + f"<td class='{'ok' if s.ok else 'fail'}'>{'pass' if s.ok else 'FAIL'}</td>"
+                f"<td>{s.seconds:.2f}</td></tr>"
+            )
+        parts.append("</table>")
+        if r.findings:
+            parts.append(
+                "<table><tr><th>rule</th><th>severity</th><th>message</th><th>attribute</th>"
+                "<th>reason</th><th>reference</th><th>where</th></tr>"
+            )
+            for f in r.findings:
+                css = "warn" if f.severity == "warning" or f.expected else "fail"
+                severity = f.severity + (" (expected)" if f.expected else "")
+                parts.append(
+                    f"<tr><td class='{css}'>{html.escape(f.rule)}</td>"
+                    + "".join(
+                        f"<td>{html.escape(str(v))}</td>"
+                        for v in (
+                            severity,
+                            f.message,
+                            f.attribute,
+                            f.reason,
+                            f.reference,
+                            f.where,
+                        )
+                    )
+                    + "</tr>"
+                )
+            parts.append("</table>")
+        else:
+            parts.append("<p class='ok'>No findings.</p>")
+        parts.append("<h3>DIMSE timeline per association</h3>")
+        parts.append(_timeline(recorder, r))
+    parts.append("</body></html>")
+    path.write_text("".join(parts), encoding="utf-8")
+    return path
+
+
+def write_reports(
+    results: list[ScenarioResult],
+    recorder: TrafficRecorder,
+    book: RuleBook,
+    meta: dict[str, Any],
+    report_dir: Path,
+) -> dict[str, Path]:
+    """All four report formats plus the traffic log, under ``report_dir``."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    paths = {name: report_dir / file for name, file in REPORT_FILES.items()}
+    paths["json"].write_text(json.dumps(as_json(results, meta), indent=2, default=str))
+    write_junit(results, book, paths["junit"])
+    write_html(results, recorder, meta, paths["html"])
+    recorder.write_log(paths["traffic"])
+    return paths
+
+
+def print_summary(results: list[ScenarioResult], console: Console | None = None) -> None:
+    """The terminal summary: one row per scenario, then every failing step and finding."""
+    console = console or Console()
+    table = Table(title="tdw-emu conformance")
+    for column in ("scenario", "result", "steps", "failing findings", "s"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(
+            r.scenario.name,
+            "[green]pass[/green]" if r.ok else "[red]FAIL[/red]",
+            f"{sum(s.ok for s in r.steps)}/{len(r.steps)}",
+            str(sum(1 for f in r.findings if f.fails)),
+            f"{r.seconds:.2f}",
+        )
+    console.print(table)
+    for r in results:
+        for s in r.steps:
+            if not s.ok:
+                console.out(
+                    f"FAIL {r.scenario.name} step {s.index} {s.action} [{s.rule}]: "
+                    f"expected {s.expected}, observed {s.observed} {s.message}".rstrip()
+                )
+        for f in r.findings:
+            if f.fails or f.severity == "warning":
+                console.out(f"{r.scenario.name}: {_finding_line(f)}")
+    verdict = "PASS" if suite_ok(results) else "FAIL"
+    console.out(f"{verdict}: {sum(r.ok for r in results)} of {len(results)} scenarios passed")

@@ -1,0 +1,518 @@
+"""Runs the scenario suite of ``profiles/scenarios.yaml`` against a TMS and its Archive.
+
+Each step sends real DICOM (through the same performing devices and UPS association the
+emulator always uses) and compares what came back with the step's expectation. All traffic
+is recorded; after each scenario the message and Appendix A rules are applied to it, so a
+TMS fails either a stated expectation or a named rule, and every failure cites the clause.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from emulator.conformance.message_rules import CheckContext, check_traffic
+from emulator.conformance.rulebook import Finding, RuleBook
+from emulator.conformance.suite import Scenario
+from emulator.conformance.traffic import TrafficRecorder
+from emulator.net.ae_factory import NetworkSettings
+from emulator.net.peers import Peer
+from emulator.net.scu import DimseError
+from emulator.net.ups_scu import UpsConnection
+from emulator.performer import actors
+from emulator.performer.workflow import (
+    DeviceConfig,
+    PerformingDevice,
+    UpsOutcome,
+    cancel_dataset,
+    final_update_dataset,
+    progress_dataset,
+    worklist_identifier,
+)
+from emulator.profile import Profile, load_profile
+from emulator.synth.plan_access import specified_metersets
+
+SUCCESS = "success"
+
+
+@dataclass
+class StepResult:
+    index: int
+    action: str
+    rule: str
+    ok: bool
+    expected: str
+    observed: str
+    seconds: float
+    message: str = ""
+
+
+@dataclass
+class ScenarioResult:
+    scenario: Scenario
+    steps: list[StepResult] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    seconds: float = 0.0
+    error: str = ""
+    first_seq: int = 0
+    last_seq: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return (
+            not self.error
+            and all(s.ok for s in self.steps)
+            and not any(f.fails for f in self.findings)
+        )
+
+
+@dataclass
+class SuiteConfig:
+    """Where the TMS and Archive are, and the AEs the emulated devices use."""
+
+    tms: Peer
+    archive: Peer
+    devices: list[Peer]
+    edition: str = "ihe-ro-2008"
+    uid_set: str = "final"
+    data_dir: Path | None = None
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    query_timeout: float = 30.0
+
+
+class StepFailed(Exception):
+    """A step could not even be carried out (the TMS refused the association, ...)."""
+
+
+def _status_text(status: int | None) -> str:
+    return "none" if status is None else f"0x{status:04X}"
+
+
+def _status_matches(expected: Any, status: int | None) -> bool:
+    if status is None:
+        return False
+    if expected == SUCCESS:
+        return status == 0 or (status & 0xF000) == 0xB000 or status == 0x0001
+    return status == int(expected)
+
+
+def _expect_text(expected: Any) -> str:
+    if isinstance(expected, int):
+        return f"0x{expected:04X}"
+    return str(expected)
+
+
+class ScenarioRunner:
+    """Runs scenarios one after another; one recorder sees all their traffic."""
+
+    def __init__(self, config: SuiteConfig, recorder: TrafficRecorder | None = None) -> None:
+        self.config = config
+        self.recorder = recorder or TrafficRecorder()
+        self.profile: Profile = load_profile(config.edition, config.uid_set)
+        self.book = RuleBook.load(config.edition)
+        self.network = replace(config.network, observers=self.recorder.handlers)
+        if len(config.devices) < 2:
+            raise ValueError("the suite needs two device AEs (PPS/TDD splits, races)")
+        self._tmp = tempfile.TemporaryDirectory(prefix="tdw-scenarios-")
+        self.root = Path(config.data_dir or self._tmp.name)
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+    # -- the suite -----------------------------------------------------------------------------
+
+    def run(self, scenarios: list[Scenario]) -> list[ScenarioResult]:
+        return [self.run_one(s) for s in scenarios]
+
+    def run_one(self, scenario: Scenario) -> ScenarioResult:
+        result = ScenarioResult(scenario, first_seq=self.recorder.last_seq)
+        state = _ScenarioState(scenario, self.root / scenario.name)
+        started = time.monotonic()
+        for index, step in enumerate(scenario.steps, start=1):
+            self.recorder.label = f"{scenario.name}/{index}-{step['action']}"
+            t0 = time.monotonic()
+            try:
+                ok, expected, observed, message = self._step(state, step)
+            except (StepFailed, DimseError, OSError, RuntimeError, ValueError) as exc:
+                ok, expected, observed = False, str(step.get("expect", "")), "error"
+                message = f"{type(exc).__name__}: {exc}"
+            result.steps.append(
+                StepResult(
+                    index,
+                    step["action"],
+                    step.get("rule", ""),
+                    ok,
+                    expected,
+                    observed,
+                    round(time.monotonic() - t0, 3),
+                    message,
+                )
+            )
+            if not ok and step["action"] in ("query", "claim") and not state.ups:
+                break  # nothing further can be addressed
+        self.recorder.label = ""
+        time.sleep(0.05)  # let the last association-release events land
+        result.last_seq = self.recorder.last_seq
+        context = CheckContext(
+            self.profile, self.book, self.config.tms.ae_title, self.config.archive.ae_title
+        )
+        messages = [m for m in self.recorder.since(result.first_seq) if m.seq <= result.last_seq]
+        result.findings = check_traffic(self.recorder, context, messages=messages)
+        for finding in result.findings:
+            if finding.rule in scenario.expected_findings:
+                finding.expected = True
+        for step_result, step in zip(result.steps, scenario.steps, strict=False):
+            wanted = (step.get("expect") or {}).get("findings")
+            if wanted:
+                found = {f.rule for f in result.findings}
+                missing = [r for r in wanted if r not in found]
+                if missing:
+                    step_result.ok = False
+                    step_result.message += f" expected finding(s) {missing} were not made"
+        result.seconds = round(time.monotonic() - started, 3)
+        return result
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def _step(self, state: _ScenarioState, step: dict) -> tuple[bool, str, str, str]:
+        action = step["action"]
+        handler = getattr(self, f"_do_{action}", None)
+        if handler is None:
+            raise ValueError(f"unknown scenario action {action!r}")
+        return handler(state, step, step.get("expect") or {})
+
+    def _connection(self, device: int = 0) -> UpsConnection:
+        peer = self.config.devices[device % len(self.config.devices)]
+        return UpsConnection(peer.ae_title, self.config.tms, self.profile, self.network)
+
+    def _device(self, state: _ScenarioState, kind: str, index: int, **extra) -> PerformingDevice:
+        peer = self.config.devices[index]
+        config = DeviceConfig(
+            kind=kind,
+            station=state.scenario.station,
+            ae_title=peer.ae_title,
+            tms=self.config.tms,
+            archive=self.config.archive,
+            data_dir=state.root / f"{peer.ae_title}-{kind}-{len(state.outcomes)}",
+            listen_host=peer.host,
+            listen_port=peer.port,
+            edition=self.config.edition,
+            uid_set=self.config.uid_set,
+            network=self.network,
+            **extra,
+        )
+        return PerformingDevice(config)
+
+    def _query(self, state: _ScenarioState, device: int = 0) -> list[Dataset]:
+        with self._connection(device) as tms:
+            found = tms.find(worklist_identifier(state.scenario.station))
+        state.remember(found)
+        return found
+
+    def _ups_of(self, state: _ScenarioState, step: dict) -> Dataset:
+        ups = state.ups.get(step["step"])
+        if ups is None:
+            raise StepFailed(f"no {step['step']} UPS known from the worklist")
+        return ups
+
+    def _transaction(self, state: _ScenarioState, step: dict) -> str | None:
+        choice = step.get("transaction", "right")
+        if choice == "none":
+            return None
+        if choice in ("wrong", "new"):
+            return str(generate_uid())
+        claimed = state.claims.get((step["step"], "first"))
+        if claimed is None:
+            raise StepFailed(f"the {step['step']} UPS was not claimed in this scenario")
+        return claimed
+
+    def _judge_status(self, expect: dict, status: int | None) -> tuple[bool, str, str]:
+        wanted = expect.get("status", SUCCESS)
+        return _status_matches(wanted, status), _expect_text(wanted), _status_text(status)
+
+    def _outcome_checks(
+        self, state: _ScenarioState, outcomes: list[UpsOutcome], expect: dict
+    ) -> tuple[bool, str, str]:
+        counts = Counter(o.state for o in outcomes)
+        problems = []
+        if "ups" in expect and dict(counts) != {k: int(v) for k, v in expect["ups"].items()}:
+            problems.append("UPS outcomes differ")
+        deliveries = [o for o in outcomes if o.step == "delivery" and o.delivery_type]
+        if "delivery_type" in expect and not any(
+            o.delivery_type == expect["delivery_type"] for o in deliveries
+        ):
+            problems.append(f"no {expect['delivery_type']} delivery")
+        if expect.get("metersets") == "complete":
+            problems += state.meterset_problems()
+        observed = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "no UPS"
+        reasons = sorted({o.reason for o in outcomes if o.reason})
+        if reasons:
+            observed += " (" + "; ".join(r[:160] for r in reasons) + ")"
+        if problems:
+            observed += " - " + "; ".join(problems)
+        wanted = {k: v for k, v in expect.items() if k in ("ups", "delivery_type", "metersets")}
+        return not problems, str(wanted), observed
+
+    def _do_perform(self, state: _ScenarioState, step: dict, expect: dict):
+        kind = step.get("device", "pds")
+        index = 0 if kind in ("pds", "pps") else 1
+        interlocks = {}
+        if step.get("interrupt"):
+            beam, mu = str(step["interrupt"]).split(":")
+            interlocks = {int(beam): float(mu)}
+        device = self._device(state, kind, index, interlocks=interlocks)
+        with device:
+            outcomes = device.run_once()
+            state.collect(device, outcomes)
+        ok, wanted, observed = self._outcome_checks(state, outcomes, expect)
+        return ok, wanted, observed, ""
+
+    def _do_query(self, state: _ScenarioState, step: dict, expect: dict):
+        found = self._query(state)
+        problems = []
+        sessions = {actors.session_key(u) for u in found}
+        if "ups" in expect and len(found) != int(expect["ups"]):
+            problems.append(f"{len(found)} UPS")
+        if "sessions" in expect and len(sessions) != int(expect["sessions"]):
+            problems.append(f"{len(sessions)} session(s)")
+        steps = sorted(str(actors.step_of(u)) for u in found)
+        if "steps" in expect and steps != sorted(expect["steps"]):
+            problems.append(f"steps {steps}")
+        types = sorted(_delivery_types(found, self.profile))
+        if "delivery_type" in expect and types != [expect["delivery_type"]]:
+            problems.append(f"Treatment Delivery Type {types or 'absent'}")
+        observed = f"{len(found)} UPS in {len(sessions)} session(s), steps {steps}"
+        if types:
+            observed += f", delivery {types}"
+        wanted = {k: v for k, v in expect.items() if k != "findings"}
+        return not problems, str(wanted), observed, "; ".join(problems)
+
+    def _claim(self, state: _ScenarioState, step_name: str, device: int) -> tuple[int, str]:
+        empty = self.profile.performer_may_send_empty_transaction_uid
+        sent = "" if empty else str(generate_uid())
+        with self._connection(device) as tms:
+            reply = tms.change_state(str(state.ups[step_name].SOPInstanceUID), "IN PROGRESS", sent)
+        given = str((reply.dataset or Dataset()).get("TransactionUID", "") or "")
+        return reply.status, sent or given
+
+    def _do_claim(self, state: _ScenarioState, step: dict, expect: dict):
+        self._ups_of(state, step)
+        name = step.get("as", "first")
+        status, transaction = self._claim(state, step["step"], 0 if name == "first" else 1)
+        if status == 0 and transaction:
+            state.claims.setdefault((step["step"], name), transaction)
+            state.started.setdefault(step["step"], dt.datetime.now().replace(microsecond=0))
+        ok, wanted, observed = self._judge_status(expect, status)
+        return ok, wanted, observed, ""
+
+    def _do_progress(self, state: _ScenarioState, step: dict, expect: dict):
+        ups = self._ups_of(state, step)
+        ds = progress_dataset(
+            self.profile, self._transaction(state, step), float(step.get("percent", 0)), None
+        )
+        with self._connection() as tms:
+            status = tms.n_set(str(ups.SOPInstanceUID), ds)
+        ok, wanted, observed = self._judge_status(expect, status)
+        return ok, wanted, observed, ""
+
+    def _do_final_update(self, state: _ScenarioState, step: dict, expect: dict):
+        ups = self._ups_of(state, step)
+        ds = final_update_dataset(
+            ups,
+            state.scenario.station,
+            self._transaction(state, step),
+            state.started.get(step["step"], dt.datetime.now()),
+            [],
+            self.config.archive.ae_title,
+            self.profile.sop_classes.reference_style,
+        )
+        with self._connection() as tms:
+            status = tms.n_set(str(ups.SOPInstanceUID), ds)
+        ok, wanted, observed = self._judge_status(expect, status)
+        return ok, wanted, observed, ""
+
+    def _do_change_state(self, state: _ScenarioState, step: dict, expect: dict):
+        ups = self._ups_of(state, step)
+        uid = str(ups.SOPInstanceUID)
+        transaction = self._transaction(state, step)
+        target = step["state"]
+        note = ""
+        with self._connection() as tms:
+            extra = None
+            if target == "CANCELED":
+                reason = str(step.get("reason", "canceled by the scenario"))
+                set_status = tms.n_set(
+                    uid, cancel_dataset(transaction, float(step.get("percent", 0)), reason)
+                )
+                note = f"N-SET of the cancellation info: {_status_text(set_status)}"
+                extra = Dataset()
+                extra.ReasonForCancellation = reason
+            reply = tms.change_state(uid, target, transaction or "", extra)
+        ok, wanted, observed = self._judge_status(expect, reply.status)
+        answer = reply.dataset or Dataset()
+        echoed = str(answer.get("ProcedureStepState", ""))
+        items = answer.get("ProcedureStepProgressInformationSequence") or []
+        progress = items[0].get("ProcedureStepProgress") if items else None
+        if "reply_state" in expect:
+            wanted += f", reply state {expect['reply_state']}"
+            ok = ok and echoed == expect["reply_state"]
+        if "reply_progress" in expect:
+            wanted += f", reply progress {expect['reply_progress']}"
+            ok = ok and progress is not None and float(progress) == float(expect["reply_progress"])
+        observed += f", reply state {echoed or 'absent'}, progress {progress}"
+        return ok, wanted, observed, note
+
+    def _do_get_state(self, state: _ScenarioState, step: dict, expect: dict):
+        ups = self._ups_of(state, step)
+        with self._connection() as tms:
+            # Two keys: pynetdicom's own log handler fails on a one-tag N-GET request.
+            reply = tms.n_get(
+                str(ups.SOPInstanceUID),
+                ["ProcedureStepState", "ProcedureStepProgressInformationSequence"],
+            )
+        current = str((reply.dataset or Dataset()).get("ProcedureStepState", ""))
+        observed = f"{_status_text(reply.status)}, state {current or 'absent'}"
+        ok = reply.status == 0 and current == expect.get("state")
+        return ok, f"0x0000, state {expect.get('state')}", observed, ""
+
+    def _do_abort_during_n_set(self, state: _ScenarioState, step: dict, expect: dict):
+        ups = self._ups_of(state, step)
+        ds = progress_dataset(
+            self.profile, self._transaction(state, step), float(step.get("percent", 0)), None
+        )
+        connection = self._connection()
+        connection.__enter__()
+        connection.abort_during_n_set(str(ups.SOPInstanceUID), ds)
+        time.sleep(0.2)  # the TMS notices the abort
+        return True, "N-SET cut off by A-ABORT", "aborted after the command fragment", ""
+
+    def _do_race(self, state: _ScenarioState, step: dict, expect: dict):
+        ups = self._ups_of(state, step)
+        contenders = int(step.get("contenders", 2))
+        connections = [self._connection(i) for i in range(contenders)]
+        for connection in connections:
+            connection.__enter__()
+        barrier = threading.Barrier(contenders)
+        statuses: list[int | None] = [None] * contenders
+        empty = self.profile.performer_may_send_empty_transaction_uid
+
+        def contend(i: int) -> None:
+            barrier.wait()
+            sent = "" if empty else str(generate_uid())
+            try:
+                statuses[i] = (
+                    connections[i].change_state(str(ups.SOPInstanceUID), "IN PROGRESS", sent).status
+                )
+            except DimseError:
+                statuses[i] = None
+
+        threads = [threading.Thread(target=contend, args=(i,)) for i in range(contenders)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(self.config.query_timeout)
+        for connection in connections:
+            connection.__exit__(None, None, None)
+        winners = sum(1 for s in statuses if s == 0)
+        losers = [s for s in statuses if s != 0]
+        ok = winners == int(expect.get("winners", 1)) and all(
+            _status_matches(expect.get("losers_status", 0xC302), s) for s in losers
+        )
+        observed = f"{winners} winner(s); statuses {[_status_text(s) for s in statuses]}"
+        wanted = (
+            f"{expect.get('winners', 1)} winner, others "
+            f"{_expect_text(expect.get('losers_status', 0xC302))}"
+        )
+        return ok, wanted, observed, ""
+
+    def _do_perform_while_querying(self, state: _ScenarioState, step: dict, expect: dict):
+        device = self._device(
+            state, step.get("device", "tdd"), 0, time_scale=float(step.get("time_scale", 0.05))
+        )
+        outcomes: list[UpsOutcome] = []
+        latencies: list[float] = []
+        failures: list[str] = []
+        with device:
+            worker = threading.Thread(target=lambda: outcomes.extend(device.run_once()))
+            worker.start()
+            while worker.is_alive():
+                t0 = time.monotonic()
+                try:
+                    self._query(state, device=1)
+                except DimseError as exc:
+                    failures.append(str(exc))
+                latencies.append(time.monotonic() - t0)
+                worker.join(float(step.get("every", 0.25)))
+            state.collect(device, outcomes)
+        ok, wanted, observed = self._outcome_checks(state, outcomes, expect)
+        worst = max(latencies) if latencies else float("inf")
+        limit = float(expect.get("max_query_s", 2.0))
+        ok = ok and worst <= limit and not failures and len(latencies) >= 2
+        observed += f"; {len(latencies)} queries during delivery, slowest {worst:.3f} s"
+        if failures:
+            observed += f"; failed queries: {failures[:2]}"
+        return ok, f"{wanted}, {limit} s per query", observed, ""
+
+
+class _ScenarioState:
+    """What one scenario learned so far: its UPS by step, claims, device outcomes."""
+
+    def __init__(self, scenario: Scenario, root: Path) -> None:
+        self.scenario = scenario
+        self.root = root
+        self.ups: dict[str, Dataset] = {}
+        self.claims: dict[tuple[str, str], str] = {}
+        self.started: dict[str, dt.datetime] = {}
+        self.outcomes: list[UpsOutcome] = []
+        self.plans: dict[str, Dataset] = {}
+
+    def remember(self, worklist: list[Dataset]) -> None:
+        for ups in worklist:
+            step = actors.step_of(ups)
+            if step:
+                self.ups[step] = ups
+
+    def collect(self, device: PerformingDevice, outcomes: list[UpsOutcome]) -> None:
+        self.outcomes += outcomes
+        store = device.receiver.store
+        plan_class = device.uids["rt_plan"]
+        for instance in store:
+            if instance.sop_class_uid == plan_class:
+                self.plans[instance.sop_instance_uid] = store.read(instance)
+
+    def meterset_problems(self) -> list[str]:
+        """Interrupted plus continued deliveries add up to the plan, and never exceed it."""
+        if len(self.plans) != 1:
+            return [f"{len(self.plans)} plans retrieved, cannot add the metersets up"]
+        specified = specified_metersets(next(iter(self.plans.values())))
+        delivered: Counter = Counter()
+        for outcome in self.outcomes:
+            for beam, mu in outcome.delivered.items():
+                delivered[beam] += mu
+        problems = []
+        for beam, planned in specified.items():
+            if abs(delivered[beam] - planned) > 0.01:
+                problems.append(f"beam {beam}: {delivered[beam]:.2f} of {planned:.2f} MU")
+        return problems
+
+
+def _delivery_types(worklist: list[Dataset], profile: Profile) -> set[str]:
+    concept = profile.concept("treatment_delivery_type")
+    types = set()
+    for ups in worklist:
+        if actors.step_of(ups) != "delivery":
+            continue
+        for item in ups.get("ScheduledProcessingParametersSequence") or []:
+            names = item.get("ConceptNameCodeSequence") or []
+            if names and str(names[0].get("CodeValue", "")) == concept.value:
+                types.add(str(item.get("TextValue", "")))
+    return types
