@@ -1,0 +1,257 @@
+"""The scenario suite: the reference TMS passes it; broken TMS variants are caught by name.
+
+The reference run goes through two real processes (``tdw-emu tms --seed-scenarios`` and
+``tdw-emu scenarios run``). Each mutant is a real reference site, started in-process with
+one behaviour broken, judged by the same CLI entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+
+from emulator.cli import main
+from emulator.conformance.suite import load_scenarios
+from emulator.net.peers import Peer
+from emulator.reference.site import ReferenceSite, SiteConfig
+from emulator.seeding import SeedOptions
+from tests.conftest import free_port, start_cli_process
+
+SMALL = SeedOptions(slices=8, rows=32, beams=3, dynamic_beams=1, control_points=6)
+
+
+def _devices() -> list[Peer]:
+    return [
+        Peer("TDWEMU1", "127.0.0.1", free_port()),
+        Peer("TDWEMU2", "127.0.0.1", free_port()),
+    ]
+
+
+def _run_cli(tms: Peer, archive: Peer, devices: list[Peer], report: Path, *extra: str) -> int:
+    args = ["scenarios", "run", "--tms", str(tms), "--archive", str(archive)]
+    for device in devices:
+        args += ["--device", str(device)]
+    return main([*args, "--report-dir", str(report), *extra])
+
+
+def test_reference_tms_passes_every_scenario_and_all_reports_are_written(tmp_path):
+    devices = _devices()
+    site = start_cli_process(
+        "tms",
+        "--data-dir",
+        str(tmp_path / "site"),
+        "--port",
+        "0",
+        "--archive-port",
+        "0",
+        *(a for d in devices for a in ("--peer", str(d))),
+        "--seed-scenarios",
+        ready="ready",
+        timeout=300,
+    )
+    tms_port, archive_port = site.addresses["TMS"][1], site.addresses["ARCHIVE"][1]
+    try:
+        report = tmp_path / "report"
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "emulator.cli",
+                "scenarios",
+                "run",
+                "--tms",
+                f"TMS@127.0.0.1:{tms_port}",
+                "--archive",
+                f"ARCHIVE@127.0.0.1:{archive_port}",
+                *(a for d in devices for a in ("--device", str(d))),
+                "--report-dir",
+                str(report),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        site.stop()
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "PASS: 12 of 12 scenarios passed" in run.stdout
+
+    data = json.loads((report / "conformance.json").read_text())
+    assert data["ok"] is True
+    assert [s["name"] for s in data["scenarios"]] == [s.name for s in load_scenarios()]
+    assert all(s["ok"] for s in data["scenarios"])
+    missing = next(s for s in data["scenarios"] if s["name"] == "inputs-missing")
+    assert {f["rule"] for f in missing["findings"]} == {"RO-17/Note-8-retrievable"}
+    assert all(f["expected"] for f in missing["findings"])
+    race = next(s for s in data["scenarios"] if s["name"] == "race-for-ups")
+    assert "1 winner(s)" in race["steps"][1]["observed"]
+
+    junit = ET.parse(report / "conformance-junit.xml").getroot()
+    cases = junit.findall(".//testcase")
+    steps = sum(len(s.steps) for s in load_scenarios())
+    rules = [c for c in cases if c.get("classname", "").endswith(".rules")]
+    assert len(cases) - len(rules) == steps
+    assert {c.get("name") for c in rules} >= {"RO-17/Response-count", "CC/State-table"}
+    assert junit.get("failures") == "0" and not junit.findall(".//failure")
+
+    html = (report / "conformance.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and "PASS" in html
+    assert html.count('class="lane"') > 20  # one timeline lane per association
+    assert "<script src" not in html and "<link" not in html  # self-contained
+
+    lines = [json.loads(line) for line in (report / "dimse-traffic.jsonl").read_text().splitlines()]
+    names = {line.get("message") for line in lines}
+    assert {"C-FIND-RQ", "N-ACTION-RSP", "N-SET-RSP", "C-MOVE-RSP", "C-STORE-RQ"} <= names
+    assert any(line.get("event") == "A-ABORT" for line in lines)  # the abort scenario
+    claims = [
+        line
+        for line in lines
+        if line.get("message") == "N-ACTION-RSP" and line["label"].startswith("race-for-ups")
+    ]
+    assert claims and all(line["status"] in ("0x0000", "0xC302") for line in claims)
+
+
+# -- mutants ---------------------------------------------------------------------------------
+
+
+class _EventWith:
+    """An event whose modification list the mutant rewrote; everything else passes through."""
+
+    def __init__(self, event, modification_list: Dataset) -> None:
+        self._event = event
+        self.modification_list = modification_list
+
+    def __getattr__(self, name: str):
+        return getattr(self._event, name)
+
+
+def _three_ups(site: ReferenceSite) -> None:
+    original = site.tms._on_find
+
+    def on_find(event):
+        for status, ds in original(event):
+            items = (ds.get("ScheduledWorkitemCodeSequence") or []) if ds is not None else []
+            if items and items[0].CodeValue == "121722":
+                continue  # the adjustment UPS is never returned
+            yield status, ds
+
+    site.tms._on_find = on_find
+
+
+def _no_transaction_check(site: ReferenceSite) -> None:
+    tms = site.tms
+    change_state, on_n_set = tms._change_state, tms._on_n_set
+
+    def recorded(uid: str) -> str:
+        record = tms.ups.get(uid)
+        return record.transaction_uid if record is not None else ""
+
+    def lenient_change_state(uid: str, info: Dataset):
+        if recorded(uid) and info.get("ProcedureStepState") != "IN PROGRESS":
+            info.TransactionUID = recorded(uid)
+        return change_state(uid, info)
+
+    def lenient_n_set(event):
+        uid = str(event.request.RequestedSOPInstanceUID)
+        modifications = event.modification_list or Dataset()
+        if recorded(uid):
+            modifications.TransactionUID = recorded(uid)
+        return on_n_set(_EventWith(event, modifications))
+
+    tms._change_state, tms._on_n_set = lenient_change_state, lenient_n_set
+
+
+def _no_continuation(site: ReferenceSite) -> None:
+    site.tms._continue_after = lambda canceled: None
+
+
+def _move_status_0001(site: ReferenceSite) -> None:
+    original = site.tms.qr.on_move
+
+    def on_move(event):
+        for item in original(event):
+            # announce one sub-operation more, so a status can follow the last C-STORE
+            yield item + 1 if isinstance(item, int) else item
+        yield 0x0001, None  # "done, with a warning": not a C-MOVE status (PS3.4 C.4-2)
+
+    site.tms.qr.on_move = on_move
+
+
+def _plan_in_other_frame(site: ReferenceSite) -> None:
+    original = site.archive.qr.on_move
+
+    def on_move(event):
+        for item in original(event):
+            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Dataset):
+                ds = item[1]
+                if ds.get("Modality") == "RTPLAN":
+                    ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.1999"
+            yield item
+
+    site.archive.qr.on_move = on_move
+
+
+MUTANTS = {
+    "returns-three-ups": (_three_ups, "normal-fraction", "RO-17/Response-count"),
+    "skips-transaction-uid-check": (
+        _no_transaction_check,
+        "wrong-transaction-uid",
+        "CC/State-table",
+    ),
+    "never-schedules-continuation": (
+        _no_continuation,
+        "interruption-continuation",
+        "RO-17/Note-5-continuation",
+    ),
+    "c-move-wrong-status": (_move_status_0001, "normal-fraction", "RO-20/Move-status"),
+    "plan-in-other-frame": (
+        _plan_in_other_frame,
+        "normal-fraction",
+        "Appendix-A/A.1-Frame-of-Reference",
+    ),
+}
+
+
+@pytest.mark.parametrize("mutant", sorted(MUTANTS))
+def test_each_mutant_tms_fails_and_the_broken_rule_is_named(mutant, tmp_path, capsys):
+    breaks, scenario_name, rule = MUTANTS[mutant]
+    devices = _devices()
+    config = SiteConfig(
+        data_dir=tmp_path / "site",
+        tms_port=0,
+        archive_port=0,
+        peers=devices,
+        seed_options=SMALL,
+    )
+    site = ReferenceSite(config)
+    scenario = next(s for s in load_scenarios() if s.name == scenario_name)
+    site.seed(scenario.station, 1)
+    breaks(site)
+    addresses = site.start()
+    try:
+        tms = Peer("TMS", "127.0.0.1", addresses["TMS"][1])
+        archive = Peer("ARCHIVE", "127.0.0.1", addresses["ARCHIVE"][1])
+        report = tmp_path / "report"
+        code = _run_cli(tms, archive, devices, report, "--only", scenario_name)
+    finally:
+        site.stop()
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "FAIL: 0 of 1 scenarios passed" in out
+    assert rule in out
+    junit = ET.parse(report / "conformance-junit.xml").getroot()
+    failures = " ".join(
+        (f.get("message") or "") + (f.text or "") for f in junit.findall(".//failure")
+    )
+    assert rule in failures
+    data = json.loads((report / "conformance.json").read_text())
+    named = {f["rule"] for f in data["scenarios"][0]["findings"] if not f["expected"]} | {
+        s["rule"] for s in data["scenarios"][0]["steps"] if not s["ok"]
+    }
+    assert rule in named
