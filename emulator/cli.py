@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -303,16 +304,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from emulator.config import RUN_SETTINGS, device_config, load_yaml_config, merge
+    from emulator.conformance.message_rules import CheckContext, check_traffic
+    from emulator.conformance.rulebook import RuleBook
+    from emulator.conformance.traffic import TrafficRecorder
     from emulator.performer.runner import run_sessions
     from emulator.performer.workflow import PerformingDevice
 
     flags = {k: getattr(args, k) for k in RUN_SETTINGS}
     values = merge(load_yaml_config(args.config, "run"), flags)
+    recorder = TrafficRecorder(keep_stored_objects=True)
     with tempfile.TemporaryDirectory(prefix="tdw-run-") as tmp:
         values.setdefault("data_dir", tmp)
         config, sessions, wait, report_dir = device_config(values)
+        # Every message the device receives is judged by the same rules as the scenarios.
+        config.network = dataclasses.replace(config.network, observers=recorder.handlers)
         with PerformingDevice(config) as device:
             report = run_sessions(device, sessions, wait)
+            context = CheckContext(
+                device.profile,
+                RuleBook.load(config.edition),
+                config.tms.ae_title,
+                config.archive.ae_title,
+            )
+    # Reported, not judged: the verdict on a TMS is 'tdw-emu scenarios run'.
+    report.findings = [f.as_json() for f in check_traffic(recorder, context)]
     table = Table(title=f"tdw-emu run: {config.kind.upper()} {config.ae_title} at {config.station}")
     for column in ("UPS", "step", "state", "delivered MU", "stored", "reason"):
         table.add_column(column)
@@ -320,8 +335,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         mu = ", ".join(f"{b}: {m:g}" for b, m in o.delivered.items())
         table.add_row(o.label, o.step, o.state, mu, str(len(o.stored)), o.reason[:60])
     Console().print(table)
+    for finding in report.findings:
+        print(f"[{finding['severity']}] {finding['rule']}: {finding['message']}")
     if report_dir:
         print(f"report written to {report.write(Path(report_dir))}")
+        print(f"DIMSE traffic log {recorder.write_log(Path(report_dir) / 'dimse-traffic.jsonl')}")
     for problem in report.problems:
         print(f"problem: {problem}", file=sys.stderr)
     return 0 if report.ok else 1

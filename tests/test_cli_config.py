@@ -194,6 +194,9 @@ def test_run_command_against_a_tms_process(tmp_path, archive_process_factory):
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "report" / "run-report.json").read_text())
     assert report["ok"] and report["sessions"] == 2
+    assert report["findings"] == []  # the reference TMS breaks no conformance rule
+    traffic = (tmp_path / "report" / "dimse-traffic.jsonl").read_text().splitlines()
+    assert sum('"N-ACTION-RSP"' in line for line in traffic) == 8 * 2  # claim + final each
     states = [o["state"] for o in report["outcomes"]]
     assert states == ["COMPLETED"] * 3 + ["CANCELED"] + ["COMPLETED"] * 4
     delivered: dict[str, float] = {}

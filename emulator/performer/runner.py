@@ -20,6 +20,7 @@ class RunReport:
     outcomes: list[UpsOutcome] = field(default_factory=list)
     sessions: int = 0
     problems: list[str] = field(default_factory=list)
+    findings: list[dict] = field(default_factory=list)  # conformance findings on the TMS
 
     @property
     def ok(self) -> bool:
@@ -32,6 +33,7 @@ class RunReport:
             "ok": self.ok,
             "sessions": self.sessions,
             "problems": self.problems,
+            "findings": self.findings,
             "outcomes": [asdict(o) for o in self.outcomes],
         }
         path.write_text(json.dumps(data, indent=2))
