@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 
-from emulator.conformance.object_rules import appendix_a_findings, wrap
+from emulator.conformance.object_rules import appendix_a_findings, parents_along, wrap
 from emulator.conformance.rulebook import Finding, RuleBook, attribute_label
 from emulator.conformance.traffic import Message, TrafficRecorder
 from emulator.performer.actors import STEP_ORDER, session_key, step_of
@@ -45,6 +45,20 @@ class _Ups:
     step: str | None = None
 
 
+def delivery_type_parameter(ups: Dataset, profile: Profile) -> Dataset | None:
+    """The Scheduled Processing Parameter item coded as the edition's Treatment Delivery Type."""
+    concept = profile.concept("treatment_delivery_type")
+    for item in ups.get("ScheduledProcessingParametersSequence") or []:
+        names = item.get("ConceptNameCodeSequence") or []
+        if (
+            names
+            and str(names[0].get("CodeValue", "")) == concept.value
+            and str(names[0].get("CodingSchemeDesignator", "")) == concept.scheme
+        ):
+            return item
+    return None
+
+
 def _where(message: Message) -> str:
     label = f" during {message.label}" if message.label else ""
     return f"association {message.association}, {message.name} #{message.seq}{label}"
@@ -61,7 +75,7 @@ def _status_ok(status: int, service: str, tables: dict) -> bool:
 class TrafficChecker:
     """Applies the message rules to a recorded run; ``check`` returns the findings."""
 
-    def __init__(self, context: CheckContext) -> None:
+    def __init__(self, context: CheckContext, peers: dict[int, str] | None = None) -> None:
         self.ctx = context
         self.book = context.book
         self.tables = context.book.tables()
@@ -69,7 +83,7 @@ class TrafficChecker:
         self.ups: dict[str, _Ups] = defaultdict(_Ups)
         self.counted: set[str] = set()
         self.won: dict[str, list[float]] = {}
-        self.peers: dict[int, str] = {}
+        self.peers = peers or {}  # association number -> the peer's AE title
         self.session_inputs: dict[tuple[str, str], set[str]] = defaultdict(set)
         self.findings: list[Finding] = []
 
@@ -197,10 +211,7 @@ class TrafficChecker:
             if parts[0] not in asked:
                 continue
             rule = key.get("rule", "RO-17/Table-3.17-1")
-            holders = [ident]
-            for part in parts[:-1]:
-                holders = [i for h in holders if part in h for i in (h[part].value or [])]
-            for holder in holders:
+            for _, holder in parents_along(ident, parts):
                 keyword = parts[-1]
                 need = key["need"]
                 value = holder[keyword].value if keyword in holder else None
@@ -233,34 +244,31 @@ class TrafficChecker:
 
     def _delivery_type(self, ident: Dataset, label: str, where: Message) -> None:
         concept = self.ctx.profile.concept("treatment_delivery_type")
-        for item in ident.get("ScheduledProcessingParametersSequence") or []:
-            names = item.get("ConceptNameCodeSequence") or []
-            if (
-                names
-                and str(names[0].get("CodeValue", "")) == concept.value
-                and str(names[0].get("CodingSchemeDesignator", "")) == concept.scheme
-            ):
-                problems = []
-                if str(item.get("ValueType", "")) != "TEXT":
-                    problems.append(f"Value Type {item.get('ValueType', '')!r}, not TEXT")
-                if str(names[0].get("CodeMeaning", "")) != concept.meaning:
-                    problems.append(f"Code Meaning {names[0].get('CodeMeaning', '')!r}")
-                if str(item.get("TextValue", "")) not in ("TREATMENT", "CONTINUATION"):
-                    problems.append(f"Text Value {item.get('TextValue', '')!r}")
-                for problem in problems:
-                    self._add(
-                        "RO-17/Table-3.17-2",
-                        f"{label}: Treatment Delivery Type parameter has {problem}",
-                        attribute_label("ScheduledProcessingParametersSequence"),
-                        where,
-                    )
-                return
-        self._add(
-            "RO-17/Table-3.17-2",
-            f"{label}: no Treatment Delivery Type parameter ({concept.value}, {concept.scheme})",
-            attribute_label("ScheduledProcessingParametersSequence"),
-            where,
-        )
+        item = delivery_type_parameter(ident, self.ctx.profile)
+        if item is None:
+            self._add(
+                "RO-17/Table-3.17-2",
+                f"{label}: no Treatment Delivery Type parameter "
+                f"({concept.value}, {concept.scheme})",
+                attribute_label("ScheduledProcessingParametersSequence"),
+                where,
+            )
+            return
+        name = item.ConceptNameCodeSequence[0]
+        problems = []
+        if str(item.get("ValueType", "")) != "TEXT":
+            problems.append(f"Value Type {item.get('ValueType', '')!r}, not TEXT")
+        if str(name.get("CodeMeaning", "")) != concept.meaning:
+            problems.append(f"Code Meaning {name.get('CodeMeaning', '')!r}")
+        if str(item.get("TextValue", "")) not in ("TREATMENT", "CONTINUATION"):
+            problems.append(f"Text Value {item.get('TextValue', '')!r}")
+        for problem in problems:
+            self._add(
+                "RO-17/Table-3.17-2",
+                f"{label}: Treatment Delivery Type parameter has {problem}",
+                attribute_label("ScheduledProcessingParametersSequence"),
+                where,
+            )
 
     def _inputs(self, ident: Dataset, step: str | None, label: str, where: Message) -> None:
         refs = references_in(ident.get("InputInformationSequence") or [])
@@ -355,7 +363,7 @@ class TrafficChecker:
 
     # -- N-ACTION / N-SET ---------------------------------------------------------------------
 
-    def _expect(self, request: Message, response: Message, expected: int, what: str) -> None:
+    def _expect(self, response: Message, expected: int, what: str) -> None:
         actual = response.status
         if actual is None or actual == expected:
             return
@@ -393,7 +401,7 @@ class TrafficChecker:
                 and any(t < response.time for t in self.won.get(uid, []))
             )
             if not raced:
-                self._expect(request, response, decision.status, f"{what} (UPS was {record.state})")
+                self._expect(response, decision.status, f"{what} (UPS was {record.state})")
         if response.status != 0x0000:
             return
         if state == "IN PROGRESS":
@@ -451,7 +459,7 @@ class TrafficChecker:
             expected = ups_rules.n_set_status(record.state, sent, record.transaction_uid)
             if expected == 0 and ups_rules.n_set_forbidden(modifications):
                 expected = ups_rules.ups_rules()["n_set"]["forbidden_status"]
-            self._expect(request, response, expected, f"N-SET on UPS {uid} ({record.state})")
+            self._expect(response, expected, f"N-SET on UPS {uid} ({record.state})")
         if record is not None and response.status in (0x0000, *WARNINGS):
             for element in modifications:
                 record.dataset[element.tag] = deepcopy(element)
@@ -528,6 +536,5 @@ def check_traffic(
     recorder: TrafficRecorder, context: CheckContext, messages: list[Message] | None = None
 ) -> list[Finding]:
     """Every message rule over the recorded messages (all of them by default)."""
-    checker = TrafficChecker(context)
-    checker.peers = {n: a.peer_ae for n, a in recorder.associations.items()}
-    return checker.check(recorder, messages)
+    peers = {n: a.peer_ae for n, a in recorder.associations.items()}
+    return TrafficChecker(context, peers).check(recorder, messages)

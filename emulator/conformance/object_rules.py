@@ -65,7 +65,7 @@ def wrap(datasets: Iterable[Dataset], uids: SopClasses, source: str = "") -> lis
 # -- paths ---------------------------------------------------------------------------------
 
 
-def _parents(ds: Dataset, parts: list[str], where: str = "") -> Iterator[tuple[str, Dataset]]:
+def parents_along(ds: Dataset, parts: list[str], where: str = "") -> Iterator[tuple[str, Dataset]]:
     """(location, dataset holding the last keyword) for every item along a '>' path."""
     if len(parts) == 1:
         yield where, ds
@@ -73,7 +73,7 @@ def _parents(ds: Dataset, parts: list[str], where: str = "") -> Iterator[tuple[s
     if parts[0] not in ds:
         return
     for index, item in enumerate(ds[parts[0]].value or []):
-        yield from _parents(item, parts[1:], f"{where}{parts[0]}[{index}]>")
+        yield from parents_along(item, parts[1:], f"{where}{parts[0]}[{index}]>")
 
 
 def _empty(value: object) -> bool:
@@ -140,7 +140,7 @@ def constraint_findings(obj: DicomObject, book: RuleBook) -> list[Finding]:
     for constraint in table["constraints"]:
         parts = constraint["path"].split(">")
         keyword, check, value = parts[-1], constraint["check"], constraint.get("value")
-        parents = list(_parents(obj.dataset, parts))
+        parents = list(parents_along(obj.dataset, parts))
         if check in ("unique", "contains"):
             values = [str(p[keyword].value) for _, p in parents if keyword in p]
             if check == "unique":

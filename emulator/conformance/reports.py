@@ -19,7 +19,7 @@ from rich.table import Table
 
 from emulator.conformance.rulebook import Finding, RuleBook
 from emulator.conformance.scenarios import ScenarioResult
-from emulator.conformance.traffic import Message, TrafficRecorder
+from emulator.conformance.traffic import TrafficRecorder
 
 REPORT_FILES = {
     "json": "conformance.json",
@@ -140,12 +140,8 @@ details{margin:.3em 0}
 """
 
 
-def _messages_of(recorder: TrafficRecorder, result: ScenarioResult) -> list[Message]:
-    return [m for m in recorder.since(result.first_seq) if m.seq <= result.last_seq]
-
-
 def _timeline(recorder: TrafficRecorder, result: ScenarioResult) -> str:
-    messages = _messages_of(recorder, result)
+    messages = recorder.between(result.first_seq, result.last_seq)
     if not messages:
         return "<p>No DIMSE traffic.</p>"
     numbers = sorted({m.association for m in messages})

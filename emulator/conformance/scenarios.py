@@ -20,7 +20,11 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from emulator.conformance.message_rules import CheckContext, check_traffic
+from emulator.conformance.message_rules import (
+    CheckContext,
+    check_traffic,
+    delivery_type_parameter,
+)
 from emulator.conformance.rulebook import Finding, RuleBook
 from emulator.conformance.suite import Scenario
 from emulator.conformance.traffic import TrafficRecorder
@@ -319,6 +323,9 @@ class ScenarioRunner:
         ds = progress_dataset(
             self.profile, self._transaction(state, step), float(step.get("percent", 0)), None
         )
+        return self._n_set_step(ups, ds, expect)
+
+    def _n_set_step(self, ups: Dataset, ds: Dataset, expect: dict):
         with self._connection() as tms:
             status = tms.n_set(str(ups.SOPInstanceUID), ds)
         ok, wanted, observed = self._judge_status(expect, status)
@@ -335,10 +342,7 @@ class ScenarioRunner:
             self.config.archive.ae_title,
             self.profile.sop_classes.reference_style,
         )
-        with self._connection() as tms:
-            status = tms.n_set(str(ups.SOPInstanceUID), ds)
-        ok, wanted, observed = self._judge_status(expect, status)
-        return ok, wanted, observed, ""
+        return self._n_set_step(ups, ds, expect)
 
     def _do_change_state(self, state: _ScenarioState, step: dict, expect: dict):
         ups = self._ups_of(state, step)
@@ -506,13 +510,9 @@ class _ScenarioState:
 
 
 def _delivery_types(worklist: list[Dataset], profile: Profile) -> set[str]:
-    concept = profile.concept("treatment_delivery_type")
-    types = set()
-    for ups in worklist:
-        if actors.step_of(ups) != "delivery":
-            continue
-        for item in ups.get("ScheduledProcessingParametersSequence") or []:
-            names = item.get("ConceptNameCodeSequence") or []
-            if names and str(names[0].get("CodeValue", "")) == concept.value:
-                types.add(str(item.get("TextValue", "")))
-    return types
+    items = (
+        delivery_type_parameter(ups, profile)
+        for ups in worklist
+        if actors.step_of(ups) == "delivery"
+    )
+    return {str(item.get("TextValue", "")) for item in items if item is not None}

@@ -279,6 +279,10 @@ class TrafficRecorder:
         with self._lock:
             return [m for m in self.messages if m.seq > seq]
 
+    def between(self, first: int, last: int) -> list[Message]:
+        """Messages with ``first`` < seq <= ``last``: one scenario's share of the log."""
+        return [m for m in self.since(first) if m.seq <= last]
+
     @property
     def last_seq(self) -> int:
         with self._lock:
