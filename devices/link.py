@@ -100,11 +100,41 @@ class LinkCounters:
     extra: dict[str, int] = field(default_factory=dict)
 
 
+class LinkObserver(Protocol):
+    """Told of data frames, errors and round trips, e.g. to export them as metrics.
+
+    ``direction`` is "sent" or "received"; ``kind`` one of retransmit, garbled, duplicate,
+    out_of_order, nak, lost. Called on the link's threads, so it must not block.
+    """
+
+    def link_frame(self, direction: str) -> None: ...
+    def link_error(self, kind: str) -> None: ...
+    def link_round_trip(self, seconds: float) -> None: ...
+
+
+class _Unobserved:
+    def link_frame(self, direction: str) -> None:
+        pass
+
+    def link_error(self, kind: str) -> None:
+        pass
+
+    def link_round_trip(self, seconds: float) -> None:
+        pass
+
+
 class Link:
     """One end of a link. ``recv`` yields the peer's data frames, in order, once each."""
 
-    def __init__(self, transport: Transport, retry_timeout: float = 0.2, retries: int = 5):
+    def __init__(
+        self,
+        transport: Transport,
+        retry_timeout: float = 0.2,
+        retries: int = 5,
+        observer: LinkObserver | None = None,
+    ):
         self.transport = transport
+        self.observer = observer or _Unobserved()
         self.retry_timeout = retry_timeout
         self.retries = retries
         self.counters = LinkCounters()
@@ -151,6 +181,7 @@ class Link:
     def _handle(self, item: Frame | FrameError) -> None:
         if isinstance(item, FrameError):
             self.counters.garbled += 1
+            self.observer.link_error("garbled")
             self._control(MessageType.NAK, self._expected, reason=str(item)[:60])
             return
         self.last_received = time.monotonic()
@@ -161,6 +192,7 @@ class Link:
             return
         if item.type == MessageType.NAK:
             self.counters.naks_received += 1
+            self.observer.link_error("nak")
             with self._acked:
                 self._nak = True
                 self._acked.notify_all()
@@ -174,12 +206,15 @@ class Link:
             self._control(MessageType.ACK, item.seq)
             self._expected = (self._expected + 1) & 0xFFFF
             self.counters.received += 1
+            self.observer.link_frame("received")
             self._inbox.put(item)
         elif ((self._expected - item.seq) & 0xFFFF) < 0x8000:
             self.counters.duplicates += 1  # already delivered: acknowledge again only
+            self.observer.link_error("duplicate")
             self._control(MessageType.ACK, item.seq)
         else:
             self.counters.out_of_order += 1
+            self.observer.link_error("out_of_order")
             self._control(MessageType.NAK, self._expected, reason="out of order")
 
     def recv(self, timeout: float | None = None) -> Frame | None:
@@ -201,16 +236,21 @@ class Link:
             frame = Frame(kind, seq, body or {})
             for attempt in range(self.retries + 1):
                 if self.closed.is_set():
+                    self.observer.link_error("lost")
                     raise LinkLost(f"link closed: {self.error}")
                 with self._acked:
                     self._nak = False
+                written = time.perf_counter()
                 try:
                     self._write(frame)
                 except (OSError, serial.SerialException) as exc:
+                    self.observer.link_error("lost")
                     raise LinkLost(f"write failed: {exc}") from exc
                 self.counters.sent += 1
+                self.observer.link_frame("sent")
                 if attempt:
                     self.counters.retransmits += 1
+                    self.observer.link_error("retransmit")
                 deadline = time.monotonic() + self.retry_timeout
                 with self._acked:
                     while self._last_ack != seq and not self._nak and not self.closed.is_set():
@@ -219,7 +259,9 @@ class Link:
                             break
                         self._acked.wait(remaining)
                     if self._last_ack == seq:
+                        self.observer.link_round_trip(time.perf_counter() - written)
                         return seq
+            self.observer.link_error("lost")
             raise LinkLost(f"no ACK for frame {seq} after {self.retries} retries")
 
     def close(self) -> None:

@@ -34,7 +34,14 @@ from devices.base import (
     Termination,
 )
 from devices.clock import Clock
-from devices.link import Link, LinkLost, SerialTransport, SocketTransport, Transport
+from devices.link import (
+    Link,
+    LinkLost,
+    LinkObserver,
+    SerialTransport,
+    SocketTransport,
+    Transport,
+)
 from devices.protocol import Frame, MessageType
 
 WATCHDOG_SECONDS = 2.0
@@ -54,8 +61,10 @@ class RemoteDevice(Device):
         clock: Clock,
         watchdog: float = WATCHDOG_SECONDS,
         reply_timeout: float = 10.0,
+        observer: LinkObserver | None = None,
     ) -> None:
         self.opener = opener
+        self.observer = observer
         self.clock = clock
         self.watchdog = watchdog
         self.reply_timeout = reply_timeout
@@ -67,7 +76,7 @@ class RemoteDevice(Device):
     # -- link ------------------------------------------------------------------------------
 
     def connect(self) -> None:
-        self.link = Link(self.opener())
+        self.link = Link(self.opener(), observer=self.observer)
         reply = self._request(MessageType.HELLO, {"protocol": 1}, {MessageType.HELLO_REPLY})
         self._hello = reply.body
 
@@ -202,7 +211,7 @@ class RemoteDevice(Device):
 def make_serial_device(rest: str, clock: Clock, options: dict) -> Device:
     """``serial:///dev/pts/3`` or any pyserial URL (``serial:loop://``)."""
     url = rest[2:] if rest.startswith("///") else rest
-    return RemoteDevice(lambda: SerialTransport(url), clock)
+    return RemoteDevice(lambda: SerialTransport(url), clock, observer=options.get("link_observer"))
 
 
 def make_tcp_device(rest: str, clock: Clock, options: dict) -> Device:
@@ -210,4 +219,8 @@ def make_tcp_device(rest: str, clock: Clock, options: dict) -> Device:
     host, _, port = rest.lstrip("/").rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"tcp device needs tcp://HOST:PORT, not tcp:{rest}")
-    return RemoteDevice(lambda: SocketTransport.connect(host, int(port)), clock)
+    return RemoteDevice(
+        lambda: SocketTransport.connect(host, int(port)),
+        clock,
+        observer=options.get("link_observer"),
+    )

@@ -13,6 +13,23 @@ from pathlib import Path
 from emulator import __version__
 
 
+def _add_metrics_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here (0: free)")
+    p.add_argument("--metrics-host", help="address for /metrics (default 127.0.0.1)")
+
+
+def _serve_metrics(values: dict, metrics):
+    """Starts /metrics when a port is configured; prints where, for scrapers and scripts."""
+    from emulator.config import metrics_endpoint
+
+    endpoint = metrics_endpoint(values)
+    if endpoint is None:
+        return None
+    server = metrics.serve(*endpoint)
+    print(f"metrics on {server.url}", flush=True)
+    return server
+
+
 def _add_seed(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("seed", help="write synthetic RT patients (CT, RTSTRUCT, RTPLAN, ...)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
@@ -77,6 +94,7 @@ def _add_tms(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--accept-any-ae", action="store_true", default=None)
     p.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"))
     p.add_argument("--uids", choices=("final", "trial"))
+    _add_metrics_flags(p)
     g = p.add_argument_group("schedule")
     g.add_argument("--plan-uid", help="RT Plan SOP Instance UID held by the Archive")
     g.add_argument("--station", help="station code for the scheduled sessions")
@@ -104,6 +122,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="device backend spec (default sim)")
     p.add_argument("--data-dir", type=Path, help="device state and results (default: temp)")
     p.add_argument("--report-dir", type=Path)
+    _add_metrics_flags(p)
 
 
 def _add_hil(sub: argparse._SubParsersAction) -> None:
@@ -234,6 +253,7 @@ def _cmd_tms(args: argparse.Namespace) -> int:
     import datetime as dt
 
     from emulator.config import load_yaml_config, merge, site_config
+    from emulator.metrics import default_metrics
     from emulator.reference.site import ReferenceSite
 
     flags = {
@@ -250,10 +270,14 @@ def _cmd_tms(args: argparse.Namespace) -> int:
         "accept_any_ae": args.accept_any_ae,
         "profile": args.profile,
         "uids": args.uids,
+        "metrics_port": args.metrics_port,
+        "metrics_host": args.metrics_host,
     }
     values = merge(load_yaml_config(args.config, "tms"), flags)
     config = site_config(values)
-    site = ReferenceSite(config)
+    metrics = default_metrics()
+    config.network = dataclasses.replace(config.network, observers=metrics.observers)
+    site = ReferenceSite(config, metrics)
     if args.action == "schedule":
         if not args.plan_uid or not args.station:
             raise ValueError("tms schedule needs --plan-uid and --station")
@@ -272,6 +296,7 @@ def _cmd_tms(args: argparse.Namespace) -> int:
             print(f"scheduled session {session_id} at {args.station}")
         return 0
     addresses = site.start()
+    metrics_server = _serve_metrics(values, metrics)
     try:
         for ae_title, (host, port) in addresses.items():
             role = "tms" if ae_title == config.tms_ae_title else "archive"
@@ -293,6 +318,8 @@ def _cmd_tms(args: argparse.Namespace) -> int:
         print("ready", flush=True)
         _wait_for_signal()
     finally:
+        if metrics_server:
+            metrics_server.stop()
         site.stop()
     return 0
 
@@ -307,6 +334,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from emulator.conformance.message_rules import CheckContext, check_traffic
     from emulator.conformance.rulebook import RuleBook
     from emulator.conformance.traffic import TrafficRecorder
+    from emulator.metrics import default_metrics
     from emulator.performer.runner import run_sessions
     from emulator.performer.workflow import PerformingDevice
 
@@ -317,9 +345,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         values.setdefault("data_dir", tmp)
         config, sessions, wait, report_dir = device_config(values)
         # Every message the device receives is judged by the same rules as the scenarios.
-        config.network = dataclasses.replace(config.network, observers=recorder.handlers)
-        with PerformingDevice(config) as device:
-            report = run_sessions(device, sessions, wait)
+        metrics = default_metrics()
+        config.network = dataclasses.replace(
+            config.network, observers=(*recorder.handlers, *metrics.observers)
+        )
+        with PerformingDevice(config, metrics=metrics) as device:
+            metrics_server = _serve_metrics(values, metrics)
+            try:
+                report = run_sessions(device, sessions, wait)
+            finally:
+                if metrics_server:
+                    metrics_server.stop()
             context = CheckContext(
                 device.profile,
                 RuleBook.load(config.edition),

@@ -158,6 +158,7 @@ def site_config(values: dict[str, Any]) -> SiteConfig:
         "profile",
         "uids",
         "stations",
+        *METRICS_SETTINGS,
     }
     _check_known(values, known, "tms")
     tms_ae = _ae_title(values, "ae_title", "TMS")
@@ -189,6 +190,17 @@ def site_config(values: dict[str, Any]) -> SiteConfig:
     )
 
 
+# Where ``/metrics`` is served; loopback unless ``metrics_host`` says otherwise.
+METRICS_SETTINGS = ("metrics_host", "metrics_port")
+
+
+def metrics_endpoint(values: dict[str, Any]) -> tuple[str, int] | None:
+    """(host, port) to serve Prometheus metrics on, or None when no port is configured."""
+    if values.get("metrics_port") in (None, ""):
+        return None
+    return str(values.get("metrics_host") or "127.0.0.1"), _port(values, "metrics_port", 0)
+
+
 # Settings of ``tdw-emu run``: each is a flag (dashes) and a YAML key (underscores).
 RUN_SETTINGS = (
     "kind",
@@ -207,6 +219,7 @@ RUN_SETTINGS = (
     "device",
     "data_dir",
     "report_dir",
+    *METRICS_SETTINGS,
 )
 
 

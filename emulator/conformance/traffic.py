@@ -22,26 +22,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.dsutils import decode
 
-# Command Field values (PS3.7 Annex E) to message names.
-COMMANDS = {
-    0x0001: "C-STORE-RQ",
-    0x8001: "C-STORE-RSP",
-    0x0020: "C-FIND-RQ",
-    0x8020: "C-FIND-RSP",
-    0x0021: "C-MOVE-RQ",
-    0x8021: "C-MOVE-RSP",
-    0x0030: "C-ECHO-RQ",
-    0x8030: "C-ECHO-RSP",
-    0x0FFF: "C-CANCEL-RQ",
-    0x0100: "N-EVENT-REPORT-RQ",
-    0x8100: "N-EVENT-REPORT-RSP",
-    0x0110: "N-GET-RQ",
-    0x8110: "N-GET-RSP",
-    0x0120: "N-SET-RQ",
-    0x8120: "N-SET-RSP",
-    0x0130: "N-ACTION-RQ",
-    0x8130: "N-ACTION-RSP",
-}
+from emulator.net.commands import message_name
+
 # Attributes worth a line in a summary, in this order; the rest is left to the dataset.
 SUMMARY_KEYWORDS = (
     "QueryRetrieveLevel",
@@ -215,7 +197,7 @@ class TrafficRecorder:
     def _record(self, event: evt.Event, direction: str) -> None:
         message = event.message
         command: Dataset = message.command_set
-        name = COMMANDS.get(int(command.get("CommandField", 0) or 0), "UNKNOWN")
+        name = message_name(int(command.get("CommandField", 0) or 0))
         dataset = None
         raw = message.data_set.getvalue() if message.data_set is not None else b""
         if raw and (name != "C-STORE-RQ" or self.keep_stored_objects):

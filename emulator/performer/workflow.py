@@ -24,6 +24,7 @@ from pydicom.uid import generate_uid
 from devices.base import CouchCorrection, DeliveryEvent, Device, DeviceError
 from devices.clock import Clock
 from devices.registry import open_device
+from emulator.metrics import Metrics, default_metrics
 from emulator.net import scu
 from emulator.net.ae_factory import NetworkSettings
 from emulator.net.peers import Peer
@@ -99,6 +100,28 @@ def _dt(moment: dt.datetime) -> str:
     return moment.strftime("%Y%m%d%H%M%S")
 
 
+INTERRUPTIONS = ("MACHINE termination", "OPERATOR termination")
+
+
+def session_outcome(outcomes: list[UpsOutcome]) -> str:
+    """One word for a session, as ``tdw_sessions_total`` and soak verdicts count them.
+
+    ``interrupted`` is a delivery canceled on a beam termination (a continuation follows);
+    ``refused`` means nothing was claimed (inputs, safety, or another device won the claim).
+    """
+    states = [o.state for o in outcomes]
+    if all(state == "COMPLETED" for state in states):
+        return "completed"
+    if "FAILED" in states:
+        return "failed"
+    canceled = [o for o in outcomes if o.state == "CANCELED"]
+    if canceled:
+        if any(o.step == "delivery" and o.reason.startswith(INTERRUPTIONS) for o in canceled):
+            return "interrupted"
+        return "canceled"
+    return "refused"
+
+
 class PerformingDevice:
     """A PPS, PDS or TDD: a DICOM actor in front of one :class:`Device`."""
 
@@ -107,6 +130,7 @@ class PerformingDevice:
         config: DeviceConfig,
         on_event: Callable[[BeamTask, DeliveryEvent], None] | None = None,
         on_beam_start: Callable[[BeamTask], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if config.kind not in actors.KINDS:
             raise ValueError(f"unknown device kind {config.kind!r}")
@@ -126,8 +150,13 @@ class PerformingDevice:
             config.network,
         )
         self.clock = Clock(config.time_scale)
+        self.metrics = (metrics or default_metrics()).add_actor(
+            config.ae_title, config.kind, config.station
+        )
         self.device: Device = open_device(
-            config.device, self.clock, {"interlocks": dict(config.interlocks)}
+            config.device,
+            self.clock,
+            {"interlocks": dict(config.interlocks), "link_observer": self.metrics},
         )
         self.sessions: dict[str, _SessionState] = {}
         self.peers = {config.tms.ae_title: config.tms, config.archive.ae_title: config.archive}
@@ -146,11 +175,13 @@ class PerformingDevice:
 
     def start(self) -> tuple[str, int]:
         self.device.connect()
+        self.metrics.set_connected(True)
         return self.receiver.start()
 
     def stop(self) -> None:
         self.receiver.stop()
         self.device.close()
+        self.metrics.set_connected(False)
 
     def __enter__(self) -> PerformingDevice:
         self.start()
@@ -183,21 +214,29 @@ class PerformingDevice:
         chosen = actors.select(self.config.kind, self.query_worklist())
         for _, members in itertools.groupby(chosen, key=lambda su: actors.session_key(su[1])):
             session = list(members)
-            problems = self._preflight(session)
-            if problems:
-                reason = "; ".join(problems)
-                LOG.warning("session refused, no UPS claimed: %s", reason)
-                outcomes += [self._outcome(step, ups, "REFUSED", reason) for step, ups in session]
+            done = self._run_session(session)
+            self.metrics.session(session_outcome(done))
+            # What the session kept (planning CT, CBCT) is not needed by the next one.
+            self.sessions.pop(str(session[0][1].get("PatientID", "")), None)
+            outcomes += done
+        return outcomes
+
+    def _run_session(self, session: list[tuple[str, Dataset]]) -> list[UpsOutcome]:
+        problems = self._preflight(session)
+        if problems:
+            reason = "; ".join(problems)
+            LOG.warning("session refused, no UPS claimed: %s", reason)
+            return [self._outcome(step, ups, "REFUSED", reason) for step, ups in session]
+        outcomes: list[UpsOutcome] = []
+        stopped = ""
+        for step, ups in session:
+            if stopped:
+                outcomes.append(self._outcome(step, ups, "SKIPPED", stopped))
                 continue
-            stopped = ""
-            for step, ups in session:
-                if stopped:
-                    outcomes.append(self._outcome(step, ups, "SKIPPED", stopped))
-                    continue
-                outcome = self.perform(step, ups)
-                outcomes.append(outcome)
-                if outcome.state != "COMPLETED":
-                    stopped = f"not started: {outcome.label or outcome.step} ended {outcome.state}"
+            outcome = self.perform(step, ups)
+            outcomes.append(outcome)
+            if outcome.state != "COMPLETED":
+                stopped = f"not started: {outcome.label or outcome.step} ended {outcome.state}"
         return outcomes
 
     @staticmethod
@@ -291,6 +330,7 @@ class PerformingDevice:
             if reply.status != 0x0000:
                 outcome.state, outcome.reason = "SKIPPED", f"claim refused (0x{reply.status:04X})"
                 return outcome
+            self.metrics.ups_transition("IN PROGRESS")
             transaction = sent or str((reply.dataset or Dataset()).get("TransactionUID", ""))
             if not transaction:
                 outcome.state = "FAILED"
@@ -309,6 +349,7 @@ class PerformingDevice:
             except _Cancel as cancel:
                 return self._cancel(tms, ups, uid, transaction, started, cancel, outcome)
             except (DeviceError, DimseError, ValueError) as exc:
+                self.metrics.fault("dimse_error" if isinstance(exc, DimseError) else "device_error")
                 return self._cancel(
                     tms,
                     ups,
@@ -328,6 +369,8 @@ class PerformingDevice:
             outcome.state = "COMPLETED" if reply.status == 0 else "FAILED"
             if reply.status:
                 outcome.reason = f"RO-25: COMPLETED refused (0x{reply.status:04X})"
+            else:
+                self.metrics.ups_transition("COMPLETED")
             return outcome
 
     # -- the work ----------------------------------------------------------------------------
@@ -396,6 +439,7 @@ class PerformingDevice:
         result = delivery.run()
         for beam in result.beams:
             done[beam.beam_number] = beam.delivered
+            self.metrics.beam(beam.termination, beam.delivered)
         outcome.delivered = dict(done)
         outcome.delivery_type = tasks[0].delivery_type if tasks else ""
         previous = [
@@ -431,17 +475,18 @@ class PerformingDevice:
 
         ``percent`` is the progress actually reached, reported if the UPS must be canceled.
         """
-        for ds in objects:
-            buffer = io.BytesIO()
-            ds.save_as(buffer, enforce_file_format=True)
-            encoded = buffer.getvalue()
-            self.receiver.store.put(encoded, admit(encoded), calling_ae="self")
-        try:
-            scu.store(self.config.ae_title, self.config.archive, objects, self.config.network)
-        except DimseError as exc:
-            raise _Cancel(
-                f"{transaction}: the Archive refused the results: {exc}", percent
-            ) from exc
+        with self.metrics.results_pending(len(objects)):
+            for ds in objects:
+                buffer = io.BytesIO()
+                ds.save_as(buffer, enforce_file_format=True)
+                encoded = buffer.getvalue()
+                self.receiver.store.put(encoded, admit(encoded), calling_ae="self")
+            try:
+                scu.store(self.config.ae_title, self.config.archive, objects, self.config.network)
+            except DimseError as exc:
+                raise _Cancel(
+                    f"{transaction}: the Archive refused the results: {exc}", percent
+                ) from exc
         return objects
 
     def _progress(
@@ -494,6 +539,8 @@ class PerformingDevice:
         extra.ReasonForCancellation = reason
         reply = tms.change_state(uid, "CANCELED", transaction, extra)
         outcome.state = "CANCELED" if reply.status == 0 else "FAILED"
+        if reply.status == 0:
+            self.metrics.ups_transition("CANCELED")
         outcome.reason = (
             reason if reply.status == 0 else (f"{reason}; CANCELED refused (0x{reply.status:04X})")
         )

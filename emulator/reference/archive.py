@@ -21,6 +21,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from emulator.metrics import Metrics, default_metrics
 from emulator.net.ae_factory import NetworkSettings, make_ae
 from emulator.net.peers import Peer, PeerDirectory, calling_allow_list
 from emulator.net.served_ae import ServedAE
@@ -61,9 +62,10 @@ class ArchiveConfig:
 class ArchiveServer(ServedAE):
     """One Archive AE; start() binds (port 0 picks a free port) and returns at once."""
 
-    def __init__(self, config: ArchiveConfig) -> None:
+    def __init__(self, config: ArchiveConfig, metrics: Metrics | None = None) -> None:
         super().__init__()
         self.config = config
+        (metrics or default_metrics()).add_actor(config.ae_title, "archive")
         self.host, self.port, self.settings = config.host, config.port, config.network
         self.peers = PeerDirectory(config.peers)
         self.sop_classes = load_sop_classes(config.uid_set)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emulator.conformance.suite import load_scenarios
+from emulator.metrics import Metrics
+from emulator.net.ae_factory import NetworkSettings
 from emulator.net.peers import Peer
 from emulator.reference.archive import ArchiveConfig, ArchiveServer
 from emulator.reference.tms import TmsConfig, TmsServer
@@ -32,12 +34,13 @@ class SiteConfig:
     edition: str = "ihe-ro-2008"
     uid_set: str = "final"
     seed_options: SeedOptions = field(default_factory=SeedOptions)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
 
 
 class ReferenceSite:
     """The TMS and the Archive, started and stopped together."""
 
-    def __init__(self, config: SiteConfig) -> None:
+    def __init__(self, config: SiteConfig, metrics: Metrics | None = None) -> None:
         self.config = config
         root = Path(config.data_dir)
         self.archive = ArchiveServer(
@@ -50,7 +53,9 @@ class ReferenceSite:
                 allowed_callers=config.allowed_callers,
                 accept_any_ae=config.accept_any_ae,
                 uid_set=config.uid_set,
-            )
+                network=config.network,
+            ),
+            metrics,
         )
         self.tms = TmsServer(
             TmsConfig(
@@ -63,9 +68,11 @@ class ReferenceSite:
                 accept_any_ae=config.accept_any_ae,
                 edition=config.edition,
                 uid_set=config.uid_set,
+                network=config.network,
             ),
             self.archive.store,
             config.archive_ae_title,
+            metrics=metrics,
         )
 
     def start(self) -> dict[str, tuple[str, int]]:

@@ -25,6 +25,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from emulator.metrics import Metrics, default_metrics
 from emulator.net.ae_factory import NetworkSettings, make_ae
 from emulator.net.peers import Peer, PeerDirectory, calling_allow_list
 from emulator.net.served_ae import ServedAE
@@ -82,6 +83,7 @@ class TmsServer(ServedAE):
         archive_store: ObjectStore,
         archive_ae_title: str,
         station_names: dict[str, str] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -89,7 +91,10 @@ class TmsServer(ServedAE):
         self.profile = load_profile(config.edition, config.uid_set)
         register_uid_set(self.profile.sop_classes)
         root = Path(config.data_dir)
-        self.ups = UpsStore(root / "ups.sqlite3")
+        self.metrics_registry = metrics or default_metrics()
+        self.metrics = self.metrics_registry.add_actor(config.ae_title, "tms")
+        self.ups = UpsStore(root / "ups.sqlite3", on_state=self.metrics.ups_transition)
+        self.metrics_registry.watch_workitems(config.ae_title, self.ups.count_by_state)
         self.store = ObjectStore(root / "objects")
         self.archive_store = archive_store
         self.peers = PeerDirectory(config.peers)
@@ -124,6 +129,7 @@ class TmsServer(ServedAE):
         return ae, handlers
 
     def close_resources(self) -> None:
+        self.metrics_registry.forget_workitems(self.config.ae_title)
         self.ups.close()
         self.store.close()
 

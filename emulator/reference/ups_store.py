@@ -129,9 +129,11 @@ def _code_of(ds: Dataset, keyword: str) -> tuple[str, str]:
 class UpsStore:
     """SQLite persistence of sessions and UPS, safe to share between association threads."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, on_state: Callable[[str], None] | None = None) -> None:
         self._lock = threading.RLock()
         self._db = open_database(path, _SCHEMA)
+        # Told the new state of every UPS created or moved, after the commit (metrics).
+        self.on_state = on_state or (lambda state: None)
 
     def close(self) -> None:
         with self._lock:
@@ -176,6 +178,14 @@ class UpsStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+        for _, ds in steps:
+            self.on_state(str(ds.get("ProcedureStepState", "SCHEDULED")))
+
+    def count_by_state(self) -> dict[str, int]:
+        """UPS held, by lower-case state (``in_progress``), for the workitem gauge."""
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM ups GROUP BY state").fetchall()
+        return {str(state).lower().replace(" ", "_"): int(n) for state, n in rows}
 
     def _record(self, row: tuple) -> UpsRecord:
         uid, session_id, step, state, transaction_uid, cancel, blob = row
@@ -231,6 +241,8 @@ class UpsStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+        if updated is not None and (current is None or updated.state != current.state):
+            self.on_state(updated.state)
         return updated
 
     def session(self, session_id: str) -> SessionRecord | None:
