@@ -166,6 +166,34 @@ def _add_scenarios(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--data-dir", type=Path, help="keep the devices' data here (default: temp)")
 
 
+def _add_soak(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("soak", help="many emulated devices for a long time, and a verdict")
+    p.add_argument("--devices", type=int, required=True, help="emulated devices in all")
+    p.add_argument("--duration", required=True, help="how long to feed work: 300, 300s, 5m, 8h")
+    p.add_argument("--mix", help="units by weight, e.g. pds=0.5,pps+tdd=0.5 (default pds=1)")
+    p.add_argument(
+        "--fault-rate", type=float, default=0.0, help="chance of an interlock in each beam"
+    )
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--embedded", action="store_true", help="the reference TMS and Archive")
+    where.add_argument("--tms", metavar="AET@HOST:PORT", help="an external TMS")
+    p.add_argument("--archive", metavar="AET@HOST:PORT", help="its Archive (with --tms)")
+    p.add_argument("--listen-host", default="127.0.0.1")
+    p.add_argument(
+        "--listen-port-base", type=int, default=0, help="device i receives on BASE+i (0: free)"
+    )
+    p.add_argument("--station-prefix", default="SOAK", help="stations are PREFIX001, ...")
+    p.add_argument("--time-scale", type=float, default=0.02, help="1 real time")
+    p.add_argument("--drain", type=float, default=60.0, help="seconds to finish the worklists")
+    p.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"), default="ihe-ro-2008")
+    p.add_argument("--uids", choices=("final", "trial"), default="final")
+    p.add_argument("--device", default="sim", help="device backend spec")
+    p.add_argument("--seed", type=int, default=1, help="random seed of the fault injection")
+    p.add_argument("--data-dir", type=Path, help="keep the run's data here (default: temp)")
+    p.add_argument("--json", type=Path, default=Path("soak-verdict.json"), help="verdict file")
+    _add_metrics_flags(p)
+
+
 def _add_validate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="apply the Appendix A rules to DICOM files at rest")
     p.add_argument("files", nargs="+", type=Path, help="files or directories")
@@ -187,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_scenarios(sub)
     _add_validate(sub)
+    _add_soak(sub)
     return parser
 
 
@@ -381,6 +410,83 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def parse_duration(text: str) -> float:
+    """``300``, ``300s``, ``5m``, ``8h`` to seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    text = str(text).strip().lower()
+    factor = units.get(text[-1:])
+    number = text[:-1] if factor else text
+    try:
+        seconds = float(number) * (factor or 1)
+    except ValueError as exc:
+        raise ValueError(f"--duration must be like 300, 300s, 5m or 8h, not {text!r}") from exc
+    if seconds <= 0:
+        raise ValueError("--duration must be positive")
+    return seconds
+
+
+def _cmd_soak(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from emulator.metrics import default_metrics
+    from emulator.net.peers import Peer
+    from emulator.soak.display import LiveSummary, verdict_tables
+    from emulator.soak.fleet import parse_mix
+    from emulator.soak.runner import SoakConfig, SoakRun
+
+    if args.tms and not args.archive:
+        raise ValueError("--tms needs --archive")
+    config = SoakConfig(
+        devices=args.devices,
+        duration_s=parse_duration(args.duration),
+        mix=parse_mix(args.mix),
+        fault_rate=args.fault_rate,
+        tms=Peer.parse(args.tms) if args.tms else None,
+        archive=Peer.parse(args.archive) if args.tms else None,
+        data_dir=args.data_dir,
+        time_scale=args.time_scale,
+        listen_host=args.listen_host,
+        listen_port_base=args.listen_port_base,
+        station_prefix=args.station_prefix,
+        edition=args.profile,
+        uid_set=args.uids,
+        device=args.device,
+        drain_s=args.drain,
+        seed=args.seed,
+    )
+    if not args.verbose:
+        # An interruption is expected here (--fault-rate) and the verdict counts it; a
+        # warning per UPS would bury the live summary.
+        logging.getLogger("tdw.device").setLevel(logging.ERROR)
+    metrics = default_metrics()
+    run = SoakRun(config, metrics)
+    console = Console()
+    values = {"metrics_port": args.metrics_port, "metrics_host": args.metrics_host}
+    server = _serve_metrics(values, metrics)
+    try:
+        for member in run.fleet:
+            if not config.embedded:
+                port = config.listen_port_base + run.fleet.index(member) + 1
+                console.print(
+                    f"device {member.ae_title} ({member.kind}) at {member.station}: "
+                    f"receives on {config.listen_host}:{port}"
+                )
+        with LiveSummary(console, config.duration_s) as live:
+            verdict = run.run(on_progress=live)
+    finally:
+        if server:
+            server.stop()
+    for table in verdict_tables(verdict):
+        console.print(table)
+    print(f"verdict written to {verdict.write(args.json)}")
+    for problem in verdict.problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    for problem in verdict.records["problems"][:10]:
+        print(f"  {problem}", file=sys.stderr)
+    print("PASS: nothing lost" if verdict.ok else "FAIL", flush=True)
+    return 0 if verdict.ok else 1
+
+
 def _cmd_hil(args: argparse.Namespace) -> int:
     import threading
 
@@ -520,6 +626,7 @@ COMMANDS = {
     "demo": _cmd_demo,
     "scenarios": _cmd_scenarios,
     "validate": _cmd_validate,
+    "soak": _cmd_soak,
 }
 
 

@@ -18,6 +18,7 @@ import platform
 import random
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from emulator import __version__
 from emulator.net.commands import message_name, operation_of
 from emulator.profile import load_yaml
 
+# The ``actor`` label: devices of every kind are "performer"; "tms" and "archive" as such.
 ACTOR_PROFILES = {"pds": "performer", "pps": "performer", "tdd": "performer"}
 PENDING = "Pending"
 
@@ -54,23 +56,25 @@ def metrics_spec() -> dict:
 
 
 class LatencySamples:
-    """Bounded reservoir of request latencies per (role, operation), for exact percentiles.
+    """Bounded reservoir of request latencies per (actor group, role, operation).
 
     A soak verdict wants p50/p99 from the observations themselves, not from histogram
-    buckets; a reservoir keeps memory flat over an eight-hour run (Vitter's algorithm R).
+    buckets; a reservoir of doubles keeps memory flat over an eight-hour run (Vitter's
+    algorithm R). The group ("performer", "tms", "archive") keeps the devices' own
+    requests apart from the site's C-MOVE sub-operations in the same process.
     """
 
-    def __init__(self, size: int = 50_000, seed: int = 1) -> None:
+    def __init__(self, size: int = 20_000, seed: int = 1) -> None:
         self.size = size
-        self._samples: dict[tuple[str, str], list[float]] = {}
-        self._seen: dict[tuple[str, str], int] = {}
+        self._samples: dict[tuple[str, str, str], array] = {}
+        self._seen: dict[tuple[str, str, str], int] = {}
         self._random = random.Random(seed)
         self._lock = threading.Lock()
 
-    def add(self, role: str, operation: str, seconds: float) -> None:
-        key = (role, operation)
+    def add(self, group: str, role: str, operation: str, seconds: float) -> None:
+        key = (group, role, operation)
         with self._lock:
-            samples = self._samples.setdefault(key, [])
+            samples = self._samples.setdefault(key, array("d"))
             seen = self._seen.get(key, 0) + 1
             self._seen[key] = seen
             if len(samples) < self.size:
@@ -80,11 +84,18 @@ class LatencySamples:
                 if slot < self.size:
                     samples[slot] = seconds
 
-    def percentiles(self, role: str = "scu", quantiles: tuple[float, ...] = (50, 90, 99)) -> dict:
-        """{operation: {"count": n, "p50_ms": ..., ...}} over this role's requests, and "all"."""
+    def percentiles(
+        self,
+        group: str = "performer",
+        role: str = "scu",
+        quantiles: tuple[float, ...] = (50, 90, 99),
+    ) -> dict:
+        """{operation: {"count": n, "p50_ms": ..., ...}} over this group's requests, and "all"."""
         with self._lock:
-            items = {op: list(s) for (r, op), s in self._samples.items() if r == role and s}
-            seen = {op: n for (r, op), n in self._seen.items() if r == role}
+            items = {
+                op: list(s) for (g, r, op), s in self._samples.items() if (g, r) == (group, role)
+            }
+            seen = {op: n for (g, r, op), n in self._seen.items() if (g, r) == (group, role)}
         out = {op: _summary(samples, seen[op], quantiles) for op, samples in sorted(items.items())}
         everything = [value for samples in items.values() for value in samples]
         if everything:
@@ -157,13 +168,13 @@ class Metrics:
         self.dimse_requests = Counter(
             "tdw_dimse_requests",
             "DIMSE requests by operation and final status category (PS3.7 Annex C)",
-            ["ae", "role", "operation", "status"],
+            ["ae", "actor", "role", "operation", "status"],
             registry=r,
         )
         self.dimse_duration = Histogram(
             "tdw_dimse_request_duration_seconds",
             "Request to final response, as seen by this AE",
-            ["ae", "role", "operation"],
+            ["ae", "actor", "role", "operation"],
             buckets=[float(b) for b in spec["dimse_latency_buckets"]],
             registry=r,
         )
@@ -225,6 +236,7 @@ class Metrics:
         self._workitems = _WorkitemCollector()
         r.register(self._workitems)
         self.latencies = LatencySamples()
+        self._groups: dict[str, str] = {}
         self._pending: dict[int, dict[int, tuple[float, str, str, str]]] = {}
         self._established: set[int] = set()
         self._lock = threading.Lock()
@@ -235,12 +247,13 @@ class Metrics:
         """Creates every label set of this actor (see ``profiles/metrics.yaml``)."""
         spec = self.spec
         profile = ACTOR_PROFILES.get(kind, kind)
+        self._groups[ae] = profile
         self.actor_info.labels(ae, kind, station).set(1)
         for role, operations in spec["exchanges"].get(profile, {}).items():
             for op in operations:
-                self.dimse_duration.labels(ae, role, op)
+                self.dimse_duration.labels(ae, profile, role, op)
                 for status in spec["statuses"]:
-                    self.dimse_requests.labels(ae, role, op, status)
+                    self.dimse_requests.labels(ae, profile, role, op, status)
         for role in ("requestor", "acceptor"):
             self.associations_open.labels(ae, role)
             for event in spec["associations"]["events"]:
@@ -312,7 +325,8 @@ class Metrics:
         if was_open:
             self.associations_open.labels(ae, role).dec()
         for _, req_role, operation, req_ae in unanswered.values():
-            self.dimse_requests.labels(req_ae, req_role, operation, "aborted").inc()
+            group = self._groups.get(req_ae, "other")
+            self.dimse_requests.labels(req_ae, group, req_role, operation, "aborted").inc()
 
     def _on_released(self, event: evt.Event) -> None:
         self._close(event, "released")
@@ -362,9 +376,10 @@ class Metrics:
             return
         started, role, operation, ae = request
         seconds = now - started
-        self.dimse_requests.labels(ae, role, operation, category.lower()).inc()
-        self.dimse_duration.labels(ae, role, operation).observe(seconds)
-        self.latencies.add(role, operation, seconds)
+        group = self._groups.get(ae, "other")
+        self.dimse_requests.labels(ae, group, role, operation, category.lower()).inc()
+        self.dimse_duration.labels(ae, group, role, operation).observe(seconds)
+        self.latencies.add(group, role, operation, seconds)
 
     # -- exposition ---------------------------------------------------------------------------
 
@@ -400,6 +415,7 @@ class ActorMetrics:
 
     metrics: Metrics
     ae: str
+    pending: int = 0  # the backlog, readable without a registry scrape
 
     def ups_transition(self, state: str) -> None:
         self.metrics.ups_transitions.labels(self.ae, state.lower().replace(" ", "_")).inc()
@@ -422,10 +438,12 @@ class ActorMetrics:
         """The backlog holds ``count`` more objects until the block ends, however it ends."""
         gauge = self.metrics.backlog.labels(self.ae)
         gauge.inc(count)
+        self.pending += count
         try:
             yield
         finally:
             gauge.dec(count)
+            self.pending -= count
 
     def set_connected(self, connected: bool) -> None:
         self.metrics.connected.labels(self.ae).set(1 if connected else 0)

@@ -173,6 +173,14 @@ class SimulatedLinac(Device):
                 break
         yield BeamEnded(round(delivered, 4), Termination.NORMAL)
 
+    def arm_interlock(self, beam_number: int, meterset: float) -> None:
+        """Fault injection: the dosimetry interlock trips when ``beam_number`` reaches
+        ``meterset`` (cumulative MU, as in the plan); it trips once."""
+        self.interlocks[int(beam_number)] = float(meterset)
+
+    def disarm_interlocks(self) -> None:
+        self.interlocks.clear()
+
     def interrupt(self, reason: str) -> None:
         self._hold_reason = reason or "operator beam hold"
         self._hold.set()

@@ -33,6 +33,11 @@ class NetworkSettings:
     # Extra (event, handler) pairs bound to every association, e.g. the conformance
     # traffic recorder; they only observe, so the exchanges are the same with or without.
     observers: tuple = ()
+    # pynetdicom's DUL thread polls its socket, sleeping this long when idle (its default
+    # is 1 ms). With dozens of associations open in one process (a soak run) the polling
+    # alone contends for the GIL; a few ms frees it at the cost of that much latency on
+    # an idle association (pynetdicom issue #650). None keeps pynetdicom's default.
+    reactor_poll_s: float | None = None
 
 
 def _set_nodelay(event: evt.Event) -> None:
@@ -45,9 +50,19 @@ def _set_nodelay(event: evt.Event) -> None:
 NODELAY_HANDLER = (evt.EVT_CONN_OPEN, _set_nodelay)
 
 
+def _poll_handler(seconds: float):
+    def set_poll(event: evt.Event) -> None:
+        event.assoc.dul._run_loop_delay = seconds
+
+    return (evt.EVT_CONN_OPEN, set_poll)
+
+
 def association_handlers(settings: NetworkSettings | None) -> list:
     """TCP_NODELAY plus the settings' observers, for requested and accepted associations."""
-    return [NODELAY_HANDLER, *(settings.observers if settings else ())]
+    handlers = [NODELAY_HANDLER, *(settings.observers if settings else ())]
+    if settings is not None and settings.reactor_poll_s is not None:
+        handlers.append(_poll_handler(settings.reactor_poll_s))
+    return handlers
 
 
 def make_ae(

@@ -77,6 +77,7 @@ class UpsOutcome:
     stored: list[str] = field(default_factory=list)
     delivered: dict[int, float] = field(default_factory=dict)
     delivery_type: str = ""
+    session: str = ""  # the device's session key: PatientID/scheduled date
 
 
 @dataclass
@@ -215,6 +216,9 @@ class PerformingDevice:
         for _, members in itertools.groupby(chosen, key=lambda su: actors.session_key(su[1])):
             session = list(members)
             done = self._run_session(session)
+            key = "/".join(actors.session_key(session[0][1]))
+            for outcome in done:
+                outcome.session = key
             self.metrics.session(session_outcome(done))
             # What the session kept (planning CT, CBCT) is not needed by the next one.
             self.sessions.pop(str(session[0][1].get("PatientID", "")), None)

@@ -1,0 +1,240 @@
+"""What a soak run counts while it goes, and the verdict at its end.
+
+The question a soak answers is "did anything get lost?": every beam a device reports as
+delivered must be in an RT Beams Treatment Record that the Archive holds, and no record may
+claim more meterset than the device measured. The rest (sessions, continuations, latency,
+memory) says whether the TMS kept up over time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from emulator.performer.workflow import UpsOutcome, session_outcome
+
+METERSET_TOLERANCE = 1e-3  # MU; records carry metersets to 4 decimals
+
+
+def resident_memory_bytes() -> int:
+    """The process's resident set now (Linux /proc), or its peak where /proc is absent."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class DeliveryRecord:
+    """One delivery UPS: the beams the device measured and the records it stored for them."""
+
+    ae_title: str
+    ups: str
+    state: str
+    delivery_type: str
+    delivered: dict[int, float]
+    records: list[str]
+
+
+@dataclass
+class Tally:
+    """Thread-safe counts, fed by every device thread after each worklist round."""
+
+    sessions: Counter = field(default_factory=Counter)
+    ups: Counter = field(default_factory=Counter)
+    deliveries: list[DeliveryRecord] = field(default_factory=list)
+    errors: Counter = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, ae_title: str, outcomes: list[UpsOutcome]) -> None:
+        by_session: dict[str, list[UpsOutcome]] = {}
+        for outcome in outcomes:
+            by_session.setdefault(outcome.session, []).append(outcome)
+        with self._lock:
+            for group in by_session.values():
+                verdict = session_outcome(group)
+                self.sessions[verdict] += 1
+                if verdict != "refused":
+                    self.sessions["started"] += 1
+            for outcome in outcomes:
+                self.ups[outcome.state] += 1
+                if outcome.step == "delivery" and outcome.state != "REFUSED":
+                    self.deliveries.append(
+                        DeliveryRecord(
+                            ae_title,
+                            outcome.sop_instance_uid,
+                            outcome.state,
+                            outcome.delivery_type,
+                            dict(outcome.delivered),
+                            list(outcome.stored),
+                        )
+                    )
+
+    def error(self, text: str) -> None:
+        with self._lock:
+            self.errors[text[:200]] += 1
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            deliveries = list(self.deliveries)
+            sessions = dict(self.sessions)
+        continuations = [d for d in deliveries if d.delivery_type == "CONTINUATION"]
+        return {
+            "sessions": sessions,
+            "deliveries": len(deliveries),
+            "continuations_completed": sum(d.state == "COMPLETED" for d in continuations),
+            "records_stored": sum(len(d.records) for d in deliveries),
+        }
+
+
+def audit_records(
+    deliveries: list[DeliveryRecord], archived: Callable[[str], Dataset | None]
+) -> dict:
+    """Delivered beams against the records the Archive holds.
+
+    ``archived(uid)`` returns the Archive's copy of a record (or a copy whose presence the
+    Archive confirmed), None when it does not hold it.
+    """
+    delivered_beams = lost_beams = lost_records = mismatched = 0
+    held = 0
+    problems: list[str] = []
+    for delivery in deliveries:
+        beams = {b: mu for b, mu in delivery.delivered.items() if mu > 0}
+        delivered_beams += len(beams)
+        recorded: dict[int, float] = {}
+        for uid in delivery.records:
+            record = archived(uid)
+            if record is None:
+                lost_records += 1
+                problems.append(f"{delivery.ae_title}: record {uid} is not in the Archive")
+                continue
+            held += 1
+            for item in record.get("TreatmentSessionBeamSequence") or []:
+                number = int(item.ReferencedBeamNumber)
+                mu = float(item.get("DeliveredPrimaryMeterset", 0) or 0)
+                recorded[number] = recorded.get(number, 0.0) + mu
+        for number, mu in beams.items():
+            if number not in recorded:
+                lost_beams += 1
+                problems.append(
+                    f"{delivery.ae_title}: beam {number} ({mu:g} MU) of {delivery.ups} "
+                    "is in no archived record"
+                )
+            elif abs(recorded[number] - mu) > METERSET_TOLERANCE:
+                mismatched += 1
+                problems.append(
+                    f"{delivery.ae_title}: beam {number} recorded {recorded[number]:g} MU, "
+                    f"the device measured {mu:g}"
+                )
+    return {
+        "delivered_beams": delivered_beams,
+        "records_stored": sum(len(d.records) for d in deliveries),
+        "records_in_archive": held,
+        "lost_records": lost_records,
+        "lost_beams": lost_beams,
+        "mismatched_beams": mismatched,
+        "problems": problems[:50],
+    }
+
+
+@dataclass
+class Verdict:
+    devices: int
+    mix: dict[str, int]
+    duration_s: float
+    drain_s: float
+    sessions: dict[str, int]
+    sessions_per_minute: float
+    deliveries: dict[str, int]
+    continuations_completed: int
+    records: dict
+    latency_ms: dict
+    memory: dict
+    tms: dict
+    errors: dict[str, int]
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_json(self) -> dict:
+        return {"ok": self.ok, **asdict(self)}
+
+    def write(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.as_json(), indent=2))
+        return path
+
+
+def judge(
+    tally: Tally,
+    records: dict,
+    tms: dict,
+    interrupted_left: int,
+) -> list[str]:
+    """Why the run failed, or nothing."""
+    problems = []
+    if records["lost_records"] or records["lost_beams"]:
+        problems.append(
+            f"{records['lost_records']} records and {records['lost_beams']} delivered beams lost"
+        )
+    if records["mismatched_beams"]:
+        problems.append(f"{records['mismatched_beams']} beams recorded with another meterset")
+    for outcome in ("failed", "canceled"):
+        if tally.sessions.get(outcome):
+            problems.append(f"{tally.sessions[outcome]} sessions {outcome}")
+    if tally.errors:
+        problems.append(f"{sum(tally.errors.values())} errors in device loops")
+    if tms.get("in_progress", 0):
+        problems.append(f"{tms['in_progress']} UPS left IN PROGRESS at the TMS")
+    if interrupted_left:
+        problems.append(
+            f"{interrupted_left} interrupted deliveries without a completed continuation"
+        )
+    if not tally.sessions.get("completed"):
+        problems.append("no session completed")
+    return problems
+
+
+class MemoryWatch:
+    """Resident memory at start, after warm-up, and at the end (the growth is end - warm)."""
+
+    def __init__(self, warmup_s: float) -> None:
+        self.started = time.monotonic()
+        self.warmup_s = warmup_s
+        self.start_bytes = resident_memory_bytes()
+        self.warm_bytes: int | None = None
+        self.peak_bytes = self.start_bytes
+
+    def sample(self) -> int:
+        now = resident_memory_bytes()
+        self.peak_bytes = max(self.peak_bytes, now)
+        if self.warm_bytes is None and time.monotonic() - self.started >= self.warmup_s:
+            self.warm_bytes = now
+        return now
+
+    def summary(self) -> dict:
+        end = self.sample()
+        warm = self.warm_bytes if self.warm_bytes is not None else self.start_bytes
+        hours = max(time.monotonic() - self.started - self.warmup_s, 1.0) / 3600
+        mib = 1024 * 1024
+        return {
+            "rss_start_mib": round(self.start_bytes / mib, 1),
+            "rss_after_warmup_mib": round(warm / mib, 1),
+            "rss_end_mib": round(end / mib, 1),
+            "rss_peak_mib": round(self.peak_bytes / mib, 1),
+            "growth_mib": round((end - warm) / mib, 1),
+            "growth_mib_per_hour": round((end - warm) / mib / hours, 1),
+            "warmup_s": self.warmup_s,
+        }

@@ -1,0 +1,126 @@
+"""Soak runs: the verdict counts what happened, and a loss is caught, not hidden."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydicom.dataset import Dataset
+
+from emulator.metrics import Metrics
+from emulator.soak.fleet import FleetError, parse_mix, plan_fleet
+from emulator.soak.runner import SoakConfig, SoakRun
+from emulator.soak.verdict import DeliveryRecord, audit_records
+from tests.conftest import start_cli_process
+
+
+def test_mix_lays_out_whole_units_and_exactly_the_count():
+    fleet = plan_fleet(5, parse_mix("pds=1,pps+tdd=1"))
+    assert [m.kind for m in fleet] == ["pds", "pds", "pds", "pps", "tdd"]
+    assert fleet[3].station == fleet[4].station != fleet[2].station
+    assert len({m.ae_title for m in fleet}) == 5
+    assert [m.kind for m in plan_fleet(3, parse_mix("pps+tdd=1"))] == ["pds", "pps", "tdd"]
+    with pytest.raises(FleetError, match="unknown unit"):
+        parse_mix("tdd=1")
+    with pytest.raises(FleetError):
+        parse_mix("pds=x")
+
+
+def _record(beams: dict[int, float]) -> Dataset:
+    ds = Dataset()
+    items = []
+    for number, mu in beams.items():
+        item = Dataset()
+        item.ReferencedBeamNumber = number
+        item.DeliveredPrimaryMeterset = mu
+        items.append(item)
+    ds.TreatmentSessionBeamSequence = items
+    return ds
+
+
+def test_audit_names_lost_records_missing_beams_and_meterset_mismatches():
+    deliveries = [
+        DeliveryRecord("PDS001", "1.1", "COMPLETED", "TREATMENT", {1: 100.0, 2: 100.0}, ["r1"]),
+        DeliveryRecord("PDS002", "1.2", "CANCELED", "TREATMENT", {1: 100.0, 2: 40.0}, ["r2"]),
+        DeliveryRecord("PDS003", "1.3", "COMPLETED", "TREATMENT", {1: 100.0}, ["r3"]),
+    ]
+    archive = {"r1": _record({1: 100.0, 2: 100.0}), "r2": _record({1: 100.0, 2: 41.0})}
+    audit = audit_records(deliveries, archive.get)
+    assert audit["delivered_beams"] == 5
+    assert (audit["lost_records"], audit["lost_beams"], audit["mismatched_beams"]) == (1, 1, 1)
+    assert any("r3 is not in the Archive" in p for p in audit["problems"])
+    assert any("recorded 41 MU, the device measured 40" in p for p in audit["problems"])
+
+
+def test_embedded_soak_with_interlocks_loses_nothing(tmp_path):
+    config = SoakConfig(
+        devices=3,
+        duration_s=20,
+        mix=parse_mix("pds=1,pps+tdd=1"),
+        fault_rate=0.4,
+        time_scale=0.02,
+        drain_s=60,
+        seed=3,
+        data_dir=tmp_path,
+    )
+    verdict = SoakRun(config, Metrics()).run()
+    assert verdict.ok, verdict.problems
+    assert verdict.sessions["completed"] >= 3
+    assert verdict.sessions.get("interrupted", 0) >= 1
+    assert verdict.continuations_completed >= 1
+    records = verdict.records
+    assert records["delivered_beams"] > 0
+    assert records["lost_records"] == records["lost_beams"] == records["mismatched_beams"] == 0
+    assert records["records_in_archive"] == records["records_stored"]
+    assert verdict.tms.get("in_progress", 0) == 0
+    assert verdict.latency_ms["N-ACTION"]["count"] > 0
+    assert verdict.memory["rss_end_mib"] > 0
+
+
+class ForgetfulArchiveSoak(SoakRun):
+    """The Archive acknowledges RT Beams Treatment Records and then loses them."""
+
+    def _start_site(self, root):
+        super()._start_site(root)
+        store = self.site.archive.store
+        keep = store.put
+
+        def put(encoded, header, calling_ae=""):
+            outcome = keep(encoded, header, calling_ae)
+            if str(header.get("Modality", "")) == "RTRECORD":
+                store.withdraw(str(header.SOPInstanceUID))
+            return outcome
+
+        store.put = put
+
+
+def test_a_lost_record_fails_the_verdict(tmp_path):
+    config = SoakConfig(devices=1, duration_s=4, drain_s=60, data_dir=tmp_path)
+    verdict = ForgetfulArchiveSoak(config, Metrics()).run()
+    assert not verdict.ok
+    assert verdict.records["lost_records"] >= 1
+    assert verdict.records["lost_records"] == verdict.records["records_stored"]
+    assert any("records" in p and "lost" in p for p in verdict.problems)
+
+
+def test_soak_command_writes_the_verdict(tmp_path):
+    out = tmp_path / "verdict.json"
+    proc = start_cli_process(
+        "soak",
+        "--embedded",
+        "--devices",
+        "2",
+        "--duration",
+        "6s",
+        "--json",
+        str(out),
+        ready="PASS",
+        timeout=180,
+    )
+    proc.process.wait(timeout=60)
+    assert proc.process.returncode == 0, "\n".join(proc.output)
+    verdict = json.loads(out.read_text())
+    assert verdict["ok"] and verdict["devices"] == 2
+    assert verdict["records"]["lost_records"] == 0
+    assert verdict["sessions"]["completed"] >= 2
+    assert any("soak verdict" in line for line in proc.output)
