@@ -163,6 +163,11 @@ def start_cli_process(
     raise RuntimeError("archive did not start:\n" + "\n".join(output))
 
 
+def printed_metrics_url(output: list[str]) -> str:
+    """The URL a command printed as 'metrics on URL' (--metrics-port 0 picks the port)."""
+    return next(line.split()[-1] for line in output if line.startswith("metrics on"))
+
+
 @pytest.fixture
 def archive_process_factory() -> Iterator:
     started: list[ArchiveProcess] = []

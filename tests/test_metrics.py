@@ -13,7 +13,7 @@ from emulator.net.peers import Peer
 from emulator.performer.workflow import DeviceConfig, PerformingDevice
 from emulator.reference.site import ReferenceSite, SiteConfig
 from emulator.seeding import SeedOptions
-from tests.conftest import free_port, start_cli_process
+from tests.conftest import free_port, printed_metrics_url, start_cli_process
 from tests.test_hil import start_controller
 
 SMALL = SeedOptions(slices=6, rows=48, beams=3, dynamic_beams=1, control_points=8)
@@ -176,7 +176,7 @@ def test_tms_serves_metrics_on_loopback_from_the_command_line(tmp_path):
         ready="ready",
     )
     try:
-        url = next(line.split()[-1] for line in proc.output if line.startswith("metrics on"))
+        url = printed_metrics_url(proc.output)
         assert url.startswith("http://127.0.0.1:")
         s = scrape(url)
         assert value(s, "tdw_tms_workitems", ae="TMS", state="scheduled") == 4
