@@ -23,8 +23,11 @@ from tests.conftest import REPO, free_port, printed_metrics_url, require_tool, s
 
 GRAFANA = REPO / "grafana"
 DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
+# Scrape as grafana/prometheus.yml does: a loaded soak process may need seconds to answer,
+# and a scrape that times out marks every series stale.
+SCRAPE = "5s"
 # What Grafana would put in for its variables; $__rate_interval is at least 4 scrapes.
-SUBSTITUTIONS = {"$__rate_interval": "20s", "$job": "tdw-soak", "$device": ".+"}
+SUBSTITUTIONS = {"$__rate_interval": "30s", "$job": "tdw-soak", "$device": ".+"}
 
 
 def panel_queries(path: Path) -> list[tuple[str, str]]:
@@ -93,7 +96,7 @@ def prometheus_tools():
 def test_every_dashboard_query_is_valid_and_has_data_from_a_real_soak(tmp_path, prometheus_tools):
     prometheus, promtool = prometheus_tools
     devices = int(os.environ.get("TDW_SOAK_DEVICES", "3"))
-    duration = float(os.environ.get("TDW_SOAK_DURATION", "45"))
+    duration = float(os.environ.get("TDW_SOAK_DURATION", "55"))
 
     check = subprocess.run(
         [promtool, "check", "config", str(GRAFANA / "prometheus.yml")],
@@ -146,7 +149,11 @@ def test_every_dashboard_query_is_valid_and_has_data_from_a_real_soak(tmp_path, 
         config.write_text(
             yaml.safe_dump(
                 {
-                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "global": {
+                        "scrape_interval": SCRAPE,
+                        "scrape_timeout": SCRAPE,
+                        "evaluation_interval": SCRAPE,
+                    },
                     "scrape_configs": [
                         {"job_name": "tdw-soak", "static_configs": [{"targets": [target]}]}
                     ],
@@ -175,8 +182,12 @@ def test_every_dashboard_query_is_valid_and_has_data_from_a_real_soak(tmp_path, 
             except OSError:
                 time.sleep(0.5)
         # Query near the end of the run, when every counter has moved and rate() has points.
-        time.sleep(max(max(30.0, duration - 12.0) - (time.monotonic() - started), 0))
+        time.sleep(max(max(40.0, duration - 12.0) - (time.monotonic() - started), 0))
         assert soak.process.poll() is None, "\n".join(soak.output)
+        up = _query(base, 'min_over_time(up{job="tdw-soak"}[1m])')["data"]["result"]
+        assert up and float(up[0]["value"][1]) == 1, "a scrape failed in the last minute"
+        took = _query(base, 'max_over_time(scrape_duration_seconds{job="tdw-soak"}[5m])')
+        print(f"slowest scrape {float(took['data']['result'][0]['value'][1]):.3f} s")
         empty = []
         for name, expr in queries:
             answer = _query(base, grafana_expr(expr))

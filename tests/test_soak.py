@@ -124,3 +124,39 @@ def test_soak_command_writes_the_verdict(tmp_path):
     assert verdict["records"]["lost_records"] == 0
     assert verdict["sessions"]["completed"] >= 2
     assert any("soak verdict" in line for line in proc.output)
+
+
+def test_soak_against_an_external_tms_confirms_records_at_its_archive(tmp_path):
+    """The reference site stands in for a vendor TMS: it knows the devices' ports and has
+    scheduled sessions for their stations; the soak only performs and audits."""
+    from emulator.net.peers import Peer
+    from emulator.reference.site import ReferenceSite, SiteConfig
+    from emulator.seeding import SeedOptions
+    from tests.conftest import free_port
+
+    base = free_port() - 1
+    site = ReferenceSite(
+        SiteConfig(
+            data_dir=tmp_path / "site",
+            tms_port=0,
+            archive_port=0,
+            seed_options=SeedOptions(slices=6, rows=48, beams=3, dynamic_beams=1),
+            peers=[Peer("PDS001", "127.0.0.1", base + 1)],
+        )
+    )
+    with site:
+        site.seed("SOAK001", 1)
+        config = SoakConfig(
+            devices=1,
+            duration_s=5,
+            drain_s=30,
+            tms=Peer("TMS", *site.tms.address),
+            archive=Peer("ARCHIVE", *site.archive.address),
+            listen_port_base=base,
+            data_dir=tmp_path / "soak",
+        )
+        verdict = SoakRun(config, Metrics()).run()
+    assert verdict.ok, verdict.problems
+    assert verdict.sessions["completed"] == 1
+    assert verdict.records["records_in_archive"] == verdict.records["records_stored"] == 1
+    assert verdict.tms == {}  # an external TMS is judged by what the devices saw

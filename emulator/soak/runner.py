@@ -259,8 +259,14 @@ class SoakRun:
         for thread in threads:
             thread.start()
         deadline = started + cfg.duration_s
+        warm = False
         while time.monotonic() < deadline:
             time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+            if not warm and time.monotonic() - started >= warmup:
+                # Latency and memory are judged in steady state, after the patients are
+                # seeded and every device has started its first session.
+                self.metrics.latencies.reset()
+                warm = True
             if on_progress:
                 on_progress(self.progress(started, "running", memory))
         ran_s = time.monotonic() - started
