@@ -13,6 +13,25 @@ from pathlib import Path
 from emulator import __version__
 
 
+def _add_tls_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("DICOM TLS (all associations, both directions)")
+    g.add_argument("--tls-cert", type=Path, help="this AE's certificate (PEM)")
+    g.add_argument("--tls-key", type=Path, help="its private key (PEM)")
+    g.add_argument("--tls-ca", type=Path, help="CA certificate(s) that peers must chain to")
+    g.add_argument(
+        "--tls-no-client-auth",
+        action="store_true",
+        default=None,
+        help="accept callers without a certificate (default: require one)",
+    )
+
+
+def _tls_values(args: argparse.Namespace) -> dict:
+    return {
+        k: getattr(args, k, None) for k in ("tls_cert", "tls_key", "tls_ca", "tls_no_client_auth")
+    }
+
+
 def _add_metrics_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here (0: free)")
     p.add_argument("--metrics-host", help="address for /metrics (default 127.0.0.1)")
@@ -61,6 +80,7 @@ def _add_archive(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--duplicate-policy", choices=("reject", "replace"))
     p.add_argument("--uids", choices=("final", "trial"))
     p.add_argument("--import", dest="import_dir", type=Path, help="preload files from a dir")
+    _add_tls_flags(p)
 
 
 def _add_tms(sub: argparse._SubParsersAction) -> None:
@@ -95,6 +115,7 @@ def _add_tms(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"))
     p.add_argument("--uids", choices=("final", "trial"))
     _add_metrics_flags(p)
+    _add_tls_flags(p)
     g = p.add_argument_group("schedule")
     g.add_argument("--plan-uid", help="RT Plan SOP Instance UID held by the Archive")
     g.add_argument("--station", help="station code for the scheduled sessions")
@@ -123,6 +144,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", type=Path, help="device state and results (default: temp)")
     p.add_argument("--report-dir", type=Path)
     _add_metrics_flags(p)
+    _add_tls_flags(p)
 
 
 def _add_hil(sub: argparse._SubParsersAction) -> None:
@@ -192,6 +214,7 @@ def _add_soak(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", type=Path, help="keep the run's data here (default: temp)")
     p.add_argument("--json", type=Path, default=Path("soak-verdict.json"), help="verdict file")
     _add_metrics_flags(p)
+    _add_tls_flags(p)
 
 
 def _add_validate(sub: argparse._SubParsersAction) -> None:
@@ -254,6 +277,7 @@ def _cmd_archive(args: argparse.Namespace) -> int:
         "duplicate_policy": args.duplicate_policy,
         "uids": args.uids,
         "import_dir": args.import_dir,
+        **_tls_values(args),
     }
     values = merge(load_yaml_config(args.config, "archive"), flags)
     config = archive_config(values)
@@ -301,6 +325,7 @@ def _cmd_tms(args: argparse.Namespace) -> int:
         "uids": args.uids,
         "metrics_port": args.metrics_port,
         "metrics_host": args.metrics_host,
+        **_tls_values(args),
     }
     values = merge(load_yaml_config(args.config, "tms"), flags)
     config = site_config(values)
@@ -428,6 +453,7 @@ def parse_duration(text: str) -> float:
 def _cmd_soak(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from emulator.config import network_settings
     from emulator.metrics import default_metrics
     from emulator.net.peers import Peer
     from emulator.soak.display import LiveSummary, verdict_tables
@@ -453,6 +479,7 @@ def _cmd_soak(args: argparse.Namespace) -> int:
         device=args.device,
         drain_s=args.drain,
         seed=args.seed,
+        network=network_settings(_tls_values(args)),
     )
     if not args.verbose:
         # An interruption is expected here (--fault-rate) and the verdict counts it; a

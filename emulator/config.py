@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from emulator.net.ae_factory import NetworkSettings
 from emulator.net.peers import Peer, PeerError, validate_ae_title
 from emulator.profile import UID_SETS
 from emulator.reference.archive import ArchiveConfig
@@ -110,6 +111,7 @@ def archive_config(values: dict[str, Any]) -> ArchiveConfig:
         "uids",
         "max_dataset_bytes",
         "import_dir",
+        *TLS_SETTINGS,
     }
     _check_known(values, known, "archive")
     ae_title = _ae_title(values, "ae_title", "ARCHIVE")
@@ -134,6 +136,7 @@ def archive_config(values: dict[str, Any]) -> ArchiveConfig:
         duplicate_policy=policy,
         uid_set=uids,
         limits=limits,
+        network=network_settings(values),
     )
 
 
@@ -159,6 +162,7 @@ def site_config(values: dict[str, Any]) -> SiteConfig:
         "uids",
         "stations",
         *METRICS_SETTINGS,
+        *TLS_SETTINGS,
     }
     _check_known(values, known, "tms")
     tms_ae = _ae_title(values, "ae_title", "TMS")
@@ -187,7 +191,22 @@ def site_config(values: dict[str, Any]) -> SiteConfig:
         accept_any_ae=accept_any,
         edition=edition,
         uid_set=uids,
+        network=network_settings(values),
     )
+
+
+# DICOM TLS: certificate, key and CA, all three or none (emulator/net/tls.py).
+TLS_SETTINGS = ("tls_cert", "tls_key", "tls_ca", "tls_no_client_auth")
+
+
+def network_settings(values: dict[str, Any]) -> NetworkSettings:
+    """Association settings shared by every command; TLS when its files are configured."""
+    from emulator.net.tls import TlsError, tls_from_values
+
+    try:
+        return NetworkSettings(tls=tls_from_values(values))
+    except TlsError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 # Where ``/metrics`` is served; loopback unless ``metrics_host`` says otherwise.
@@ -220,6 +239,7 @@ RUN_SETTINGS = (
     "data_dir",
     "report_dir",
     *METRICS_SETTINGS,
+    *TLS_SETTINGS,
 )
 
 
@@ -269,6 +289,7 @@ def device_config(values: dict[str, Any]) -> tuple[DeviceConfig, int, float, Pat
         time_scale=scale,
         device=str(values.get("device", "sim")),
         interlocks=parse_interrupt(values.get("interrupt")),
+        network=network_settings(values),
     )
     report_dir = Path(values["report_dir"]) if values.get("report_dir") else None
     return config, sessions, float(values.get("wait", 0.0)), report_dir

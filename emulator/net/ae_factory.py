@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ from pynetdicom import AE, evt
 from pynetdicom.transport import AssociationServer
 
 from emulator.net.peers import validate_ae_title
+from emulator.net.tls import TlsConfig
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class NetworkSettings:
     connection_timeout: float | None = 10.0
     maximum_pdu_size: int = 256 * 1024
     maximum_associations: int = 32
-    tls_context: ssl.SSLContext | None = None
+    tls: TlsConfig | None = None
     # Extra (event, handler) pairs bound to every association, e.g. the conformance
     # traffic recorder; they only observe, so the exchanges are the same with or without.
     observers: tuple = ()
@@ -55,6 +55,11 @@ def _poll_handler(seconds: float):
         event.assoc.dul._run_loop_delay = seconds
 
     return (evt.EVT_CONN_OPEN, set_poll)
+
+
+def tls_args(settings: NetworkSettings | None, host: str):
+    """pynetdicom's ``tls_args`` for a requested association, or None without TLS."""
+    return settings.tls.client_args(host) if settings and settings.tls else None
 
 
 def association_handlers(settings: NetworkSettings | None) -> list:
@@ -101,5 +106,5 @@ def start_server(
         (host, port),
         block=False,
         evt_handlers=[*association_handlers(settings), *handlers],
-        ssl_context=settings.tls_context,
+        ssl_context=settings.tls.server_context() if settings.tls else None,
     )

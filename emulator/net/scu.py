@@ -23,7 +23,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from emulator.net.ae_factory import NetworkSettings, association_handlers, make_ae
+from emulator.net.ae_factory import NetworkSettings, association_handlers, make_ae, tls_args
 from emulator.net.peers import Peer
 
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
@@ -61,7 +61,7 @@ def associate(
         peer.port,
         ae_title=peer.ae_title,
         evt_handlers=association_handlers(settings),
-        tls_args=(settings.tls_context, None) if settings and settings.tls_context else None,
+        tls_args=tls_args(settings, peer.host),
     )
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"

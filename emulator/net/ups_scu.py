@@ -18,7 +18,7 @@ from pynetdicom.dimse_messages import N_SET_RQ
 from pynetdicom.dimse_primitives import N_SET
 from pynetdicom.dsutils import encode
 
-from emulator.net.ae_factory import NetworkSettings, association_handlers, make_ae
+from emulator.net.ae_factory import NetworkSettings, association_handlers, make_ae, tls_args
 from emulator.net.peers import Peer
 from emulator.net.scu import DimseError
 from emulator.profile import Profile
@@ -49,13 +49,12 @@ class UpsConnection:
     def __enter__(self) -> UpsConnection:
         ae = make_ae(self.calling_ae, self.settings)
         ae.requested_contexts = [build_context(self.pull)]
-        tls = self.settings.tls_context
         self.assoc = ae.associate(
             self.tms.host,
             self.tms.port,
             ae_title=self.tms.ae_title,
             evt_handlers=association_handlers(self.settings),
-            tls_args=(tls, None) if tls else None,
+            tls_args=tls_args(self.settings, self.tms.host),
         )
         if not self.assoc.is_established:
             raise DimseError(f"association with TMS {self.tms} failed")

@@ -72,7 +72,7 @@ class ArchiveServer(ServedAE):
         register_uid_set(self.sop_classes)
         self.store = ObjectStore(Path(config.data_dir), config.duplicate_policy)
         self.query = StudyRootQuery(self.store, config.ae_title)
-        self.qr = QueryRetrieveSCP(self.query, self.peers)
+        self.qr = QueryRetrieveSCP(self.query, self.peers, config.network)
         self.storage_uids = self.sop_classes.archive_storage_uids()
 
     def build(self) -> tuple[AE, list]:

@@ -13,7 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
 from pynetdicom.sop_class import Verification
 
-from emulator.net.ae_factory import NODELAY_HANDLER
+from emulator.net.ae_factory import NetworkSettings, association_handlers, tls_args
 from emulator.net.peers import PeerDirectory
 from emulator.net.storage_scp import status_dataset
 from emulator.reference.qr_query import QueryError, StudyRootQuery
@@ -26,9 +26,12 @@ STATUS_CANCEL = 0xFE00
 
 
 class QueryRetrieveSCP:
-    def __init__(self, query: StudyRootQuery, peers: PeerDirectory) -> None:
+    def __init__(
+        self, query: StudyRootQuery, peers: PeerDirectory, settings: NetworkSettings | None = None
+    ) -> None:
         self.query = query
         self.peers = peers
+        self.settings = settings or NetworkSettings()
 
     def on_find(self, event: evt.Event):
         try:
@@ -78,8 +81,10 @@ class QueryRetrieveSCP:
             peer.port,
             {
                 "contexts": self.move_contexts(instances) or None,
-                # The sub-association is opened by pynetdicom: give it TCP_NODELAY too.
-                "evt_handlers": [NODELAY_HANDLER],
+                # The sub-association is opened by pynetdicom: give it TCP_NODELAY, the
+                # observers and TLS as every association of ours.
+                "evt_handlers": association_handlers(self.settings),
+                "tls_args": tls_args(self.settings, peer.host),
             },
         )
         yield len(instances)

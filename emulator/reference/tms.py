@@ -98,7 +98,9 @@ class TmsServer(ServedAE):
         self.store = ObjectStore(root / "objects")
         self.archive_store = archive_store
         self.peers = PeerDirectory(config.peers)
-        self.qr = QueryRetrieveSCP(StudyRootQuery(self.store, config.ae_title), self.peers)
+        self.qr = QueryRetrieveSCP(
+            StudyRootQuery(self.store, config.ae_title), self.peers, config.network
+        )
         self.scheduler = Scheduler(
             self.ups,
             archive_store,

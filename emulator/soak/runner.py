@@ -64,6 +64,7 @@ class SoakConfig:
         default_factory=lambda: SeedOptions(slices=8, rows=64, beams=4, dynamic_beams=2)
     )
     reactor_poll_s: float | None = 0.005
+    network: NetworkSettings = field(default_factory=NetworkSettings)  # e.g. TLS
 
     @property
     def embedded(self) -> bool:
@@ -110,8 +111,10 @@ class SoakRun:
         self.halt = threading.Event()
         self._busy: set[str] = set()
         self._busy_lock = threading.Lock()
-        self.network = NetworkSettings(
-            observers=self.metrics.observers, reactor_poll_s=config.reactor_poll_s
+        self.network = dataclasses.replace(
+            config.network,
+            observers=(*config.network.observers, *self.metrics.observers),
+            reactor_poll_s=config.reactor_poll_s,
         )
 
     # -- set-up ------------------------------------------------------------------------------

@@ -1,0 +1,217 @@
+"""DICOM TLS on every association: a CA made here, real handshakes, DCMTK as a peer."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from emulator.config import ConfigError, network_settings
+from emulator.net import scu
+from emulator.net.ae_factory import NetworkSettings
+from emulator.net.peers import Peer
+from emulator.net.scu import DimseError
+from emulator.net.tls import TlsConfig
+from emulator.performer.workflow import DeviceConfig, PerformingDevice
+from emulator.reference.site import ReferenceSite, SiteConfig
+from emulator.seeding import SeedOptions
+from tests.conftest import DCMTK_ENV, dcmtk, free_port, require_tool, start_cli_process
+
+SMALL = SeedOptions(slices=6, rows=48, beams=3, dynamic_beams=1, control_points=8)
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(
+        [require_tool("/usr/bin/openssl"), *args], cwd=cwd, check=True, capture_output=True
+    )
+
+
+def _make_ca(directory: Path, name: str) -> None:
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.pem",
+        "-subj",
+        f"/CN=tdw test {name}",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=directory,
+    )
+
+
+def _make_leaf(directory: Path, name: str, ca: str) -> None:
+    ext = directory / "leaf.cnf"
+    ext.write_text(
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n"
+    )
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        "-subj",
+        f"/CN={name}",
+        cwd=directory,
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        f"{ca}.pem",
+        "-CAkey",
+        f"{ca}.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        f"{name}.pem",
+        "-extfile",
+        str(ext),
+        cwd=directory,
+    )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """A test CA with a site and a device certificate, and a rogue CA with its own leaf."""
+    directory = tmp_path_factory.mktemp("pki")
+    _make_ca(directory, "ca")
+    _make_leaf(directory, "site", "ca")
+    _make_leaf(directory, "device", "ca")
+    _make_ca(directory, "rogue-ca")
+    _make_leaf(directory, "rogue", "rogue-ca")
+    return directory
+
+
+def tls(pki: Path, name: str, ca: str = "ca") -> NetworkSettings:
+    return NetworkSettings(
+        tls=TlsConfig(pki / f"{name}.pem", pki / f"{name}.key", pki / f"{ca}.pem")
+    )
+
+
+@pytest.fixture
+def tls_site(tmp_path, pki):
+    device_port = free_port()
+    site = ReferenceSite(
+        SiteConfig(
+            data_dir=tmp_path / "site",
+            tms_port=0,
+            archive_port=0,
+            seed_options=SMALL,
+            peers=[Peer("PDS1", "127.0.0.1", device_port)],
+            allowed_callers=["OTHER"],
+            network=tls(pki, "site"),
+        )
+    )
+    with site:
+        yield site, device_port
+
+
+def test_a_whole_session_runs_over_tls(tls_site, pki, tmp_path):
+    site, device_port = tls_site
+    device = PerformingDevice(
+        DeviceConfig(
+            "pds",
+            "LINAC1",
+            "PDS1",
+            Peer("TMS", *site.tms.address),
+            Peer("ARCHIVE", *site.archive.address),
+            tmp_path / "device",
+            listen_port=device_port,
+            network=tls(pki, "device"),
+        )
+    )
+    with device:
+        site.seed("LINAC1", 1)
+        outcomes = device.run_once()
+    # The C-MOVE sub-operations reached a receiver that only speaks TLS, so they used it.
+    assert [o.state for o in outcomes] == ["COMPLETED"] * 4, [o.reason for o in outcomes]
+    assert site.archive.store.select("modality = 'RTRECORD'")
+
+
+def test_plain_tcp_and_a_foreign_certificate_are_refused(tls_site, pki):
+    site, _ = tls_site
+    archive = Peer("ARCHIVE", *site.archive.address)
+    assert scu.echo("OTHER", archive, tls(pki, "device")) == 0x0000
+    with pytest.raises(DimseError):
+        scu.echo("OTHER", archive, NetworkSettings())
+    with pytest.raises(DimseError):
+        scu.echo("OTHER", archive, tls(pki, "rogue", ca="ca"))
+    # And the device refuses an Archive whose certificate its CA did not sign.
+    with pytest.raises(DimseError):
+        scu.echo("OTHER", archive, tls(pki, "device", ca="rogue-ca"))
+
+
+def test_dcmtk_echoscu_over_tls_against_the_archive_command(tmp_path, pki):
+    proc = start_cli_process(
+        "archive",
+        "--data-dir",
+        str(tmp_path / "archive"),
+        "--port",
+        "0",
+        "--allow",
+        "DCMTK",
+        "--tls-cert",
+        str(pki / "site.pem"),
+        "--tls-key",
+        str(pki / "site.key"),
+        "--tls-ca",
+        str(pki / "ca.pem"),
+    )
+    try:
+        echoscu = dcmtk("echoscu")
+        base = [echoscu, "-aet", "DCMTK", "-aec", "ARCHIVE"]
+        secure = subprocess.run(
+            [
+                *base,
+                "+tls",
+                str(pki / "device.key"),
+                str(pki / "device.pem"),
+                "+cf",
+                str(pki / "ca.pem"),
+                proc.host,
+                str(proc.port),
+            ],
+            capture_output=True,
+            text=True,
+            env=DCMTK_ENV,
+            timeout=30,
+        )
+        assert secure.returncode == 0, secure.stdout + secure.stderr
+        plain = subprocess.run(
+            [*base, proc.host, str(proc.port)],
+            capture_output=True,
+            text=True,
+            env=DCMTK_ENV,
+            timeout=30,
+        )
+        assert plain.returncode != 0
+    finally:
+        proc.stop()
+
+
+def test_half_a_tls_configuration_is_an_error(pki):
+    with pytest.raises(ConfigError, match="missing tls_key"):
+        network_settings({"tls_cert": str(pki / "site.pem"), "tls_ca": str(pki / "ca.pem")})
+    with pytest.raises(ConfigError, match="does not exist"):
+        network_settings(
+            {"tls_cert": "/nonexistent.pem", "tls_key": "/x.key", "tls_ca": str(pki / "ca.pem")}
+        )
