@@ -64,6 +64,14 @@ class UpsConnection:
         if self.assoc is not None and self.assoc.is_established:
             self.assoc.release()
 
+    def _established(self) -> Association:
+        """The association, or DimseError once the TMS (or pynetdicom) has ended it: a
+        reply it could not decode aborts it, and that must reach the caller as a DIMSE
+        failure, not as pynetdicom's RuntimeError (tests/test_fuzz.py)."""
+        if self.assoc is None or not self.assoc.is_established:
+            raise DimseError(f"the association with TMS {self.tms} is no longer established")
+        return self.assoc
+
     def _check(self, status: Dataset | None, what: str) -> int:
         if status is None or "Status" not in status:
             raise DimseError(f"{what}: no response from the TMS")
@@ -71,7 +79,7 @@ class UpsConnection:
 
     def find(self, identifier: Dataset) -> list[Dataset]:
         found = []
-        for status, ident in self.assoc.send_c_find(identifier, self.pull):
+        for status, ident in self._established().send_c_find(identifier, self.pull):
             code = self._check(status, "UPS C-FIND")
             if code in (0xFF00, 0xFF01):
                 found.append(ident)
@@ -89,19 +97,21 @@ class UpsConnection:
         info.TransactionUID = transaction_uid
         for element in extra or []:
             info[element.tag] = element
-        status, reply = self.assoc.send_n_action(
+        status, reply = self._established().send_n_action(
             info, ACTION_CHANGE_STATE, self.push, uid, meta_uid=self.pull
         )
         return Reply(self._check(status, f"N-ACTION {state}"), reply)
 
     def n_set(self, uid: str, modifications: Dataset) -> int:
-        status, _ = self.assoc.send_n_set(modifications, self.push, uid, meta_uid=self.pull)
+        status, _ = self._established().send_n_set(
+            modifications, self.push, uid, meta_uid=self.pull
+        )
         return self._check(status, "N-SET")
 
     def n_get(self, uid: str, keywords: list[str]) -> Reply:
         """N-GET of some attributes (e.g. the state), as a performer may after a failure."""
         tags = [tag_for_keyword(k) for k in keywords]
-        status, reply = self.assoc.send_n_get(tags, self.push, uid, meta_uid=self.pull)
+        status, reply = self._established().send_n_get(tags, self.push, uid, meta_uid=self.pull)
         return Reply(self._check(status, "N-GET"), reply)
 
     def abort_during_n_set(self, uid: str, modifications: Dataset) -> None:

@@ -7,6 +7,7 @@ range matching each become one SQL condition over an index column.
 from __future__ import annotations
 
 from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
 
 RANGE_VRS = {"DA", "TM", "DT"}
 
@@ -14,6 +15,24 @@ RANGE_VRS = {"DA", "TM", "DT"}
 def _glob_pattern(value: str) -> str:
     """A DICOM wildcard value as an SQLite GLOB pattern (case-sensitive, '[' escaped)."""
     return value.replace("[", "[[]")
+
+
+class UnreadableIdentifier(ValueError):
+    """An identifier element whose value does not decode (wrong length, broken sequence)."""
+
+
+def ensure_readable(identifier: Dataset, depth: int = 0) -> None:
+    """Decodes every element, sequences included, so a malformed value is refused up
+    front with a reason instead of failing halfway through matching (tests/test_fuzz.py)."""
+    try:
+        for element in identifier:
+            if element.VR == "SQ" and depth < 8:
+                for item in element.value or []:
+                    ensure_readable(item, depth + 1)
+    except UnreadableIdentifier:
+        raise
+    except Exception as exc:  # pydicom raises many types for bytes it cannot decode
+        raise UnreadableIdentifier(f"unreadable identifier element: {exc}"[:200]) from exc
 
 
 def element_text(element: DataElement) -> str:

@@ -16,7 +16,12 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from emulator.reference.matching import condition, element_text
+from emulator.reference.matching import (
+    UnreadableIdentifier,
+    condition,
+    element_text,
+    ensure_readable,
+)
 from emulator.store import INDEXED_KEYWORDS, ObjectStore, StoredInstance
 
 LEVELS = ("STUDY", "SERIES", "IMAGE")
@@ -64,6 +69,10 @@ class ParsedQuery:
 
 def parse_identifier(identifier: Dataset) -> ParsedQuery:
     """Turns a Study Root identifier into an SQL condition and the keys to return."""
+    try:
+        ensure_readable(identifier)
+    except UnreadableIdentifier as exc:
+        raise QueryError(STATUS_IDENTIFIER_MISMATCH, str(exc)) from exc
     level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
     if level not in LEVELS:
         raise QueryError(STATUS_IDENTIFIER_MISMATCH, f"bad QueryRetrieveLevel {level!r}")

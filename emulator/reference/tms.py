@@ -33,7 +33,7 @@ from emulator.net.storage_scp import status_dataset
 from emulator.net.uid_registry import register_uid_set
 from emulator.profile import DEFAULT_EDITION, DEFAULT_UID_SET, load_profile
 from emulator.reference import ups_rules
-from emulator.reference.matching import condition, element_text
+from emulator.reference.matching import condition, element_text, ensure_readable
 from emulator.reference.qr_query import StudyRootQuery
 from emulator.reference.qr_scp import QueryRetrieveSCP
 from emulator.reference.scheduler import Scheduler
@@ -156,6 +156,7 @@ class TmsServer(ServedAE):
         yield 0x0000, None
 
     def _ups_query(self, identifier: Dataset) -> tuple[str, list[str]]:
+        ensure_readable(identifier)  # UnreadableIdentifier is a ValueError: refused, 0xC000
         parts, params = [], []
         for element in identifier:
             keyword = element.keyword

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 from pydicom.valuerep import validate_value
 
@@ -88,7 +87,10 @@ def admit(
                     )
     except AdmissionError:
         raise
-    except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError) as exc:
+    except Exception as exc:
+        # Untrusted bytes: pydicom raises many types (InvalidDicomError, EOFError, its own
+        # BytesLengthException, ...); found by tests/test_fuzz.py. Any of them means the
+        # object cannot be understood, never a crash of the SCP.
         raise AdmissionError(STATUS_CANNOT_UNDERSTAND, f"cannot parse dataset: {exc}") from exc
 
     for keyword in REQUIRED:
