@@ -273,19 +273,26 @@ class PerformingDevice:
             if store.get(ref.sop_instance_uid) is None:
                 missing.setdefault(ref.retrieve_ae_title, []).append(ref)
         for ae_title, wanted in missing.items():
-            ident = Dataset()
-            ident.QueryRetrieveLevel = "IMAGE"
-            studies = {r.study_instance_uid for r in wanted}
-            if len(studies) == 1:
-                ident.StudyInstanceUID = studies.pop()
-            ident.SOPInstanceUID = [r.sop_instance_uid for r in wanted]
-            scu.move(
-                self.config.ae_title,
-                self.peers[ae_title],
-                ident,
-                self.config.ae_title,
-                self.config.network,
-            )
+            # One C-MOVE per series, with the unique keys of every level above IMAGE: the
+            # hierarchical form every Study Root SCP supports (PS3.4 C.4.2.2.1), not only
+            # ours, which also matches relationally.
+            series: dict[tuple[str, str], list[str]] = {}
+            for r in wanted:
+                key = (r.study_instance_uid, r.series_instance_uid)
+                series.setdefault(key, []).append(r.sop_instance_uid)
+            for (study_uid, series_uid), instances in series.items():
+                ident = Dataset()
+                ident.QueryRetrieveLevel = "IMAGE"
+                ident.StudyInstanceUID = study_uid
+                ident.SeriesInstanceUID = series_uid
+                ident.SOPInstanceUID = instances if len(instances) > 1 else instances[0]
+                scu.move(
+                    self.config.ae_title,
+                    self.peers[ae_title],
+                    ident,
+                    self.config.ae_title,
+                    self.config.network,
+                )
         held = {}
         for ref in refs:
             instance = store.get(ref.sop_instance_uid)
