@@ -31,6 +31,8 @@ from emulator.reference.tms import TmsConfig, TmsServer
 from emulator.seeding import SeedOptions, synthetic_patient
 from emulator.store import AdmissionError, admit
 
+# Garbage makes pydicom warn on nearly every input; the assertions are what count here.
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 EXAMPLES = int(os.environ.get("TDW_FUZZ_EXAMPLES", "10000"))
 FUZZ = settings(
     max_examples=EXAMPLES,
