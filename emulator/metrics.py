@@ -19,8 +19,7 @@ import random
 import threading
 import time
 from array import array
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -433,17 +432,10 @@ class ActorMetrics:
     def fault(self, kind: str) -> None:
         self.metrics.faults.labels(self.ae, kind).inc()
 
-    @contextmanager
-    def results_pending(self, count: int) -> Iterator[None]:
-        """The backlog holds ``count`` more objects until the block ends, however it ends."""
-        gauge = self.metrics.backlog.labels(self.ae)
-        gauge.inc(count)
-        self.pending += count
-        try:
-            yield
-        finally:
-            gauge.dec(count)
-            self.pending -= count
+    def set_backlog(self, count: int) -> None:
+        """Results spooled but not yet acknowledged by the Archive (the device's outbox)."""
+        self.metrics.backlog.labels(self.ae).set(count)
+        self.pending = count
 
     def set_connected(self, connected: bool) -> None:
         self.metrics.connected.labels(self.ae).set(1 if connected else 0)

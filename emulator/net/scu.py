@@ -8,7 +8,7 @@ to remember to check a status by hand.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,8 +89,13 @@ def store(
     peer: Peer,
     objects: Iterable[Dataset | Path],
     settings: NetworkSettings | None = None,
+    on_stored: Callable[[Dataset], None] | None = None,
 ) -> list[int]:
-    """C-STOREs each object; raises on the first failure so nothing is silently lost."""
+    """C-STOREs each object; raises on the first failure so nothing is silently lost.
+
+    ``on_stored`` is told of each object the peer acknowledged, as it happens, so a caller
+    can tell what was taken when a later one fails.
+    """
     datasets = [dcmread(o) if isinstance(o, str | Path) else o for o in objects]
     sop_classes = dict.fromkeys(ds.SOPClassUID for ds in datasets)
     contexts = [build_context(uid, UNCOMPRESSED) for uid in sop_classes]
@@ -101,6 +106,8 @@ def store(
             if status not in (0x0000, 0xB000, 0xB006, 0xB007):
                 raise DimseError(f"C-STORE {ds.SOPInstanceUID} refused", status)
             statuses.append(status)
+            if on_stored is not None:
+                on_stored(ds)
     return statuses
 
 

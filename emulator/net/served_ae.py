@@ -43,10 +43,14 @@ class ServedAE(ABC):
             raise RuntimeError(f"{type(self).__name__} is not started")
         return self._server.server_address[:2]
 
-    def stop(self) -> None:
+    def stop_listening(self) -> None:
+        """Closes the port but keeps the store open: an outage, which ``start()`` ends."""
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+    def stop(self) -> None:
+        self.stop_listening()
         self.close_resources()
 
     def __enter__(self):

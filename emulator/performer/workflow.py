@@ -13,6 +13,7 @@ import datetime as dt
 import io
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from emulator.net.uid_registry import register_uid_set
 from emulator.net.ups_scu import UpsConnection
 from emulator.performer import actors, safety
 from emulator.performer.delivery import BeamTask, SessionDelivery, beam_tasks
+from emulator.performer.outbox import ResultOutbox, RetryPolicy
 from emulator.profile import Profile, load_profile
 from emulator.results.acquisition import build_cbct_series
 from emulator.results.registration import build_registration, rigid_translation
@@ -63,6 +65,7 @@ class DeviceConfig:
     device: str = "sim"
     interlocks: dict[int, float] = field(default_factory=dict)
     network: NetworkSettings = field(default_factory=NetworkSettings)
+    store_retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
 @dataclass
@@ -161,6 +164,7 @@ class PerformingDevice:
         )
         self.sessions: dict[str, _SessionState] = {}
         self.peers = {config.tms.ae_title: config.tms, config.archive.ae_title: config.archive}
+        self.outbox = ResultOutbox(Path(config.data_dir) / "outbox.sqlite3")
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -181,6 +185,7 @@ class PerformingDevice:
 
     def stop(self) -> None:
         self.receiver.stop()
+        self.outbox.close()
         self.device.close()
         self.metrics.set_connected(False)
 
@@ -212,6 +217,7 @@ class PerformingDevice:
         happen, or delivering on an unverified position, is not safe.
         """
         outcomes: list[UpsOutcome] = []
+        self.flush_outbox()
         chosen = actors.select(self.config.kind, self.query_worklist())
         for _, members in itertools.groupby(chosen, key=lambda su: actors.session_key(su[1])):
             session = list(members)
@@ -407,7 +413,7 @@ class PerformingDevice:
             )
             ctx = result_identity(ups, session.planning_ct)
             session.cbct = build_cbct_series(ctx, self.device.acquire("CBCT"), self.uids, station)
-            return self._store(session.cbct, "RO-22"), 100.0
+            return self._store(session.cbct, "RO-22", uid), 100.0
         if step == "registration":
             if not session.cbct or not session.planning_ct:
                 raise _Cancel("RO-23: no acquisition in this session to register")
@@ -417,7 +423,7 @@ class PerformingDevice:
             registration = build_registration(
                 ctx, session.planning_ct, session.cbct, translation, self.uids, station
             )
-            return self._store([registration], "RO-23"), 100.0
+            return self._store([registration], "RO-23", uid), 100.0
         if step == "adjustment":
             shift = session.translation or (0.0, 0.0, 0.0)
             self.device.move_couch(CouchCorrection(translation=tuple(-s for s in shift)))
@@ -471,34 +477,83 @@ class PerformingDevice:
         if result.interrupted:
             # RO-26: progress before the results are stored, then the record, then cancel.
             self._progress(tms, uid, transaction, percent, None)
-            stored = self._store([record], "RO-24", percent)
+            stored = self._store([record], "RO-24", uid, percent)
             raise _Cancel(
                 f"{result.termination} termination: {result.reason or 'beam hold'}", percent, stored
             )
-        return self._store([record], "RO-24", percent), 100.0
+        return self._store([record], "RO-24", uid, percent), 100.0
 
     # -- messages ----------------------------------------------------------------------------
 
     def _store(
-        self, objects: list[Dataset], transaction: str, percent: float = 100.0
+        self, objects: list[Dataset], transaction: str, ups_uid: str, percent: float = 100.0
     ) -> list[Dataset]:
-        """Keeps each result locally, then stores it to the Archive; raises on refusal.
+        """Keeps each result locally and in the outbox, then stores it to the Archive,
+        retrying with backoff; raises _Cancel when the Archive still has not taken it.
 
         ``percent`` is the progress actually reached, reported if the UPS must be canceled.
         """
-        with self.metrics.results_pending(len(objects)):
-            for ds in objects:
-                buffer = io.BytesIO()
-                ds.save_as(buffer, enforce_file_format=True)
-                encoded = buffer.getvalue()
-                self.receiver.store.put(encoded, admit(encoded), calling_ae="self")
-            try:
-                scu.store(self.config.ae_title, self.config.archive, objects, self.config.network)
-            except DimseError as exc:
-                raise _Cancel(
-                    f"{transaction}: the Archive refused the results: {exc}", percent
-                ) from exc
-        return objects
+        for ds in objects:
+            buffer = io.BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            encoded = buffer.getvalue()
+            self.receiver.store.put(encoded, admit(encoded), calling_ae="self")
+        uids = [str(ds.SOPInstanceUID) for ds in objects]
+        self.outbox.add(uids, ups_uid)
+        self._report_backlog()
+        error = ""
+        for delay in self.config.store_retry.delays():
+            time.sleep(delay)
+            error = self._send(uids)
+            if not error:
+                return objects
+            LOG.warning("%s: results not stored yet (%s); retrying", transaction, error)
+        raise _Cancel(
+            f"{transaction}: the Archive did not take the results after "
+            f"{self.config.store_retry.attempts} attempts ({error}); they are kept and "
+            "will be sent again",
+            percent,
+        )
+
+    def _send(self, uids: list[str]) -> str:
+        """Sends the pending ones among ``uids`` as stored (same bytes, same UIDs); returns
+        the error, or "" when the Archive acknowledged them all."""
+        pending = self.outbox.pending(uids)
+        if not pending:
+            return ""
+        store = self.receiver.store
+        files = [store.path_for(store.get(uid).sha256) for uid in pending]
+
+        def acknowledged(ds: Dataset) -> None:
+            self.outbox.sent(str(ds.SOPInstanceUID))
+
+        try:
+            scu.store(
+                self.config.ae_title,
+                self.config.archive,
+                files,
+                self.config.network,
+                on_stored=acknowledged,
+            )
+        except DimseError as exc:
+            self.outbox.failed(self.outbox.pending(pending), str(exc))
+            return str(exc)
+        finally:
+            self._report_backlog()
+        return ""
+
+    def flush_outbox(self) -> int:
+        """Sends every result still pending (an earlier Archive outage, or a previous run
+        of this device on the same data dir); returns how many remain pending."""
+        pending = self.outbox.pending()
+        if pending:
+            error = self._send(pending)
+            if error:
+                LOG.warning("%d results still pending: %s", len(pending), error)
+        return len(self.outbox.pending())
+
+    def _report_backlog(self) -> None:
+        self.metrics.set_backlog(len(self.outbox.pending()))
 
     def _progress(
         self, tms: UpsConnection, uid: str, transaction: str, percent: float, beam: int | None

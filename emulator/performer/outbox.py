@@ -1,0 +1,104 @@
+"""Results spooled on the device until the Archive acknowledges them (RO-22 to RO-24).
+
+A result is kept in the device's own store and entered here before it is sent, so an
+Archive that is down or refuses, or an association that drops, loses nothing: the result
+stays pending and is sent again later with the same SOP Instance UID, never as a new
+object. A result the Archive acknowledged is marked sent and never sent again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from emulator.store.sqlite import open_database
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    sop_instance_uid TEXT PRIMARY KEY,
+    ups_uid TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL,
+    sent_at TEXT NOT NULL DEFAULT ''
+);
+"""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long a UPS waits for the Archive before it is canceled (results stay spooled)."""
+
+    attempts: int = 4
+    first_delay_s: float = 0.5
+    factor: float = 2.0
+
+    def delays(self) -> Iterator[float]:
+        """The pause before each attempt: 0 for the first, then growing."""
+        delay = self.first_delay_s
+        for attempt in range(self.attempts):
+            yield 0.0 if attempt == 0 else delay
+            if attempt:
+                delay *= self.factor
+
+
+def _now() -> str:
+    return dt.datetime.now().isoformat(timespec="seconds")
+
+
+class ResultOutbox:
+    def __init__(self, path: Path) -> None:
+        self._lock = threading.Lock()
+        self._db = open_database(path, _SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def add(self, sop_instance_uids: list[str], ups_uid: str) -> None:
+        """Enters results as pending; one already known keeps its row (and its state)."""
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR IGNORE INTO results (sop_instance_uid, ups_uid, created_at) "
+                "VALUES (?, ?, ?)",
+                [(uid, ups_uid, _now()) for uid in sop_instance_uids],
+            )
+
+    def pending(self, sop_instance_uids: list[str] | None = None) -> list[str]:
+        """Pending results in the order they were entered (all, or among the given)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sop_instance_uid FROM results WHERE state = 'pending' ORDER BY rowid"
+            ).fetchall()
+        found = [row[0] for row in rows]
+        if sop_instance_uids is None:
+            return found
+        wanted = set(sop_instance_uids)
+        return [uid for uid in found if uid in wanted]
+
+    def state(self, sop_instance_uid: str) -> str | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT state FROM results WHERE sop_instance_uid = ?", (sop_instance_uid,)
+            ).fetchone()
+        return row[0] if row else None
+
+    def sent(self, sop_instance_uid: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE results SET state = 'sent', sent_at = ?, attempts = attempts + 1 "
+                "WHERE sop_instance_uid = ?",
+                (_now(), sop_instance_uid),
+            )
+
+    def failed(self, sop_instance_uids: list[str], error: str) -> None:
+        with self._lock:
+            self._db.executemany(
+                "UPDATE results SET attempts = attempts + 1, last_error = ? "
+                "WHERE sop_instance_uid = ?",
+                [(error[:500], uid) for uid in sop_instance_uids],
+            )
