@@ -1,4 +1,5 @@
-"""Results spooled on the device until the Archive acknowledges them (RO-22 to RO-24).
+"""The device's durable state: results spooled until the Archive acknowledges them
+(RO-22 to RO-24), and the UPS it has claimed until the TMS accepted their end.
 
 A result is kept in the device's own store and entered here before it is sent, so an
 Archive that is down or refuses, or an association that drops, loses nothing: the result
@@ -17,6 +18,15 @@ from pathlib import Path
 from emulator.store.sqlite import open_database
 
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS claims (
+    ups_uid TEXT PRIMARY KEY,
+    transaction_uid TEXT NOT NULL,
+    step TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'claimed',
+    progress REAL NOT NULL DEFAULT 0,
+    started TEXT NOT NULL,
+    updated TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS results (
     sop_instance_uid TEXT PRIMARY KEY,
     ups_uid TEXT NOT NULL,
@@ -102,3 +112,69 @@ class ResultOutbox:
                 "WHERE sop_instance_uid = ?",
                 [(error[:500], uid) for uid in sop_instance_uids],
             )
+
+
+@dataclass(frozen=True)
+class Claim:
+    ups_uid: str
+    transaction_uid: str
+    step: str
+    state: str  # claimed, performed (work done, results stored), ended
+    progress: float
+    started: str
+
+
+class ClaimJournal:
+    """The UPS this device holds IN PROGRESS, so a restarted process can end each one.
+
+    Written when the TMS accepts a claim, on every progress update, when the work is done,
+    and when the TMS accepts COMPLETED or CANCELED; a claim not ended is one a killed
+    process left behind.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._lock = threading.Lock()
+        self._db = open_database(path, _SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def claimed(self, ups_uid: str, transaction_uid: str, step: str, started: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, 'claimed', 0, ?, ?)",
+                (ups_uid, transaction_uid, step, started, _now()),
+            )
+
+    def _set(self, ups_uid: str, column: str, value) -> None:
+        with self._lock:
+            self._db.execute(
+                f"UPDATE claims SET {column} = ?, updated = ? WHERE ups_uid = ?",
+                (value, _now(), ups_uid),
+            )
+
+    def progress(self, ups_uid: str, percent: float) -> None:
+        self._set(ups_uid, "progress", percent)
+
+    def performed(self, ups_uid: str) -> None:
+        self._set(ups_uid, "state", "performed")
+
+    def ended(self, ups_uid: str) -> None:
+        self._set(ups_uid, "state", "ended")
+
+    def open_claims(self) -> list[Claim]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT ups_uid, transaction_uid, step, state, progress, started FROM claims "
+                "WHERE state != 'ended' ORDER BY rowid"
+            ).fetchall()
+        return [Claim(*row) for row in rows]
+
+    def results_of(self, ups_uid: str) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sop_instance_uid FROM results WHERE ups_uid = ? ORDER BY rowid",
+                (ups_uid,),
+            ).fetchall()
+        return [row[0] for row in rows]

@@ -35,7 +35,7 @@ from emulator.net.uid_registry import register_uid_set
 from emulator.net.ups_scu import UpsConnection
 from emulator.performer import actors, safety
 from emulator.performer.delivery import BeamTask, SessionDelivery, beam_tasks
-from emulator.performer.outbox import ResultOutbox, RetryPolicy
+from emulator.performer.outbox import Claim, ClaimJournal, ResultOutbox, RetryPolicy
 from emulator.profile import Profile, load_profile
 from emulator.results.acquisition import build_cbct_series
 from emulator.results.registration import build_registration, rigid_translation
@@ -165,6 +165,7 @@ class PerformingDevice:
         self.sessions: dict[str, _SessionState] = {}
         self.peers = {config.tms.ae_title: config.tms, config.archive.ae_title: config.archive}
         self.outbox = ResultOutbox(Path(config.data_dir) / "outbox.sqlite3")
+        self.journal = ClaimJournal(Path(config.data_dir) / "outbox.sqlite3")
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -186,6 +187,7 @@ class PerformingDevice:
     def stop(self) -> None:
         self.receiver.stop()
         self.outbox.close()
+        self.journal.close()
         self.device.close()
         self.metrics.set_connected(False)
 
@@ -216,8 +218,8 @@ class PerformingDevice:
         steps of that session are left SCHEDULED: positioning for a delivery that will not
         happen, or delivering on an unverified position, is not safe.
         """
-        outcomes: list[UpsOutcome] = []
         self.flush_outbox()
+        outcomes: list[UpsOutcome] = self.resume_claims()
         chosen = actors.select(self.config.kind, self.query_worklist())
         for _, members in itertools.groupby(chosen, key=lambda su: actors.session_key(su[1])):
             session = list(members)
@@ -354,6 +356,7 @@ class PerformingDevice:
                 outcome.reason = "RO-19: the TMS created no Transaction UID; UPS left IN PROGRESS"
                 return outcome
             started = dt.datetime.now().replace(microsecond=0)
+            self.journal.claimed(uid, transaction, step, _dt(started))
             session = self.sessions.setdefault(str(ups.get("PatientID", "")), _SessionState())
             try:
                 first_beam = None
@@ -377,18 +380,83 @@ class PerformingDevice:
                     outcome,
                 )
             self._progress(tms, uid, transaction, percent, None)
-            outcome.stored = [str(ds.SOPInstanceUID) for ds in stored]
-            status = self._final_update(tms, ups, uid, transaction, started, stored)
-            if status != 0x0000:
-                outcome.state, outcome.reason = "FAILED", f"RO-21 refused (0x{status:04X})"
-                return outcome
-            reply = tms.change_state(uid, "COMPLETED", transaction)
-            outcome.state = "COMPLETED" if reply.status == 0 else "FAILED"
-            if reply.status:
-                outcome.reason = f"RO-25: COMPLETED refused (0x{reply.status:04X})"
-            else:
-                self.metrics.ups_transition("COMPLETED")
+            self.journal.performed(uid)
+            return self._complete(tms, ups, uid, transaction, started, stored, outcome)
+
+    def _complete(
+        self,
+        tms: UpsConnection,
+        ups: Dataset,
+        uid: str,
+        transaction: str,
+        started: dt.datetime,
+        stored: list[Dataset],
+        outcome: UpsOutcome,
+    ) -> UpsOutcome:
+        """RO-21 with exactly what was stored, then RO-25 COMPLETED."""
+        outcome.stored = [str(ds.SOPInstanceUID) for ds in stored]
+        status = self._final_update(tms, ups, uid, transaction, started, stored)
+        if status != 0x0000:
+            outcome.state, outcome.reason = "FAILED", f"RO-21 refused (0x{status:04X})"
+            self.journal.ended(uid)
             return outcome
+        reply = tms.change_state(uid, "COMPLETED", transaction)
+        outcome.state = "COMPLETED" if reply.status == 0 else "FAILED"
+        if reply.status:
+            outcome.reason = f"RO-25: COMPLETED refused (0x{reply.status:04X})"
+        else:
+            self.metrics.ups_transition("COMPLETED")
+        self.journal.ended(uid)
+        return outcome
+
+    # -- after a restart ---------------------------------------------------------------------
+
+    def resume_claims(self) -> list[UpsOutcome]:
+        """Ends every UPS a previous process of this device left IN PROGRESS.
+
+        Work that was done and whose results the Archive holds is completed with them;
+        anything else is canceled with the progress last reported and the results that
+        were stored, never more. A claim whose results are still pending waits for the
+        outbox: it is not ended without them.
+        """
+        outcomes = []
+        for claim in self.journal.open_claims():
+            results = self.journal.results_of(claim.ups_uid)
+            if self.outbox.pending(results):
+                LOG.warning("UPS %s: results still pending; ended later", claim.ups_uid)
+                continue
+            outcomes.append(self._resume(claim, results))
+        return outcomes
+
+    def _resume(self, claim: Claim, results: list[str]) -> UpsOutcome:
+        uid = claim.ups_uid
+        outcome = UpsOutcome(uid, claim.step, "", "SKIPPED")
+        store = self.receiver.store
+        stored = [store.read(store.get(r), stop_before_pixels=True) for r in results]
+        started = dt.datetime.strptime(claim.started, "%Y%m%d%H%M%S")
+        with UpsConnection(
+            self.config.ae_title, self.config.tms, self.profile, self.config.network
+        ) as tms:
+            reply = tms.n_get(uid, ["ProcedureStepState", "ScheduledWorkitemCodeSequence"])
+            ups = reply.dataset or Dataset()
+            state = str(ups.get("ProcedureStepState", "") or "")
+            if reply.status != 0x0000 or state != "IN PROGRESS":
+                outcome.reason = f"after a restart: the TMS has it {state or 'unknown'}"
+                self.journal.ended(uid)
+                return outcome
+            if claim.state == "performed":
+                outcome = self._complete(
+                    tms, ups, uid, claim.transaction_uid, started, stored, outcome
+                )
+                outcome.reason = outcome.reason or "completed after the device restarted"
+                return outcome
+            cancel = _Cancel(
+                f"the device restarted while performing the {claim.step}; "
+                "what was stored before is in the Output Information",
+                claim.progress,
+                stored,
+            )
+            return self._cancel(tms, ups, uid, claim.transaction_uid, started, cancel, outcome)
 
     # -- the work ----------------------------------------------------------------------------
 
@@ -563,6 +631,7 @@ class PerformingDevice:
         status = tms.n_set(uid, ds)
         if status != 0x0000:
             raise _Cancel(f"RO-26: progress update refused (0x{status:04X})", percent)
+        self.journal.progress(uid, percent)
 
     def _final_update(
         self,
@@ -605,6 +674,7 @@ class PerformingDevice:
         extra.ReasonForCancellation = reason
         reply = tms.change_state(uid, "CANCELED", transaction, extra)
         outcome.state = "CANCELED" if reply.status == 0 else "FAILED"
+        self.journal.ended(uid)
         if reply.status == 0:
             self.metrics.ups_transition("CANCELED")
         outcome.reason = (

@@ -1,0 +1,84 @@
+"""kill -9 of ``tdw-emu run`` at random points, then the same command again, many times.
+
+Afterwards no UPS may be left IN PROGRESS, every record the Archive holds must be named by
+exactly one UPS's Output Information, and no result may have been stored twice.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+
+from emulator.reference.ups_store import UpsStore
+from emulator.store import ObjectStore
+from emulator.ups_references import references_in
+from tests.conftest import REPO, free_port, start_cli_process
+
+KILLS = 6
+
+
+def test_killed_and_restarted_device_leaves_nothing_in_progress(tmp_path):
+    device_port = free_port()
+    tms = start_cli_process(
+        "tms",
+        "--data-dir", str(tmp_path / "site"),
+        "--port", "0",
+        "--archive-port", "0",
+        "--peer", f"PDS1@127.0.0.1:{device_port}",
+        "--seed", "LINAC1", "--seed", "LINAC1", "--seed", "LINAC1",
+        ready="ready",
+    )  # fmt: skip
+    try:
+        tms_host, tms_port = tms.addresses["TMS"]
+        archive_host, archive_port = tms.addresses["ARCHIVE"]
+        run = [
+            sys.executable, "-m", "emulator.cli", "run",
+            "--kind", "pds", "--station", "LINAC1", "--ae-title", "PDS1",
+            "--tms", f"TMS@{tms_host}:{tms_port}",
+            "--archive", f"ARCHIVE@{archive_host}:{archive_port}",
+            "--listen-port", str(device_port), "--data-dir", str(tmp_path / "device"),
+            "--time-scale", "0.05", "--sessions", "3", "--wait", "2",
+        ]  # fmt: skip
+        rng = random.Random(7)
+        for _ in range(KILLS):
+            process = subprocess.Popen(
+                run, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            try:
+                process.wait(timeout=rng.uniform(1.0, 6.0))
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGKILL)
+                process.wait(timeout=10)
+            time.sleep(0.2)
+        final = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=240)
+        assert "Traceback" not in final.stderr, final.stderr[-3000:]
+    finally:
+        tms.stop()
+
+    ups = UpsStore(tmp_path / "site" / "tms" / "ups.sqlite3")
+    archive = ObjectStore(tmp_path / "site" / "archive")
+    try:
+        records = ups.select()
+        states = [r.state for r in records]
+        reasons = [str(r.dataset.get("ReasonForCancellation", "")) for r in records]
+        # Six kills land inside claimed UPS; the restarted device ended them itself.
+        assert any("the device restarted while performing" in r for r in reasons), reasons
+        assert "IN PROGRESS" not in states, states
+        assert states.count("COMPLETED") >= 4  # at least one whole session got through
+        named: list[str] = []
+        for record in records:
+            performed = record.dataset.get("UnifiedProcedureStepPerformedProcedureSequence")
+            outputs = performed[0].get("OutputInformationSequence", []) if performed else []
+            named += [ref.sop_instance_uid for ref in references_in(outputs)]
+        assert len(named) == len(set(named)), "a result is named by two UPS"
+        held = {i.sop_instance_uid for i in archive.select("modality = 'RTRECORD'")}
+        named_records = {uid for uid in named if uid in held}
+        # Every record the Archive holds belongs to exactly one UPS: none sent twice under
+        # a new UID, none left behind by a UPS that was then ended without it.
+        assert held == named_records, held ^ named_records
+    finally:
+        ups.close()
+        archive.close()
