@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pydicom.dataset import Dataset
 
 from emulator.net import scu
 from emulator.net.peers import Peer
+from emulator.net.ports import free_port, wait_for_port
 from emulator.net.receiver import StorageReceiver
 from emulator.profile import load_sop_classes
 from emulator.reference.archive import ArchiveConfig, ArchiveServer
@@ -38,22 +38,6 @@ from emulator.synth import PatientContext, PhantomGeometry
 from emulator.synth.ct import build_ct_series
 
 TARGET_S = 1.5
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing on port {port}")
 
 
 def write_series(out: Path, slices: int, rows: int) -> tuple[list[Path], str]:
@@ -137,7 +121,7 @@ def orthanc(root: Path, paths: list[Path], study_uid: str) -> tuple[float, int] 
     )
     process = subprocess.Popen([binary, str(config)], stderr=subprocess.DEVNULL)
     try:
-        wait_for(dicom)
+        wait_for_port(dicom, 30)
         peer = Peer("ORTHANC", "127.0.0.1", dicom)
         scu.store("LOADER", peer, paths)
         return time_move(peer, study_uid, root / "dev-orthanc", port)
@@ -173,8 +157,8 @@ def dcmtk(root: Path, paths: list[Path], study_uid: str, nodelay: bool) -> float
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        wait_for(qr_port)
-        wait_for(store_port)
+        wait_for_port(qr_port, 30)
+        wait_for_port(store_port, 30)
         subprocess.run(
             ["/usr/bin/storescu", "-aet", "LOADER", "-aec", "QR", "127.0.0.1", str(qr_port),
              *map(str, paths)],

@@ -33,20 +33,13 @@ from pynetdicom.sop_class import (
 
 from emulator.net.ae_factory import NODELAY_HANDLER
 from emulator.net.peers import Peer
+from emulator.net.ports import free_port
 from emulator.performer.workflow import DeviceConfig, PerformingDevice
 from emulator.reference.site import ReferenceSite, SiteConfig
 from emulator.seeding import SeedOptions
 from emulator.ups_references import references_in
 
 OPTIONS = SeedOptions(slices=16, beams=5, dynamic_beams=2, control_points=20)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def device_session(site: ReferenceSite, port: int, root: Path) -> tuple[float, list[Dataset]]:

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 from pydicom import config as pydicom_config
 
+from emulator.net.ports import free_port, wait_for_port
 from emulator.synth import PatientContext, PhantomGeometry, PlanSpec, generate_patient
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -62,23 +62,6 @@ def dciodvfy_errors(path: Path) -> list[str]:
     return [
         line for line in lines if line.startswith("Error") and not DCIODVFY_KNOWN_DEFECT.match(line)
     ] + [line for line in lines if "Assertion" in line]
-
-
-def free_port() -> int:
-    """A port free right now on 127.0.0.1, for tools that cannot bind port 0 themselves."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
 SMALL_GEOMETRY = PhantomGeometry(rows=64, columns=64, pixel_spacing=6.0, slices=12)
