@@ -49,18 +49,17 @@ class RetryPolicy:
 
     def delays(self) -> Iterator[float]:
         """The pause before each attempt: 0 for the first, then growing."""
-        delay = self.first_delay_s
         for attempt in range(self.attempts):
-            yield 0.0 if attempt == 0 else delay
-            if attempt:
-                delay *= self.factor
+            yield self.first_delay_s * self.factor ** (attempt - 1) if attempt else 0.0
 
 
 def _now() -> str:
     return dt.datetime.now().isoformat(timespec="seconds")
 
 
-class ResultOutbox:
+class _SpoolTable:
+    """One connection to the device's spool database, serialised by a lock."""
+
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
         self._db = open_database(path, _SCHEMA)
@@ -69,6 +68,8 @@ class ResultOutbox:
         with self._lock:
             self._db.close()
 
+
+class ResultOutbox(_SpoolTable):
     def add(self, sop_instance_uids: list[str], ups_uid: str) -> None:
         """Enters results as pending; one already known keeps its row (and its state)."""
         with self._lock:
@@ -89,6 +90,15 @@ class ResultOutbox:
             return found
         wanted = set(sop_instance_uids)
         return [uid for uid in found if uid in wanted]
+
+    def for_ups(self, ups_uid: str) -> list[str]:
+        """Every result entered for one UPS, sent or not, in the order entered."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sop_instance_uid FROM results WHERE ups_uid = ? ORDER BY rowid",
+                (ups_uid,),
+            ).fetchall()
+        return [row[0] for row in rows]
 
     def state(self, sop_instance_uid: str) -> str | None:
         with self._lock:
@@ -124,21 +134,13 @@ class Claim:
     started: str
 
 
-class ClaimJournal:
+class ClaimJournal(_SpoolTable):
     """The UPS this device holds IN PROGRESS, so a restarted process can end each one.
 
     Written when the TMS accepts a claim, on every progress update, when the work is done,
     and when the TMS accepts COMPLETED or CANCELED; a claim not ended is one a killed
     process left behind.
     """
-
-    def __init__(self, path: Path) -> None:
-        self._lock = threading.Lock()
-        self._db = open_database(path, _SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
 
     def claimed(self, ups_uid: str, transaction_uid: str, step: str, started: str) -> None:
         with self._lock:
@@ -170,11 +172,3 @@ class ClaimJournal:
                 "WHERE state != 'ended' ORDER BY rowid"
             ).fetchall()
         return [Claim(*row) for row in rows]
-
-    def results_of(self, ups_uid: str) -> list[str]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT sop_instance_uid FROM results WHERE ups_uid = ? ORDER BY rowid",
-                (ups_uid,),
-            ).fetchall()
-        return [row[0] for row in rows]

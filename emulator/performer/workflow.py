@@ -421,7 +421,7 @@ class PerformingDevice:
         """
         outcomes = []
         for claim in self.journal.open_claims():
-            results = self.journal.results_of(claim.ups_uid)
+            results = self.outbox.for_ups(claim.ups_uid)
             if self.outbox.pending(results):
                 LOG.warning("UPS %s: results still pending; ended later", claim.ups_uid)
                 continue
