@@ -491,12 +491,11 @@ def _cmd_soak(args: argparse.Namespace) -> int:
     values = {"metrics_port": args.metrics_port, "metrics_host": args.metrics_host}
     server = _serve_metrics(values, metrics)
     try:
-        for member in run.fleet:
+        for index, member in enumerate(run.fleet, start=1):
             if not config.embedded:
-                port = config.listen_port_base + run.fleet.index(member) + 1
                 console.print(
                     f"device {member.ae_title} ({member.kind}) at {member.station}: "
-                    f"receives on {config.listen_host}:{port}"
+                    f"receives on {config.listen_host}:{config.device_port(index)}"
                 )
         with LiveSummary(console, config.duration_s) as live:
             verdict = run.run(on_progress=live)

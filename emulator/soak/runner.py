@@ -66,6 +66,10 @@ class SoakConfig:
     reactor_poll_s: float | None = 0.005
     network: NetworkSettings = field(default_factory=NetworkSettings)  # e.g. TLS
 
+    def device_port(self, index: int) -> int:
+        """Where fleet member ``index`` (from 1) receives; 0 picks a free port."""
+        return self.listen_port_base + index if self.listen_port_base else 0
+
     @property
     def embedded(self) -> bool:
         return self.tms is None
@@ -138,7 +142,7 @@ class SoakRun:
     def _build_devices(self, root: Path) -> None:
         cfg = self.config
         for index, member in enumerate(self.fleet, start=1):
-            port = cfg.listen_port_base + index if cfg.listen_port_base else 0
+            port = cfg.device_port(index)
             rng = random.Random(cfg.seed * 1000 + index)
             self.devices[member.ae_title] = PerformingDevice(
                 DeviceConfig(
