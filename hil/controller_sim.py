@@ -68,6 +68,10 @@ class ControllerSim:
         # Per beam, the last meterset whose frame the host acknowledged: no record may
         # ever report more than this (the fault matrix checks it).
         self.acknowledged: dict[int, float] = {}
+        # Per beam, the last meterset the machine measured and put on the line. A frame
+        # can reach the host and its ACK be lost (a stall, a dropped line), so the host
+        # may hold more than ``acknowledged`` but never more than this.
+        self.sent: dict[int, float] = {}
         self._beam_number = 0
 
     def _hello_body(self) -> dict:
@@ -80,6 +84,7 @@ class ControllerSim:
                 while self.faults.stalled:
                     time.sleep(0.05)
                 if isinstance(event, MetersetTick):
+                    self.sent[self._beam_number] = event.meterset
                     link.send(
                         MessageType.METERSET,
                         {"meterset": event.meterset, "dose_rate": event.dose_rate},
@@ -95,6 +100,7 @@ class ControllerSim:
                         },
                     )
                 elif isinstance(event, BeamEnded):
+                    self.sent[self._beam_number] = event.meterset
                     link.send(
                         MessageType.BEAM_ENDED,
                         {
@@ -126,6 +132,7 @@ class ControllerSim:
                 self.linac.load_beam(program)
                 self._beam_number = program.beam_number
                 self.acknowledged[program.beam_number] = program.start_meterset
+                self.sent[program.beam_number] = program.start_meterset
                 link.send(MessageType.LOADED, {"beam": program.beam_number})
             elif kind == MessageType.BEAM_ON:
                 link.send(MessageType.BEAM_STARTED, {})
