@@ -1,1 +1,6 @@
 """DICOM plumbing shared by every actor: AE factory, peers, and SCU helpers."""
+
+from emulator.net import dimse_queue_guard
+
+# Every actor imports this package before it opens an association.
+dimse_queue_guard.install()
