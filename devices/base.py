@@ -166,6 +166,16 @@ DeliveryEvent = MetersetTick | ControlPointReached | DwellReached | BeamEnded
 
 
 @dataclass(frozen=True)
+class MachineDelivery:
+    """The machine's own count of its last beam-on, which it keeps across a host restart."""
+
+    beam_number: int
+    start_meterset: float
+    meterset: float
+    termination: str
+
+
+@dataclass(frozen=True)
 class CouchCorrection:
     """A 6-DOF correction: translations in mm, rotations in degrees (patient LPS axes)."""
 
@@ -221,6 +231,15 @@ class Device(ABC):
 
     @abstractmethod
     def move_couch(self, correction: CouchCorrection) -> CouchPosition: ...
+
+    def last_delivery(self) -> MachineDelivery | None:
+        """The last beam-on as the machine counted it, if it outlives the host process.
+
+        A controller in its own box does, and so it can tell a restarted host how far a
+        beam got after the host stopped hearing; an in-process simulator dies with the
+        host and has nothing to tell (None).
+        """
+        return None
 
     @abstractmethod
     def acquire(self, kind: str) -> ImageSet:

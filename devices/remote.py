@@ -30,6 +30,7 @@ from devices.base import (
     DeviceError,
     Identity,
     ImageSet,
+    MachineDelivery,
     MetersetTick,
     Termination,
 )
@@ -131,6 +132,15 @@ class RemoteDevice(Device):
             tuple(body["jaws"]),
             tuple(body["mlc"]),
             tuple(body["couch"]),
+        )
+
+    def last_delivery(self) -> MachineDelivery | None:
+        """From the last HELLO reply: the controller ends any beam still on before it."""
+        last = self._hello.get("last_delivery")
+        if not last or not last.get("termination"):
+            return None
+        return MachineDelivery(
+            int(last["beam"]), float(last["start"]), float(last["measured"]), last["termination"]
         )
 
     def load_beam(self, beam: BeamProgram) -> None:

@@ -522,7 +522,7 @@ def _cmd_hil(args: argparse.Namespace) -> int:
 
     faults = Faults()
     sim = ControllerSim(args.machine, args.time_scale, faults)
-    control = ControlChannel(faults, port=args.control_port)
+    control = ControlChannel(faults, port=args.control_port, report=sim.report)
     print(f"control channel on {control.address[0]}:{control.address[1]}", flush=True)
     if args.tcp:
         host, _, port = args.tcp.rpartition(":")

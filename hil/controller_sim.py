@@ -73,18 +73,40 @@ class ControllerSim:
         # may hold more than ``acknowledged`` but never more than this.
         self.sent: dict[int, float] = {}
         self._beam_number = 0
+        # Every beam-on in order, as the machine measured it: a rig's ground truth, read
+        # through the control channel, to hold the host's records against after a crash.
+        self.deliveries: list[dict] = []
+
+    def report(self) -> dict:
+        """For the control channel's status: sessions served and every beam-on so far."""
+        return {"sessions": self.sessions, "deliveries": [dict(d) for d in self.deliveries]}
 
     def _hello_body(self) -> dict:
         caps = asdict(self.linac.capabilities())
-        return {"identity": asdict(self.linac.identify()), "capabilities": caps}
+        last = dict(self.deliveries[-1]) if self.deliveries else None
+        return {
+            "identity": asdict(self.linac.identify()),
+            "capabilities": caps,
+            "last_delivery": last,
+        }
+
+    def _measure(self, event) -> None:
+        """What the machine delivered, whether or not the host ever hears of it."""
+        if isinstance(event, MetersetTick):
+            self.sent[self._beam_number] = event.meterset
+            self.deliveries[-1]["measured"] = event.meterset
+        elif isinstance(event, BeamEnded):
+            self.sent[self._beam_number] = event.meterset
+            self.deliveries[-1].update(measured=event.meterset, termination=event.termination.value)
 
     def _deliver(self, link: Link) -> None:
+        events = self.linac.beam_on()
         try:
-            for event in self.linac.beam_on():
+            for event in events:
                 while self.faults.stalled:
                     time.sleep(0.05)
+                self._measure(event)
                 if isinstance(event, MetersetTick):
-                    self.sent[self._beam_number] = event.meterset
                     link.send(
                         MessageType.METERSET,
                         {"meterset": event.meterset, "dose_rate": event.dose_rate},
@@ -100,7 +122,6 @@ class ControllerSim:
                         },
                     )
                 elif isinstance(event, BeamEnded):
-                    self.sent[self._beam_number] = event.meterset
                     link.send(
                         MessageType.BEAM_ENDED,
                         {
@@ -112,7 +133,10 @@ class ControllerSim:
                     )
                     self.acknowledged[self._beam_number] = event.meterset
         except LinkLost:
-            self.linac.interrupt("link lost")  # a controller that loses its host holds the beam
+            # A controller that loses its host holds the beam, and counts it to the end.
+            self.linac.interrupt("link lost")
+            for event in events:
+                self._measure(event)
 
     def _abort_delivery(self) -> None:
         if self._delivery is not None and self._delivery.is_alive():
@@ -135,6 +159,9 @@ class ControllerSim:
                 self.sent[program.beam_number] = program.start_meterset
                 link.send(MessageType.LOADED, {"beam": program.beam_number})
             elif kind == MessageType.BEAM_ON:
+                start = self.sent.get(self._beam_number, 0.0)
+                beam = {"beam": self._beam_number, "start": start, "measured": start}
+                self.deliveries.append({**beam, "termination": ""})
                 link.send(MessageType.BEAM_STARTED, {})
                 self._delivery = threading.Thread(target=self._deliver, args=(link,), daemon=True)
                 self._delivery.start()

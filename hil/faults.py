@@ -13,6 +13,7 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -125,8 +126,15 @@ class FaultyTransport:
 class ControlChannel:
     """JSON lines on 127.0.0.1: each line a command, each answered with one line."""
 
-    def __init__(self, faults: Faults, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        faults: Faults,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        report: Callable[[], dict] | None = None,
+    ) -> None:
         self.faults = faults
+        self.report = report  # the controller's own state, added to every status reply
         self.server = socket.create_server((host, port))
         self.address = self.server.getsockname()[:2]
         self._thread = threading.Thread(target=self._serve, daemon=True, name="faults")
@@ -141,7 +149,10 @@ class ControlChannel:
             with conn, conn.makefile("rw") as stream:
                 for line in stream:
                     try:
-                        reply = self.faults.apply(json.loads(line))
+                        command = json.loads(line)
+                        reply = self.faults.apply(command)
+                        if command.get("fault") == "status" and self.report:
+                            reply["controller"] = self.report()
                     except (ValueError, KeyError, TypeError) as exc:
                         reply = {"ok": False, "error": str(exc)}
                     stream.write(json.dumps(reply) + "\n")

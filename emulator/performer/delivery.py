@@ -23,6 +23,7 @@ from devices.base import (
     DeliveryEvent,
     Device,
     DeviceError,
+    MachineDelivery,
     MetersetTick,
     Termination,
 )
@@ -132,8 +133,97 @@ def beam_tasks(plan: Dataset, instruction: Dataset) -> list[BeamTask]:
     return out
 
 
+@dataclass
+class _BeamInProgress:
+    """The beam on: what the machine has reported of it so far."""
+
+    task: BeamTask
+    cumulative: dict[int, float]
+    points: list[DeliveredControlPoint] = field(default_factory=list)
+    last_index: int = 0
+    last_meterset: float = 0.0  # at the last control point reached
+    meterset: float = 0.0  # the machine's latest report
+    rate: float = 0.0
+
+    def segment_in_progress(self) -> DeliveredControlPoint | None:
+        """The part of the current segment delivered past the last control point."""
+        if self.meterset <= self.last_meterset + 1e-9:
+            return None
+        program = self.task.program
+        nxt = min(self.last_index + 1, max(self.cumulative))
+        specified = self.cumulative[nxt] - max(
+            self.cumulative.get(self.last_index, 0.0), program.start_meterset
+        )
+        return DeliveredControlPoint(
+            self.last_index,
+            specified,
+            round(self.meterset - self.last_meterset, 4),
+            program.dose_rate,
+            self.rate,
+            program.control_points[self.last_index].gantry_angle,
+            dt.datetime.now().replace(microsecond=0),
+        )
+
+    def as_delivered(self, termination: str) -> DeliveredBeam:
+        partial = self.segment_in_progress()
+        points = self.points + ([partial] if partial else [])
+        program = self.task.program
+        return DeliveredBeam(program.beam_number, points, termination, self.task.delivery_type)
+
+
+def delivered_up_to(task: BeamTask, meterset: float, termination: str) -> DeliveredBeam:
+    """A beam as delivered from its start to ``meterset``, control point by control point,
+    when only the final count is known (the machine's, after the host lost the events)."""
+    program = task.program
+    cumulative = {cp.index: cp.cumulative_meterset for cp in program.control_points}
+    points = []
+    now = dt.datetime.now().replace(microsecond=0)
+    for cp in program.control_points[1:]:
+        begin = max(cumulative[cp.index - 1], program.start_meterset)
+        end = cp.cumulative_meterset
+        if end <= begin or meterset <= begin + 1e-9:
+            continue
+        delivered = round(min(meterset, end) - begin, 4)
+        reached = meterset >= end - 1e-9
+        gantry = cp.gantry_angle if reached else program.control_points[cp.index - 1].gantry_angle
+        rate = program.dose_rate
+        points.append(
+            DeliveredControlPoint(cp.index - 1, end - begin, delivered, rate, rate, gantry, now)
+        )
+    return DeliveredBeam(program.beam_number, points, termination, task.delivery_type)
+
+
+def reconcile_with_machine(
+    beams: list[DeliveredBeam], last_task: BeamTask | None, report: MachineDelivery | None
+) -> list[DeliveredBeam]:
+    """The journaled beams, with the one the host died in completed by the machine's count.
+
+    Only when the machine's last beam-on is that same one (same beam, same start) and it
+    counted at least what the journal holds; otherwise the journal stands, which may be
+    short by the frames in flight but never reports more than was delivered.
+    """
+    if not beams or last_task is None or report is None:
+        return beams
+    last = beams[-1]
+    program = last_task.program
+    same = (
+        last.termination == "UNKNOWN"
+        and report.beam_number == last.beam_number == program.beam_number
+        and abs(report.start_meterset - program.start_meterset) < 1e-6
+        and report.meterset >= program.start_meterset + last.delivered - 1e-6
+    )
+    if not same:
+        return beams
+    return [*beams[:-1], delivered_up_to(last_task, report.meterset, report.termination)]
+
+
 class SessionDelivery:
-    """Delivers beam tasks on one device; ``on_event`` sees every event (progress, UI)."""
+    """Delivers beam tasks on one device; ``on_event`` sees every event (progress, UI).
+
+    ``on_delivered`` is called whenever the machine reports more meterset, so the caller can
+    journal :meth:`so_far` durably: if the process dies mid-beam, a restarted one builds the
+    record from it instead of losing what was delivered.
+    """
 
     def __init__(
         self,
@@ -141,11 +231,15 @@ class SessionDelivery:
         tasks: list[BeamTask],
         on_event: Callable[[BeamTask, DeliveryEvent], None] | None = None,
         on_beam_start: Callable[[BeamTask], None] | None = None,
+        on_delivered: Callable[[SessionDelivery], None] | None = None,
     ) -> None:
         self.device = device
         self.tasks = tasks
         self.on_event = on_event or (lambda task, event: None)
         self.on_beam_start = on_beam_start or (lambda task: None)
+        self.on_delivered = on_delivered or (lambda delivery: None)
+        self.finished: list[DeliveredBeam] = []
+        self._current: _BeamInProgress | None = None
         self.machine = Machine(
             model=self,
             states=STATES,
@@ -164,6 +258,9 @@ class SessionDelivery:
             self.start()
             delivered = self._deliver(task)
             outcome.beams.append(delivered)
+            self.finished.append(delivered)
+            self._current = None
+            self.on_delivered(self)
             if delivered.termination != Termination.NORMAL.value:
                 self.halt()
                 outcome.interrupted = True
@@ -185,54 +282,50 @@ class SessionDelivery:
         if problems:
             raise DeviceError(f"beam {task.program.beam_number}: " + "; ".join(problems))
 
+    def so_far(self) -> list[DeliveredBeam]:
+        """Every beam delivered so far; the beam still on ends UNKNOWN where it stands."""
+        current = [self._current.as_delivered("UNKNOWN")] if self._current else []
+        return self.finished + current
+
     def _deliver(self, task: BeamTask) -> DeliveredBeam:
         program = task.program
-        cumulative = {cp.index: cp.cumulative_meterset for cp in program.control_points}
-        dose_rate = program.dose_rate
-        last_meterset = program.start_meterset
-        last_index = 0
-        rate = dose_rate
-        points: list[DeliveredControlPoint] = []
+        beam = _BeamInProgress(
+            task,
+            {cp.index: cp.cumulative_meterset for cp in program.control_points},
+            last_meterset=program.start_meterset,
+            meterset=program.start_meterset,
+            rate=program.dose_rate,
+        )
+        self._current = beam
         self._reason = ""
+        self.on_delivered(self)  # the beam is on before the machine's first report of it
         for event in self.device.beam_on():
             self.on_event(task, event)
             if isinstance(event, MetersetTick):
-                rate = event.dose_rate
+                beam.rate = event.dose_rate
+                beam.meterset = max(beam.meterset, event.meterset)
             elif isinstance(event, ControlPointReached):
+                cumulative = beam.cumulative
                 previous = max(cumulative.get(event.index - 1, 0.0), program.start_meterset)
-                points.append(
+                beam.points.append(
                     DeliveredControlPoint(
                         event.index - 1,
                         cumulative[event.index] - previous,
-                        round(event.meterset - last_meterset, 4),
-                        dose_rate,
-                        rate,
+                        round(event.meterset - beam.last_meterset, 4),
+                        program.dose_rate,
+                        beam.rate,
                         event.gantry_angle,
                         dt.datetime.now().replace(microsecond=0),
                     )
                 )
-                last_meterset, last_index = event.meterset, event.index
+                beam.last_meterset = beam.meterset = event.meterset
+                beam.last_index = event.index
             elif isinstance(event, BeamEnded):
-                if event.meterset > last_meterset + 1e-9:
-                    # The segment the beam stopped in: only what was delivered in it.
-                    nxt = min(last_index + 1, max(cumulative))
-                    specified = cumulative[nxt] - max(
-                        cumulative.get(last_index, 0.0), program.start_meterset
-                    )
-                    gantry = program.control_points[last_index].gantry_angle
-                    points.append(
-                        DeliveredControlPoint(
-                            last_index,
-                            specified,
-                            round(event.meterset - last_meterset, 4),
-                            dose_rate,
-                            rate,
-                            gantry,
-                            dt.datetime.now().replace(microsecond=0),
-                        )
-                    )
+                # The segment the beam stopped in counts only what was delivered in it.
+                beam.meterset = event.meterset
                 self._reason = event.reason
-                return DeliveredBeam(
-                    program.beam_number, points, event.termination.value, task.delivery_type
-                )
+                return beam.as_delivered(event.termination.value)
+            else:
+                continue
+            self.on_delivered(self)
         raise RuntimeError("device ended beam_on without a BeamEnded event")

@@ -10,11 +10,13 @@ object. A result the Archive acknowledged is marked sent and never sent again.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from emulator.results.treatment_record import DeliveredBeam, DeliveredControlPoint
 from emulator.store.sqlite import open_database
 
 _SCHEMA = """
@@ -25,6 +27,12 @@ CREATE TABLE IF NOT EXISTS claims (
     state TEXT NOT NULL DEFAULT 'claimed',
     progress REAL NOT NULL DEFAULT 0,
     started TEXT NOT NULL,
+    updated TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    ups_uid TEXT PRIMARY KEY,
+    context TEXT NOT NULL,
+    beams TEXT NOT NULL DEFAULT '[]',
     updated TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS results (
@@ -125,6 +133,35 @@ class ResultOutbox(_SpoolTable):
 
 
 @dataclass(frozen=True)
+class DeliveryContext:
+    """What besides the delivered beams the RT Beams Treatment Record is built from."""
+
+    plan_uid: str  # held in the device's store since RO-18
+    previous_record_uids: list[str]
+    study_instance_uid: str
+    fraction: int
+    session_start: str  # YYYYmmddHHMMSS
+    planned_meterset: float
+    # The beam tasks in delivery order: [beam number, start, end or None, delivery type].
+    tasks: list[list] = field(default_factory=list)
+
+
+def _beam_to_json(beam: DeliveredBeam) -> dict:
+    points = [
+        {**point.__dict__, "moment": point.moment.isoformat()} for point in beam.control_points
+    ]
+    return {**beam.__dict__, "control_points": points}
+
+
+def _beam_from_json(data: dict) -> DeliveredBeam:
+    points = [
+        DeliveredControlPoint(**{**p, "moment": dt.datetime.fromisoformat(p["moment"])})
+        for p in data["control_points"]
+    ]
+    return DeliveredBeam(**{**data, "control_points": points})
+
+
+@dataclass(frozen=True)
 class Claim:
     ups_uid: str
     transaction_uid: str
@@ -164,6 +201,36 @@ class ClaimJournal(_SpoolTable):
 
     def ended(self, ups_uid: str) -> None:
         self._set(ups_uid, "state", "ended")
+        with self._lock:
+            self._db.execute("DELETE FROM deliveries WHERE ups_uid = ?", (ups_uid,))
+
+    # A delivery is journaled beam by beam, control point by control point, as the machine
+    # reports it: what a restarted process needs to build the record of a killed session.
+
+    def delivery_started(self, ups_uid: str, context: DeliveryContext) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO deliveries VALUES (?, ?, '[]', ?)",
+                (ups_uid, json.dumps(context.__dict__), _now()),
+            )
+
+    def delivered(self, ups_uid: str, beams: list[DeliveredBeam]) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE deliveries SET beams = ?, updated = ? WHERE ups_uid = ?",
+                (json.dumps([_beam_to_json(b) for b in beams]), _now(), ups_uid),
+            )
+
+    def delivery(self, ups_uid: str) -> tuple[DeliveryContext, list[DeliveredBeam]] | None:
+        """What the journal holds of the UPS's delivery, or None if it never began."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT context, beams FROM deliveries WHERE ups_uid = ?", (ups_uid,)
+            ).fetchone()
+        if row is None:
+            return None
+        context = DeliveryContext(**json.loads(row[0]))
+        return context, [_beam_from_json(b) for b in json.loads(row[1])]
 
     def open_claims(self) -> list[Claim]:
         with self._lock:

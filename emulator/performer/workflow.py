@@ -34,13 +34,25 @@ from emulator.net.scu import DimseError
 from emulator.net.uid_registry import register_uid_set
 from emulator.net.ups_scu import UpsConnection
 from emulator.performer import actors, safety
-from emulator.performer.delivery import BeamTask, SessionDelivery, beam_tasks
-from emulator.performer.outbox import Claim, ClaimJournal, ResultOutbox, RetryPolicy
+from emulator.performer.delivery import (
+    BeamTask,
+    SessionDelivery,
+    beam_program,
+    beam_tasks,
+    reconcile_with_machine,
+)
+from emulator.performer.outbox import (
+    Claim,
+    ClaimJournal,
+    DeliveryContext,
+    ResultOutbox,
+    RetryPolicy,
+)
 from emulator.profile import Profile, load_profile
 from emulator.results.acquisition import build_cbct_series
 from emulator.results.registration import build_registration, rigid_translation
 from emulator.results.study_identity import result_identity
-from emulator.results.treatment_record import build_treatment_record
+from emulator.results.treatment_record import DeliveredBeam, build_treatment_record
 from emulator.store import admit
 from emulator.synth.common import code_item
 from emulator.ups_references import InstanceReference, reference_item, references_in
@@ -456,7 +468,49 @@ class PerformingDevice:
                 claim.progress,
                 stored,
             )
+            if not stored:
+                try:
+                    cancel = self._cancel_from_journal(claim, outcome) or cancel
+                except _Cancel as not_taken:
+                    # The rebuilt record is spooled; the UPS is ended once it is stored.
+                    outcome.reason = not_taken.reason
+                    return outcome
             return self._cancel(tms, ups, uid, claim.transaction_uid, started, cancel, outcome)
+
+    def _cancel_from_journal(self, claim: Claim, outcome: UpsOutcome) -> _Cancel | None:
+        """The record of a delivery the process died in, built from the beams the machine
+        had reported and the journal holds; stored before the UPS is canceled with it, so
+        the TMS schedules a continuation of exactly the rest. None if nothing was delivered.
+        """
+        journaled = self.journal.delivery(claim.ups_uid)
+        if journaled is None:
+            return None
+        context, beams = journaled
+        store = self.receiver.store
+        plan = store.read(store.get(context.plan_uid))
+        journaled_beams = beams
+        if beams:
+            number, start, end, delivery_type = context.tasks[len(beams) - 1]
+            last_task = BeamTask(beam_program(plan, number, start, end), delivery_type)
+            beams = reconcile_with_machine(beams, last_task, self.device.last_delivery())
+        counted = "as the machine counted it" if beams is not journaled_beams else "as reported"
+        delivered = round(sum(beam.delivered for beam in beams), 4)
+        if delivered <= 0:
+            return None
+        previous = [store.read(store.get(u)) for u in context.previous_record_uids]
+        record = self._record(context, beams, plan, previous)
+        planned = context.planned_meterset
+        percent = round(delivered / planned * 100, 2) if planned else 0.0
+        stored = self._store([record], "RO-24", claim.ups_uid, percent)
+        for beam in beams:
+            self.metrics.beam(beam.termination, beam.delivered)
+        outcome.delivered = {beam.beam_number: beam.delivered for beam in beams}
+        return _Cancel(
+            "the device restarted while delivering; the record in the Output Information "
+            f"holds the {delivered:g} MU delivered, {counted}",
+            percent,
+            stored,
+        )
 
     # -- the work ----------------------------------------------------------------------------
 
@@ -520,27 +574,41 @@ class PerformingDevice:
                 self.on_beam_start(task)
 
         session_start = dt.datetime.now().replace(microsecond=0)
-        delivery = SessionDelivery(self.device, tasks, self.on_event, beam_started)
+        previous = [
+            ds for ds in held.values() if ds.SOPClassUID == self.uids["rt_beams_treatment_record"]
+        ]
+        context = DeliveryContext(
+            plan_uid=str(plan.SOPInstanceUID),
+            previous_record_uids=[str(ds.SOPInstanceUID) for ds in previous],
+            study_instance_uid=str(ups.StudyInstanceUID),
+            fraction=int(instruction.BeamTaskSequence[0].CurrentFractionNumber),
+            session_start=_dt(session_start),
+            planned_meterset=planned,
+            tasks=[
+                [
+                    t.program.beam_number,
+                    t.program.start_meterset,
+                    t.program.end_meterset,
+                    t.delivery_type,
+                ]
+                for t in tasks
+            ],
+        )
+        self.journal.delivery_started(uid, context)
+        delivery = SessionDelivery(
+            self.device,
+            tasks,
+            self.on_event,
+            beam_started,
+            on_delivered=lambda d: self.journal.delivered(uid, d.so_far()),
+        )
         result = delivery.run()
         for beam in result.beams:
             done[beam.beam_number] = beam.delivered
             self.metrics.beam(beam.termination, beam.delivered)
         outcome.delivered = dict(done)
         outcome.delivery_type = tasks[0].delivery_type if tasks else ""
-        previous = [
-            ds for ds in held.values() if ds.SOPClassUID == self.uids["rt_beams_treatment_record"]
-        ]
-        fraction = int(instruction.BeamTaskSequence[0].CurrentFractionNumber)
-        record = build_treatment_record(
-            plan,
-            result.beams,
-            self.uids,
-            str(ups.StudyInstanceUID),
-            self.config.station,
-            fraction,
-            session_start,
-            previous_records=previous,
-        )
+        record = self._record(context, result.beams, plan, previous)
         percent = round(result.delivered / planned * 100, 2) if planned else 0.0
         if result.interrupted:
             # RO-26: progress before the results are stored, then the record, then cancel.
@@ -550,6 +618,24 @@ class PerformingDevice:
                 f"{result.termination} termination: {result.reason or 'beam hold'}", percent, stored
             )
         return self._store([record], "RO-24", uid, percent), 100.0
+
+    def _record(
+        self,
+        context: DeliveryContext,
+        beams: list[DeliveredBeam],
+        plan: Dataset,
+        previous: list[Dataset],
+    ) -> Dataset:
+        return build_treatment_record(
+            plan,
+            beams,
+            self.uids,
+            context.study_instance_uid,
+            self.config.station,
+            context.fraction,
+            dt.datetime.strptime(context.session_start, "%Y%m%d%H%M%S"),
+            previous_records=previous,
+        )
 
     # -- messages ----------------------------------------------------------------------------
 
