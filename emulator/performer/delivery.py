@@ -238,7 +238,7 @@ class SessionDelivery:
         self.on_event = on_event or (lambda task, event: None)
         self.on_beam_start = on_beam_start or (lambda task: None)
         self.on_delivered = on_delivered or (lambda delivery: None)
-        self.finished: list[DeliveredBeam] = []
+        self.outcome = SessionOutcome()
         self._current: _BeamInProgress | None = None
         self.machine = Machine(
             model=self,
@@ -249,7 +249,7 @@ class SessionDelivery:
         )
 
     def run(self) -> SessionOutcome:
-        outcome = SessionOutcome()
+        outcome = self.outcome
         for task in self.tasks:
             self.device.load_beam(task.program)
             self._verify_axes(task)
@@ -258,7 +258,6 @@ class SessionDelivery:
             self.start()
             delivered = self._deliver(task)
             outcome.beams.append(delivered)
-            self.finished.append(delivered)
             self._current = None
             self.on_delivered(self)
             if delivered.termination != Termination.NORMAL.value:
@@ -285,7 +284,7 @@ class SessionDelivery:
     def so_far(self) -> list[DeliveredBeam]:
         """Every beam delivered so far; the beam still on ends UNKNOWN where it stands."""
         current = [self._current.as_delivered("UNKNOWN")] if self._current else []
-        return self.finished + current
+        return self.outcome.beams + current
 
     def _deliver(self, task: BeamTask) -> DeliveredBeam:
         program = task.program
