@@ -14,16 +14,15 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections import defaultdict
 
 from emulator.reference.ups_store import UpsStore
 from emulator.store import ObjectStore
 from emulator.synth.plan_access import specified_metersets
-from emulator.ups_references import references_in
 from hil.faults import send_fault
 from tests.conftest import REPO, free_port, start_cli_process
+from tests.kill_harness import named_results, run_command, start_site
 
 KILLS = 3
 SEED = int(os.environ.get("TDW_KILL_SEED", "11"))  # where in the beam each kill lands
@@ -57,15 +56,7 @@ def _kill_while_beam_on(run: list[str], control, rng: random.Random) -> bool:
 
 def test_every_beam_the_machine_delivered_is_in_exactly_one_record(tmp_path):
     device_port = free_port()
-    tms = start_cli_process(
-        "tms",
-        "--data-dir", str(tmp_path / "site"),
-        "--port", "0",
-        "--archive-port", "0",
-        "--peer", f"PDS1@127.0.0.1:{device_port}",
-        *(["--seed", "LINAC1"] * PATIENTS),
-        ready="ready",
-    )  # fmt: skip
+    tms = start_site(tmp_path / "site", device_port, PATIENTS)
     controller = start_cli_process(
         "hil controller-sim",
         "--tcp", "127.0.0.1:0",
@@ -82,16 +73,10 @@ def test_every_beam_the_machine_delivered_is_in_exactly_one_record(tmp_path):
             line.split(" on ")[1] for line in controller.output if "control channel on" in line
         ).rsplit(":", 1)
         control = (host, int(port))
-        tms_host, tms_port = tms.addresses["TMS"]
-        archive_host, archive_port = tms.addresses["ARCHIVE"]
-        run = [
-            sys.executable, "-m", "emulator.cli", "run",
-            "--kind", "pds", "--station", "LINAC1", "--ae-title", "PDS1",
-            "--tms", f"TMS@{tms_host}:{tms_port}",
-            "--archive", f"ARCHIVE@{archive_host}:{archive_port}",
-            "--listen-port", str(device_port), "--data-dir", str(tmp_path / "device"),
+        run = run_command(
+            tms, device_port, tmp_path / "device",
             "--device", spec, "--sessions", "12", "--wait", "3",
-        ]  # fmt: skip
+        )  # fmt: skip
         rng = random.Random(SEED)
         kills = sum(_kill_while_beam_on(run, control, rng) for _ in range(KILLS))
         assert kills == KILLS, "the host never had a beam on to be killed during"
@@ -115,11 +100,7 @@ def test_every_beam_the_machine_delivered_is_in_exactly_one_record(tmp_path):
             for w, reason in zip(workitems, reasons, strict=True)
         ]
         assert sum("the device restarted while" in r for r in reasons) == KILLS, states
-        named: list[str] = []
-        for workitem in workitems:
-            performed = workitem.dataset.get("UnifiedProcedureStepPerformedProcedureSequence")
-            outputs = performed[0].get("OutputInformationSequence", []) if performed else []
-            named += [ref.sop_instance_uid for ref in references_in(outputs)]
+        named = named_results(workitems)
         assert len(named) == len(set(named)), "a result is named by two UPS"
         records = [archive.read(i) for i in archive.select("modality = 'RTRECORD'")]
         assert {str(r.SOPInstanceUID) for r in records} <= set(named)

@@ -9,39 +9,24 @@ from __future__ import annotations
 import random
 import signal
 import subprocess
-import sys
 import time
 
 from emulator.reference.ups_store import UpsStore
 from emulator.store import ObjectStore
-from emulator.ups_references import references_in
-from tests.conftest import REPO, free_port, start_cli_process
+from tests.conftest import REPO, free_port
+from tests.kill_harness import named_results, run_command, start_site
 
 KILLS = 6
 
 
 def test_killed_and_restarted_device_leaves_nothing_in_progress(tmp_path):
     device_port = free_port()
-    tms = start_cli_process(
-        "tms",
-        "--data-dir", str(tmp_path / "site"),
-        "--port", "0",
-        "--archive-port", "0",
-        "--peer", f"PDS1@127.0.0.1:{device_port}",
-        "--seed", "LINAC1", "--seed", "LINAC1", "--seed", "LINAC1",
-        ready="ready",
-    )  # fmt: skip
+    tms = start_site(tmp_path / "site", device_port, patients=3)
     try:
-        tms_host, tms_port = tms.addresses["TMS"]
-        archive_host, archive_port = tms.addresses["ARCHIVE"]
-        run = [
-            sys.executable, "-m", "emulator.cli", "run",
-            "--kind", "pds", "--station", "LINAC1", "--ae-title", "PDS1",
-            "--tms", f"TMS@{tms_host}:{tms_port}",
-            "--archive", f"ARCHIVE@{archive_host}:{archive_port}",
-            "--listen-port", str(device_port), "--data-dir", str(tmp_path / "device"),
+        run = run_command(
+            tms, device_port, tmp_path / "device",
             "--time-scale", "0.05", "--sessions", "3", "--wait", "2",
-        ]  # fmt: skip
+        )  # fmt: skip
         rng = random.Random(7)
         for _ in range(KILLS):
             process = subprocess.Popen(
@@ -68,11 +53,7 @@ def test_killed_and_restarted_device_leaves_nothing_in_progress(tmp_path):
         assert any("the device restarted while performing" in r for r in reasons), reasons
         assert "IN PROGRESS" not in states, states
         assert states.count("COMPLETED") >= 4  # at least one whole session got through
-        named: list[str] = []
-        for record in records:
-            performed = record.dataset.get("UnifiedProcedureStepPerformedProcedureSequence")
-            outputs = performed[0].get("OutputInformationSequence", []) if performed else []
-            named += [ref.sop_instance_uid for ref in references_in(outputs)]
+        named = named_results(records)
         assert len(named) == len(set(named)), "a result is named by two UPS"
         held = {i.sop_instance_uid for i in archive.select("modality = 'RTRECORD'")}
         named_records = {uid for uid in named if uid in held}
