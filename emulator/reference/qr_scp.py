@@ -16,6 +16,7 @@ from pynetdicom.sop_class import Verification
 from emulator.net.ae_factory import NetworkSettings, association_handlers, tls_args
 from emulator.net.peers import PeerDirectory
 from emulator.net.storage_scp import status_dataset
+from emulator.net.stored_file_sender import SUB_ASSOCIATION_HANDLERS, StoredFileReference
 from emulator.reference.qr_query import QueryError, StudyRootQuery
 from emulator.store import StoredInstance
 
@@ -82,8 +83,9 @@ class QueryRetrieveSCP:
             {
                 "contexts": self.move_contexts(instances) or None,
                 # The sub-association is opened by pynetdicom: give it TCP_NODELAY, the
-                # observers and TLS as every association of ours.
-                "evt_handlers": association_handlers(self.settings),
+                # observers and TLS as every association of ours, and let it send the
+                # stored files as they are.
+                "evt_handlers": [*association_handlers(self.settings), *SUB_ASSOCIATION_HANDLERS],
                 "tls_args": tls_args(self.settings, peer.host),
             },
         )
@@ -93,4 +95,12 @@ class QueryRetrieveSCP:
             if event.is_cancelled:
                 yield STATUS_CANCEL, None
                 return
-            yield STATUS_PENDING, store.read(instance)
+            yield (
+                STATUS_PENDING,
+                StoredFileReference(
+                    store.path_for(instance.sha256),
+                    instance.sop_class_uid,
+                    instance.sop_instance_uid,
+                    instance.transfer_syntax_uid,
+                ),
+            )
