@@ -128,6 +128,7 @@ class ObjectStore:
         self.objects_dir.mkdir(parents=True, exist_ok=True)
         self.duplicate_policy = DuplicatePolicy(duplicate_policy)
         self._lock = threading.RLock()
+        self._made_dirs: set[Path] = set()
         self._db = open_database(self.root / "index.sqlite3", _SCHEMA)
 
     def close(self) -> None:
@@ -144,7 +145,10 @@ class ObjectStore:
         final = self.path_for(sha256)
         if final.exists():
             return final
-        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.parent not in self._made_dirs:
+            # 256 fan-out directories at most: made once, not stat'ed again per object.
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self._made_dirs.add(final.parent)
         fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".incoming-")
         try:
             with os.fdopen(fd, "wb") as handle:
