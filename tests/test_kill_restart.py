@@ -1,7 +1,9 @@
 """kill -9 of ``tdw-emu run`` at random points, then the same command again, many times.
 
 Afterwards no UPS may be left IN PROGRESS, every record the Archive holds must be named by
-exactly one UPS's Output Information, and no result may have been stored twice.
+exactly one UPS's Output Information, no result may have been stored twice, and no step
+may have been performed after an earlier step of its session was canceled (a kill stops a
+session at the step it lands in; the restarted process must not carry on past it).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import signal
 import subprocess
 import time
 
+from emulator.performer.actors import STEP_ORDER
 from emulator.reference.ups_store import UpsStore
 from emulator.store import ObjectStore
 from tests.conftest import REPO, free_port
@@ -21,7 +24,8 @@ KILLS = 6
 
 def test_killed_and_restarted_device_leaves_nothing_in_progress(tmp_path):
     device_port = free_port()
-    tms = start_site(tmp_path / "site", device_port, patients=3)
+    # More sessions than kills: each kill can stop at most one, the last run completes others.
+    tms = start_site(tmp_path / "site", device_port, patients=KILLS + 2)
     try:
         run = run_command(
             tms, device_port, tmp_path / "device",
@@ -53,6 +57,14 @@ def test_killed_and_restarted_device_leaves_nothing_in_progress(tmp_path):
         assert any("the device restarted while performing" in r for r in reasons), reasons
         assert "IN PROGRESS" not in states, states
         assert states.count("COMPLETED") >= 4  # at least one whole session got through
+        sessions: dict[tuple[str, str], dict[str, str]] = {}
+        for r in records:
+            key = (str(r.dataset.PatientID), str(r.dataset.ScheduledProcedureStepStartDateTime)[:8])
+            sessions.setdefault(key, {})[r.step] = r.state
+        for key, steps in sessions.items():
+            ordered = [steps[step] for step in STEP_ORDER if step in steps]
+            stop = next((i for i, st in enumerate(ordered) if st != "COMPLETED"), len(ordered))
+            assert set(ordered[stop + 1 :]) <= {"SCHEDULED"}, (key, steps)
         named = named_results(records)
         assert len(named) == len(set(named)), "a result is named by two UPS"
         held = {i.sop_instance_uid for i in archive.select("modality = 'RTRECORD'")}

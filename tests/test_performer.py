@@ -7,6 +7,7 @@ from copy import deepcopy
 import pytest
 
 from emulator.net.peers import Peer
+from emulator.performer import actors
 from emulator.performer.workflow import DeviceConfig, PerformingDevice
 from emulator.profile import load_sop_classes
 from emulator.reference.site import ReferenceSite, SiteConfig
@@ -120,6 +121,52 @@ def test_pps_and_tdd_share_one_session(lab):
         ("adjustment", "COMPLETED"),
     ]
     assert set(_states(site).values()) == {"COMPLETED"}
+
+
+def test_a_restart_between_steps_carries_on_with_the_acquired_images(lab):
+    """The device process ends after the CBCT; the next one registers that CBCT."""
+    site, devices = lab(("pps",))
+    first = devices["pps"]
+    steps = actors.select("pps", first.query_worklist())
+    acquisition = first.perform(*steps[0])
+    assert (acquisition.step, acquisition.state) == ("acquisition", "COMPLETED")
+    first.stop()
+
+    with PerformingDevice(first.config) as second:
+        outcomes = second.run_once()
+        couch = second.device.couch
+        session = "/".join(actors.session_key(steps[0][1]))
+        assert second.journal.session(session) is None  # ended with the session
+    assert [(o.step, o.state) for o in outcomes] == [
+        ("registration", "COMPLETED"),
+        ("adjustment", "COMPLETED"),
+    ]
+    registration = site.archive.store.read(site.archive.store.get(outcomes[0].stored[0]))
+    registered = {
+        ref.ReferencedSOPInstanceUID
+        for entry in registration.RegistrationSequence
+        for ref in entry.get("ReferencedImageSequence", [])
+    }
+    assert set(acquisition.stored) <= registered
+    # The correction the second process applied is the one the registration holds.
+    matrix = registration.RegistrationSequence[-1].MatrixRegistrationSequence[0]
+    shift = [
+        float(v) for v in matrix.MatrixSequence[0].FrameOfReferenceTransformationMatrix[3::4][:3]
+    ]
+    moved = (couch.lateral, couch.vertical, couch.longitudinal)
+    assert moved == pytest.approx(shift) and any(shift)
+    assert set(_states(site).values()) == {"COMPLETED", "SCHEDULED"}
+
+
+def test_adjustment_without_a_registration_is_canceled_not_a_null_move(lab):
+    site, devices = lab(("pps",))
+    device = devices["pps"]
+    adjustment = next(su for su in actors.select("pps", device.query_worklist())
+                      if su[0] == "adjustment")  # fmt: skip
+    outcome = device.perform(*adjustment)
+    assert outcome.state == "CANCELED"
+    assert "couch correction is unknown" in outcome.reason
+    assert _states(site)["adjustment"] == "CANCELED"
 
 
 def test_interruption_and_continuation_add_up_to_the_plan(lab):

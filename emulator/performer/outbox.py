@@ -35,6 +35,17 @@ CREATE TABLE IF NOT EXISTS deliveries (
     beams TEXT NOT NULL DEFAULT '[]',
     updated TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sessions (
+    session_key TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    updated TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS stopped_sessions (
+    session_key TEXT PRIMARY KEY,
+    step TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    updated TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS results (
     sop_instance_uid TEXT PRIMARY KEY,
     ups_uid TEXT NOT NULL,
@@ -231,6 +242,48 @@ class ClaimJournal(_SpoolTable):
             return None
         context = DeliveryContext(**json.loads(row[0]))
         return context, [_beam_from_json(b) for b in json.loads(row[1])]
+
+    # What a session's later steps build on (the planning CT and CBCT registered, the
+    # correction found), as SOP Instance UIDs in the device's store: a process restarted
+    # between two steps of a session carries on with them instead of registering nothing
+    # or moving the couch by nothing.
+
+    def session_saved(self, session_key: str, state: dict) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?)",
+                (session_key, json.dumps(state), _now()),
+            )
+
+    def session(self, session_key: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT state FROM sessions WHERE session_key = ?", (session_key,)
+            ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def session_ended(self, session_key: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM sessions WHERE session_key = ?", (session_key,))
+
+    # A session whose step did not complete is stopped there for good: its later steps are
+    # never performed by this device, in this process or the next one (they stay SCHEDULED
+    # for the TMS to reschedule or cancel). The first stop is kept: it is the earliest.
+
+    def session_stopped(self, session_key: str, step: str, reason: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO stopped_sessions VALUES (?, ?, ?, ?)",
+                (session_key, step, reason, _now()),
+            )
+
+    def stopped_at(self, session_key: str) -> tuple[str, str] | None:
+        """The step the session stopped at and why, or None if it was not stopped."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT step, reason FROM stopped_sessions WHERE session_key = ?", (session_key,)
+            ).fetchone()
+        return (row[0], row[1]) if row else None
 
     def open_claims(self) -> list[Claim]:
         with self._lock:

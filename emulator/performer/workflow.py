@@ -53,7 +53,7 @@ from emulator.results.acquisition import build_cbct_series
 from emulator.results.registration import build_registration, rigid_translation
 from emulator.results.study_identity import result_identity
 from emulator.results.treatment_record import DeliveredBeam, build_treatment_record
-from emulator.store import admit
+from emulator.store import ObjectStore, admit
 from emulator.synth.common import code_item
 from emulator.ups_references import InstanceReference, reference_item, references_in
 
@@ -100,6 +100,30 @@ class _SessionState:
     planning_ct: list[Dataset] = field(default_factory=list)
     cbct: list[Dataset] = field(default_factory=list)
     translation: tuple[float, float, float] | None = None
+
+    def journal_state(self) -> dict:
+        """UIDs and numbers only: the images themselves are in the device's store."""
+        return {
+            "planning_ct": [str(ds.SOPInstanceUID) for ds in self.planning_ct],
+            "cbct": [str(ds.SOPInstanceUID) for ds in self.cbct],
+            "translation": list(self.translation) if self.translation else None,
+        }
+
+    @classmethod
+    def from_journal(cls, state: dict, store: ObjectStore) -> _SessionState:
+        """The session as journaled; an image no longer in the store leaves its list empty,
+        so the step that needs it cancels rather than working on part of a series."""
+
+        def images(uids: list[str]) -> list[Dataset]:
+            found = [store.get(uid) for uid in uids]
+            return [store.read(i) for i in found] if all(found) else []
+
+        translation = state.get("translation")
+        return cls(
+            images(state.get("planning_ct", [])),
+            images(state.get("cbct", [])),
+            tuple(translation) if translation else None,
+        )
 
 
 class _Cancel(Exception):
@@ -228,11 +252,13 @@ class PerformingDevice:
         Note 8: so the device knows they are available before it starts); if one is missing,
         no UPS of the session is claimed. After a step that did not complete, the later
         steps of that session are left SCHEDULED: positioning for a delivery that will not
-        happen, or delivering on an unverified position, is not safe.
+        happen, or delivering on an unverified position, is not safe. The stop is journaled,
+        so later queries, and the process after a restart, withhold those steps too.
         """
         self.flush_outbox()
         outcomes: list[UpsOutcome] = self.resume_claims()
-        chosen = actors.select(self.config.kind, self.query_worklist())
+        chosen = [su for su in actors.select(self.config.kind, self.query_worklist())
+                  if not self._withheld(*su)]  # fmt: skip
         for _, members in itertools.groupby(chosen, key=lambda su: actors.session_key(su[1])):
             session = list(members)
             done = self._run_session(session)
@@ -241,7 +267,8 @@ class PerformingDevice:
                 outcome.session = key
             self.metrics.session(session_outcome(done))
             # What the session kept (planning CT, CBCT) is not needed by the next one.
-            self.sessions.pop(str(session[0][1].get("PatientID", "")), None)
+            self.sessions.pop(key, None)
+            self.journal.session_ended(key)
             outcomes += done
         return outcomes
 
@@ -261,7 +288,13 @@ class PerformingDevice:
             outcomes.append(outcome)
             if outcome.state != "COMPLETED":
                 stopped = f"not started: {outcome.label or outcome.step} ended {outcome.state}"
+                self.journal.session_stopped("/".join(actors.session_key(ups)), step, stopped)
         return outcomes
+
+    def _withheld(self, step: str, ups: Dataset) -> bool:
+        """A later step of a session that stopped at an earlier one (see ``run_once``)."""
+        stop = self.journal.stopped_at("/".join(actors.session_key(ups)))
+        return bool(stop) and actors.STEP_ORDER.index(step) > actors.STEP_ORDER.index(stop[0])
 
     @staticmethod
     def _outcome(step: str, ups: Dataset, state: str, reason: str) -> UpsOutcome:
@@ -343,8 +376,8 @@ class PerformingDevice:
                 if r.sop_class_uid == self.uids["rt_beams_delivery_instruction"]
             )
             problems = safety.plan_problems(plan, instruction, ups, self.device.capabilities())
-            session = self.sessions.get(str(ups.get("PatientID", "")))
-            if session and session.planning_ct:
+            session = self._session(ups)
+            if session.planning_ct:
                 problems += safety.frame_problems(plan, session.planning_ct[0])
         if problems:
             outcome.reason = "; ".join(problems)
@@ -369,7 +402,7 @@ class PerformingDevice:
                 return outcome
             started = dt.datetime.now().replace(microsecond=0)
             self.journal.claimed(uid, transaction, step, _dt(started))
-            session = self.sessions.setdefault(str(ups.get("PatientID", "")), _SessionState())
+            session = self._session(ups)
             try:
                 first_beam = None
                 if step == "delivery":
@@ -449,7 +482,15 @@ class PerformingDevice:
         with UpsConnection(
             self.config.ae_title, self.config.tms, self.profile, self.config.network
         ) as tms:
-            reply = tms.n_get(uid, ["ProcedureStepState", "ScheduledWorkitemCodeSequence"])
+            reply = tms.n_get(
+                uid,
+                [
+                    "ProcedureStepState",
+                    "ScheduledWorkitemCodeSequence",
+                    "PatientID",
+                    "ScheduledProcedureStepStartDateTime",
+                ],
+            )
             ups = reply.dataset or Dataset()
             state = str(ups.get("ProcedureStepState", "") or "")
             if reply.status != 0x0000 or state != "IN PROGRESS":
@@ -475,7 +516,11 @@ class PerformingDevice:
                     # The rebuilt record is spooled; the UPS is ended once it is stored.
                     outcome.reason = not_taken.reason
                     return outcome
-            return self._cancel(tms, ups, uid, claim.transaction_uid, started, cancel, outcome)
+            outcome = self._cancel(tms, ups, uid, claim.transaction_uid, started, cancel, outcome)
+            # The session's later steps are not performed after this one was canceled.
+            key = "/".join(actors.session_key(ups))
+            self.journal.session_stopped(key, claim.step, f"not started: {claim.step} canceled")
+            return outcome
 
     def _cancel_from_journal(self, claim: Claim, outcome: UpsOutcome) -> _Cancel | None:
         """The record of a delivery the process died in, built from the beams the machine
@@ -514,6 +559,19 @@ class PerformingDevice:
 
     # -- the work ----------------------------------------------------------------------------
 
+    def _session(self, ups: Dataset) -> _SessionState:
+        """This session's state: in memory, else as a previous process journaled it."""
+        key = "/".join(actors.session_key(ups))
+        if key not in self.sessions:
+            state = self.journal.session(key)
+            self.sessions[key] = (
+                _SessionState.from_journal(state, self.receiver.store) if state else _SessionState()
+            )
+        return self.sessions[key]
+
+    def _session_done(self, ups: Dataset, session: _SessionState) -> None:
+        self.journal.session_saved("/".join(actors.session_key(ups)), session.journal_state())
+
     def _do(
         self,
         step: str,
@@ -535,19 +593,27 @@ class PerformingDevice:
             )
             ctx = result_identity(ups, session.planning_ct)
             session.cbct = build_cbct_series(ctx, self.device.acquire("CBCT"), self.uids, station)
-            return self._store(session.cbct, "RO-22", uid), 100.0
+            stored = self._store(session.cbct, "RO-22", uid)
+            self._session_done(ups, session)
+            return stored, 100.0
         if step == "registration":
             if not session.cbct or not session.planning_ct:
                 raise _Cancel("RO-23: no acquisition in this session to register")
             translation = rigid_translation(session.planning_ct, session.cbct)
-            session.translation = translation
             ctx = result_identity(ups, session.planning_ct)
             registration = build_registration(
                 ctx, session.planning_ct, session.cbct, translation, self.uids, station
             )
-            return self._store([registration], "RO-23", uid), 100.0
+            stored = self._store([registration], "RO-23", uid)
+            session.translation = translation
+            self._session_done(ups, session)
+            return stored, 100.0
         if step == "adjustment":
-            shift = session.translation or (0.0, 0.0, 0.0)
+            if session.translation is None:
+                # Moving the couch by nothing would leave the patient where the CBCT showed
+                # them to be off: no correction known, no adjustment.
+                raise _Cancel("no registration in this session: the couch correction is unknown")
+            shift = session.translation
             self.device.move_couch(CouchCorrection(translation=tuple(-s for s in shift)))
             return [], 100.0
         return self._deliver(ups, held, plan, instruction, tms, uid, transaction, outcome)
