@@ -14,11 +14,13 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from emulator.cli import main
 from emulator.conformance.suite import load_scenarios
 from emulator.net.peers import Peer
+from emulator.net.stored_file_sender import StoredFileReference
 from emulator.reference.site import ReferenceSite, SiteConfig
 from emulator.seeding import SeedOptions
 from tests.conftest import free_port, start_cli_process
@@ -188,10 +190,11 @@ def _plan_in_other_frame(site: ReferenceSite) -> None:
 
     def on_move(event):
         for item in original(event):
-            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Dataset):
-                ds = item[1]
+            if isinstance(item, tuple) and isinstance(item[-1], StoredFileReference):
+                ds = dcmread(item[1].stored_path)
                 if ds.get("Modality") == "RTPLAN":
                     ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.1999"
+                    item = (item[0], ds)  # sent as a Dataset, as any other handler's
             yield item
 
     site.archive.qr.on_move = on_move
