@@ -135,7 +135,7 @@ def test_a_restart_between_steps_carries_on_with_the_acquired_images(lab):
     with PerformingDevice(first.config) as second:
         outcomes = second.run_once()
         couch = second.device.couch
-        session = "/".join(actors.session_key(steps[0][1]))
+        session = actors.session_label(steps[0][1])
         assert second.journal.session(session) is None  # ended with the session
     assert [(o.step, o.state) for o in outcomes] == [
         ("registration", "COMPLETED"),

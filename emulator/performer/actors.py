@@ -34,6 +34,11 @@ def session_key(ups: Dataset) -> tuple[str, str]:
     )
 
 
+def session_label(ups: Dataset) -> str:
+    """``session_key`` as one string: how outcomes name a session and the journal keys it."""
+    return "/".join(session_key(ups))
+
+
 def select(kind: str, worklist: list[Dataset]) -> list[tuple[str, Dataset]]:
     """The UPS this kind performs, session by session, each session in step order."""
     if kind not in KINDS:

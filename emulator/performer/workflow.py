@@ -262,7 +262,7 @@ class PerformingDevice:
         for _, members in itertools.groupby(chosen, key=lambda su: actors.session_key(su[1])):
             session = list(members)
             done = self._run_session(session)
-            key = "/".join(actors.session_key(session[0][1]))
+            key = actors.session_label(session[0][1])
             for outcome in done:
                 outcome.session = key
             self.metrics.session(session_outcome(done))
@@ -288,12 +288,12 @@ class PerformingDevice:
             outcomes.append(outcome)
             if outcome.state != "COMPLETED":
                 stopped = f"not started: {outcome.label or outcome.step} ended {outcome.state}"
-                self.journal.session_stopped("/".join(actors.session_key(ups)), step, stopped)
+                self.journal.session_stopped(actors.session_label(ups), step, stopped)
         return outcomes
 
     def _withheld(self, step: str, ups: Dataset) -> bool:
         """A later step of a session that stopped at an earlier one (see ``run_once``)."""
-        stop = self.journal.stopped_at("/".join(actors.session_key(ups)))
+        stop = self.journal.stopped_at(actors.session_label(ups))
         return bool(stop) and actors.STEP_ORDER.index(step) > actors.STEP_ORDER.index(stop[0])
 
     @staticmethod
@@ -518,7 +518,7 @@ class PerformingDevice:
                     return outcome
             outcome = self._cancel(tms, ups, uid, claim.transaction_uid, started, cancel, outcome)
             # The session's later steps are not performed after this one was canceled.
-            key = "/".join(actors.session_key(ups))
+            key = actors.session_label(ups)
             self.journal.session_stopped(key, claim.step, f"not started: {claim.step} canceled")
             return outcome
 
@@ -561,7 +561,7 @@ class PerformingDevice:
 
     def _session(self, ups: Dataset) -> _SessionState:
         """This session's state: in memory, else as a previous process journaled it."""
-        key = "/".join(actors.session_key(ups))
+        key = actors.session_label(ups)
         if key not in self.sessions:
             state = self.journal.session(key)
             self.sessions[key] = (
@@ -570,7 +570,7 @@ class PerformingDevice:
         return self.sessions[key]
 
     def _session_done(self, ups: Dataset, session: _SessionState) -> None:
-        self.journal.session_saved("/".join(actors.session_key(ups)), session.journal_state())
+        self.journal.session_saved(actors.session_label(ups), session.journal_state())
 
     def _do(
         self,
