@@ -114,6 +114,12 @@ def _add_tms(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--accept-any-ae", action="store_true", default=None)
     p.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"))
     p.add_argument("--uids", choices=("final", "trial"))
+    p.add_argument(
+        "--fault-refuse-canceled",
+        metavar="N|always",
+        help="fault injection for testing performers: refuse the first N acceptable "
+        "CANCELED transitions (or every one) with C304",
+    )
     _add_metrics_flags(p)
     _add_tls_flags(p)
     g = p.add_argument_group("schedule")
@@ -143,6 +149,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="device backend spec (default sim)")
     p.add_argument("--data-dir", type=Path, help="device state and results (default: temp)")
     p.add_argument("--report-dir", type=Path)
+    p.add_argument(
+        "--tms-retry-window",
+        type=float,
+        metavar="SECONDS",
+        help="keep retrying an exchange with an unreachable TMS this long (default 120)",
+    )
     _add_metrics_flags(p)
     _add_tls_flags(p)
 
@@ -325,6 +337,7 @@ def _cmd_tms(args: argparse.Namespace) -> int:
         "uids": args.uids,
         "metrics_port": args.metrics_port,
         "metrics_host": args.metrics_host,
+        "fault_refuse_canceled": args.fault_refuse_canceled,
         **_tls_values(args),
     }
     values = merge(load_yaml_config(args.config, "tms"), flags)
@@ -384,17 +397,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from devices.base import DeviceError
     from emulator.config import RUN_SETTINGS, device_config, load_yaml_config, merge
     from emulator.conformance.message_rules import CheckContext, check_traffic
     from emulator.conformance.rulebook import RuleBook
     from emulator.conformance.traffic import TrafficRecorder
     from emulator.metrics import default_metrics
-    from emulator.performer.runner import run_sessions
+    from emulator.net.scu import DimseError
+    from emulator.performer.runner import RunReport, run_sessions
     from emulator.performer.workflow import PerformingDevice
+    from emulator.profile import load_profile
 
     flags = {k: getattr(args, k) for k in RUN_SETTINGS}
     values = merge(load_yaml_config(args.config, "run"), flags)
     recorder = TrafficRecorder(keep_stored_objects=True)
+    report = RunReport()
     with tempfile.TemporaryDirectory(prefix="tdw-run-") as tmp:
         values.setdefault("data_dir", tmp)
         config, sessions, wait, report_dir = device_config(values)
@@ -403,19 +420,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config.network = dataclasses.replace(
             config.network, observers=(*recorder.handlers, *metrics.observers)
         )
-        with PerformingDevice(config, metrics=metrics) as device:
-            metrics_server = _serve_metrics(values, metrics)
-            try:
-                report = run_sessions(device, sessions, wait)
-            finally:
-                if metrics_server:
-                    metrics_server.stop()
-            context = CheckContext(
-                device.profile,
-                RuleBook.load(config.edition),
-                config.tms.ae_title,
-                config.archive.ae_title,
-            )
+        profile = load_profile(config.edition, config.uid_set)
+        try:
+            with PerformingDevice(config, metrics=metrics) as device:
+                metrics_server = _serve_metrics(values, metrics)
+                try:
+                    report = run_sessions(device, sessions, wait)
+                finally:
+                    if metrics_server:
+                        metrics_server.stop()
+        except (OSError, DeviceError, DimseError) as exc:
+            # The device could not start (a port in use, a controller that does not answer):
+            # one line, the report and the traffic log all the same.
+            logging.getLogger("tdw.device").debug("device start failed", exc_info=True)
+            report.problems.append(f"the device could not run: {type(exc).__name__}: {exc}")
+        context = CheckContext(
+            profile, RuleBook.load(config.edition), config.tms.ae_title, config.archive.ae_title
+        )
     # Reported, not judged: the verdict on a TMS is 'tdw-emu scenarios run'.
     report.findings = [f.as_json() for f in check_traffic(recorder, context)]
     table = Table(title=f"tdw-emu run: {config.kind.upper()} {config.ae_title} at {config.station}")
@@ -430,6 +451,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if report_dir:
         print(f"report written to {report.write(Path(report_dir))}")
         print(f"DIMSE traffic log {recorder.write_log(Path(report_dir) / 'dimse-traffic.jsonl')}")
+    for pending in report.final_pending:
+        print(
+            f"final transition pending: UPS {pending['ups']} ({pending['step']}) still IN "
+            f"PROGRESS at the TMS, {pending['target']} not accepted; the next run on this "
+            "--data-dir retries it",
+            file=sys.stderr,
+        )
     for problem in report.problems:
         print(f"problem: {problem}", file=sys.stderr)
     return 0 if report.ok else 1
@@ -660,8 +688,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.verbose < 2:
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pynetdicom logs a refused connection or a reset socket as an ERROR with a traceback;
+    # the project says the same in one line of its own (with the retry it makes), so a user
+    # sees pynetdicom's detail only when asking for it: -v its warnings, -vv everything.
+    pynetdicom_level = {0: logging.CRITICAL, 1: logging.WARNING}.get(args.verbose)
+    if pynetdicom_level is not None:
+        logging.getLogger("pynetdicom").setLevel(pynetdicom_level)
     from emulator.config import ConfigError
 
     try:

@@ -140,6 +140,33 @@ def archive_config(values: dict[str, Any]) -> ArchiveConfig:
     )
 
 
+def _refusals(value: Any) -> int:
+    """``fault_refuse_canceled``: a count, or ``always`` (-1), of CANCELED to refuse."""
+    if value in (None, "", 0, "0"):
+        return 0
+    if str(value).lower() == "always":
+        return -1
+    try:
+        count = int(value)
+    except ValueError as exc:
+        raise ConfigError(
+            f"fault_refuse_canceled must be a count or 'always', not {value!r}"
+        ) from exc
+    if count < 0:
+        raise ConfigError("fault_refuse_canceled must be 0 or more, or 'always'")
+    return count
+
+
+def _seconds(values: dict[str, Any], key: str, default: float) -> float:
+    try:
+        seconds = float(values.get(key, default))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{key} must be a number of seconds") from exc
+    if seconds < 0:
+        raise ConfigError(f"{key} must be 0 or more seconds")
+    return seconds
+
+
 def site_config(values: dict[str, Any]) -> SiteConfig:
     """Validates the merged ``tms`` settings (the TMS and its co-hosted Archive)."""
     from emulator.profile import EDITIONS
@@ -161,6 +188,7 @@ def site_config(values: dict[str, Any]) -> SiteConfig:
         "profile",
         "uids",
         "stations",
+        "fault_refuse_canceled",
         *METRICS_SETTINGS,
         *TLS_SETTINGS,
     }
@@ -181,6 +209,7 @@ def site_config(values: dict[str, Any]) -> SiteConfig:
         )
     return SiteConfig(
         data_dir=Path(values["data_dir"]),
+        refuse_canceled=_refusals(values.get("fault_refuse_canceled")),
         tms_ae_title=tms_ae,
         archive_ae_title=archive_ae,
         host=str(values.get("host", "127.0.0.1")),
@@ -238,6 +267,7 @@ RUN_SETTINGS = (
     "device",
     "data_dir",
     "report_dir",
+    "tms_retry_window",
     *METRICS_SETTINGS,
     *TLS_SETTINGS,
 )
@@ -290,6 +320,7 @@ def device_config(values: dict[str, Any]) -> tuple[DeviceConfig, int, float, Pat
         device=str(values.get("device", "sim")),
         interlocks=parse_interrupt(values.get("interrupt")),
         network=network_settings(values),
+        tms_retry_window=_seconds(values, "tms_retry_window", 120.0),
     )
     report_dir = Path(values["report_dir"]) if values.get("report_dir") else None
     return config, sessions, float(values.get("wait", 0.0)), report_dir

@@ -232,6 +232,12 @@ class Metrics:
         self.connected = Gauge(
             "tdw_device_connected", "1 while the device is connected", ["ae"], registry=r
         )
+        self.final_pending = Gauge(
+            "tdw_final_transitions_pending",
+            "UPS whose COMPLETED or CANCELED the TMS has not accepted yet (retried)",
+            ["ae"],
+            registry=r,
+        )
         self._workitems = _WorkitemCollector()
         r.register(self._workitems)
         self.latencies = LatencySamples()
@@ -276,6 +282,7 @@ class Metrics:
             self.link_round_trip.labels(ae)
             self.backlog.labels(ae)
             self.connected.labels(ae)
+            self.final_pending.labels(ae)
         return ActorMetrics(self, ae)
 
     def watch_workitems(self, ae: str, counts: Callable[[], dict[str, int]]) -> None:
@@ -439,6 +446,11 @@ class ActorMetrics:
 
     def set_connected(self, connected: bool) -> None:
         self.metrics.connected.labels(self.ae).set(1 if connected else 0)
+
+    def set_final_pending(self, count: int) -> None:
+        """UPS journaled as "final transition pending": the TMS refused or could not be
+        reached for their COMPLETED or CANCELED, and the device keeps trying."""
+        self.metrics.final_pending.labels(self.ae).set(count)
 
     # devices.link.LinkObserver
     def link_frame(self, direction: str) -> None:

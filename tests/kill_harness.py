@@ -11,15 +11,26 @@ from emulator.ups_references import references_in
 from tests.conftest import ArchiveProcess, start_cli_process
 
 
-def start_site(data_dir: Path, device_port: int, patients: int) -> ArchiveProcess:
-    """`tdw-emu tms` with its Archive, PDS1 as the C-MOVE peer, one session per patient."""
+def start_site(
+    data_dir: Path,
+    device_port: int,
+    patients: int,
+    *extra: str,
+    ports: tuple[int, int] = (0, 0),
+) -> ArchiveProcess:
+    """`tdw-emu tms` with its Archive, PDS1 as the C-MOVE peer, one session per patient.
+
+    Fixed ``ports`` (TMS, Archive) let a test restart the same site where a device expects
+    it; ``patients=0`` restarts without seeding more.
+    """
     return start_cli_process(
         "tms",
         "--data-dir", str(data_dir),
-        "--port", "0",
-        "--archive-port", "0",
+        "--port", str(ports[0]),
+        "--archive-port", str(ports[1]),
         "--peer", f"PDS1@127.0.0.1:{device_port}",
         *(["--seed", "LINAC1"] * patients),
+        *extra,
         ready="ready",
     )  # fmt: skip
 
@@ -46,3 +57,9 @@ def named_results(workitems: list[UpsRecord]) -> list[str]:
         outputs = performed[0].get("OutputInformationSequence", []) if performed else []
         named += [ref.sop_instance_uid for ref in references_in(outputs)]
     return named
+
+
+def cancel_reason(workitem: UpsRecord) -> str:
+    """The Reason For Cancellation a UPS ended with (in its progress item, PS3.3 C.30.1)."""
+    items = workitem.dataset.get("ProcedureStepProgressInformationSequence") or []
+    return str(items[0].get("ReasonForCancellation", "")) if items else ""

@@ -124,7 +124,12 @@ class StrictTms:
                 uid not in self.beam_reported
             ):
                 self.violation("RO-26 Table 3.26-1", "no N-SET named the beam in progress")
-        elif state != "CANCELED":
+        elif state == "CANCELED":
+            missing = _missing_for_canceled(ups)
+            if missing:
+                self.violation("PS3.4 Table CC.2.5-3 (X)", f"CANCELED without {missing}")
+                return 0xC304, None
+        else:
             self.violation("RO-25 3.25.4.1.2", f"state {state!r}")
             return 0x0106, None
         ups.ProcedureStepState = state
@@ -203,3 +208,23 @@ class StrictTms:
         yield len(found)
         for ds in found:
             yield 0xFF00, ds
+
+
+def _missing_for_canceled(ups: Dataset) -> list[str]:
+    """PS3.4 Table CC.2.5-3, Final State code X, read from the standard for this test: the
+    progress item, its cancellation date-time and a CID 9300 (DCM 1105xx) coded reason."""
+    items = ups.get("ProcedureStepProgressInformationSequence") or []
+    if not items:
+        return ["ProcedureStepProgressInformationSequence"]
+    missing = []
+    if not items[0].get("ProcedureStepCancellationDateTime"):
+        missing.append("ProcedureStepCancellationDateTime")
+    reasons = items[0].get("ProcedureStepDiscontinuationReasonCodeSequence") or []
+    coded = [
+        r
+        for r in reasons
+        if r.get("CodingSchemeDesignator") == "DCM" and str(r.get("CodeValue")).startswith("1105")
+    ]
+    if not coded:
+        missing.append("ProcedureStepDiscontinuationReasonCodeSequence")
+    return missing

@@ -170,7 +170,7 @@ def _no_transaction_check(site: ReferenceSite) -> None:
 
 
 def _no_continuation(site: ReferenceSite) -> None:
-    site.tms._continue_after = lambda canceled: None
+    site.tms._after_canceled = lambda canceled, performed: None
 
 
 def _move_status_0001(site: ReferenceSite) -> None:

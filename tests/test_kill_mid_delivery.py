@@ -22,7 +22,7 @@ from emulator.store import ObjectStore
 from emulator.synth.plan_access import specified_metersets
 from hil.faults import send_fault
 from tests.conftest import REPO, free_port, start_cli_process
-from tests.kill_harness import named_results, run_command, start_site
+from tests.kill_harness import cancel_reason, named_results, run_command, start_site
 
 KILLS = 3
 SEED = int(os.environ.get("TDW_KILL_SEED", "11"))  # where in the beam each kill lands
@@ -92,7 +92,7 @@ def test_every_beam_the_machine_delivered_is_in_exactly_one_record(tmp_path):
     try:
         workitems = ups.select()
         assert "IN PROGRESS" not in [w.state for w in workitems]
-        reasons = [str(w.dataset.get("ReasonForCancellation", "")) for w in workitems]
+        reasons = [cancel_reason(w) for w in workitems]
         rebuilt = [r for r in reasons if "the device restarted while delivering" in r]
         assert len(rebuilt) >= 1, reasons
         states = [

@@ -6,6 +6,7 @@ import datetime as dt
 import subprocess
 import sys
 
+import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
@@ -59,8 +60,9 @@ def _ups(patient, workitem: tuple[str, str], inputs: list[Dataset]) -> Dataset:
     return ups
 
 
+@pytest.mark.parametrize("interrupt", [None, "2:5"], ids=["normal", "interrupted"])
 def test_run_passes_an_independent_strict_tms(
-    tmp_path, patient, patient_files, archive_process_factory
+    tmp_path, patient, patient_files, archive_process_factory, interrupt
 ):
     device_port = free_port()
     archive = archive_process_factory(
@@ -121,6 +123,7 @@ def test_run_passes_an_independent_strict_tms(
                 "0",
                 "--data-dir",
                 str(tmp_path / "device"),
+                *(["--interrupt", interrupt] if interrupt else []),
             ],
             capture_output=True,
             text=True,
@@ -131,7 +134,8 @@ def test_run_passes_an_independent_strict_tms(
         tms.stop()
     assert result.returncode == 0, result.stdout + result.stderr
     assert tms.violations == []
-    assert [u.ProcedureStepState for u in tms.ups.values()] == ["COMPLETED"] * 4
+    delivered = "CANCELED" if interrupt else "COMPLETED"
+    assert [u.ProcedureStepState for u in tms.ups.values()] == ["COMPLETED"] * 3 + [delivered]
     delivery = list(tms.ups.values())[3]
     assert str(delivery.SOPInstanceUID) in tms.beam_reported
     archive.stop()

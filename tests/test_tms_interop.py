@@ -18,7 +18,7 @@ from emulator.conformance.iod_table import check_iod
 from emulator.profile import load_sop_classes
 from emulator.ups_references import references_in
 from tests.conftest import DCMTK_ENV, dciodvfy_errors, dcmtk
-from tests.ups_client import UpsClient, progress
+from tests.ups_client import UpsClient, cancellation, progress
 
 ENV = DCMTK_ENV
 
@@ -258,6 +258,8 @@ def test_independent_scu_full_cycle_against_the_tms_process(tms, storescp, tmp_p
         )
         assert stored.returncode == 0, stored.stderr
         assert client.n_set(delivery.SOPInstanceUID, progress(transaction, 35.0)) == 0
+        reason = "beam hold: door interlock"
+        assert client.n_set(delivery.SOPInstanceUID, cancellation(transaction, 35.0, reason)) == 0
         update = final_update(
             transaction,
             delivery.ScheduledWorkitemCodeSequence[0],

@@ -16,7 +16,7 @@ from emulator.profile import load_sop_classes
 from emulator.reference.site import ReferenceSite
 from emulator.results.treatment_record import build_treatment_record, delivered_as_planned
 from emulator.ups_references import InstanceReference, references_in
-from tests.ups_client import UpsClient, final_update, progress
+from tests.ups_client import UpsClient, cancellation, final_update, progress
 
 
 @dataclass
@@ -88,6 +88,8 @@ def deliver_partially_and_cancel(
         }
         done = sum(b.delivered for b in beams) / sum(specified.values()) * 100
         assert tms.n_set(delivery.SOPInstanceUID, progress(transaction, round(done, 1))) == 0
+        reason = "MLC interlock on beam 2"
+        assert tms.n_set(delivery.SOPInstanceUID, cancellation(transaction, done, reason)) == 0
         update = final_update(
             transaction,
             delivery.ScheduledWorkitemCodeSequence[0],

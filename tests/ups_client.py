@@ -44,6 +44,7 @@ class UpsClient:
         self.ae.dimse_timeout = 30
         self.push, self.pull = PUSH[uids], PULL[uids]
         self.assoc = self.ae.associate(host, port, ae_title=called)
+        self.last_error_comment = ""
         assert self.assoc.is_established, "association with the TMS failed"
 
     def close(self) -> None:
@@ -98,6 +99,7 @@ class UpsClient:
         for keyword, value in extra.items():
             setattr(info, keyword, value)
         status, reply = self.assoc.send_n_action(info, 1, self.push, uid)
+        self.last_error_comment = str(status.get("ErrorComment", "") or "")
         return status.Status, reply
 
     def request_cancel(self, uid: str, reason: str = "") -> int:
@@ -144,6 +146,25 @@ def progress(transaction_uid: str, percent: float, beam: int | None = None) -> D
         performed.OutputInformationSequence = Sequence([])
         performed.NonDICOMOutputCodeSequence = Sequence([])
         ds.UnifiedProcedureStepPerformedProcedureSequence = Sequence([performed])
+    return ds
+
+
+# CID 9300 "Procedure Discontinuation Reasons" (PS3.16), written out here so the client
+# stays independent of emulator/: (110501, DCM, "Equipment failure").
+EQUIPMENT_FAILURE = ("110501", "DCM", "Equipment failure")
+
+
+def cancellation(transaction_uid: str, percent: float, reason: str) -> Dataset:
+    """The N-SET before CANCELED: every Final State X attribute of PS3.4 Table CC.2.5-3
+    (progress item, cancellation date-time, coded discontinuation reason)."""
+    ds = Dataset()
+    ds.TransactionUID = transaction_uid
+    info = Dataset()
+    info.ProcedureStepProgress = round(percent, 2)
+    info.ProcedureStepCancellationDateTime = dt.datetime.now().strftime("%Y%m%d%H%M%S")
+    info.ReasonForCancellation = reason
+    info.ProcedureStepDiscontinuationReasonCodeSequence = Sequence([code(*EQUIPMENT_FAILURE)])
+    ds.ProcedureStepProgressInformationSequence = Sequence([info])
     return ds
 
 

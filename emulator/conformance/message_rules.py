@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 
+from emulator import ups_attributes
 from emulator.conformance.object_rules import appendix_a_findings, parents_along, wrap
 from emulator.conformance.rulebook import Finding, RuleBook, attribute_label
 from emulator.conformance.traffic import Message, TrafficRecorder
@@ -43,6 +44,13 @@ class _Ups:
     dataset: Dataset = field(default_factory=Dataset)
     session: tuple[str, str] = ("", "")
     step: str | None = None
+
+    def knows(self, path: str) -> bool:
+        """Whether the traffic can show that ``path`` is missing from the UPS: attributes the
+        performer owes in a final state (P, X) always, others only once they crossed the
+        wire (the TMS may hold an R attribute that no response carried)."""
+        keyword = path.split(">", 1)[0]
+        return keyword in self.dataset or ups_attributes.final_code(keyword) in ("P", "X")
 
 
 def delivery_type_parameter(ups: Dataset, profile: Profile) -> Dataset | None:
@@ -387,13 +395,9 @@ class TrafficChecker:
         reply = response.dataset or Dataset()
         what = f"N-ACTION {state} on UPS {uid}"
         if record is not None and record.state:
-            after = deepcopy(record.dataset)
-            if state == "CANCELED":
-                for element in info:
-                    if element.keyword != "ProcedureStepState":
-                        after[element.tag] = deepcopy(element)
+            after = ups_rules.with_change_state_extras(record.dataset, info, state)
             decision = ups_rules.change_state(
-                record.state, state, sent, record.transaction_uid, after
+                record.state, state, sent, record.transaction_uid, after, record.knows
             )
             raced = (
                 state == "IN PROGRESS"

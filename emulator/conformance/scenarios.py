@@ -354,9 +354,13 @@ class ScenarioRunner:
             extra = None
             if target == "CANCELED":
                 reason = str(step.get("reason", "canceled by the scenario"))
-                set_status = tms.n_set(
-                    uid, cancel_dataset(transaction, float(step.get("percent", 0)), reason)
+                request = cancel_dataset(
+                    transaction,
+                    float(step.get("percent", 0)),
+                    reason,
+                    str(step.get("cause", "operator_hold")),
                 )
+                set_status = tms.n_set(uid, request)
                 note = f"N-SET of the cancellation info: {_status_text(set_status)}"
                 extra = Dataset()
                 extra.ReasonForCancellation = reason

@@ -30,6 +30,7 @@ ACTION_CHANGE_STATE = 1
 class Reply:
     status: int
     dataset: Dataset | None
+    comment: str = ""  # the response's Error Comment (0000,0902), if any
 
 
 class UpsConnection:
@@ -100,7 +101,8 @@ class UpsConnection:
         status, reply = self._established().send_n_action(
             info, ACTION_CHANGE_STATE, self.push, uid, meta_uid=self.pull
         )
-        return Reply(self._check(status, f"N-ACTION {state}"), reply)
+        code = self._check(status, f"N-ACTION {state}")
+        return Reply(code, reply, str(status.get("ErrorComment", "") or ""))
 
     def n_set(self, uid: str, modifications: Dataset) -> int:
         status, _ = self._established().send_n_set(

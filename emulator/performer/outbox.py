@@ -40,9 +40,9 @@ CREATE TABLE IF NOT EXISTS sessions (
     state TEXT NOT NULL,
     updated TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS stopped_sessions (
-    session_key TEXT PRIMARY KEY,
-    step TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS withheld (
+    ups_uid TEXT PRIMARY KEY,
+    session_key TEXT NOT NULL,
     reason TEXT NOT NULL,
     updated TEXT NOT NULL
 );
@@ -76,12 +76,27 @@ def _now() -> str:
     return dt.datetime.now().isoformat(timespec="seconds")
 
 
+# Columns added after the first release: a data dir written by an older version gains them.
+_ADDED_COLUMNS = {
+    "claims": {
+        "target": "TEXT NOT NULL DEFAULT ''",
+        "reason": "TEXT NOT NULL DEFAULT ''",
+        "cause": "TEXT NOT NULL DEFAULT ''",
+    },
+}
+
+
 class _SpoolTable:
     """One connection to the device's spool database, serialised by a lock."""
 
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
         self._db = open_database(path, _SCHEMA)
+        for table, columns in _ADDED_COLUMNS.items():
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, spec in columns.items():
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {spec}")
 
     def close(self) -> None:
         with self._lock:
@@ -172,14 +187,29 @@ def _beam_from_json(data: dict) -> DeliveredBeam:
     return DeliveredBeam(**{**data, "control_points": points})
 
 
-@dataclass(frozen=True)
+OPEN_CLAIM_STATES = (
+    "claimed",
+    "performing",
+    "results_stored",
+    "final_update_sent",
+    "final_pending",
+    "performed",  # written by earlier versions: the results were stored
+)
+
+
+@dataclass
 class Claim:
+    """A claimed UPS as journaled; ``state`` is a state of ``claim.ClaimedUps``."""
+
     ups_uid: str
     transaction_uid: str
     step: str
-    state: str  # claimed, performed (work done, results stored), ended
+    state: str
     progress: float
-    started: str
+    started: str  # YYYYmmddHHMMSS
+    target: str = ""  # COMPLETED or CANCELED, once the work is over
+    reason: str = ""  # why it is canceled, or why its final transition is pending
+    cause: str = ""  # profiles/discontinuation_reasons.yaml cause of a cancel
 
 
 class ClaimJournal(_SpoolTable):
@@ -190,11 +220,25 @@ class ClaimJournal(_SpoolTable):
     process left behind.
     """
 
-    def claimed(self, ups_uid: str, transaction_uid: str, step: str, started: str) -> None:
+    def save(self, claim: Claim) -> None:
+        """Writes the claim as it is now (one row per UPS)."""
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, 'claimed', 0, ?, ?)",
-                (ups_uid, transaction_uid, step, started, _now()),
+                "INSERT OR REPLACE INTO claims (ups_uid, transaction_uid, step, state, "
+                "progress, started, updated, target, reason, cause) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    claim.ups_uid,
+                    claim.transaction_uid,
+                    claim.step,
+                    claim.state,
+                    claim.progress,
+                    claim.started,
+                    _now(),
+                    claim.target,
+                    claim.reason,
+                    claim.cause,
+                ),
             )
 
     def _set(self, ups_uid: str, column: str, value) -> None:
@@ -207,11 +251,9 @@ class ClaimJournal(_SpoolTable):
     def progress(self, ups_uid: str, percent: float) -> None:
         self._set(ups_uid, "progress", percent)
 
-    def performed(self, ups_uid: str) -> None:
-        self._set(ups_uid, "state", "performed")
-
-    def ended(self, ups_uid: str) -> None:
-        self._set(ups_uid, "state", "ended")
+    def ended(self, ups_uid: str, state: str = "ended") -> None:
+        """The TMS holds the UPS in a final state: nothing of it is owed any more."""
+        self._set(ups_uid, "state", state)
         with self._lock:
             self._db.execute("DELETE FROM deliveries WHERE ups_uid = ?", (ups_uid,))
 
@@ -266,29 +308,35 @@ class ClaimJournal(_SpoolTable):
         with self._lock:
             self._db.execute("DELETE FROM sessions WHERE session_key = ?", (session_key,))
 
-    # A session whose step did not complete is stopped there for good: its later steps are
-    # never performed by this device, in this process or the next one (they stay SCHEDULED
-    # for the TMS to reschedule or cancel). The first stop is kept: it is the earliest.
-
-    def session_stopped(self, session_key: str, step: str, reason: str) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT OR IGNORE INTO stopped_sessions VALUES (?, ?, ?, ?)",
-                (session_key, step, reason, _now()),
-            )
-
-    def stopped_at(self, session_key: str) -> tuple[str, str] | None:
-        """The step the session stopped at and why, or None if it was not stopped."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT step, reason FROM stopped_sessions WHERE session_key = ?", (session_key,)
-            ).fetchone()
-        return (row[0], row[1]) if row else None
-
     def open_claims(self) -> list[Claim]:
+        """Claims the TMS has not accepted an end of, in the order they were made."""
+        marks = ", ".join("?" * len(OPEN_CLAIM_STATES))
         with self._lock:
             rows = self._db.execute(
-                "SELECT ups_uid, transaction_uid, step, state, progress, started FROM claims "
-                "WHERE state != 'ended' ORDER BY rowid"
+                "SELECT ups_uid, transaction_uid, step, state, progress, started, target, "
+                f"reason, cause FROM claims WHERE state IN ({marks}) ORDER BY rowid",
+                OPEN_CLAIM_STATES,
             ).fetchall()
-        return [Claim(*row) for row in rows]
+        claims = [Claim(*row) for row in rows]
+        for claim in claims:
+            if claim.state == "performed":
+                claim.state = "results_stored"
+        return claims
+
+    # The later steps of a stopped session that were on the worklist when it stopped: this
+    # device never performs them (they stay with the TMS to end or reschedule). Kept by SOP
+    # Instance UID, so a session the TMS schedules again for the same patient and day runs.
+
+    def withhold(self, ups_uids: list[str], session_key: str, reason: str) -> None:
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR IGNORE INTO withheld VALUES (?, ?, ?, ?)",
+                [(uid, session_key, reason, _now()) for uid in ups_uids],
+            )
+
+    def withheld(self, ups_uid: str) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM withheld WHERE ups_uid = ?", (ups_uid,)
+            ).fetchone()
+        return row is not None

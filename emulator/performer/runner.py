@@ -8,11 +8,17 @@ refused, failed or canceled for another reason makes the run fail, with the reas
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from devices.base import DeviceError
+from emulator.net.scu import DimseError
+from emulator.performer.tms_link import TmsUnavailable
 from emulator.performer.workflow import PerformingDevice, UpsOutcome
+
+LOG = logging.getLogger("tdw.device")
 
 
 @dataclass
@@ -21,6 +27,9 @@ class RunReport:
     sessions: int = 0
     problems: list[str] = field(default_factory=list)
     findings: list[dict] = field(default_factory=list)  # conformance findings on the TMS
+    # UPS whose COMPLETED or CANCELED the TMS had not accepted when the run ended; the
+    # journal keeps them and the next run on the same data dir tries again.
+    final_pending: list[dict] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -34,6 +43,7 @@ class RunReport:
             "sessions": self.sessions,
             "problems": self.problems,
             "findings": self.findings,
+            "final_pending": self.final_pending,
             "outcomes": [asdict(o) for o in self.outcomes],
         }
         path.write_text(json.dumps(data, indent=2))
@@ -41,9 +51,14 @@ class RunReport:
 
 
 def judge(outcomes: list[UpsOutcome], injected_interrupt: bool) -> list[str]:
+    """The problems of a run: every UPS not COMPLETED, except a delivery canceled by the
+    interruption the run injected, and a claim an earlier run decided to end that this run
+    only got the TMS to accept."""
     problems = []
     for o in outcomes:
         if o.state == "COMPLETED":
+            continue
+        if o.settled and o.state in ("COMPLETED", "CANCELED"):
             continue
         if (
             o.state == "CANCELED"
@@ -66,7 +81,13 @@ def run_sessions(
     report = RunReport()
     deadline = time.monotonic() + wait_seconds
     while report.sessions < sessions:
-        outcomes = device.run_once()
+        try:
+            outcomes = device.run_once()
+        except (TmsUnavailable, DimseError, DeviceError, OSError) as exc:
+            # Whatever happened, the run ends with a report, not a traceback (-v logs it).
+            LOG.debug("the run stopped", exc_info=True)
+            report.problems.append(f"the run stopped: {type(exc).__name__}: {exc}")
+            break
         if outcomes:
             report.sessions += 1
             report.outcomes.extend(outcomes)
@@ -77,5 +98,25 @@ def run_sessions(
             )
             break
         time.sleep(poll_seconds)
+    _settle(device, report)
     report.problems = judge(report.outcomes, bool(device.config.interlocks)) + report.problems
     return report
+
+
+def _settle(device: PerformingDevice, report: RunReport) -> None:
+    """Retries pending final transitions for up to the TMS retry window, then reports what
+    is still pending (each also stays in the device's journal for the next run)."""
+    if device.pending_claims():
+        ended = {o.sop_instance_uid: o for o in device.settle(device.config.tms_retry_window)}
+        for index, outcome in enumerate(report.outcomes):
+            if outcome.sop_instance_uid in ended:
+                settled = ended[outcome.sop_instance_uid]
+                settled.label = settled.label or outcome.label
+                settled.session = outcome.session
+                settled.delivered = settled.delivered or outcome.delivered
+                settled.delivery_type = settled.delivery_type or outcome.delivery_type
+                report.outcomes[index] = settled
+    for claim in device.pending_claims():
+        report.final_pending.append(
+            {"ups": claim.ups_uid, "step": claim.step, "target": claim.target or "COMPLETED"}
+        )

@@ -13,6 +13,7 @@ import datetime as dt
 import io
 import itertools
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from pydicom.uid import generate_uid
 from devices.base import CouchCorrection, DeliveryEvent, Device, DeviceError
 from devices.clock import Clock
 from devices.registry import open_device
+from emulator import ups_attributes
 from emulator.metrics import Metrics, default_metrics
 from emulator.net import scu
 from emulator.net.ae_factory import NetworkSettings
@@ -32,8 +34,8 @@ from emulator.net.peers import Peer
 from emulator.net.receiver import StorageReceiver
 from emulator.net.scu import DimseError
 from emulator.net.uid_registry import register_uid_set
-from emulator.net.ups_scu import UpsConnection
 from emulator.performer import actors, safety
+from emulator.performer.claim import ClaimedUps
 from emulator.performer.delivery import (
     BeamTask,
     SessionDelivery,
@@ -48,6 +50,7 @@ from emulator.performer.outbox import (
     ResultOutbox,
     RetryPolicy,
 )
+from emulator.performer.tms_link import Backoff, TmsLink, TmsUnavailable
 from emulator.profile import Profile, load_profile
 from emulator.results.acquisition import build_cbct_series
 from emulator.results.registration import build_registration, rigid_translation
@@ -78,6 +81,9 @@ class DeviceConfig:
     interlocks: dict[int, float] = field(default_factory=dict)
     network: NetworkSettings = field(default_factory=NetworkSettings)
     store_retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # How long one exchange with the TMS keeps being retried while the TMS cannot be
+    # reached (a restart, a network outage) before the device gives up on it for now.
+    tms_retry_window: float = 120.0
 
 
 @dataclass
@@ -93,6 +99,9 @@ class UpsOutcome:
     delivered: dict[int, float] = field(default_factory=dict)
     delivery_type: str = ""
     session: str = ""  # the device's session key: PatientID/scheduled date
+    # An earlier run decided how this claim ends (its final transition was pending); this
+    # run only got the TMS to accept it.
+    settled: bool = False
 
 
 @dataclass
@@ -127,13 +136,33 @@ class _SessionState:
 
 
 class _Cancel(Exception):
-    """The work was abandoned after the claim; the UPS must be CANCELED with this reason."""
+    """The work was abandoned after the claim; the UPS must be CANCELED with this reason.
 
-    def __init__(self, reason: str, percent: float = 0.0, stored: list[Dataset] | None = None):
+    ``cause`` names the row of ``profiles/discontinuation_reasons.yaml`` that codes it.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        percent: float = 0.0,
+        stored: list[Dataset] | None = None,
+        cause: str = "device_error",
+    ):
         super().__init__(reason)
         self.reason = reason
         self.percent = percent
         self.stored = stored or []
+        self.cause = cause
+
+
+@dataclass
+class _Inputs:
+    """What a UPS's inputs gave the device: every object held, and for a delivery the plan
+    and the RT Beams Delivery Instruction among them."""
+
+    held: dict[str, Dataset] = field(default_factory=dict)
+    plan: Dataset | None = None
+    instruction: Dataset | None = None
 
 
 def _dt(moment: dt.datetime) -> str:
@@ -202,6 +231,13 @@ class PerformingDevice:
         self.peers = {config.tms.ae_title: config.tms, config.archive.ae_title: config.archive}
         self.outbox = ResultOutbox(Path(config.data_dir) / "outbox.sqlite3")
         self.journal = ClaimJournal(Path(config.data_dir) / "outbox.sqlite3")
+        self.tms = TmsLink(
+            config.ae_title,
+            config.tms,
+            self.profile,
+            config.network,
+            Backoff(window_s=config.tms_retry_window),
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -214,6 +250,7 @@ class PerformingDevice:
             raise ValueError("the AE titles are fixed at construction (allow-list)")
         self.config.tms, self.config.archive = tms, archive
         self.peers = {tms.ae_title: tms, archive.ae_title: archive}
+        self.tms.tms = tms
 
     def start(self) -> tuple[str, int]:
         self.device.connect()
@@ -240,10 +277,7 @@ class PerformingDevice:
         return worklist_identifier(self.config.station, day)
 
     def query_worklist(self) -> list[Dataset]:
-        with UpsConnection(
-            self.config.ae_title, self.config.tms, self.profile, self.config.network
-        ) as tms:
-            return tms.find(self.worklist_query())
+        return self.tms.find(self.worklist_query())
 
     def run_once(self) -> list[UpsOutcome]:
         """Queries once and performs every UPS this kind takes, in session and step order.
@@ -257,8 +291,11 @@ class PerformingDevice:
         """
         self.flush_outbox()
         outcomes: list[UpsOutcome] = self.resume_claims()
-        chosen = [su for su in actors.select(self.config.kind, self.query_worklist())
-                  if not self._withheld(*su)]  # fmt: skip
+        chosen = [
+            (step, ups)
+            for step, ups in actors.select(self.config.kind, self.query_worklist())
+            if not self.journal.withheld(str(ups.SOPInstanceUID))
+        ]
         for _, members in itertools.groupby(chosen, key=lambda su: actors.session_key(su[1])):
             session = list(members)
             done = self._run_session(session)
@@ -279,22 +316,18 @@ class PerformingDevice:
             LOG.warning("session refused, no UPS claimed: %s", reason)
             return [self._outcome(step, ups, "REFUSED", reason) for step, ups in session]
         outcomes: list[UpsOutcome] = []
-        stopped = ""
-        for step, ups in session:
-            if stopped:
-                outcomes.append(self._outcome(step, ups, "SKIPPED", stopped))
-                continue
+        for index, (step, ups) in enumerate(session):
             outcome = self.perform(step, ups)
             outcomes.append(outcome)
             if outcome.state != "COMPLETED":
                 stopped = f"not started: {outcome.label or outcome.step} ended {outcome.state}"
-                self.journal.session_stopped(actors.session_label(ups), step, stopped)
+                rest = session[index + 1 :]
+                self.journal.withhold(
+                    [str(u.SOPInstanceUID) for _, u in rest], actors.session_label(ups), stopped
+                )
+                outcomes += [self._outcome(s, u, "SKIPPED", stopped) for s, u in rest]
+                break
         return outcomes
-
-    def _withheld(self, step: str, ups: Dataset) -> bool:
-        """A later step of a session that stopped at an earlier one (see ``run_once``)."""
-        stop = self.journal.stopped_at(actors.session_label(ups))
-        return bool(stop) and actors.STEP_ORDER.index(step) > actors.STEP_ORDER.index(stop[0])
 
     @staticmethod
     def _outcome(step: str, ups: Dataset, state: str, reason: str) -> UpsOutcome:
@@ -354,110 +387,221 @@ class PerformingDevice:
         return held
 
     def perform(self, step: str, ups: Dataset) -> UpsOutcome:
+        """RO-18/RO-20 checks, then the claim and the work; see :meth:`_finish` for the end."""
         uid = str(ups.SOPInstanceUID)
         outcome = UpsOutcome(uid, step, str(ups.get("ProcedureStepLabel", "")), "REFUSED")
-        refs = references_in(ups.get("InputInformationSequence") or [])
-        problems = safety.input_problems(step, ups, set(self.peers), self.uids)
-        held: dict[str, Dataset] = {}
-        if not problems:
-            try:
-                held = self._retrieve(refs)
-            except DimseError as exc:
-                problems = [f"RO-18: retrieval failed: {exc}"]
-        problems = problems or safety.arrival_problems(refs, held)
-        plan = instruction = None
-        if not problems and step == "delivery":
-            plan = next(
-                held[r.sop_instance_uid] for r in refs if r.sop_class_uid == self.uids["rt_plan"]
-            )
-            instruction = next(
-                held[r.sop_instance_uid]
-                for r in refs
-                if r.sop_class_uid == self.uids["rt_beams_delivery_instruction"]
-            )
-            problems = safety.plan_problems(plan, instruction, ups, self.device.capabilities())
-            session = self._session(ups)
-            if session.planning_ct:
-                problems += safety.frame_problems(plan, session.planning_ct[0])
+        inputs, problems = self._inputs(step, ups)
         if problems:
             outcome.reason = "; ".join(problems)
             LOG.warning("UPS %s not claimed: %s", uid, outcome.reason)
             return outcome
-
-        with UpsConnection(
-            self.config.ae_title, self.config.tms, self.profile, self.config.network
-        ) as tms:
-            sent = (
-                "" if self.profile.performer_may_send_empty_transaction_uid else str(generate_uid())
-            )
-            reply = tms.change_state(uid, "IN PROGRESS", sent)
-            if reply.status != 0x0000:
-                outcome.state, outcome.reason = "SKIPPED", f"claim refused (0x{reply.status:04X})"
-                return outcome
-            self.metrics.ups_transition("IN PROGRESS")
-            transaction = sent or str((reply.dataset or Dataset()).get("TransactionUID", ""))
-            if not transaction:
-                outcome.state = "FAILED"
-                outcome.reason = "RO-19: the TMS created no Transaction UID; UPS left IN PROGRESS"
-                return outcome
-            started = dt.datetime.now().replace(microsecond=0)
-            self.journal.claimed(uid, transaction, step, _dt(started))
-            session = self._session(ups)
-            try:
-                first_beam = None
-                if step == "delivery":
-                    first_beam = int(instruction.BeamTaskSequence[0].ReferencedBeamNumber)
-                self._progress(tms, uid, transaction, 0.0, first_beam)
-                stored, percent = self._do(
-                    step, ups, held, plan, instruction, session, tms, uid, transaction, outcome
-                )
-            except _Cancel as cancel:
-                return self._cancel(tms, ups, uid, transaction, started, cancel, outcome)
-            except (DeviceError, DimseError, ValueError) as exc:
-                self.metrics.fault("dimse_error" if isinstance(exc, DimseError) else "device_error")
-                return self._cancel(
-                    tms,
-                    ups,
-                    uid,
-                    transaction,
-                    started,
-                    _Cancel(f"{type(exc).__name__}: {exc}"),
-                    outcome,
-                )
-            self._progress(tms, uid, transaction, percent, None)
-            self.journal.performed(uid)
-            return self._complete(tms, ups, uid, transaction, started, stored, outcome)
-
-    def _complete(
-        self,
-        tms: UpsConnection,
-        ups: Dataset,
-        uid: str,
-        transaction: str,
-        started: dt.datetime,
-        stored: list[Dataset],
-        outcome: UpsOutcome,
-    ) -> UpsOutcome:
-        """RO-21 with exactly what was stored, then RO-25 COMPLETED."""
-        outcome.stored = [str(ds.SOPInstanceUID) for ds in stored]
-        status = self._final_update(tms, ups, uid, transaction, started, stored)
-        if status != 0x0000:
-            outcome.state, outcome.reason = "FAILED", f"RO-21 refused (0x{status:04X})"
-            self.journal.ended(uid)
+        claim = self._claim(step, ups, outcome)
+        if claim is None:
             return outcome
-        reply = tms.change_state(uid, "COMPLETED", transaction)
-        outcome.state = "COMPLETED" if reply.status == 0 else "FAILED"
-        if reply.status:
-            outcome.reason = f"RO-25: COMPLETED refused (0x{reply.status:04X})"
+        session = self._session(ups)
+        try:
+            claim.begin()
+            first_beam = None
+            if step == "delivery":
+                first_beam = int(inputs.instruction.BeamTaskSequence[0].ReferencedBeamNumber)
+            self._progress(claim, 0.0, first_beam)
+            percent = self._do(claim, inputs, session, outcome)
+            self._progress(claim, percent, None)
+            claim.results_kept()
+            claim.end_as("COMPLETED", percent=percent)
+        except _Cancel as cancel:
+            self._cancel_claim(claim, cancel)
+        except (DeviceError, DimseError, ValueError) as exc:
+            self.metrics.fault("dimse_error" if isinstance(exc, DimseError) else "device_error")
+            self._cancel_claim(claim, _Cancel(f"{type(exc).__name__}: {exc}"))
+        return self._finish(claim, outcome)
+
+    def _inputs(self, step: str, ups: Dataset) -> tuple[_Inputs, list[str]]:
+        """What the UPS needs, retrieved and checked; the problems that forbid a claim."""
+        refs = references_in(ups.get("InputInformationSequence") or [])
+        problems = safety.input_problems(step, ups, set(self.peers), self.uids)
+        inputs = _Inputs()
+        if not problems:
+            try:
+                inputs.held = self._retrieve(refs)
+            except DimseError as exc:
+                problems = [f"RO-18: retrieval failed: {exc}"]
+        problems = problems or safety.arrival_problems(refs, inputs.held)
+        if not problems and step == "delivery":
+            held = inputs.held
+            inputs.plan = next(
+                held[r.sop_instance_uid] for r in refs if r.sop_class_uid == self.uids["rt_plan"]
+            )
+            inputs.instruction = next(
+                held[r.sop_instance_uid]
+                for r in refs
+                if r.sop_class_uid == self.uids["rt_beams_delivery_instruction"]
+            )
+            problems = safety.plan_problems(
+                inputs.plan, inputs.instruction, ups, self.device.capabilities()
+            )
+            session = self._session(ups)
+            if session.planning_ct:
+                problems += safety.frame_problems(inputs.plan, session.planning_ct[0])
+        return inputs, problems
+
+    def _claim(self, step: str, ups: Dataset, outcome: UpsOutcome) -> ClaimedUps | None:
+        """RO-19: N-ACTION IN PROGRESS; the claim is journaled the moment it is accepted."""
+        uid = str(ups.SOPInstanceUID)
+        empty = self.profile.performer_may_send_empty_transaction_uid
+        sent = "" if empty else str(generate_uid())
+        probe = progress_dataset(self.profile, sent, 0.0, None)
+        try:
+            reply = self.tms.claim(uid, sent, probe)
+        except TmsUnavailable as exc:
+            outcome.state, outcome.reason = "SKIPPED", f"RO-19: {exc}"
+            return None
+        if reply.status != 0x0000:
+            outcome.state, outcome.reason = "SKIPPED", f"claim refused (0x{reply.status:04X})"
+            return None
+        self.metrics.ups_transition("IN PROGRESS")
+        transaction = sent or str((reply.dataset or Dataset()).get("TransactionUID", ""))
+        if not transaction:
+            outcome.state = "FAILED"
+            outcome.reason = "RO-19: the TMS created no Transaction UID; UPS left IN PROGRESS"
+            return None
+        started = dt.datetime.now().replace(microsecond=0)
+        return ClaimedUps.claimed(self.journal, ups, step, transaction, started)
+
+    def _cancel_claim(self, claim: ClaimedUps, cancel: _Cancel) -> None:
+        LOG.warning("UPS %s will be canceled: %s", claim.uid, cancel.reason)
+        claim.stored = cancel.stored
+        claim.end_as("CANCELED", cancel.reason[:1024], cancel.cause, cancel.percent)
+
+    # -- the end of a claim: RO-21 and RO-25 ---------------------------------------------------
+
+    def _final_requests(self, claim: ClaimedUps) -> list[Dataset]:
+        """The N-SETs before the final N-ACTION: for CANCELED the progress item with the
+        coded reason, then RO-21's Performed Procedure Sequence with what was stored."""
+        requests = []
+        if claim.target == "CANCELED":
+            requests.append(
+                cancel_dataset(
+                    claim.transaction_uid,
+                    claim.record.progress,
+                    claim.record.reason,
+                    claim.record.cause or "device_error",
+                )
+            )
+        requests.append(
+            final_update_dataset(
+                claim.ups,
+                self.config.station,
+                claim.transaction_uid,
+                claim.started,
+                claim.stored,
+                self.config.archive.ae_title,
+                self.uids.reference_style,
+            )
+        )
+        own = ups_attributes.performer_missing(requests, claim.target)
+        if own:  # the table says this device builds its requests wrong: a defect, say so
+            LOG.error("UPS %s: the %s requests lack %s", claim.uid, claim.target, own)
+        return requests
+
+    def _finish(self, claim: ClaimedUps, outcome: UpsOutcome) -> UpsOutcome:
+        """Drives a claim to the final state it aims at, or journals it as pending.
+
+        A refusal is read (status and Error Comment) and answered by sending the final-state
+        attributes again before one more try: an N-SET lost to an aborted association is
+        the common cause. A UPS the TMS ended by itself is left as the TMS has it. Anything
+        else leaves the claim "final transition pending", retried by :meth:`settle` and by
+        the next process on the same data dir.
+        """
+        target = claim.target
+        outcome.stored = [str(ds.SOPInstanceUID) for ds in claim.stored]
+        why = ""
+        for attempt in range(2):
+            try:
+                refused = [
+                    status
+                    for ds in self._final_requests(claim)
+                    if (status := self.tms.n_set(claim.uid, ds)) != 0x0000
+                ]
+                if claim.state != "final_update_sent":
+                    claim.final_update_sent()
+                extra = None
+                if target == "CANCELED":  # seed RO-18 3.18.4.1: the reason goes with it too
+                    extra = Dataset()
+                    extra.ReasonForCancellation = claim.record.reason
+                reply = self.tms.change_state(claim.uid, target, claim.transaction_uid, extra)
+            except TmsUnavailable as exc:
+                return self._pending(claim, outcome, str(exc))
+            if reply.status == 0x0000:
+                return self._accepted(claim, outcome)
+            why = f"{target} refused (0x{reply.status:04X}" + (
+                f": {reply.comment})" if reply.comment else ")"
+            )
+            if refused:
+                why += f" after N-SET statuses {', '.join(f'0x{s:04X}' for s in refused)}"
+            held_as = self._state_at_tms(claim)
+            if held_as in ups_attributes.FINAL_STATES:
+                claim.journal.ended(claim.uid)
+                outcome.state = held_as
+                outcome.reason = f"{claim.record.reason}; the TMS ended it {held_as}".lstrip("; ")
+                return outcome
+            LOG.warning("UPS %s: %s (attempt %d)", claim.uid, why, attempt + 1)
+        return self._pending(claim, outcome, why)
+
+    def _accepted(self, claim: ClaimedUps, outcome: UpsOutcome) -> UpsOutcome:
+        target = claim.target
+        if target == "COMPLETED":
+            claim.accepted_completed()
         else:
-            self.metrics.ups_transition("COMPLETED")
-        self.journal.ended(uid)
+            claim.accepted_canceled()
+        self.metrics.ups_transition(target)
+        outcome.state = target
+        outcome.reason = claim.record.reason if target == "CANCELED" else outcome.reason
+        self._report_pending()
         return outcome
+
+    def _pending(self, claim: ClaimedUps, outcome: UpsOutcome, why: str) -> UpsOutcome:
+        LOG.error("UPS %s: final transition pending: %s", claim.uid, why)
+        claim.defer(why)
+        outcome.state = "FINAL PENDING"
+        before = f"{claim.record.reason}; " if claim.record.reason else ""
+        outcome.reason = f"{before}{claim.target} not yet accepted: {why}"
+        self._report_pending()
+        return outcome
+
+    def _state_at_tms(self, claim: ClaimedUps) -> str:
+        try:
+            reply = self.tms.n_get(claim.uid, ["ProcedureStepState", "ProcedureStepLabel"])
+        except TmsUnavailable:
+            return ""
+        return str((reply.dataset or Dataset()).get("ProcedureStepState", "") or "")
+
+    def _report_pending(self) -> None:
+        pending = [c for c in self.journal.open_claims() if c.state == "final_pending"]
+        self.metrics.set_final_pending(len(pending))
+
+    def pending_claims(self) -> list[Claim]:
+        """Claims whose final transition the TMS has not accepted yet."""
+        return [c for c in self.journal.open_claims() if c.state == "final_pending"]
+
+    def settle(self, window_s: float) -> list[UpsOutcome]:
+        """Retries the pending final transitions with backoff until none is left or
+        ``window_s`` has passed; returns the outcome of each claim that ended meanwhile."""
+        ended: list[UpsOutcome] = []
+        delays = iter(Backoff(window_s, 0.5, 10.0).delays(random.Random()))
+        while self.pending_claims():
+            pause = next(delays, None)
+            if pause is None:
+                break
+            time.sleep(pause)
+            ended += [o for o in self.resume_claims() if o.state != "FINAL PENDING"]
+        return ended
 
     # -- after a restart ---------------------------------------------------------------------
 
     def resume_claims(self) -> list[UpsOutcome]:
-        """Ends every UPS a previous process of this device left IN PROGRESS.
+        """Ends every UPS this device still holds: left IN PROGRESS by a killed process, or
+        whose final transition is pending.
 
         Work that was done and whose results the Archive holds is completed with them;
         anything else is canceled with the progress last reported and the results that
@@ -465,62 +609,81 @@ class PerformingDevice:
         outbox: it is not ended without them.
         """
         outcomes = []
-        for claim in self.journal.open_claims():
-            results = self.outbox.for_ups(claim.ups_uid)
+        for record in self.journal.open_claims():
+            results = self.outbox.for_ups(record.ups_uid)
             if self.outbox.pending(results):
-                LOG.warning("UPS %s: results still pending; ended later", claim.ups_uid)
+                LOG.warning("UPS %s: results still pending; ended later", record.ups_uid)
                 continue
-            outcomes.append(self._resume(claim, results))
+            outcomes.append(self._resume(ClaimedUps(record, self.journal), results))
         return outcomes
 
-    def _resume(self, claim: Claim, results: list[str]) -> UpsOutcome:
-        uid = claim.ups_uid
-        outcome = UpsOutcome(uid, claim.step, "", "SKIPPED")
+    def _resume(self, claim: ClaimedUps, results: list[str]) -> UpsOutcome:
+        outcome = UpsOutcome(claim.uid, claim.step, "", "FINAL PENDING")
         store = self.receiver.store
-        stored = [store.read(store.get(r), stop_before_pixels=True) for r in results]
-        started = dt.datetime.strptime(claim.started, "%Y%m%d%H%M%S")
-        with UpsConnection(
-            self.config.ae_title, self.config.tms, self.profile, self.config.network
-        ) as tms:
-            reply = tms.n_get(
-                uid,
-                [
-                    "ProcedureStepState",
-                    "ScheduledWorkitemCodeSequence",
-                    "PatientID",
-                    "ScheduledProcedureStepStartDateTime",
-                ],
-            )
-            ups = reply.dataset or Dataset()
-            state = str(ups.get("ProcedureStepState", "") or "")
-            if reply.status != 0x0000 or state != "IN PROGRESS":
-                outcome.reason = f"after a restart: the TMS has it {state or 'unknown'}"
-                self.journal.ended(uid)
-                return outcome
-            if claim.state == "performed":
-                outcome = self._complete(
-                    tms, ups, uid, claim.transaction_uid, started, stored, outcome
-                )
-                outcome.reason = outcome.reason or "completed after the device restarted"
-                return outcome
-            cancel = _Cancel(
-                f"the device restarted while performing the {claim.step}; "
-                "what was stored before is in the Output Information",
-                claim.progress,
-                stored,
-            )
-            if not stored:
-                try:
-                    cancel = self._cancel_from_journal(claim, outcome) or cancel
-                except _Cancel as not_taken:
-                    # The rebuilt record is spooled; the UPS is ended once it is stored.
-                    outcome.reason = not_taken.reason
-                    return outcome
-            outcome = self._cancel(tms, ups, uid, claim.transaction_uid, started, cancel, outcome)
-            # The session's later steps are not performed after this one was canceled.
-            key = actors.session_label(ups)
-            self.journal.session_stopped(key, claim.step, f"not started: {claim.step} canceled")
+        claim.stored = [store.read(store.get(r), stop_before_pixels=True) for r in results]
+        keys = [
+            "ProcedureStepState",
+            "ProcedureStepLabel",
+            "ScheduledWorkitemCodeSequence",
+            "PatientID",
+            "ScheduledProcedureStepStartDateTime",
+        ]
+        try:
+            reply = self.tms.n_get(claim.uid, keys)
+        except TmsUnavailable as exc:
+            outcome.reason = f"still held: {exc}"
             return outcome
+        ups = reply.dataset or Dataset()
+        state = str(ups.get("ProcedureStepState", "") or "")
+        outcome.label = str(ups.get("ProcedureStepLabel", "") or "")
+        if reply.status != 0x0000 or state != "IN PROGRESS":
+            claim.journal.ended(claim.uid)
+            outcome.state = state if state in ups_attributes.FINAL_STATES else "SKIPPED"
+            outcome.reason = f"after a restart: the TMS has it {state or 'unknown'}"
+            return outcome
+        ups.SOPInstanceUID = claim.uid
+        claim.ups = ups
+        if claim.state == "final_pending" or claim.record.target:
+            outcome.settled = True
+            return self._finish(claim, outcome)
+        if claim.state in ("results_stored", "final_update_sent"):
+            claim.end_as("COMPLETED")
+            outcome.reason = "completed after the device restarted"
+            return self._finish(claim, outcome)
+        cancel = _Cancel(
+            f"the device restarted while performing the {claim.step}; "
+            "what was stored before is in the Output Information",
+            claim.record.progress,
+            claim.stored,
+            cause="restart",
+        )
+        if not claim.stored:
+            try:
+                cancel = self._cancel_from_journal(claim.record, outcome) or cancel
+            except _Cancel as not_taken:
+                # The rebuilt record is spooled; the UPS is ended once it is stored.
+                outcome.reason = not_taken.reason
+                return outcome
+        # The session's later steps are not performed after this one was canceled.
+        self._withhold_rest(ups, claim.step, f"not started: {claim.step} canceled")
+        self._cancel_claim(claim, cancel)
+        return self._finish(claim, outcome)
+
+    def _withhold_rest(self, ups: Dataset, step: str, reason: str) -> None:
+        """Journals the later steps of ``ups``'s session on the worklist now as withheld."""
+        key = actors.session_key(ups)
+        try:
+            worklist = actors.select(self.config.kind, self.query_worklist())
+        except TmsUnavailable as exc:
+            LOG.warning("later steps of %s not looked up: %s", actors.session_label(ups), exc)
+            return
+        later = [
+            str(other.SOPInstanceUID)
+            for other_step, other in worklist
+            if actors.session_key(other) == key
+            and actors.STEP_ORDER.index(other_step) > actors.STEP_ORDER.index(step)
+        ]
+        self.journal.withhold(later, actors.session_label(ups), reason)
 
     def _cancel_from_journal(self, claim: Claim, outcome: UpsOutcome) -> _Cancel | None:
         """The record of a delivery the process died in, built from the beams the machine
@@ -573,75 +736,67 @@ class PerformingDevice:
         self.journal.session_saved(actors.session_label(ups), session.journal_state())
 
     def _do(
-        self,
-        step: str,
-        ups: Dataset,
-        held: dict[str, Dataset],
-        plan: Dataset | None,
-        instruction: Dataset | None,
-        session: _SessionState,
-        tms: UpsConnection,
-        uid: str,
-        transaction: str,
-        outcome: UpsOutcome,
-    ) -> tuple[list[Dataset], float]:
-        station = self.config.station
-        if step == "acquisition":
+        self, claim: ClaimedUps, inputs: _Inputs, session: _SessionState, outcome: UpsOutcome
+    ) -> float:
+        """Performs the claimed step; keeps what it stored on the claim; returns the progress.
+
+        Nothing here holds a TMS association: a CBCT or a beam takes as long as it takes.
+        """
+        station, ups = self.config.station, claim.ups
+        if claim.step == "acquisition":
             session.planning_ct = sorted(
-                (ds for ds in held.values() if ds.SOPClassUID == self.uids["ct_image"]),
+                (ds for ds in inputs.held.values() if ds.SOPClassUID == self.uids["ct_image"]),
                 key=lambda ds: float(ds.ImagePositionPatient[2]),
             )
             ctx = result_identity(ups, session.planning_ct)
             session.cbct = build_cbct_series(ctx, self.device.acquire("CBCT"), self.uids, station)
-            stored = self._store(session.cbct, "RO-22", uid)
+            claim.stored = self._store(session.cbct, "RO-22", claim.uid)
             self._session_done(ups, session)
-            return stored, 100.0
-        if step == "registration":
+            return 100.0
+        if claim.step == "registration":
             if not session.cbct or not session.planning_ct:
-                raise _Cancel("RO-23: no acquisition in this session to register")
+                raise _Cancel(
+                    "RO-23: no acquisition in this session to register", cause="refused_input"
+                )
             translation = rigid_translation(session.planning_ct, session.cbct)
             ctx = result_identity(ups, session.planning_ct)
             registration = build_registration(
                 ctx, session.planning_ct, session.cbct, translation, self.uids, station
             )
-            stored = self._store([registration], "RO-23", uid)
+            claim.stored = self._store([registration], "RO-23", claim.uid)
             session.translation = translation
             self._session_done(ups, session)
-            return stored, 100.0
-        if step == "adjustment":
+            return 100.0
+        if claim.step == "adjustment":
             if session.translation is None:
                 # Moving the couch by nothing would leave the patient where the CBCT showed
                 # them to be off: no correction known, no adjustment.
-                raise _Cancel("no registration in this session: the couch correction is unknown")
+                raise _Cancel(
+                    "no registration in this session: the couch correction is unknown",
+                    cause="refused_input",
+                )
             shift = session.translation
             self.device.move_couch(CouchCorrection(translation=tuple(-s for s in shift)))
-            return [], 100.0
-        return self._deliver(ups, held, plan, instruction, tms, uid, transaction, outcome)
+            return 100.0
+        return self._deliver(claim, inputs, outcome)
 
-    def _deliver(
-        self,
-        ups: Dataset,
-        held: dict[str, Dataset],
-        plan: Dataset,
-        instruction: Dataset,
-        tms: UpsConnection,
-        uid: str,
-        transaction: str,
-        outcome: UpsOutcome,
-    ) -> tuple[list[Dataset], float]:
+    def _deliver(self, claim: ClaimedUps, inputs: _Inputs, outcome: UpsOutcome) -> float:
+        plan, instruction, ups = inputs.plan, inputs.instruction, claim.ups
         tasks = beam_tasks(plan, instruction)
         planned = sum(t.program.stop_meterset - t.program.start_meterset for t in tasks)
         done: dict[int, float] = {}
 
         def beam_started(task: BeamTask) -> None:
             percent = sum(done.values()) / planned * 100 if planned else 0.0
-            self._progress(tms, uid, transaction, percent, task.program.beam_number)
+            self._progress(claim, percent, task.program.beam_number)
             if self.on_beam_start:
                 self.on_beam_start(task)
 
         session_start = dt.datetime.now().replace(microsecond=0)
         previous = [
-            ds for ds in held.values() if ds.SOPClassUID == self.uids["rt_beams_treatment_record"]
+            ds
+            for ds in inputs.held.values()
+            if ds.SOPClassUID == self.uids["rt_beams_treatment_record"]
         ]
         context = DeliveryContext(
             plan_uid=str(plan.SOPInstanceUID),
@@ -660,13 +815,13 @@ class PerformingDevice:
                 for t in tasks
             ],
         )
-        self.journal.delivery_started(uid, context)
+        self.journal.delivery_started(claim.uid, context)
         delivery = SessionDelivery(
             self.device,
             tasks,
             self.on_event,
             beam_started,
-            on_delivered=lambda d: self.journal.delivered(uid, d.so_far()),
+            on_delivered=lambda d: self.journal.delivered(claim.uid, d.so_far()),
         )
         result = delivery.run()
         for beam in result.beams:
@@ -678,12 +833,17 @@ class PerformingDevice:
         percent = round(result.delivered / planned * 100, 2) if planned else 0.0
         if result.interrupted:
             # RO-26: progress before the results are stored, then the record, then cancel.
-            self._progress(tms, uid, transaction, percent, None)
-            stored = self._store([record], "RO-24", uid, percent)
+            self._progress(claim, percent, None)
+            stored = self._store([record], "RO-24", claim.uid, percent)
+            cause = "operator_hold" if result.termination == "OPERATOR" else "interlock"
             raise _Cancel(
-                f"{result.termination} termination: {result.reason or 'beam hold'}", percent, stored
+                f"{result.termination} termination: {result.reason or 'beam hold'}",
+                percent,
+                stored,
+                cause=cause,
             )
-        return self._store([record], "RO-24", uid, percent), 100.0
+        claim.stored = self._store([record], "RO-24", claim.uid, percent)
+        return 100.0
 
     def _record(
         self,
@@ -775,65 +935,24 @@ class PerformingDevice:
     def _report_backlog(self) -> None:
         self.metrics.set_backlog(len(self.outbox.pending()))
 
-    def _progress(
-        self, tms: UpsConnection, uid: str, transaction: str, percent: float, beam: int | None
-    ) -> None:
-        """RO-26: progress, and the Referenced Beam Number in Progress when there is one."""
-        ds = progress_dataset(self.profile, transaction, percent, beam)
-        status = tms.n_set(uid, ds)
+    def _progress(self, claim: ClaimedUps, percent: float, beam: int | None) -> None:
+        """RO-26: progress, and the Referenced Beam Number in Progress when there is one.
+
+        A TMS that cannot be reached right now does not stop the work (the final update
+        will tell it everything); a TMS that refuses the update does: it no longer has the
+        UPS IN PROGRESS for this device.
+        """
+        ds = progress_dataset(self.profile, claim.transaction_uid, percent, beam)
+        try:
+            status = self.tms.n_set(claim.uid, ds, patient=False)
+        except TmsUnavailable as exc:
+            LOG.warning("RO-26 progress %.0f %% not reported: %s", percent, exc)
+            status = 0x0000
         if status != 0x0000:
-            raise _Cancel(f"RO-26: progress update refused (0x{status:04X})", percent)
-        self.journal.progress(uid, percent)
-
-    def _final_update(
-        self,
-        tms: UpsConnection,
-        ups: Dataset,
-        uid: str,
-        transaction: str,
-        started: dt.datetime,
-        stored: list[Dataset],
-    ) -> int:
-        """RO-21: the Performed Procedure Sequence, Output Information = exactly what was stored."""
-        ds = final_update_dataset(
-            ups,
-            self.config.station,
-            transaction,
-            started,
-            stored,
-            self.config.archive.ae_title,
-            self.uids.reference_style,
-        )
-        return tms.n_set(uid, ds)
-
-    def _cancel(
-        self,
-        tms: UpsConnection,
-        ups: Dataset,
-        uid: str,
-        transaction: str,
-        started: dt.datetime,
-        cancel: _Cancel,
-        outcome: UpsOutcome,
-    ) -> UpsOutcome:
-        """RO-25 CANCELED with the reason and the progress reached (seed RO-18)."""
-        LOG.warning("UPS %s canceled: %s", uid, cancel.reason)
-        reason = cancel.reason[:1024]
-        ds = cancel_dataset(transaction, cancel.percent, reason)
-        tms.n_set(uid, ds)
-        self._final_update(tms, ups, uid, transaction, started, cancel.stored)
-        extra = Dataset()
-        extra.ReasonForCancellation = reason
-        reply = tms.change_state(uid, "CANCELED", transaction, extra)
-        outcome.state = "CANCELED" if reply.status == 0 else "FAILED"
-        self.journal.ended(uid)
-        if reply.status == 0:
-            self.metrics.ups_transition("CANCELED")
-        outcome.reason = (
-            reason if reply.status == 0 else (f"{reason}; CANCELED refused (0x{reply.status:04X})")
-        )
-        outcome.stored = [str(ds.SOPInstanceUID) for ds in cancel.stored]
-        return outcome
+            raise _Cancel(
+                f"RO-26: progress update refused (0x{status:04X})", percent, cause="tms_request"
+            )
+        claim.progressed(percent)
 
 
 # -- the datasets of each message, shared with the scenario runner ----------------------------
@@ -928,14 +1047,14 @@ def final_update_dataset(
     return ds
 
 
-def cancel_dataset(transaction: str | None, percent: float, reason: str) -> Dataset:
-    """RO-25 before CANCELED: the progress reached, when, and why (seed RO-18 3.18.4.1)."""
+def cancel_dataset(transaction: str | None, percent: float, reason: str, cause: str) -> Dataset:
+    """RO-25 before CANCELED: the progress reached, when, why in words (seed RO-18
+    3.18.4.1) and why as a CID 9300 code: the Final State X attributes of PS3.4 Table
+    CC.2.5-3, which the Change State request itself cannot carry."""
     ds = Dataset()
     if transaction is not None:
         ds.TransactionUID = transaction
-    info = Dataset()
-    info.ProcedureStepProgress = round(min(max(percent, 0.0), 100.0), 2)
-    info.ProcedureStepCancellationDateTime = _dt(dt.datetime.now())
-    info.ReasonForCancellation = reason[:1024]
-    ds.ProcedureStepProgressInformationSequence = Sequence([info])
+    ds.ProcedureStepProgressInformationSequence = Sequence(
+        [ups_attributes.cancellation_item(percent, reason[:1024], cause)]
+    )
     return ds

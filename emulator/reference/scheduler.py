@@ -14,12 +14,14 @@ import datetime as dt
 import io
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from copy import deepcopy
+from dataclasses import dataclass, replace
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
+from emulator import ups_attributes
 from emulator.profile import Code, Profile, load_yaml, workitem_codes
 from emulator.reference.ups_store import SessionRecord, UpsRecord, UpsStore
 from emulator.store import ObjectStore, StoredInstance
@@ -150,9 +152,13 @@ class Scheduler:
         ]
 
     def _store_at_tms(self, ds: Dataset) -> InstanceReference:
-        """Keeps a transient object (instruction, record copy) for RO-20 retrieval."""
-        encoded = _encode_part10(ds)
-        outcome: StoreOutcome = self.tms_store.put(encoded, admit(encoded), calling_ae="tms")
+        """Keeps a transient object (instruction, record copy) for RO-20 retrieval; one the
+        TMS holds already (a record a rescheduled session needs again) is kept as it is."""
+        if self.tms_store.get(str(ds.SOPInstanceUID)) is None:
+            encoded = _encode_part10(ds)
+            outcome: StoreOutcome = self.tms_store.put(encoded, admit(encoded), calling_ae="tms")
+        else:
+            outcome = StoreOutcome(0)
         if outcome.status != 0:
             raise SchedulingError(f"TMS store refused {ds.SOPInstanceUID}: {outcome.comment}")
         return InstanceReference(
@@ -375,6 +381,100 @@ class Scheduler:
             start,
             session.fraction_number,
             continuation=outcome,
+            continues_session=session.session_id,
+            extra_tms_inputs=records,
+        )
+
+    # -- after a canceled step -------------------------------------------------------------
+
+    def end_session_after(
+        self,
+        canceled: UpsRecord,
+        find_object: Callable[[str], Dataset | None],
+        reschedule: bool,
+    ) -> str | None:
+        """Ends the SCHEDULED steps left in the canceled step's session and, if
+        ``reschedule``, schedules the session's work again as a new session.
+
+        A session whose positioning step was canceled cannot go on: delivering on a
+        position nobody verified is not safe. Its later steps are CANCELED with a coded
+        reason (CID 9300), so no device finds them and no UPS stays SCHEDULED for a session
+        that can no longer run. Returns the new session's id, if one was scheduled.
+        """
+        session = self.ups.session(canceled.session_id)
+        if session is None:
+            return None
+        cause = "rescheduled" if reschedule else "rescheduling_recommended"
+        reason = f"the session's {canceled.step} ended CANCELED"
+        ended = self.cancel_scheduled(session.session_id, reason, cause, after=canceled.step)
+        new_session = self._schedule_again(session, find_object) if reschedule else None
+        note = f"{reason}; {len(ended)} later step(s) canceled; " + (
+            f"scheduled again as session {new_session}" if new_session else "needs rescheduling"
+        )
+        self.ups.set_session_note(session.session_id, note)
+        LOG.info("session %s: %s", session.session_id, note)
+        return new_session
+
+    def cancel_scheduled(
+        self, session_id: str, reason: str, cause: str, after: str = ""
+    ) -> list[str]:
+        """Ends the SCHEDULED UPS of a session that come after step ``after`` (all, if
+        none is named) as CANCELED, meeting the final-state table (progress, cancellation
+        date-time and a CID 9300 code)."""
+        ended = []
+        order = list(STEP_OFFSETS)
+        for record in self.ups.select("session_id = ? AND state = 'SCHEDULED'", [session_id]):
+            if after and order.index(record.step) <= order.index(after):
+                continue
+
+            def decide(current: UpsRecord | None) -> UpsRecord | None:
+                if current is None or current.state != "SCHEDULED":
+                    return None
+                after = deepcopy(current.dataset)
+                after.ProcedureStepState = "CANCELED"
+                after.ProcedureStepProgressInformationSequence = Sequence(
+                    [ups_attributes.cancellation_item(0.0, reason, cause)]
+                )
+                return replace(current, state="CANCELED", dataset=after)
+
+            if self.ups.transition(record.sop_instance_uid, decide) is not None:
+                ended.append(record.sop_instance_uid)
+        return ended
+
+    def _schedule_again(
+        self, session: SessionRecord, find_object: Callable[[str], Dataset | None]
+    ) -> str:
+        """The same fraction as a new session: the same continuation ranges and previous
+        records for a CONTINUATION session, a whole fraction for a TREATMENT one."""
+        delivery = self.ups.select("session_id = ? AND step = 'delivery'", [session.session_id])
+        refs = (
+            references_in(delivery[0].dataset.get("InputInformationSequence", []))
+            if (delivery)
+            else []
+        )
+        uids = self.profile.sop_classes
+        records = [
+            ds
+            for ref in refs
+            if ref.sop_class_uid == uids["rt_beams_treatment_record"]
+            and (ds := find_object(ref.sop_instance_uid))
+        ]
+        continuation = None
+        if session.delivery_type == "CONTINUATION":
+            instruction = next(
+                ds
+                for ref in refs
+                if ref.sop_class_uid == uids["rt_beams_delivery_instruction"]
+                and (ds := find_object(ref.sop_instance_uid))
+            )
+            _, plan = self._archived(session.plan_uid)
+            continuation = continuation_for(plan, instruction, [])
+        return self.schedule_session(
+            session.plan_uid,
+            session.station_code,
+            dt.datetime.now().replace(microsecond=0) + dt.timedelta(minutes=1),
+            session.fraction_number,
+            continuation=continuation,
             continues_session=session.session_id,
             extra_tms_inputs=records,
         )

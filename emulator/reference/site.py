@@ -35,6 +35,7 @@ class SiteConfig:
     uid_set: str = "final"
     seed_options: SeedOptions = field(default_factory=SeedOptions)
     network: NetworkSettings = field(default_factory=NetworkSettings)
+    refuse_canceled: int = 0  # TmsConfig.refuse_canceled: fault injection for tests
 
 
 class ReferenceSite:
@@ -69,6 +70,7 @@ class ReferenceSite:
                 edition=config.edition,
                 uid_set=config.uid_set,
                 network=config.network,
+                refuse_canceled=config.refuse_canceled,
             ),
             self.archive.store,
             config.archive_ae_title,

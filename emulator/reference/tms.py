@@ -9,6 +9,7 @@ scheduled from the treatment record the device stored.
 from __future__ import annotations
 
 import logging
+import threading
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from emulator import ups_attributes
 from emulator.metrics import Metrics, default_metrics
 from emulator.net.ae_factory import NetworkSettings, make_ae
 from emulator.net.peers import Peer, PeerDirectory, calling_allow_list
@@ -53,8 +55,7 @@ STATUS_INVALID_ATTRIBUTE = 0x0106
 STATUS_NO_SUCH_ACTION = 0x0123
 ACTION_CHANGE_STATE = 1
 ACTION_REQUEST_CANCEL = 2
-# Attributes a performer may send with a cancel (seed RO-18: the reason goes with it).
-CANCEL_EXTRAS = ("ReasonForCancellation", "ProcedureStepProgressInformationSequence")
+REFUSE_ALWAYS = -1
 
 
 @dataclass
@@ -69,6 +70,9 @@ class TmsConfig:
     edition: str = DEFAULT_EDITION
     uid_set: str = DEFAULT_UID_SET
     network: NetworkSettings = field(default_factory=NetworkSettings)
+    # Fault injection, for testing performers: refuse this many CANCELED transitions that
+    # would be accepted (REFUSE_ALWAYS: every one) with C304 and a comment saying so.
+    refuse_canceled: int = 0
 
     def calling_allow_list(self) -> list[str] | None:
         return calling_allow_list(self.peers, self.allowed_callers, self.accept_any_ae)
@@ -111,6 +115,8 @@ class TmsServer(ServedAE):
             station_names,
         )
         self.continuations: list[str] = []
+        self._refusals_left = config.refuse_canceled
+        self._refusal_lock = threading.Lock()
 
     def build(self) -> tuple[AE, list]:
         uids = self.profile.sop_classes
@@ -227,16 +233,15 @@ class TmsServer(ServedAE):
             if current is None:
                 outcome["status"] = ups_rules.ups_rules()["change_state"]["unknown_instance"]
                 return None
-            after = deepcopy(current.dataset)
-            if requested == "CANCELED":
-                for keyword in CANCEL_EXTRAS:
-                    if keyword in info:
-                        after[keyword] = deepcopy(info[keyword])
+            after = ups_rules.with_change_state_extras(current.dataset, info, requested)
             decision = ups_rules.change_state(
                 current.state, requested, sent_uid, current.transaction_uid, after
             )
             outcome.update(status=decision.status, comment=decision.comment, state=current.state)
             if decision.status != 0 or decision.to_state is None:
+                return None
+            if decision.to_state == "CANCELED" and self._inject_refusal():
+                outcome.update(status=0xC304, comment="refused by fault injection")
                 return None
             transaction_uid = current.transaction_uid
             if decision.record_uid:
@@ -272,9 +277,18 @@ class TmsServer(ServedAE):
         progress = final.get("ProcedureStepProgressInformationSequence") if final else None
         if progress:
             reply.ProcedureStepProgressInformationSequence = deepcopy(progress)
-        if updated is not None and updated.state == "CANCELED" and updated.step == "delivery":
-            self._continue_after(updated)
+        if updated is not None and updated.state == "CANCELED":
+            self._after_canceled(updated, performed=True)
         return status_dataset(status), reply
+
+    def _inject_refusal(self) -> bool:
+        with self._refusal_lock:
+            if self._refusals_left == REFUSE_ALWAYS:
+                return True
+            if self._refusals_left > 0:
+                self._refusals_left -= 1
+                return True
+            return False
 
     def _request_cancel(self, uid: str, info: Dataset) -> tuple[Dataset, Dataset | None]:
         outcome: dict = {}
@@ -291,12 +305,10 @@ class TmsServer(ServedAE):
             state = current.state
             if decision.to_state:
                 state = after.ProcedureStepState = decision.to_state
-                progress = Dataset()
-                progress.ProcedureStepProgress = 0
-                progress.ProcedureStepCancellationDateTime = now_dt()
                 reason = str(info.get("ReasonForCancellation", "") or "canceled by request")
-                after.ReasonForCancellation = reason
-                after.ProcedureStepProgressInformationSequence = Sequence([progress])
+                after.ProcedureStepProgressInformationSequence = Sequence(
+                    [ups_attributes.cancellation_item(0.0, reason, "tms_request")]
+                )
             return UpsRecord(
                 current.sop_instance_uid,
                 current.session_id,
@@ -307,18 +319,29 @@ class TmsServer(ServedAE):
                 after,
             )
 
-        self.ups.transition(uid, decide)
+        updated = self.ups.transition(uid, decide)
         status = int(outcome["status"])
+        if updated is not None and updated.state == "CANCELED":
+            self._after_canceled(updated, performed=False)
         return status_dataset(status), None
 
-    def _continue_after(self, canceled: UpsRecord) -> None:
+    def _after_canceled(self, canceled: UpsRecord, performed: bool) -> None:
+        """What becomes of a session once one of its steps ended CANCELED (docs/tms.md).
+
+        Its later SCHEDULED steps can no longer run in that session: they are ended too,
+        with a coded reason. A delivery canceled part-way is continued from its record; a
+        positioning step canceled by its performer is scheduled again as a new session; a
+        step canceled by request before it started is left for the operator to reschedule.
+        """
         try:
-            session_id = self.scheduler.schedule_continuation(canceled, self._find_object)
-        except Exception:  # a continuation failure must never undo the accepted cancel
-            LOG.exception("could not schedule the continuation of %s", canceled.session_id)
-            return
-        if session_id:
-            self.continuations.append(session_id)
+            if canceled.step == "delivery":
+                session_id = self.scheduler.schedule_continuation(canceled, self._find_object)
+                if session_id:
+                    self.continuations.append(session_id)
+                return
+            self.scheduler.end_session_after(canceled, self._find_object, reschedule=performed)
+        except Exception:  # what follows must never undo the accepted cancel
+            LOG.exception("could not follow up the canceled UPS %s", canceled.sop_instance_uid)
 
     def _find_object(self, sop_instance_uid: str) -> Dataset | None:
         for store in (self.store, self.archive_store):

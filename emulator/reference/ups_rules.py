@@ -2,17 +2,21 @@
 
 The table is data, so the code here only looks rows up: which status a request gets in the
 current state, whether the Transaction UID is right, and whether the final-state
-requirements are met. Nothing here touches the network or the database.
+requirements of PS3.4 Table CC.2.5-3 (``profiles/ups_attributes.yaml``) are met. Nothing
+here touches the network or the database.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
 
+from emulator import ups_attributes
 from emulator.profile import load_yaml
 
 
@@ -32,29 +36,38 @@ class Decision:
     comment: str = ""
 
 
-def _has(ds: Dataset, path: str, allow_empty: bool = False) -> bool:
-    """True if every item along a '>'-separated path holds the attribute (with a value)."""
-    keyword, _, rest = path.partition(">")
-    if keyword not in ds:
-        return False
-    element = ds[keyword]
-    if rest:
-        items = element.value or []
-        return bool(items) and all(_has(item, rest, allow_empty) for item in items)
-    if allow_empty:
-        return True
-    return element.value not in (None, "", [])
+def missing_final_state(
+    ds: Dataset, target: str, judged: Callable[[str], bool] | None = None
+) -> list[str]:
+    """The Final State requirements (PS3.4 Table CC.2.5-3) ``ds`` does not meet for the
+    final state ``target`` (COMPLETED or CANCELED), as '>'-joined attribute paths.
+
+    ``judged`` narrows the answer to the paths an observer can know about (the conformance
+    suite sees only the attributes that crossed the wire).
+    """
+    missing = ups_attributes.missing_for_final_state(ds, target)
+    return [path for path in missing if judged is None or judged(path)]
 
 
-def missing_final_state(ds: Dataset, target: str) -> list[str]:
-    """The final-state requirements for ``target`` ('completed'/'canceled') not yet met."""
-    rule = ups_rules()["final_state_requirements"][target]
-    missing = [p for p in rule.get("present", []) if not _has(ds, p)]
-    missing += [p for p in rule.get("present_may_be_empty", []) if not _has(ds, p, True)]
-    one_of = rule.get("one_of") or []
-    if one_of and not any(_has(ds, p) for p in one_of):
-        missing.append(" or ".join(one_of))
-    return missing
+def with_change_state_extras(ups: Dataset, info: Dataset, requested_state: str) -> Dataset:
+    """The UPS as a Change State request leaves it before the final-state check.
+
+    PS3.4 CC.2.1.2 gives the request only the state and the Transaction UID, so nothing in
+    it can meet a final-state requirement. The seed (RO-18 3.18.4.1) adds the Reason For
+    Cancellation to a CANCELED request: it is kept in the progress item, where the UPS IOD
+    holds it, and only if the performer's N-SET did not give one.
+    """
+    after = deepcopy(ups)
+    reason = str(info.get("ReasonForCancellation", "") or "")
+    items = after.get("ProcedureStepProgressInformationSequence") or []
+    if (
+        requested_state == "CANCELED"
+        and reason
+        and items
+        and not items[0].get("ReasonForCancellation")
+    ):
+        items[0].ReasonForCancellation = reason[:10240]
+    return after
 
 
 def change_state(
@@ -63,10 +76,12 @@ def change_state(
     sent_uid: str,
     recorded_uid: str,
     final_ready: Dataset | None = None,
+    judged: Callable[[str], bool] | None = None,
 ) -> Decision:
     """One cell of PS3.4 Table CC.1.1-2 for an existing UPS.
 
-    ``final_ready`` is the UPS as it would be after this request, for the final-state check.
+    ``final_ready`` is the UPS as it would be after this request, for the final-state check;
+    ``judged`` as in :func:`missing_final_state`.
     """
     table = ups_rules()["change_state"]
     if requested_state not in ups_rules()["states"]:
@@ -82,11 +97,12 @@ def change_state(
     requires = cell.get("requires")
     if status == 0 and requires:
         missing = missing_final_state(
-            final_ready if final_ready is not None else Dataset(), requires
+            final_ready if final_ready is not None else Dataset(), requested_state, judged
         )
         if missing:
             return Decision(
-                table["not_final_state_ready"], comment=("missing " + ", ".join(missing))[:64]
+                table["not_final_state_ready"],
+                comment=ups_attributes.final_state_comment(missing),
             )
     return Decision(status, cell.get("to"), bool(cell.get("record_uid")))
 
@@ -114,4 +130,5 @@ def n_set_forbidden(modifications: Dataset) -> list[str]:
 
 
 def never_returned() -> set[str]:
-    return set(ups_rules()["never_returned"])
+    """What N-GET and C-FIND never return (the table's N-GET type "Not allowed")."""
+    return ups_attributes.never_returned()
