@@ -258,3 +258,53 @@ def test_each_mutant_tms_fails_and_the_broken_rule_is_named(mutant, tmp_path, ca
         s["rule"] for s in data["scenarios"][0]["steps"] if not s["ok"]
     }
     assert rule in named
+
+
+def test_a_request_the_suite_built_wrong_is_a_suite_error_not_a_tms_finding(
+    tmp_path, capsys, monkeypatch
+):
+    """The suite checks its own N-SETs against PS3.4 Table CC.2.5-3 before a final
+    transition it expects to succeed: a cancellation without its coded reason (Final State
+    X) is the suite's fault, reported as a JUnit error, with no rule held against the TMS."""
+    from emulator.conformance import scenarios as runner
+
+    built = runner.cancel_dataset
+
+    def without_code(*args):
+        ds = built(*args)
+        del ds.ProcedureStepProgressInformationSequence[
+            0
+        ].ProcedureStepDiscontinuationReasonCodeSequence
+        return ds
+
+    monkeypatch.setattr(runner, "cancel_dataset", without_code)
+    devices = _devices()
+    site = ReferenceSite(
+        SiteConfig(
+            data_dir=tmp_path / "site",
+            tms_port=0,
+            archive_port=0,
+            peers=devices,
+            seed_options=SMALL,
+        )
+    )
+    name = "operator-cancel-before-beam-on"
+    scenario = next(s for s in load_scenarios() if s.name == name)
+    site.seed(scenario.station, 1)
+    addresses = site.start()
+    try:
+        tms = Peer("TMS", "127.0.0.1", addresses["TMS"][1])
+        archive = Peer("ARCHIVE", "127.0.0.1", addresses["ARCHIVE"][1])
+        code = _run_cli(tms, archive, devices, tmp_path / "report", "--only", name)
+    finally:
+        site.stop()
+    out = capsys.readouterr().out
+    assert code == 1, out
+    data = json.loads((tmp_path / "report" / "conformance.json").read_text())
+    (result,) = data["scenarios"]
+    assert result["error"].startswith("suite error:")
+    assert "ProcedureStepDiscontinuationReasonCodeSequence" in result["error"]
+    assert result["findings"] == []
+    junit = ET.parse(tmp_path / "report" / "conformance-junit.xml").getroot()
+    errors = [e.get("message", "") for e in junit.findall(".//error")]
+    assert any("suite error" in e for e in errors), errors

@@ -40,7 +40,9 @@ def test_tms_killed_and_restarted_mid_session_leaves_no_session_half_alive(tmp_p
             site.kill()
             site = start_site(site_dir, device_port, 0, ports=ports)
             out, err = device.communicate(timeout=300)
-            runs.append((subprocess.CompletedProcess(command, device.returncode, out, err), kill_at))
+            runs.append(
+                (subprocess.CompletedProcess(command, device.returncode, out, err), kill_at)
+            )
             assert "Traceback" not in out + err, err[-3000:]
             assert (report_dir / "run-report.json").is_file(), (kill_at, err[-2000:])
             assert (report_dir / "dimse-traffic.jsonl").is_file()

@@ -86,6 +86,12 @@ def write_junit(results: list[ScenarioResult], book: RuleBook, path: Path) -> Pa
                     message=f"{step.rule}: expected {step.expected}, observed {step.observed}",
                 )
                 failure.text = f"{step.message}\nrule {step.rule}: {_rule_text(book, step.rule)}"
+        if result.error:
+            case = ET.SubElement(
+                suite, "testcase", classname=f"{result.scenario.name}.suite", name="suite"
+            )
+            cases += 1
+            ET.SubElement(case, "error", message=result.error[:500]).text = result.error
         by_rule: dict[str, list[Finding]] = defaultdict(list)
         for finding in result.findings:
             by_rule[finding.rule].append(finding)

@@ -20,6 +20,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from emulator import ups_attributes
 from emulator.conformance.message_rules import (
     CheckContext,
     check_traffic,
@@ -97,6 +98,11 @@ class StepFailed(Exception):
     """A step could not even be carried out (the TMS refused the association, ...)."""
 
 
+class SuiteError(Exception):
+    """The suite's own request broke PS3.4 Table CC.2.5-3: whatever the TMS answered says
+    nothing about the TMS, so the scenario reports an error and holds no finding."""
+
+
 def _status_text(status: int | None) -> str:
     return "none" if status is None else f"0x{status:04X}"
 
@@ -146,6 +152,13 @@ class ScenarioRunner:
             t0 = time.monotonic()
             try:
                 ok, expected, observed, message = self._step(state, step)
+            except SuiteError as exc:
+                result.error = f"suite error: {exc}"
+                result.steps.append(
+                    StepResult(index, step["action"], step.get("rule", ""), False,
+                               str(step.get("expect", "")), "suite error", 0.0, str(exc))
+                )  # fmt: skip
+                break
             except (StepFailed, DimseError, OSError, RuntimeError, ValueError) as exc:
                 ok, expected, observed = False, str(step.get("expect", "")), "error"
                 message = f"{type(exc).__name__}: {exc}"
@@ -171,6 +184,8 @@ class ScenarioRunner:
         )
         messages = [m for m in self.recorder.since(result.first_seq) if m.seq <= result.last_seq]
         result.findings = check_traffic(self.recorder, context, messages=messages)
+        if result.error:
+            result.findings = []  # the suite was wrong: nothing it saw is held against the TMS
         for finding in result.findings:
             if finding.rule in scenario.expected_findings:
                 finding.expected = True
@@ -323,11 +338,13 @@ class ScenarioRunner:
         ds = progress_dataset(
             self.profile, self._transaction(state, step), float(step.get("percent", 0)), None
         )
-        return self._n_set_step(ups, ds, expect)
+        return self._n_set_step(ups, ds, expect, state)
 
-    def _n_set_step(self, ups: Dataset, ds: Dataset, expect: dict):
+    def _n_set_step(self, ups: Dataset, ds: Dataset, expect: dict, state: _ScenarioState):
         with self._connection() as tms:
             status = tms.n_set(str(ups.SOPInstanceUID), ds)
+        if status == 0x0000:
+            state.sent.setdefault(str(ups.SOPInstanceUID), []).append(ds)
         ok, wanted, observed = self._judge_status(expect, status)
         return ok, wanted, observed, ""
 
@@ -342,7 +359,7 @@ class ScenarioRunner:
             self.config.archive.ae_title,
             self.profile.sop_classes.reference_style,
         )
-        return self._n_set_step(ups, ds, expect)
+        return self._n_set_step(ups, ds, expect, state)
 
     def _do_change_state(self, state: _ScenarioState, step: dict, expect: dict):
         ups = self._ups_of(state, step)
@@ -362,8 +379,11 @@ class ScenarioRunner:
                 )
                 set_status = tms.n_set(uid, request)
                 note = f"N-SET of the cancellation info: {_status_text(set_status)}"
+                if set_status == 0x0000:
+                    state.sent.setdefault(uid, []).append(request)
                 extra = Dataset()
                 extra.ReasonForCancellation = reason
+            self._check_own_requests(state, uid, target, expect, transaction)
             reply = tms.change_state(uid, target, transaction or "", extra)
         ok, wanted, observed = self._judge_status(expect, reply.status)
         answer = reply.dataset or Dataset()
@@ -378,6 +398,22 @@ class ScenarioRunner:
             ok = ok and progress is not None and float(progress) == float(expect["reply_progress"])
         observed += f", reply state {echoed or 'absent'}, progress {progress}"
         return ok, wanted, observed, note
+
+    @staticmethod
+    def _check_own_requests(
+        state: _ScenarioState, uid: str, target: str, expect: dict, transaction: str | None
+    ) -> None:
+        """Before a final transition the suite expects to succeed, its own N-SETs must hold
+        what Table CC.2.5-3 makes the performer owe; if not, the suite is at fault."""
+        wanted = expect.get("status", SUCCESS)
+        if target not in ups_attributes.FINAL_STATES or wanted != SUCCESS or not transaction:
+            return
+        missing = ups_attributes.performer_missing(state.sent.get(uid, []), target)
+        if missing:
+            raise SuiteError(
+                f"the suite's N-SETs before {target} lack {', '.join(missing)} "
+                f"({ups_attributes.reference()}); fix the scenario, not the TMS"
+            )
 
     def _do_get_state(self, state: _ScenarioState, step: dict, expect: dict):
         ups = self._ups_of(state, step)
@@ -480,6 +516,7 @@ class _ScenarioState:
         self.ups: dict[str, Dataset] = {}
         self.claims: dict[tuple[str, str], str] = {}
         self.started: dict[str, dt.datetime] = {}
+        self.sent: dict[str, list[Dataset]] = {}  # accepted N-SETs per UPS, in order
         self.outcomes: list[UpsOutcome] = []
         self.plans: dict[str, Dataset] = {}
 

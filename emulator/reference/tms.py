@@ -411,15 +411,12 @@ class TmsServer(ServedAE):
 
 
 def _finalise(ups: Dataset, state: str) -> None:
-    """What the TMS records itself when a UPS reaches a final state."""
-    if state not in ups_rules.ups_rules()["final_states"]:
+    """What the TMS records itself when a UPS reaches COMPLETED: 100 % progress. (A
+    CANCELED UPS already holds what Final State X requires, or it was refused.)"""
+    if state != "COMPLETED":
         return
     items = ups.get("ProcedureStepProgressInformationSequence") or Sequence([Dataset()])
-    progress = items[0]
-    if state == "COMPLETED":
-        progress.ProcedureStepProgress = 100
-    elif state == "CANCELED" and "ProcedureStepCancellationDateTime" not in progress:
-        progress.ProcedureStepCancellationDateTime = now_dt()
+    items[0].ProcedureStepProgress = 100
     ups.ProcedureStepProgressInformationSequence = Sequence(list(items))
 
 
