@@ -313,3 +313,35 @@ def test_operator_interrupt_cancels_with_operator_termination(lab):
     assert beam.TreatmentTerminationStatus == "OPERATOR"
     assert float(beam.DeliveredPrimaryMeterset) == pytest.approx(held_at[0])
     assert len(site.tms.continuations) == 1
+
+
+def test_a_device_error_between_beams_stores_what_the_earlier_beams_delivered(lab):
+    """The gantry sticks after beam 1: nothing is on when the axis check fails before beam
+    2, but beam 1's dose was given. The record of it is stored before the UPS is canceled,
+    with the progress it is, so the TMS continues with exactly the beams left."""
+    site, devices = lab(("tdd",))
+    device = devices["tdd"]
+
+    def stick_after_first(task):
+        if task.program.beam_number == 1:
+            device.device.axis_faults["gantry"] = 5.0  # set and verify fails from now on
+
+    device.on_beam_start = stick_after_first
+    (outcome,) = device.run_once()
+    assert outcome.state == "CANCELED" and "device error before beam 2" in outcome.reason
+    assert list(outcome.delivered) == [1] and outcome.delivered[1] > 0
+    (stored,) = outcome.stored
+    record = site.archive.store.read(site.archive.store.get(stored))
+    (beam,) = record.TreatmentSessionBeamSequence
+    assert int(beam.ReferencedBeamNumber) == 1
+    assert beam.TreatmentTerminationStatus == "NORMAL"
+    assert float(beam.DeliveredPrimaryMeterset) == pytest.approx(outcome.delivered[1])
+    # The record names the machine as it identified itself (profiles/machines/linac.yaml).
+    identity = device.device.identify()
+    assert (record.Manufacturer, record.DeviceSerialNumber) == (identity.vendor, identity.serial)
+    canceled = next(r for r in site.tms.ups.select() if r.state == "CANCELED")
+    progress = canceled.dataset.ProcedureStepProgressInformationSequence[0]
+    assert 0 < float(progress.ProcedureStepProgress) < 100
+    code = progress.ProcedureStepDiscontinuationReasonCodeSequence[0]
+    assert code.CodeValue == "110501"
+    assert len(site.tms.continuations) == 1

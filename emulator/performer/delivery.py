@@ -59,6 +59,9 @@ class SessionOutcome:
     interrupted: bool = False
     reason: str = ""
     termination: str = "NORMAL"
+    # The device failed between beams (loading, axis verification): nothing was on, what
+    # the earlier beams delivered stands.
+    device_error: bool = False
 
     @property
     def delivered(self) -> float:
@@ -164,11 +167,13 @@ class _BeamInProgress:
             dt.datetime.now().replace(microsecond=0),
         )
 
-    def as_delivered(self, termination: str) -> DeliveredBeam:
+    def as_delivered(self, termination: str, code: str = "") -> DeliveredBeam:
         partial = self.segment_in_progress()
         points = self.points + ([partial] if partial else [])
         program = self.task.program
-        return DeliveredBeam(program.beam_number, points, termination, self.task.delivery_type)
+        return DeliveredBeam(
+            program.beam_number, points, termination, self.task.delivery_type, termination_code=code
+        )
 
 
 def delivered_up_to(task: BeamTask, meterset: float, termination: str) -> DeliveredBeam:
@@ -249,10 +254,20 @@ class SessionDelivery:
         )
 
     def run(self) -> SessionOutcome:
+        """Delivers the tasks in order; stops at the first beam that does not end NORMAL, or
+        at a device error between beams. Either way the outcome holds every beam delivered,
+        so the record of what the machine gave is stored before the UPS is canceled."""
         outcome = self.outcome
         for task in self.tasks:
-            self.device.load_beam(task.program)
-            self._verify_axes(task)
+            try:
+                self.device.load_beam(task.program)
+                self._verify_axes(task)
+            except DeviceError as exc:
+                outcome.interrupted = outcome.device_error = True
+                outcome.termination = Termination.MACHINE.value
+                outcome.reason = f"device error before beam {task.program.beam_number}: {exc}"
+                self.abandon()
+                return outcome
             self.load()
             self.on_beam_start(task)
             self.start()
@@ -322,8 +337,9 @@ class SessionDelivery:
             elif isinstance(event, BeamEnded):
                 # The segment the beam stopped in counts only what was delivered in it.
                 beam.meterset = event.meterset
-                self._reason = event.reason
-                return beam.as_delivered(event.termination.value)
+                code = event.interlock_code
+                self._reason = f"{event.reason} ({code})" if code else event.reason
+                return beam.as_delivered(event.termination.value, code)
             else:
                 continue
             self.on_delivered(self)

@@ -55,7 +55,11 @@ from emulator.profile import Profile, load_profile
 from emulator.results.acquisition import build_cbct_series
 from emulator.results.registration import build_registration, rigid_translation
 from emulator.results.study_identity import result_identity
-from emulator.results.treatment_record import DeliveredBeam, build_treatment_record
+from emulator.results.treatment_record import (
+    DeliveredBeam,
+    TreatmentMachine,
+    build_treatment_record,
+)
 from emulator.store import ObjectStore, admit
 from emulator.synth.common import code_item
 from emulator.ups_references import InstanceReference, reference_item, references_in
@@ -829,12 +833,18 @@ class PerformingDevice:
             self.metrics.beam(beam.termination, beam.delivered)
         outcome.delivered = dict(done)
         outcome.delivery_type = tasks[0].delivery_type if tasks else ""
-        record = self._record(context, result.beams, plan, previous)
         percent = round(result.delivered / planned * 100, 2) if planned else 0.0
         if result.interrupted:
             # RO-26: progress before the results are stored, then the record, then cancel.
+            # Whatever any beam delivered is recorded, also when the device failed between
+            # beams: the TMS and the next fraction must know that dose was given.
             self._progress(claim, percent, None)
-            stored = self._store([record], "RO-24", claim.uid, percent)
+            stored = []
+            if result.beams:
+                record = self._record(context, result.beams, plan, previous)
+                stored = self._store([record], "RO-24", claim.uid, percent)
+            if result.device_error:
+                raise _Cancel(result.reason, percent, stored, cause="device_error")
             cause = "operator_hold" if result.termination == "OPERATOR" else "interlock"
             raise _Cancel(
                 f"{result.termination} termination: {result.reason or 'beam hold'}",
@@ -842,6 +852,7 @@ class PerformingDevice:
                 stored,
                 cause=cause,
             )
+        record = self._record(context, result.beams, plan, previous)
         claim.stored = self._store([record], "RO-24", claim.uid, percent)
         return 100.0
 
@@ -857,7 +868,7 @@ class PerformingDevice:
             beams,
             self.uids,
             context.study_instance_uid,
-            self.config.station,
+            TreatmentMachine.identified(self.config.station, self.device.identify()),
             context.fraction,
             dt.datetime.strptime(context.session_start, "%Y%m%d%H%M%S"),
             previous_records=previous,

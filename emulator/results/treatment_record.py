@@ -42,17 +42,39 @@ class DeliveredControlPoint:
 
 @dataclass
 class DeliveredBeam:
-    """One beam as delivered: the control points reached and how the beam ended."""
+    """One beam as delivered: the control points reached and how the beam ended.
+
+    ``termination_code`` is the machine's own code for the termination (an interlock such
+    as DOSE1), written as Treatment Termination Code.
+    """
 
     beam_number: int
     control_points: list[DeliveredControlPoint] = field(default_factory=list)
     termination: str = "NORMAL"
     delivery_type: str = "TREATMENT"
     verification: str = "VERIFIED"
+    termination_code: str = ""
 
     @property
     def delivered(self) -> float:
         return round(sum(cp.delivered_meterset for cp in self.control_points), 4)
+
+
+@dataclass(frozen=True)
+class TreatmentMachine:
+    """The machine a record names (RT Treatment Machine Record, General Equipment): what the
+    machine, or its controller, says it is, not what the emulator is."""
+
+    name: str
+    manufacturer: str = "tdw-emulator"
+    model: str = "simulated C-arm linac"
+    serial: str = "SIM-0001"
+    software: str = ""
+
+    @classmethod
+    def identified(cls, name: str, identity) -> TreatmentMachine:
+        """From a ``devices.base.Identity`` (vendor, model, serial, firmware)."""
+        return cls(name, identity.vendor, identity.model, identity.serial, identity.firmware)
 
 
 def build_treatment_record(
@@ -60,13 +82,17 @@ def build_treatment_record(
     beams: list[DeliveredBeam],
     uids: SopClasses,
     study_instance_uid: str,
-    machine_name: str,
+    machine: TreatmentMachine | str,
     fraction_number: int,
     session_start: dt.datetime,
     operator: str = "",
     previous_records: list[Dataset] | None = None,
 ) -> Dataset:
-    """A record of one session; ``study_instance_uid`` is the one the UPS supplied (RO-24)."""
+    """A record of one session; ``study_instance_uid`` is the one the UPS supplied (RO-24).
+
+    ``machine`` is the treatment machine (a bare name: the simulated linac's identity)."""
+    if isinstance(machine, str):
+        machine = TreatmentMachine(machine)
     for beam in beams:
         if beam.termination not in TERMINATIONS:
             raise ValueError(f"termination {beam.termination!r} not in {TERMINATIONS}")
@@ -76,7 +102,12 @@ def build_treatment_record(
     ctx.apply_patient_study(ds)
     apply_series(ds, ctx, "RTRECORD", new_uid(), 20, "Treatment record")
     ds.OperatorsName = operator
-    apply_equipment(ds, model="tdw-emulator performing device", station=machine_name[:16])
+    apply_equipment(ds, model="tdw-emulator performing device", station=machine.name[:16])
+    ds.Manufacturer = machine.manufacturer[:64]
+    ds.ManufacturerModelName = machine.model[:64]
+    ds.DeviceSerialNumber = machine.serial[:64]
+    if machine.software:
+        ds.SoftwareVersions = machine.software[:64]
     # RT General Treatment Record
     ds.InstanceNumber = fraction_number
     ds.TreatmentDate = da(session_start)
@@ -88,13 +119,13 @@ def build_treatment_record(
             *(sop_reference(record) for record in previous_records)
         )
     # RT Treatment Machine Record
-    machine = Dataset()
-    machine.TreatmentMachineName = machine_name
-    machine.Manufacturer = "tdw-emulator"
-    machine.InstitutionName = ""
-    machine.ManufacturerModelName = "simulated C-arm linac"
-    machine.DeviceSerialNumber = "SIM-0001"
-    ds.TreatmentMachineSequence = sequence(machine)
+    treated_on = Dataset()
+    treated_on.TreatmentMachineName = machine.name[:16]
+    treated_on.Manufacturer = machine.manufacturer[:64]
+    treated_on.InstitutionName = ""
+    treated_on.ManufacturerModelName = machine.model[:64]
+    treated_on.DeviceSerialNumber = machine.serial[:64]
+    ds.TreatmentMachineSequence = sequence(treated_on)
     # RT Beams Session Record
     group = plan.FractionGroupSequence[0]
     ds.NumberOfFractionsPlanned = group.NumberOfFractionsPlanned
@@ -123,6 +154,8 @@ def build_treatment_record(
         item.CurrentFractionNumber = fraction_number
         item.TreatmentDeliveryType = beam.delivery_type
         item.TreatmentTerminationStatus = beam.termination
+        if beam.termination_code:
+            item.TreatmentTerminationCode = beam.termination_code[:16]
         item.TreatmentVerificationStatus = beam.verification
         item.SpecifiedPrimaryMeterset = specified[beam.beam_number]
         item.DeliveredPrimaryMeterset = beam.delivered
