@@ -9,6 +9,7 @@ counts all of it. ``send`` returns only once the peer acknowledged, or raises Li
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import socket
 import threading
@@ -18,7 +19,10 @@ from typing import Any, Protocol
 
 import serial
 
+from devices import schemas
 from devices.protocol import Frame, FrameError, FrameReader, MessageType, encode
+
+LOG = logging.getLogger("tdw.link")
 
 
 class LinkLost(ConnectionError):
@@ -34,8 +38,10 @@ class Transport(Protocol):
 class SerialTransport:
     """Any pyserial URL: a device path, ``loop://``, ``rfc2217://``, ``spy://``."""
 
-    def __init__(self, url: str, baudrate: int = 115200) -> None:
-        self.port = serial.serial_for_url(url, baudrate=baudrate, timeout=0.05)
+    def __init__(self, url: str, **settings) -> None:
+        """``settings`` are pyserial's (baudrate, bytesize, parity, stopbits, xonxoff,
+        rtscts, dsrdtr); unset ones are 115200 8N1 without flow control."""
+        self.port = serial.serial_for_url(url, **{"baudrate": 115200, **settings}, timeout=0.05)
 
     def read(self, size: int) -> bytes:
         """Waits up to the timeout for one byte, then takes what else is already there.
@@ -132,7 +138,12 @@ class Link:
         retry_timeout: float = 0.2,
         retries: int = 5,
         observer: LinkObserver | None = None,
+        validate: bool | None = None,
     ):
+        """``validate`` checks every data frame's body against hil/schemas (default: the
+        TDW_VALIDATE_FRAMES environment flag); a body that breaks it is not sent, and is
+        refused like a garbled frame when received."""
+        self.validate = schemas.validation_enabled() if validate is None else validate
         self.transport = transport
         self.observer = observer or _Unobserved()
         self.retry_timeout = retry_timeout
@@ -203,6 +214,13 @@ class Link:
             with self._acked:
                 self._next_seq = 0
         if item.seq == self._expected:
+            broken = schemas.problems(item.type, item.body) if self.validate else []
+            if broken:
+                self.counters.extra["schema"] = self.counters.extra.get("schema", 0) + 1
+                LOG.error("received %s breaking its schema: %s", item.type.name, broken)
+                self.observer.link_error("garbled")
+                self._control(MessageType.NAK, self._expected, reason="body breaks its schema")
+                return
             self._control(MessageType.ACK, item.seq)
             self._expected = (self._expected + 1) & 0xFFFF
             self.counters.received += 1
@@ -230,6 +248,8 @@ class Link:
 
     def send(self, kind: MessageType, body: dict[str, Any] | None = None) -> int:
         """Sends one frame and waits for its ACK, retransmitting; raises LinkLost."""
+        if self.validate:
+            schemas.check(kind, body or {})
         with self._send_lock:
             seq = self._next_seq
             self._next_seq = (seq + 1) & 0xFFFF

@@ -44,6 +44,7 @@ class MessageType(enum.IntEnum):
     CONTROL_POINT = 0xA1
     BEAM_ENDED = 0xA2
     STATE = 0xA3
+    PROGRESS = 0xA4
     ACK = 0xF0
     NAK = 0xF1
     ERROR = 0xFE

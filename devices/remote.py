@@ -13,9 +13,11 @@ import base64
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from urllib.parse import parse_qsl
 
 import numpy as np
+import serial
 
 from devices.base import (
     AxisState,
@@ -44,9 +46,59 @@ from devices.link import (
     Transport,
 )
 from devices.protocol import Frame, MessageType
+from devices.timing import TIMING_KEYS, TimingBudget
 
 WATCHDOG_SECONDS = 2.0
 HEARTBEAT_SECONDS = 0.5
+# Serial settings a device URL may carry, by pyserial's own names, and how to read each.
+SERIAL_SETTINGS = {
+    "baudrate": int,
+    "bytesize": int,
+    "parity": str,
+    "stopbits": float,
+    "xonxoff": lambda v: v.lower() in ("1", "true", "yes"),
+    "rtscts": lambda v: v.lower() in ("1", "true", "yes"),
+    "dsrdtr": lambda v: v.lower() in ("1", "true", "yes"),
+}
+SERIAL_CHOICES = {
+    "parity": ("N", "E", "O", "M", "S"),
+    "bytesize": (5, 6, 7, 8),
+    "stopbits": (1.0, 1.5, 2.0),
+}
+
+
+@dataclass(frozen=True)
+class DeviceUrl:
+    """A device URL split into what pyserial or the socket opens, the serial settings and
+    the rig's timing overrides: ``serial:///dev/ttyUSB0?baudrate=57600&parity=E&silence_s=10``.
+    """
+
+    target: str
+    serial: dict
+    timing: dict
+
+    @classmethod
+    def parse(cls, url: str) -> DeviceUrl:
+        base, _, query = url.partition("?")
+        serial_settings: dict = {}
+        timing: dict = {}
+        passed_on = []
+        for key, value in parse_qsl(query, keep_blank_values=True):
+            try:
+                if key in SERIAL_SETTINGS:
+                    serial_settings[key] = SERIAL_SETTINGS[key](value)
+                elif key in TIMING_KEYS:
+                    timing[key] = float(value)
+                else:
+                    passed_on.append(f"{key}={value}")  # a pyserial URL handler's own option
+                    continue
+            except ValueError as exc:
+                raise ValueError(f"device URL option {key}={value!r}: {exc}") from exc
+            allowed = SERIAL_CHOICES.get(key)
+            if allowed and serial_settings[key] not in allowed:
+                raise ValueError(f"device URL option {key} must be one of {allowed}")
+        target = base + ("?" + "&".join(passed_on) if passed_on else "")
+        return cls(target, serial_settings, timing)
 
 
 def program_to_body(beam: BeamProgram) -> dict:
@@ -56,19 +108,23 @@ def program_to_body(beam: BeamProgram) -> dict:
 
 
 class RemoteDevice(Device):
+    """The host side of protocol v1. How long it waits is the controller's stated timing
+    budget (HELLO_REPLY ``timing``), with a rig's ``timing_overrides`` put over it."""
+
     def __init__(
         self,
         opener: Callable[[], Transport],
         clock: Clock,
         watchdog: float = WATCHDOG_SECONDS,
-        reply_timeout: float = 10.0,
         observer: LinkObserver | None = None,
+        timing_overrides: dict | None = None,
     ) -> None:
         self.opener = opener
         self.observer = observer
         self.clock = clock
         self.watchdog = watchdog
-        self.reply_timeout = reply_timeout
+        self.timing_overrides = dict(timing_overrides or {})
+        self.timing = TimingBudget().overridden(self.timing_overrides)
         self.link: Link | None = None
         self._hello: dict = {}
         self._lock = threading.Lock()
@@ -77,9 +133,15 @@ class RemoteDevice(Device):
     # -- link ------------------------------------------------------------------------------
 
     def connect(self) -> None:
-        self.link = Link(self.opener(), observer=self.observer)
+        try:
+            transport = self.opener()
+        except (OSError, serial.SerialException) as exc:
+            raise DeviceError(f"cannot open the controller link: {exc}") from exc
+        self.link = Link(transport, observer=self.observer)
         reply = self._request(MessageType.HELLO, {"protocol": 1}, {MessageType.HELLO_REPLY})
         self._hello = reply.body
+        stated = TimingBudget.from_body(reply.body.get("timing"))
+        self.timing = stated.overridden(self.timing_overrides)
 
     def close(self) -> None:
         if self.link is not None:
@@ -94,13 +156,28 @@ class RemoteDevice(Device):
         return self.link
 
     def _request(self, kind: MessageType, body: dict, expect: set[MessageType]) -> Frame:
+        """Sends a request and waits for its answer as the timing budget says: while the
+        controller reports PROGRESS on it, however long the operation takes (up to its stated
+        maximum); a request unheard of for ``silence_s`` has failed. HEARTBEATs keep going
+        meanwhile, so a controller that is busy still shows it is alive."""
         link = self.link if kind == MessageType.HELLO else self._ensure_link()
+        budget = self.timing
+        silence = budget.hello_s if kind == MessageType.HELLO else budget.silence_s
+        limit = budget.limit_for(kind.name)
         try:
             link.send(kind, body)
-            deadline = time.monotonic() + self.reply_timeout
-            while time.monotonic() < deadline:
-                frame = link.recv(timeout=0.1)
+            started = heard = beat = time.monotonic()
+            while True:
+                frame = link.recv(timeout=0.05)
+                now = time.monotonic()
                 if frame is None:
+                    if now - heard > silence:
+                        raise DeviceError(
+                            f"no reply or PROGRESS for {kind.name} within {silence:g} s"
+                        )
+                    if kind != MessageType.HELLO and now - beat > budget.heartbeat_s:
+                        link.send(MessageType.HEARTBEAT, {})
+                        beat = now
                     continue
                 if frame.type == MessageType.ERROR:
                     raise DeviceError(
@@ -108,10 +185,13 @@ class RemoteDevice(Device):
                     )
                 if frame.type in expect:
                     return frame
+                if frame.type == MessageType.PROGRESS and frame.body.get("operation") == kind.name:
+                    heard = now
+                if limit is not None and now - started > limit:
+                    raise DeviceError(f"{kind.name} took more than its stated {limit:g} s")
         except LinkLost as exc:
             self.close()
             raise DeviceError(f"link lost: {exc}") from exc
-        raise DeviceError(f"no reply to {kind.name} within {self.reply_timeout} s")
 
     # -- Device ----------------------------------------------------------------------------
 
@@ -218,19 +298,48 @@ class RemoteDevice(Device):
         )
 
 
+def _timing(url: DeviceUrl, options: dict) -> dict:
+    """The rig's timing overrides: the YAML config's ``device_timing``, then the URL's."""
+    return {**dict(options.get("timing") or {}), **url.timing}
+
+
 def make_serial_device(rest: str, clock: Clock, options: dict) -> Device:
-    """``serial:///dev/pts/3`` or any pyserial URL (``serial:loop://``)."""
-    url = rest[2:] if rest.startswith("///") else rest
-    return RemoteDevice(lambda: SerialTransport(url), clock, observer=options.get("link_observer"))
+    """``serial:///dev/ttyUSB0?baudrate=57600&parity=E&rtscts=1`` or any pyserial URL
+    (``serial:loop://``); settings by pyserial's names, default 115200 8N1."""
+    url = DeviceUrl.parse(rest[2:] if rest.startswith("///") else rest)
+    return RemoteDevice(
+        lambda: SerialTransport(url.target, **url.serial),
+        clock,
+        observer=options.get("link_observer"),
+        timing_overrides=_timing(url, options),
+    )
+
+
+def make_pyserial_url_device(scheme: str):
+    """A backend for one of pyserial's network URL handlers: ``rfc2217://HOST:PORT`` (a
+    terminal server with RFC 2217) or ``socket://HOST:PORT`` (a raw TCP serial bridge)."""
+
+    def factory(rest: str, clock: Clock, options: dict) -> Device:
+        url = DeviceUrl.parse(f"{scheme}:{rest}")
+        return RemoteDevice(
+            lambda: SerialTransport(url.target, **url.serial),
+            clock,
+            observer=options.get("link_observer"),
+            timing_overrides=_timing(url, options),
+        )
+
+    return factory
 
 
 def make_tcp_device(rest: str, clock: Clock, options: dict) -> Device:
-    """``tcp://HOST:PORT``."""
-    host, _, port = rest.lstrip("/").rpartition(":")
+    """``tcp://HOST:PORT``, with timing overrides as query options."""
+    url = DeviceUrl.parse(rest)
+    host, _, port = url.target.lstrip("/").rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"tcp device needs tcp://HOST:PORT, not tcp:{rest}")
     return RemoteDevice(
         lambda: SocketTransport.connect(host, int(port)),
         clock,
         observer=options.get("link_observer"),
+        timing_overrides=_timing(url, options),
     )

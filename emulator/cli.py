@@ -408,7 +408,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from emulator.performer.workflow import PerformingDevice
     from emulator.profile import load_profile
 
-    flags = {k: getattr(args, k) for k in RUN_SETTINGS}
+    flags = {k: getattr(args, k, None) for k in RUN_SETTINGS}  # some are YAML-only
     values = merge(load_yaml_config(args.config, "run"), flags)
     recorder = TrafficRecorder(keep_stored_objects=True)
     report = RunReport()

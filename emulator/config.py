@@ -167,6 +167,22 @@ def _seconds(values: dict[str, Any], key: str, default: float) -> float:
     return seconds
 
 
+def _device_timing(value: Any) -> dict[str, float]:
+    """``device_timing``: a rig's overrides of the controller's timing budget (hil/PROTOCOL.md)."""
+    from devices.timing import TIMING_KEYS
+
+    if not value:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError("device_timing must be a mapping, e.g. {silence_s: 10}")
+    unknown = set(value) - set(TIMING_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"device_timing: unknown {', '.join(sorted(unknown))}; known: {', '.join(TIMING_KEYS)}"
+        )
+    return {k: _seconds(value, k, 0.0) for k in value}
+
+
 def site_config(values: dict[str, Any]) -> SiteConfig:
     """Validates the merged ``tms`` settings (the TMS and its co-hosted Archive)."""
     from emulator.profile import EDITIONS
@@ -268,6 +284,7 @@ RUN_SETTINGS = (
     "data_dir",
     "report_dir",
     "tms_retry_window",
+    "device_timing",
     *METRICS_SETTINGS,
     *TLS_SETTINGS,
 )
@@ -321,6 +338,7 @@ def device_config(values: dict[str, Any]) -> tuple[DeviceConfig, int, float, Pat
         interlocks=parse_interrupt(values.get("interrupt")),
         network=network_settings(values),
         tms_retry_window=_seconds(values, "tms_retry_window", 120.0),
+        device_timing=_device_timing(values.get("device_timing")),
     )
     report_dir = Path(values["report_dir"]) if values.get("report_dir") else None
     return config, sessions, float(values.get("wait", 0.0)), report_dir

@@ -8,6 +8,7 @@ linac's: axis speeds and dose rate at the configured time scale.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import socket
 import threading
@@ -27,6 +28,7 @@ from devices.clock import Clock
 from devices.link import FdTransport, Link, LinkLost, SocketTransport
 from devices.protocol import MessageType
 from devices.sim.linac import SimulatedLinac, load_machine_profile
+from devices.timing import TimingBudget
 from hil.faults import Faults, FaultyTransport
 
 
@@ -54,12 +56,39 @@ def program_from_body(body: dict) -> BeamProgram:
     )
 
 
+# The longest each long operation takes on the simulated linac, in device seconds: a full
+# gantry turn (LOAD_BEAM), the couch across its range (MOVE_COUCH), a CBCT rotation.
+def _device_seconds(profile: dict) -> dict[str, float]:
+    axes = profile.get("axes", {})
+    gantry = 360.0 / float(axes.get("gantry_speed_deg_s", 6.0))
+    couch = 2 * float(axes.get("couch_limits_mm", 50.0)) / float(axes.get("couch_speed_mm_s", 20))
+    return {"LOAD_BEAM": gantry, "MOVE_COUCH": couch * 2, "ACQUIRE": 60.0}
+
+
+LONG_REPLIES = {
+    MessageType.LOAD_BEAM: MessageType.LOADED,
+    MessageType.MOVE_COUCH: MessageType.COUCH_POSITION,
+    MessageType.ACQUIRE: MessageType.IMAGES,
+}
+
+
 class ControllerSim:
     def __init__(
         self, machine: str = "linac", time_scale: float = 1.0, faults: Faults | None = None
     ) -> None:
         self.profile = load_machine_profile(machine)
         self.clock = Clock(time_scale)
+        # What this controller promises in HELLO_REPLY (hil/PROTOCOL.md, Timing): PROGRESS
+        # every second while busy, and each long operation's worst case at this time scale,
+        # doubled, plus 5 s for the link.
+        self.timing = TimingBudget(
+            max_s={
+                op: round(2 * seconds * time_scale + 5.0, 1)
+                for op, seconds in _device_seconds(self.profile).items()
+            }
+        )
+        self._busy: threading.Thread | None = None
+        self._busy_operation = ""
         self.faults = faults or Faults()
         self.linac = SimulatedLinac(self.profile, self.clock)
         self.linac.connect()
@@ -85,8 +114,10 @@ class ControllerSim:
         caps = asdict(self.linac.capabilities())
         last = dict(self.deliveries[-1]) if self.deliveries else None
         return {
+            "protocol": 1,
             "identity": asdict(self.linac.identify()),
             "capabilities": caps,
+            "timing": self.timing.as_body(),
             "last_delivery": last,
         }
 
@@ -144,59 +175,110 @@ class ControllerSim:
             self._delivery.join(timeout=5)
 
     def handle(self, link: Link, kind: MessageType, body: dict) -> None:
+        """Answers one request. A long operation (LOAD_BEAM, MOVE_COUCH, ACQUIRE) runs on a
+        worker that reports PROGRESS, so HELLO, HEARTBEAT, GET_STATE and INTERRUPT are
+        answered meanwhile; a second long operation while one runs gets ERROR BUSY."""
         try:
-            if kind == MessageType.HELLO:
+            if kind in LONG_REPLIES:
+                self._start_long(link, kind, body)
+            elif kind == MessageType.HELLO:
                 self._abort_delivery()
                 self.sessions += 1
                 link.send(MessageType.HELLO_REPLY, self._hello_body())
-            elif kind == MessageType.LOAD_BEAM:
-                program = program_from_body(body)
-                self.linac.interlocks = dict(self.faults.interlocks)
-                self.linac.axis_faults = dict(self.faults.axis_faults)
-                self.linac.load_beam(program)
-                self._beam_number = program.beam_number
-                self.acknowledged[program.beam_number] = program.start_meterset
-                self.sent[program.beam_number] = program.start_meterset
-                link.send(MessageType.LOADED, {"beam": program.beam_number})
             elif kind == MessageType.BEAM_ON:
                 start = self.sent.get(self._beam_number, 0.0)
                 beam = {"beam": self._beam_number, "start": start, "measured": start}
                 self.deliveries.append({**beam, "termination": ""})
-                link.send(MessageType.BEAM_STARTED, {})
+                link.send(
+                    MessageType.BEAM_STARTED, {"beam": self._beam_number, "start_meterset": start}
+                )
                 self._delivery = threading.Thread(target=self._deliver, args=(link,), daemon=True)
                 self._delivery.start()
             elif kind == MessageType.INTERRUPT:
                 self.linac.interrupt(str(body.get("reason", "")))
-            elif kind == MessageType.MOVE_COUCH:
-                position = self.linac.move_couch(
-                    CouchCorrection(
-                        tuple(body["translation"]), tuple(body.get("rotation", (0, 0, 0)))
-                    )
-                )
-                link.send(MessageType.COUCH_POSITION, asdict(position))
-            elif kind == MessageType.ACQUIRE:
-                images = self.linac.acquire(str(body["kind"]))
-                link.send(
-                    MessageType.IMAGES,
-                    {
-                        "shape": list(images.pixels[0].shape),
-                        "planes": [
-                            base64.b64encode(p.astype("<u2").tobytes()).decode()
-                            for p in images.pixels
-                        ],
-                        "pixel_spacing": images.pixel_spacing,
-                        "slice_spacing": images.slice_spacing,
-                        "origin": list(images.origin),
-                    },
-                )
             elif kind == MessageType.GET_STATE:
                 state = asdict(self.linac.axes())
                 state["beam_on"] = self._delivery is not None and self._delivery.is_alive()
+                state["busy"] = self._busy_operation if self._is_busy() else ""
                 link.send(MessageType.STATE, state)
             elif kind == MessageType.HEARTBEAT:
-                link.send(MessageType.HEARTBEAT_REPLY, {"sessions": self.sessions})
+                state = "busy" if self._is_busy() else "idle"
+                if self._delivery is not None and self._delivery.is_alive():
+                    state = "beam_on"
+                link.send(MessageType.HEARTBEAT_REPLY, {"state": state, "sessions": self.sessions})
         except DeviceError as exc:
             link.send(MessageType.ERROR, {"code": "LIMIT", "text": str(exc)})
+
+    def _is_busy(self) -> bool:
+        return self._busy is not None and self._busy.is_alive()
+
+    def _start_long(self, link: Link, kind: MessageType, body: dict) -> None:
+        if self._is_busy():
+            link.send(
+                MessageType.ERROR,
+                {"code": "BUSY", "text": f"{self._busy_operation} is still in progress"},
+            )
+            return
+        self._busy_operation = kind.name
+        self._busy = threading.Thread(
+            target=self._run_long, args=(link, kind, body, self.sessions), daemon=True
+        )
+        self._busy.start()
+
+    def _run_long(self, link: Link, kind: MessageType, body: dict, session: int) -> None:
+        """Performs the operation while a ticker sends PROGRESS at the stated cadence; the
+        answer (or ERROR) goes out only if the host's session is still the one that asked."""
+        done = threading.Event()
+        started = time.monotonic()
+
+        def tick() -> None:
+            while not done.wait(self.timing.progress_interval_s):
+                if self.faults.stalled or session != self.sessions:
+                    continue
+                elapsed = round(time.monotonic() - started, 3)
+                with contextlib.suppress(LinkLost):
+                    link.send(MessageType.PROGRESS, {"operation": kind.name, "elapsed_s": elapsed})
+
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+        try:
+            reply = self._perform_long(kind, body)
+            answer = (LONG_REPLIES[kind], reply)
+        except DeviceError as exc:
+            answer = (MessageType.ERROR, {"code": "LIMIT", "text": str(exc)})
+        finally:
+            done.set()
+        ticker.join(timeout=2)
+        while self.faults.stalled:
+            time.sleep(0.05)
+        if session == self.sessions:
+            with contextlib.suppress(LinkLost):
+                link.send(*answer)
+
+    def _perform_long(self, kind: MessageType, body: dict) -> dict:
+        if kind == MessageType.LOAD_BEAM:
+            program = program_from_body(body)
+            self.linac.interlocks = dict(self.faults.interlocks)
+            self.linac.axis_faults = dict(self.faults.axis_faults)
+            self.linac.load_beam(program)
+            self._beam_number = program.beam_number
+            self.acknowledged[program.beam_number] = program.start_meterset
+            self.sent[program.beam_number] = program.start_meterset
+            return {"beam": program.beam_number}
+        if kind == MessageType.MOVE_COUCH:
+            position = self.linac.move_couch(
+                CouchCorrection(tuple(body["translation"]), tuple(body.get("rotation", (0, 0, 0))))
+            )
+            return asdict(position)
+        images = self.linac.acquire(str(body["kind"]))
+        return {
+            "kind": images.kind,
+            "shape": list(images.pixels[0].shape),
+            "planes": [base64.b64encode(p.astype("<u2").tobytes()).decode() for p in images.pixels],
+            "pixel_spacing": images.pixel_spacing,
+            "slice_spacing": images.slice_spacing,
+            "origin": list(images.origin),
+        }
 
     def serve(self, transport) -> None:
         """Serves one connection until it closes (or a drop fault closes it)."""

@@ -3,7 +3,7 @@
 # Orthanc, Prometheus, tshark, openssl for the TLS test CA) when any is missing.
 # Only root can; others get a hint.
 set -euo pipefail
-packages=(dcmtk dicom3tools orthanc prometheus tshark openssl)
+packages=(dcmtk dicom3tools orthanc prometheus tshark openssl socat)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -36,6 +36,9 @@ DCIODVFY_KNOWN_DEFECT = re.compile(
 
 # Anything the project writes with a value invalid for its VR fails the test at once.
 pydicom_config.settings.writing_validation_mode = pydicom_config.RAISE
+# Every controller-link frame, in this process and in the CLI processes tests start, is
+# checked against hil/schemas: the protocol document and the code cannot drift apart.
+os.environ["TDW_VALIDATE_FRAMES"] = "1"
 
 
 def require_tool(path: str) -> str:

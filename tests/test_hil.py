@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from devices.base import DeviceError, MetersetTick
+from devices.base import MetersetTick
 from emulator.net.peers import Peer
 from emulator.performer.workflow import DeviceConfig, PerformingDevice
 from emulator.reference.site import ReferenceSite, SiteConfig
@@ -262,8 +262,12 @@ def test_axes_that_do_not_reach_control_point_0_stop_the_beam(patient):
 
     program = beam_program(patient.plan, 1)
     faulty = open_device("sim", Clock(0), {"axis_faults": {"gantry": 5.0}})
-    with faulty as device, pytest.raises(DeviceError, match="gantry at"):
-        SessionDelivery(device, [BeamTask(program)]).run()
+    with faulty as device:
+        outcome = SessionDelivery(device, [BeamTask(program)]).run()
+    # Nothing was switched on: the session ends on the device error, with no beam at all.
+    assert outcome.interrupted and outcome.device_error
+    assert "gantry at" in outcome.reason
+    assert outcome.beams == [] and outcome.delivered == 0
 
 
 def test_stuck_axis_over_the_link_cancels_before_any_meterset(bench):

@@ -60,7 +60,7 @@ def links(request):
 def test_frames_arrive_in_order_once(links):
     host, ctrl = links
     for n in range(20):
-        host.send(MessageType.METERSET, {"meterset": float(n)})
+        host.send(MessageType.METERSET, {"meterset": float(n), "dose_rate": 600.0})
     got = [ctrl.recv(timeout=2).body["meterset"] for _ in range(20)]
     assert got == [float(n) for n in range(20)]
     assert ctrl.recv(timeout=0.2) is None
@@ -75,8 +75,8 @@ def test_garbled_frames_are_detected_retried_and_never_misread(links):
         return [bytes(broken)]
 
     host.transport.plan = [garble, garble]
-    host.send(MessageType.METERSET, {"meterset": 12.5})
-    assert ctrl.recv(timeout=2).body == {"meterset": 12.5}
+    host.send(MessageType.METERSET, {"meterset": 12.5, "dose_rate": 600.0})
+    assert ctrl.recv(timeout=2).body == {"meterset": 12.5, "dose_rate": 600.0}
     assert ctrl.counters.garbled == 2 and host.counters.retransmits == 2
     assert ctrl.recv(timeout=0.2) is None
 
@@ -84,8 +84,8 @@ def test_garbled_frames_are_detected_retried_and_never_misread(links):
 def test_duplicates_are_acknowledged_but_delivered_once(links):
     host, ctrl = links
     host.transport.plan = [lambda data: [data, data, data]]
-    host.send(MessageType.CONTROL_POINT, {"index": 3})
-    assert ctrl.recv(timeout=2).body == {"index": 3}
+    host.send(MessageType.CONTROL_POINT, {"index": 3, "meterset": 4.0, "gantry": 90.0})
+    assert ctrl.recv(timeout=2).body == {"index": 3, "meterset": 4.0, "gantry": 90.0}
     assert ctrl.recv(timeout=0.3) is None
     assert ctrl.counters.duplicates == 2
 
@@ -103,8 +103,8 @@ def test_out_of_order_frame_is_dropped(links):
     host, ctrl = links
     ahead = encode(Frame(MessageType.METERSET, 40, {"meterset": 99.0}))
     host.transport.inner.write(ahead)  # a frame from the future, outside the protocol
-    host.send(MessageType.METERSET, {"meterset": 1.0})
-    assert ctrl.recv(timeout=2).body == {"meterset": 1.0}
+    host.send(MessageType.METERSET, {"meterset": 1.0, "dose_rate": 600.0})
+    assert ctrl.recv(timeout=2).body == {"meterset": 1.0, "dose_rate": 600.0}
     assert ctrl.counters.out_of_order == 1
     assert ctrl.recv(timeout=0.3) is None
 
@@ -125,7 +125,7 @@ def test_both_directions_at_once(links):
     def pump(link, kind, count):
         try:
             for n in range(count):
-                link.send(kind, {"n": n})
+                link.send(kind, {"n": n, "meterset": float(n), "dose_rate": 600.0})
         except LinkLost as exc:
             errors.append(exc)
 

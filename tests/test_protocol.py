@@ -86,3 +86,41 @@ def test_reader_resynchronises_after_garbage_and_partial_frames():
 def test_bad_frames_say_why(chunk, message):
     with pytest.raises(FrameError, match=message):
         decode(chunk)
+
+
+def test_the_worked_frames_in_the_protocol_document_decode():
+    """hil/PROTOCOL.md's worked examples are real frames: its hex decodes to what it says."""
+    import re
+
+    from devices.protocol import FrameReader, MessageType, crc16
+    from tests.conftest import REPO
+
+    text = (REPO / "hil" / "PROTOCOL.md").read_text()
+    section = text[text.index("## A worked frame") :]
+    wires = [
+        bytes.fromhex(line.split("wire", 1)[-1])
+        for line in re.findall(r"^(?:wire +)?((?:[0-9a-f]{2} )+00)$", section, re.MULTILINE)
+    ]
+    wires += [bytes.fromhex(m) for m in re.findall(r"`((?:[0-9a-f]{2} )+00)`", section)]
+    frames = [f for wire in wires for f in FrameReader().feed(wire)]
+    kinds = sorted((f.type.name, f.seq, tuple(sorted(f.body))) for f in frames)
+    assert kinds == [
+        ("ACK", 5, ()),
+        ("HEARTBEAT", 5, ()),
+        ("PROGRESS", 12, ("elapsed_s", "operation")),
+    ], kinds
+    assert f"0x{crc16(b'123456789'):04X}" in section
+    progress = next(f for f in frames if f.type == MessageType.PROGRESS)
+    assert progress.body == {"operation": "ACQUIRE", "elapsed_s": 1.0}
+
+
+def test_every_message_type_has_a_schema_and_a_broken_body_is_caught():
+    from devices import schemas
+    from devices.protocol import MessageType
+
+    for kind in MessageType:
+        schemas.problems(kind, {})  # loads and checks the schema itself (Draft 2020-12)
+    assert schemas.problems(MessageType.METERSET, {"meterset": 1.5, "dose_rate": 600}) == []
+    found = schemas.problems(MessageType.METERSET, {"meterset": "1.5"})
+    assert any("dose_rate" in p for p in found) and any("meterset" in p for p in found)
+    assert schemas.problems(MessageType.PROGRESS, {"operation": "BEAM_ON", "elapsed_s": 1})

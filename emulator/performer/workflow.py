@@ -88,6 +88,8 @@ class DeviceConfig:
     # How long one exchange with the TMS keeps being retried while the TMS cannot be
     # reached (a restart, a network outage) before the device gives up on it for now.
     tms_retry_window: float = 120.0
+    # A rig's overrides of the controller's timing budget (hil/PROTOCOL.md, Timing).
+    device_timing: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -229,7 +231,11 @@ class PerformingDevice:
         self.device: Device = open_device(
             config.device,
             self.clock,
-            {"interlocks": dict(config.interlocks), "link_observer": self.metrics},
+            {
+                "interlocks": dict(config.interlocks),
+                "link_observer": self.metrics,
+                "timing": dict(config.device_timing),
+            },
         )
         self.sessions: dict[str, _SessionState] = {}
         self.peers = {config.tms.ae_title: config.tms, config.archive.ae_title: config.archive}
