@@ -124,6 +124,9 @@ class Termination(str, enum.Enum):
     NORMAL = "NORMAL"
     OPERATOR = "OPERATOR"
     MACHINE = "MACHINE"
+    # The host lost the machine with the beam on and could not read its count back: the
+    # meterset is the last one heard, and the TMS must have the session reviewed.
+    UNKNOWN = "UNKNOWN"
 
 
 @dataclass(frozen=True)

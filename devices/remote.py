@@ -127,6 +127,7 @@ class RemoteDevice(Device):
         self.timing = TimingBudget().overridden(self.timing_overrides)
         self.link: Link | None = None
         self._hello: dict = {}
+        self._loaded: tuple[int, float] = (0, 0.0)  # beam number and start meterset
         self._lock = threading.Lock()
         self.reconnects = 0
 
@@ -225,12 +226,14 @@ class RemoteDevice(Device):
 
     def load_beam(self, beam: BeamProgram) -> None:
         self._request(MessageType.LOAD_BEAM, program_to_body(beam), {MessageType.LOADED})
+        self._loaded = (beam.beam_number, beam.start_meterset)
 
     def beam_on(self) -> Iterator[DeliveryEvent]:
-        last = 0.0
+        beam, start = self._loaded
+        last = start
         try:
             started = self._request(MessageType.BEAM_ON, {}, {MessageType.BEAM_STARTED})
-            last = float(started.body.get("start_meterset", 0.0))
+            last = start = float(started.body.get("start_meterset", start))
             link = self.link
             while True:
                 frame = link.recv(timeout=0.05)
@@ -256,8 +259,53 @@ class RemoteDevice(Device):
                     )
                     return
         except (LinkLost, DeviceError) as exc:
-            self.close()  # reconnect before the next command
-            yield BeamEnded(last, Termination.MACHINE, f"link lost: {exc}", "LINK")
+            self.close()
+            yield self._count_after_link_loss(beam, start, last, exc)
+
+    def _count_after_link_loss(
+        self, beam: int, start: float, heard: float, cause: Exception
+    ) -> BeamEnded:
+        """The beam-on the link died in, as the controller counted it.
+
+        The host reconnects (for up to ``reconnect_s``); the controller ends a beam still on
+        when HELLO arrives and reports it in ``last_delivery``. If that is the same beam-on
+        (same beam, same start, at least what the host heard), its count stands: frames in
+        flight are not lost, so a continuation never delivers them again. Otherwise the beam
+        ends UNKNOWN at the last meterset heard, and the TMS must have it reviewed.
+        """
+        deadline = time.monotonic() + self.timing.reconnect_s
+        while time.monotonic() < deadline:
+            try:
+                self.connect()
+            except DeviceError:
+                self.close()
+                time.sleep(0.5)
+                continue
+            self.reconnects += 1
+            report = self.last_delivery()
+            same = (
+                report is not None
+                and report.beam_number == beam
+                and abs(report.start_meterset - start) < 1e-6
+                and report.meterset >= heard - 1e-6
+            )
+            if same:
+                ended = (
+                    Termination.NORMAL if report.termination == "NORMAL" else Termination.MACHINE
+                )
+                return BeamEnded(
+                    report.meterset,
+                    ended,
+                    f"link lost: {cause}; the controller counted {report.meterset:g} MU",
+                    "LINK",
+                )
+            break
+        return BeamEnded(
+            heard,
+            Termination.UNKNOWN,
+            f"link lost: {cause}; the controller's count could not be confirmed",
+            "LINK",
+        )
 
     def interrupt(self, reason: str) -> None:
         link = self.link

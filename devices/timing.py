@@ -23,6 +23,9 @@ class TimingBudget:
     silence_s: float = 5.0  # the host gives up on an operation unheard of for this long
     heartbeat_s: float = 0.5  # the host's HEARTBEAT cadence when it is waiting or idle
     hello_s: float = 5.0  # HELLO_REPLY within this, before any budget is known
+    # After the link dies with a beam on, how long the host keeps reconnecting to read the
+    # controller's own count of that beam-on (HELLO_REPLY last_delivery).
+    reconnect_s: float = 10.0
     max_s: dict[str, float] = field(default_factory=dict)
 
     def as_body(self) -> dict:

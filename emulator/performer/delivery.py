@@ -176,7 +176,9 @@ class _BeamInProgress:
         )
 
 
-def delivered_up_to(task: BeamTask, meterset: float, termination: str) -> DeliveredBeam:
+def delivered_up_to(
+    task: BeamTask, meterset: float, termination: str, code: str = ""
+) -> DeliveredBeam:
     """A beam as delivered from its start to ``meterset``, control point by control point,
     when only the final count is known (the machine's, after the host lost the events)."""
     program = task.program
@@ -195,7 +197,9 @@ def delivered_up_to(task: BeamTask, meterset: float, termination: str) -> Delive
         points.append(
             DeliveredControlPoint(cp.index - 1, end - begin, delivered, rate, rate, gantry, now)
         )
-    return DeliveredBeam(program.beam_number, points, termination, task.delivery_type)
+    return DeliveredBeam(
+        program.beam_number, points, termination, task.delivery_type, termination_code=code
+    )
 
 
 def reconcile_with_machine(
@@ -335,10 +339,14 @@ class SessionDelivery:
                 beam.last_meterset = beam.meterset = event.meterset
                 beam.last_index = event.index
             elif isinstance(event, BeamEnded):
-                # The segment the beam stopped in counts only what was delivered in it.
-                beam.meterset = event.meterset
                 code = event.interlock_code
                 self._reason = f"{event.reason} ({code})" if code else event.reason
+                if event.meterset > beam.meterset + 1e-6:
+                    # The machine counted past what it reported (a link lost and found
+                    # again): its count stands, control point by control point.
+                    return delivered_up_to(task, event.meterset, event.termination.value, code)
+                # The segment the beam stopped in counts only what was delivered in it.
+                beam.meterset = event.meterset
                 return beam.as_delivered(event.termination.value, code)
             else:
                 continue

@@ -851,7 +851,11 @@ class PerformingDevice:
                 stored = self._store([record], "RO-24", claim.uid, percent)
             if result.device_error:
                 raise _Cancel(result.reason, percent, stored, cause="device_error")
-            cause = "operator_hold" if result.termination == "OPERATOR" else "interlock"
+            cause = {"OPERATOR": "operator_hold", "UNKNOWN": "device_error"}.get(
+                result.termination, "interlock"
+            )
+            if result.beams and result.beams[-1].termination_code == "LINK":
+                cause = "device_error"  # the link to the controller, not an interlock
             raise _Cancel(
                 f"{result.termination} termination: {result.reason or 'beam hold'}",
                 percent,

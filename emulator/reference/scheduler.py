@@ -368,6 +368,22 @@ class Scheduler:
             self.ups.set_session_note(session.session_id, note)
             LOG.warning("session %s: %s", session.session_id, note)
             return None
+        unconfirmed = [
+            int(beam.ReferencedBeamNumber)
+            for record in records
+            for beam in record.get("TreatmentSessionBeamSequence", [])
+            if beam.get("TreatmentTerminationStatus") == "UNKNOWN"
+        ]
+        if unconfirmed:
+            # The device could not confirm the machine's count: what the record says may be
+            # short of what was given, and a continuation from it could deliver dose twice.
+            note = (
+                f"continuation needs review: beam(s) {unconfirmed} ended with termination "
+                "UNKNOWN (the machine's count was not confirmed)"
+            )
+            self.ups.set_session_note(session.session_id, note)
+            LOG.warning("session %s: %s", session.session_id, note)
+            return None
         _, plan = self._archived(session.plan_uid)
         outcome = continuation_for(plan, instruction, records)
         if not outcome.anything_left:
