@@ -156,7 +156,21 @@ class RemoteDevice(Device):
             self.connect()
         return self.link
 
+    # Requests the host may send again after reconnecting: they set a state rather than
+    # change it by an amount (a couch correction is relative, a beam-on starts a beam).
+    IDEMPOTENT = (MessageType.LOAD_BEAM, MessageType.GET_STATE, MessageType.ACQUIRE)
+
     def _request(self, kind: MessageType, body: dict, expect: set[MessageType]) -> Frame:
+        """:meth:`_send_and_wait`, once more on a fresh link if the link died under an
+        idempotent request (a dropped TCP connection, a pty reopened)."""
+        try:
+            return self._send_and_wait(kind, body, expect)
+        except DeviceError as exc:
+            if kind not in self.IDEMPOTENT or not str(exc).startswith("link lost"):
+                raise
+            return self._send_and_wait(kind, body, expect)
+
+    def _send_and_wait(self, kind: MessageType, body: dict, expect: set[MessageType]) -> Frame:
         """Sends a request and waits for its answer as the timing budget says: while the
         controller reports PROGRESS on it, however long the operation takes (up to its stated
         maximum); a request unheard of for ``silence_s`` has failed. HEARTBEATs keep going

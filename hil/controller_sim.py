@@ -89,6 +89,7 @@ class ControllerSim:
         )
         self._busy: threading.Thread | None = None
         self._busy_operation = ""
+        self._busy_session = 0
         self.faults = faults or Faults()
         self.linac = SimulatedLinac(self.profile, self.clock)
         self.linac.connect()
@@ -213,19 +214,29 @@ class ControllerSim:
         return self._busy is not None and self._busy.is_alive()
 
     def _start_long(self, link: Link, kind: MessageType, body: dict) -> None:
-        if self._is_busy():
+        """One long operation at a time per host session. One left running by an earlier
+        session (the host reconnected and asked again) is finished first, not refused."""
+        if self._is_busy() and self._busy_session == self.sessions:
             link.send(
                 MessageType.ERROR,
                 {"code": "BUSY", "text": f"{self._busy_operation} is still in progress"},
             )
             return
-        self._busy_operation = kind.name
+        previous = self._busy
+        self._busy_operation, self._busy_session = kind.name, self.sessions
         self._busy = threading.Thread(
-            target=self._run_long, args=(link, kind, body, self.sessions), daemon=True
+            target=self._run_long, args=(link, kind, body, self.sessions, previous), daemon=True
         )
         self._busy.start()
 
-    def _run_long(self, link: Link, kind: MessageType, body: dict, session: int) -> None:
+    def _run_long(
+        self,
+        link: Link,
+        kind: MessageType,
+        body: dict,
+        session: int,
+        previous: threading.Thread | None = None,
+    ) -> None:
         """Performs the operation while a ticker sends PROGRESS at the stated cadence; the
         answer (or ERROR) goes out only if the host's session is still the one that asked."""
         done = threading.Event()
@@ -241,6 +252,8 @@ class ControllerSim:
 
         ticker = threading.Thread(target=tick, daemon=True)
         ticker.start()
+        if previous is not None:
+            previous.join()  # the machine does one motion at a time
         try:
             reply = self._perform_long(kind, body)
             answer = (LONG_REPLIES[kind], reply)

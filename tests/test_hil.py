@@ -305,7 +305,7 @@ def test_a_count_the_controller_cannot_confirm_ends_unknown_and_needs_review(ben
     """The controller stalls with the beam on and stays silent past the host's reconnect
     window: the beam ends UNKNOWN at the last meterset heard, the record says so, and the
     TMS schedules no continuation by itself (it could deliver the unheard part twice)."""
-    spec, sim, control = start_controller("tcp", time_scale=0.02)
+    spec, _sim, control = start_controller("tcp", time_scale=0.02)
     site, device = bench(f"{spec}?reconnect_s=1.5&hello_s=0.5")
     reported: list[float] = []
 
