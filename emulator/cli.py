@@ -146,7 +146,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sessions", type=int, help="sessions to perform (default 1)")
     p.add_argument("--wait", type=float, help="seconds to wait for work on the worklist")
     p.add_argument("--interrupt", metavar="BEAM:MU", help="trip an interlock at BEAM:MU")
-    p.add_argument("--device", help="device backend spec (default sim)")
+    p.add_argument(
+        "--device",
+        help="device backend and its address (default sim): sim[:PROFILE], "
+        "serial:///dev/ttyUSB0?baudrate=57600&parity=E, tcp://HOST:PORT, rfc2217://HOST:PORT, "
+        f"socket://HOST:PORT; backends found: {', '.join(_backends())}",
+    )
     p.add_argument("--data-dir", type=Path, help="device state and results (default: temp)")
     p.add_argument("--report-dir", type=Path)
     p.add_argument(
@@ -157,6 +162,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     )
     _add_metrics_flags(p)
     _add_tls_flags(p)
+
+
+def _backends() -> list[str]:
+    """Built-in and entry-point device backends (docs/drivers.md), for --help."""
+    from devices.registry import backends
+
+    return backends()
 
 
 def _add_hil(sub: argparse._SubParsersAction) -> None:
