@@ -365,26 +365,35 @@ def _timing(url: DeviceUrl, options: dict) -> dict:
     return {**dict(options.get("timing") or {}), **url.timing}
 
 
-def make_serial_device(rest: str, clock: Clock, options: dict) -> Device:
-    """``serial:///dev/ttyUSB0?baudrate=57600&parity=E&rtscts=1`` or any pyserial URL
-    (``serial:loop://``); settings by pyserial's names, default 115200 8N1."""
-    url = DeviceUrl.parse(rest[2:] if rest.startswith("///") else rest)
-    return RemoteDevice(
-        lambda: SerialTransport(url.target, **url.serial),
-        clock,
-        observer=options.get("link_observer"),
-        timing_overrides=_timing(url, options),
-    )
+def link_opener(spec: str) -> tuple[Callable[[], Transport], DeviceUrl]:
+    """How to open the byte stream of a protocol device spec (``serial:///dev/ttyUSB0?..``,
+    ``tcp://HOST:PORT``, ``rfc2217://HOST:PORT``, ``socket://HOST:PORT``), and its URL."""
+    scheme, _, rest = spec.partition(":")
+    if scheme == "tcp":
+        url = DeviceUrl.parse(rest)
+        host, _, port = url.target.lstrip("/").rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"tcp device needs tcp://HOST:PORT, not {spec}")
+        return (lambda: SocketTransport.connect(host, int(port))), url
+    if scheme == "serial":
+        url = DeviceUrl.parse(rest[2:] if rest.startswith("///") else rest)
+    elif scheme in ("rfc2217", "socket"):
+        url = DeviceUrl.parse(spec)
+    else:
+        raise ValueError(f"{spec!r} is not a serial, tcp, rfc2217 or socket device URL")
+    return (lambda: SerialTransport(url.target, **url.serial)), url
 
 
-def make_pyserial_url_device(scheme: str):
-    """A backend for one of pyserial's network URL handlers: ``rfc2217://HOST:PORT`` (a
-    terminal server with RFC 2217) or ``socket://HOST:PORT`` (a raw TCP serial bridge)."""
+def _protocol_device(scheme: str):
+    """The backend for one protocol-v1 scheme: ``serial:///dev/ttyUSB0?baudrate=57600&
+    parity=E&rtscts=1`` (pyserial's setting names; default 115200 8N1; any pyserial URL such
+    as ``serial:loop://``), ``tcp://HOST:PORT``, and pyserial's network handlers
+    ``rfc2217://HOST:PORT`` (a terminal server) and ``socket://HOST:PORT`` (a raw bridge)."""
 
     def factory(rest: str, clock: Clock, options: dict) -> Device:
-        url = DeviceUrl.parse(f"{scheme}:{rest}")
+        opener, url = link_opener(f"{scheme}:{rest}")
         return RemoteDevice(
-            lambda: SerialTransport(url.target, **url.serial),
+            opener,
             clock,
             observer=options.get("link_observer"),
             timing_overrides=_timing(url, options),
@@ -393,15 +402,9 @@ def make_pyserial_url_device(scheme: str):
     return factory
 
 
-def make_tcp_device(rest: str, clock: Clock, options: dict) -> Device:
-    """``tcp://HOST:PORT``, with timing overrides as query options."""
-    url = DeviceUrl.parse(rest)
-    host, _, port = url.target.lstrip("/").rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"tcp device needs tcp://HOST:PORT, not tcp:{rest}")
-    return RemoteDevice(
-        lambda: SocketTransport.connect(host, int(port)),
-        clock,
-        observer=options.get("link_observer"),
-        timing_overrides=_timing(url, options),
-    )
+make_serial_device = _protocol_device("serial")
+make_tcp_device = _protocol_device("tcp")
+
+
+def make_pyserial_url_device(scheme: str):
+    return _protocol_device(scheme)

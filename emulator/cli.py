@@ -181,6 +181,26 @@ def _add_hil(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--machine", default="linac", help="machine profile name or YAML path")
     sim.add_argument("--time-scale", type=float, default=1.0)
     sim.add_argument("--control-port", type=int, default=0, help="fault-injection channel")
+    sim.add_argument(
+        "--break",
+        dest="quirks",
+        action="append",
+        default=[],
+        metavar="QUIRK",
+        help="run a deliberately broken variant (no-progress, silent-while-busy, "
+        "forgets-last-delivery), to see tdw-emu hil check fail",
+    )
+    check = hil_sub.add_parser(
+        "check",
+        help="check a controller against hil/PROTOCOL.md",
+        description="Runs the protocol's checks against a controller (handshake, every "
+        "message type, NAK and retransmission, heartbeat, answers while moving, interrupt "
+        "during a beam, reconnect with last_delivery) and prints a pass/fail table citing "
+        "the PROTOCOL.md clause of each. Exit 0 only if every check passes. Example: "
+        "tdw-emu hil check --device serial:///dev/ttyUSB0?baudrate=57600 --junit hil.xml",
+    )
+    check.add_argument("--device", required=True, help="serial://, tcp://, rfc2217://, socket://")
+    check.add_argument("--junit", type=Path, help="also write a JUnit XML report here")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -560,8 +580,10 @@ def _cmd_hil(args: argparse.Namespace) -> int:
     from hil.controller_sim import ControllerSim, KeepOpen
     from hil.faults import ControlChannel, Faults
 
+    if args.hil_command == "check":
+        return _hil_check(args)
     faults = Faults()
-    sim = ControllerSim(args.machine, args.time_scale, faults)
+    sim = ControllerSim(args.machine, args.time_scale, faults, frozenset(args.quirks))
     control = ControlChannel(faults, port=args.control_port, report=sim.report)
     print(f"control channel on {control.address[0]}:{control.address[1]}", flush=True)
     if args.tcp:
@@ -588,6 +610,27 @@ def _cmd_hil(args: argparse.Namespace) -> int:
     finally:
         control.close()
     return 0
+
+
+def _hil_check(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from hil.check import ControllerCheck, write_junit
+
+    results = ControllerCheck(args.device).run()
+    table = Table(title=f"tdw-emu hil check {args.device}")
+    for column in ("check", "PROTOCOL.md clause", "result", "detail"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(r.name, r.clause, "pass" if r.ok else "FAIL", r.detail[:90])
+    Console(width=160).print(table)
+    if args.junit:
+        print(f"JUnit written to {write_junit(results, args.junit, args.device)}")
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        print(f"FAIL {r.name}: PROTOCOL.md {r.clause}: {r.detail}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -72,10 +72,29 @@ LONG_REPLIES = {
 }
 
 
+# Deliberately broken variants, for proving that `tdw-emu hil check` catches what it claims
+# to: each breaks one clause of hil/PROTOCOL.md.
+QUIRKS = {
+    "no-progress": "sends no PROGRESS while busy (Timing)",
+    "silent-while-busy": "answers nothing while a long operation runs (Timing)",
+    "forgets-last-delivery": "reports no last_delivery after a lost host (Safety rules)",
+}
+
+
 class ControllerSim:
     def __init__(
-        self, machine: str = "linac", time_scale: float = 1.0, faults: Faults | None = None
+        self,
+        machine: str = "linac",
+        time_scale: float = 1.0,
+        faults: Faults | None = None,
+        quirks: frozenset[str] = frozenset(),
     ) -> None:
+        unknown = set(quirks) - set(QUIRKS)
+        if unknown:
+            raise ValueError(
+                f"unknown controller quirk(s) {sorted(unknown)}; known: {sorted(QUIRKS)}"
+            )
+        self.quirks = frozenset(quirks)
         self.profile = load_machine_profile(machine)
         self.clock = Clock(time_scale)
         # What this controller promises in HELLO_REPLY (hil/PROTOCOL.md, Timing): PROGRESS
@@ -114,6 +133,8 @@ class ControllerSim:
     def _hello_body(self) -> dict:
         caps = asdict(self.linac.capabilities())
         last = dict(self.deliveries[-1]) if self.deliveries else None
+        if "forgets-last-delivery" in self.quirks:
+            last = None
         return {
             "protocol": 1,
             "identity": asdict(self.linac.identify()),
@@ -244,7 +265,7 @@ class ControllerSim:
 
         def tick() -> None:
             while not done.wait(self.timing.progress_interval_s):
-                if self.faults.stalled or session != self.sessions:
+                if self.faults.stalled or session != self.sessions or "no-progress" in self.quirks:
                     continue
                 elapsed = round(time.monotonic() - started, 3)
                 with contextlib.suppress(LinkLost):
@@ -303,7 +324,8 @@ class ControllerSim:
                     self.faults.count("dropped")
                     break
                 frame = link.recv(timeout=0.05) if not link.closed.is_set() else None
-                if frame is not None and not self.faults.stalled:
+                deaf = "silent-while-busy" in self.quirks and self._is_busy()
+                if frame is not None and not self.faults.stalled and not deaf:
                     self.handle(link, frame.type, frame.body)
         except LinkLost:
             pass
