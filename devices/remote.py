@@ -134,10 +134,22 @@ class RemoteDevice(Device):
     # -- link ------------------------------------------------------------------------------
 
     def connect(self) -> None:
-        try:
-            transport = self.opener()
-        except (OSError, serial.SerialException) as exc:
-            raise DeviceError(f"cannot open the controller link: {exc}") from exc
+        """Opens the link and says HELLO. At start-up a controller may still be booting or
+        its line not yet up: opening is retried for ``reconnect_s`` before it fails with the
+        reason (never a bare traceback)."""
+        deadline = time.monotonic() + self.timing.reconnect_s
+        while True:
+            try:
+                transport = self.opener()
+                break
+            except (OSError, serial.SerialException) as exc:
+                if time.monotonic() + 0.5 > deadline:
+                    raise DeviceError(
+                        f"cannot open the controller link: {exc} (tried for "
+                        f"{self.timing.reconnect_s:g} s; is the controller on and the address "
+                        "right?)"
+                    ) from exc
+                time.sleep(0.5)
         self.link = Link(transport, observer=self.observer)
         reply = self._request(MessageType.HELLO, {"protocol": 1}, {MessageType.HELLO_REPLY})
         self._hello = reply.body

@@ -576,6 +576,8 @@ def _cmd_soak(args: argparse.Namespace) -> int:
 def _cmd_hil(args: argparse.Namespace) -> int:
     import threading
 
+    import serial
+
     from devices.link import SerialTransport
     from hil.controller_sim import ControllerSim, KeepOpen
     from hil.faults import ControlChannel, Faults
@@ -586,12 +588,20 @@ def _cmd_hil(args: argparse.Namespace) -> int:
     sim = ControllerSim(args.machine, args.time_scale, faults, frozenset(args.quirks))
     control = ControlChannel(faults, port=args.control_port, report=sim.report)
     print(f"control channel on {control.address[0]}:{control.address[1]}", flush=True)
+    try:
+        if args.tcp:
+            host, _, port = args.tcp.rpartition(":")
+            server = sim.listen_tcp(host or "127.0.0.1", int(port))
+        elif args.serial != "auto":
+            line = KeepOpen(SerialTransport(args.serial))
+    except (OSError, ValueError, serial.SerialException) as exc:
+        where = args.tcp or args.serial
+        print(f"tdw-emu hil controller-sim: cannot open {where}: {exc}", file=sys.stderr)
+        control.close()
+        return 2
     if args.tcp:
-        host, _, port = args.tcp.rpartition(":")
-        ready = threading.Event()
-        thread = threading.Thread(target=sim.serve_tcp, args=(host, int(port), ready), daemon=True)
+        thread = threading.Thread(target=sim.serve_tcp, kwargs={"server": server}, daemon=True)
         thread.start()
-        ready.wait(5)
         print(f"controller listening on tcp://{sim.address[0]}:{sim.address[1]}", flush=True)
     elif args.serial == "auto":
         master, path = sim.open_pty()
@@ -599,7 +609,6 @@ def _cmd_hil(args: argparse.Namespace) -> int:
         thread.start()
         print(f"controller listening on serial://{path}", flush=True)
     else:
-        line = KeepOpen(SerialTransport(args.serial))
         thread = threading.Thread(
             target=lambda: [sim.serve(line) for _ in iter(int, 1)], daemon=True
         )

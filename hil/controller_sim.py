@@ -335,12 +335,21 @@ class ControllerSim:
             link.close()
             self._abort_delivery()
 
-    def serve_tcp(
-        self, host: str = "127.0.0.1", port: int = 0, ready: threading.Event | None = None
-    ) -> None:
-        """Accepts one host at a time, again after every drop, until the process ends."""
+    def listen_tcp(self, host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+        """Binds the controller's TCP port (raises OSError, e.g. when it is taken)."""
         server = socket.create_server((host, port))
         self.address = server.getsockname()[:2]
+        return server
+
+    def serve_tcp(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ready: threading.Event | None = None,
+        server: socket.socket | None = None,
+    ) -> None:
+        """Accepts one host at a time, again after every drop, until the process ends."""
+        server = server or self.listen_tcp(host, port)
         if ready:
             ready.set()
         while True:

@@ -328,3 +328,38 @@ def test_a_count_the_controller_cannot_confirm_ends_unknown_and_needs_review(ben
     assert site.tms.continuations == []
     (session,) = site.tms.ups.sessions()
     assert "needs review" in session.note and "UNKNOWN" in session.note
+
+
+def test_start_up_failures_are_one_sentence_each(tmp_path):
+    """A controller that is not there, a port that is taken, a serial device that does not
+    exist: one line naming the cause, no traceback, and `run` still writes its report."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "emulator.cli", *args],
+            capture_output=True, text=True, cwd=REPO, timeout=120,
+        )  # fmt: skip
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        busy = cli("hil", "controller-sim", "--tcp", f"127.0.0.1:{port}")
+    assert busy.returncode == 2 and "cannot open 127.0.0.1:" in busy.stderr
+    missing = cli("hil", "controller-sim", "--serial", str(tmp_path / "no-such-tty"))
+    assert missing.returncode == 2 and "cannot open" in missing.stderr
+    nobody = free_port()
+    run = cli(
+        "run", "--kind", "tdd", "--station", "LINAC1", "--tms", "TMS@127.0.0.1:1",
+        "--archive", "ARCHIVE@127.0.0.1:2", "--listen-port", str(free_port()),
+        "--device", f"tcp://127.0.0.1:{nobody}?reconnect_s=1",
+        "--report-dir", str(tmp_path / "report"), "--data-dir", str(tmp_path / "dev"),
+    )  # fmt: skip
+    assert run.returncode == 1
+    assert "cannot open the controller link" in run.stderr
+    assert (tmp_path / "report" / "run-report.json").is_file()
+    for result in (busy, missing, run):
+        assert "Traceback" not in result.stdout + result.stderr
