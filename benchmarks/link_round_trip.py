@@ -4,7 +4,7 @@ A HEARTBEAT is sent to the controller simulator and timed until its HEARTBEAT_RE
 arrives (two data frames and two ACKs). The same number of round trips is run over both
 transports in the same process; p50 and p99 are printed, with the TCP/pty ratio.
 
-    python benchmarks/link_round_trip.py [--count 2000]
+    .venv/bin/python benchmarks/link_round_trip.py [--count 2000] [--time-scale 1]
 """
 
 from __future__ import annotations
@@ -44,22 +44,25 @@ def round_trips(link: Link, count: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--time-scale", type=float, default=1.0, help="the controller's")
     args = parser.parse_args()
     results = {}
-    pty_sim = ControllerSim(time_scale=0)
+    pty_sim = ControllerSim(time_scale=args.time_scale)
     master, path = pty_sim.open_pty()
     threading.Thread(target=pty_sim.serve_pty, args=(master,), daemon=True).start()
     link = Link(SerialTransport(path))
     results["pty (pyserial)"] = round_trips(link, args.count)
     link.close()
-    tcp_sim = ControllerSim(time_scale=0)
+    tcp_sim = ControllerSim(time_scale=args.time_scale)
     ready = threading.Event()
     threading.Thread(target=tcp_sim.serve_tcp, kwargs={"ready": ready}, daemon=True).start()
     ready.wait(5)
     link = Link(SocketTransport.connect(*tcp_sim.address))
     results["tcp (loopback)"] = round_trips(link, args.count)
     link.close()
-    print(f"HEARTBEAT round trip, {args.count} commands each")
+    print(
+        f"HEARTBEAT round trip, {args.count} commands each, controller time scale {args.time_scale}"
+    )
     for name, times in results.items():
         print(
             f"  {name:<16} p50 {percentile(times, 0.5) * 1e3:7.3f} ms   "
