@@ -363,3 +363,29 @@ def test_start_up_failures_are_one_sentence_each(tmp_path):
     assert (tmp_path / "report" / "run-report.json").is_file()
     for result in (busy, missing, run):
         assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_serial_settings_and_timing_ride_in_the_device_url():
+    from devices.remote import DeviceUrl, link_opener
+
+    url = DeviceUrl.parse("/dev/ttyUSB0?baudrate=57600&parity=E&rtscts=1&stopbits=2&silence_s=9")
+    assert url.target == "/dev/ttyUSB0"
+    assert url.serial == {"baudrate": 57600, "parity": "E", "rtscts": True, "stopbits": 2.0}
+    assert url.timing == {"silence_s": 9.0}
+    with pytest.raises(ValueError, match="parity"):
+        DeviceUrl.parse("/dev/ttyUSB0?parity=X")
+    opener, _ = link_opener("serial:loop://?baudrate=57600&parity=E&bytesize=7")
+    transport = opener()
+    try:
+        port = transport.port
+        assert (port.baudrate, port.parity, port.bytesize) == (57600, "E", 7)
+    finally:
+        transport.close()
+
+
+def test_pyserial_socket_url_drives_a_session(bench):
+    """pyserial's socket:// handler, the way a serial-over-TCP bridge is reached."""
+    spec, _sim, _ = start_controller("tcp")
+    _site, device = bench(spec.replace("tcp://", "socket://"))
+    (outcome,) = device.run_once()
+    assert outcome.state == "COMPLETED", outcome.reason

@@ -345,3 +345,36 @@ def test_a_device_error_between_beams_stores_what_the_earlier_beams_delivered(la
     code = progress.ProcedureStepDiscontinuationReasonCodeSequence[0]
     assert code.CodeValue == "110501"
     assert len(site.tms.continuations) == 1
+
+
+def test_a_tms_that_refuses_progress_between_beams_still_gets_the_record(lab):
+    """The TMS ends the UPS under the device while beam 2 is on (an operator at the TMS):
+    the progress update before beam 3 is refused, beam 3 is never switched on, and the
+    record of beams 1 and 2 is stored all the same."""
+    site, devices = lab(("tdd",))
+    device = devices["tdd"]
+
+    def tms_cancels_after_the_first(task):
+        if task.program.beam_number == 1:
+            return
+
+        def decide(current):
+            current.state = current.dataset.ProcedureStepState = "CANCELED"
+            return current
+
+        delivery = next(r for r in site.tms.ups.select() if r.step == "delivery")
+        site.tms.ups.transition(delivery.sop_instance_uid, decide)
+
+    device.on_beam_start = tms_cancels_after_the_first
+    (outcome,) = device.run_once()
+    assert outcome.state == "CANCELED" and "RO-26" in outcome.reason
+    assert list(outcome.delivered) == [1, 2] and all(outcome.delivered.values())
+    kept = device.receiver.store.select("modality = 'RTRECORD'")
+    assert len(kept) == 1
+    record = device.receiver.store.read(kept[0])
+    recorded = {
+        int(b.ReferencedBeamNumber): float(b.DeliveredPrimaryMeterset)
+        for b in record.TreatmentSessionBeamSequence
+    }
+    assert recorded == pytest.approx(outcome.delivered)
+    assert site.archive.store.get(str(record.SOPInstanceUID)) is not None

@@ -833,7 +833,19 @@ class PerformingDevice:
             beam_started,
             on_delivered=lambda d: self.journal.delivered(claim.uid, d.so_far()),
         )
-        result = delivery.run()
+        try:
+            result = delivery.run()
+        except _Cancel as refused:
+            # The TMS refused a progress update between beams (it no longer has the UPS IN
+            # PROGRESS for this device): the beams already given are recorded all the same.
+            beams = delivery.outcome.beams
+            given = round(sum(b.delivered for b in beams), 4)
+            refused.percent = round(given / planned * 100, 2) if planned else 0.0
+            if beams:
+                record = self._record(context, beams, plan, previous)
+                refused.stored = self._store([record], "RO-24", claim.uid, refused.percent)
+            outcome.delivered = {b.beam_number: b.delivered for b in beams}
+            raise
         for beam in result.beams:
             done[beam.beam_number] = beam.delivered
             self.metrics.beam(beam.termination, beam.delivered)
