@@ -9,10 +9,11 @@ gantry where it is.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,16 @@ class ControllerCheck:
         except (OSError, LinkLost) as exc:
             raise CheckFailed(f"cannot open the link: {exc}") from exc
 
+    @contextlib.contextmanager
+    def _greeted(self) -> Iterator[_Session]:
+        """A fresh link on which HELLO was answered; closed afterwards."""
+        session = self._session()
+        try:
+            session.handshake()
+            yield session
+        finally:
+            session.close()
+
     def _run_one(self, name: str, clause: str, check: Callable[[], str]) -> None:
         started = time.monotonic()
         try:
@@ -130,22 +141,17 @@ class ControllerCheck:
     # -- the checks ------------------------------------------------------------------------
 
     def check_handshake(self) -> str:
-        session = self._session()
-        try:
-            body = session.handshake()
+        with self._greeted() as session:
+            body = session.hello
             if body.get("protocol") != 1:
                 raise CheckFailed(f"HELLO_REPLY protocol {body.get('protocol')!r}, not 1")
             if "timing" not in body:
                 raise CheckFailed("HELLO_REPLY states no timing budget")
             identity = body["identity"]
             return f"{identity['vendor']} {identity['model']} {identity['serial']}"
-        finally:
-            session.close()
 
     def check_messages(self) -> str:
-        session = self._session()
-        try:
-            session.handshake()
+        with self._greeted() as session:
             budget = session.timing
             session.send(MessageType.GET_STATE)
             session.wait_for({MessageType.STATE}, budget.silence_s)
@@ -167,13 +173,9 @@ class ControllerCheck:
             )
             session.wait_for({MessageType.COUCH_POSITION}, budget.limit_for("MOVE_COUCH") or 120)
             return f"{len(session.frames)} frames, every body follows its schema"
-        finally:
-            session.close()
 
     def check_nak(self) -> str:
-        session = self._session()
-        try:
-            session.handshake()
+        with self._greeted() as session:
             naks = session.link.counters.naks_received
             session.link.transport.write(b"\x05\x01\x02\x03\x04\x00")  # a frame that fails COBS/CRC
             session.send(MessageType.HEARTBEAT)  # and the next one must still get through
@@ -181,13 +183,9 @@ class ControllerCheck:
             if session.link.counters.naks_received <= naks:
                 raise CheckFailed("a garbled frame was not answered with NAK")
             return "garbled frame NAKed, the next frame acknowledged and answered"
-        finally:
-            session.close()
 
     def check_heartbeat(self) -> str:
-        session = self._session()
-        try:
-            session.handshake()
+        with self._greeted() as session:
             worst = 0.0
             for _ in range(5):
                 sent = time.monotonic()
@@ -196,13 +194,9 @@ class ControllerCheck:
                 worst = max(worst, time.monotonic() - sent)
                 time.sleep(session.timing.heartbeat_s)
             return f"5 replies, slowest {worst * 1000:.1f} ms"
-        finally:
-            session.close()
 
     def check_answers_while_busy(self) -> str:
-        session = self._session()
-        try:
-            session.handshake()
+        with self._greeted() as session:
             budget = session.timing
             session.send(MessageType.ACQUIRE, {"kind": "CBCT"})
             session.send(MessageType.GET_STATE)
@@ -228,13 +222,9 @@ class ControllerCheck:
                 f"STATE busy={state.body.get('busy')!r} during ACQUIRE; {len(progress)} PROGRESS "
                 f"in {took:.1f} s; {len(images.body['planes'])} planes"
             )
-        finally:
-            session.close()
 
     def check_interrupt(self) -> str:
-        session = self._session()
-        try:
-            session.handshake()
+        with self._greeted() as session:
             budget = session.timing
             beam = _small_beam(session.hello, 500.0)
             session.send(MessageType.LOAD_BEAM, program_to_body(beam))
@@ -247,32 +237,25 @@ class ControllerCheck:
             if ended.body["termination"] != "OPERATOR":
                 raise CheckFailed(f"INTERRUPT ended the beam {ended.body['termination']}")
             return f"BEAM_ENDED OPERATOR {time.monotonic() - asked:.2f} s after INTERRUPT"
-        finally:
-            session.close()
 
     def check_reconnect(self) -> str:
-        session = self._session()
-        session.handshake()
-        budget = session.timing
-        beam = _small_beam(session.hello, 500.0, number=7)
-        session.send(MessageType.LOAD_BEAM, program_to_body(beam))
-        session.wait_for({MessageType.LOADED}, budget.limit_for("LOAD_BEAM") or 120)
-        session.send(MessageType.BEAM_ON)
-        heard = float(
-            session.wait_for({MessageType.METERSET}, budget.silence_s + 5).body["meterset"]
-        )
-        session.close()  # the host vanishes with the beam on
+        with self._greeted() as session:  # the host vanishes with the beam on
+            budget = session.timing
+            beam = _small_beam(session.hello, 500.0, number=7)
+            session.send(MessageType.LOAD_BEAM, program_to_body(beam))
+            session.wait_for({MessageType.LOADED}, budget.limit_for("LOAD_BEAM") or 120)
+            session.send(MessageType.BEAM_ON)
+            heard = float(
+                session.wait_for({MessageType.METERSET}, budget.silence_s + 5).body["meterset"]
+            )
         time.sleep(0.5)
-        again = self._session()
-        try:
-            last = again.handshake().get("last_delivery") or {}
-            if last.get("beam") != 7 or not last.get("termination"):
-                raise CheckFailed(f"HELLO_REPLY last_delivery {last!r}, not the ended beam 7")
-            if float(last["measured"]) < heard:
-                raise CheckFailed(f"last_delivery measured {last['measured']} < {heard} heard")
-            return f"last_delivery beam 7 {last['termination']} at {last['measured']} MU"
-        finally:
-            again.close()
+        with self._greeted() as again:
+            last = again.hello.get("last_delivery") or {}
+        if last.get("beam") != 7 or not last.get("termination"):
+            raise CheckFailed(f"HELLO_REPLY last_delivery {last!r}, not the ended beam 7")
+        if float(last["measured"]) < heard:
+            raise CheckFailed(f"last_delivery measured {last['measured']} < {heard} heard")
+        return f"last_delivery beam 7 {last['termination']} at {last['measured']} MU"
 
 
 def write_junit(results: list[CheckResult], path: Path, device: str) -> Path:

@@ -33,17 +33,22 @@ def _traffic(report_dir: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def test_interrupt_cancels_with_a_coded_reason_and_stores_the_record(tmp_path):
+def _interrupted_run(tmp_path: Path, *tms_flags: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """`tdw-emu run --interrupt 2:50` against a `tdw-emu tms` started with ``tms_flags``."""
     port = free_port()
-    site = start_site(tmp_path / "site", port, 1)
+    site = start_site(tmp_path / "site", port, 1, *tms_flags)
     report_dir = tmp_path / "report"
     try:
         run = run_command(
             site, port, tmp_path / "device", "--interrupt", "2:50", "--report-dir", str(report_dir)
         )
-        result = _run(run)
+        return _run(run), report_dir
     finally:
         site.stop()
+
+
+def test_interrupt_cancels_with_a_coded_reason_and_stores_the_record(tmp_path):
+    result, report_dir = _interrupted_run(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((report_dir / "run-report.json").read_text())
     delivery = next(o for o in report["outcomes"] if o["step"] == "delivery")
@@ -75,16 +80,7 @@ def test_interrupt_cancels_with_a_coded_reason_and_stores_the_record(tmp_path):
 
 
 def test_a_refused_cancel_is_sent_again_and_accepted(tmp_path):
-    port = free_port()
-    site = start_site(tmp_path / "site", port, 1, "--fault-refuse-canceled", "1")
-    report_dir = tmp_path / "report"
-    try:
-        run = run_command(
-            site, port, tmp_path / "device", "--interrupt", "2:50", "--report-dir", str(report_dir)
-        )
-        result = _run(run)
-    finally:
-        site.stop()
+    result, report_dir = _interrupted_run(tmp_path, "--fault-refuse-canceled", "1")
     assert result.returncode == 0, result.stdout + result.stderr
     answers = [
         m["status"]
