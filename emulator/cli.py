@@ -32,6 +32,14 @@ def _tls_values(args: argparse.Namespace) -> dict:
     }
 
 
+def _tls_banner(network) -> str:
+    """Whether a server speaks TLS, and whether callers must show a certificate."""
+    if network.tls is None:
+        return "TLS off: plain DICOM on every association"
+    mode = "required" if network.tls.require_peer_certificate else "not required"
+    return f"TLS on (1.2 or later), client certificate {mode}"
+
+
 def _add_metrics_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here (0: free)")
     p.add_argument("--metrics-host", help="address for /metrics (default 127.0.0.1)")
@@ -337,6 +345,7 @@ def _cmd_archive(args: argparse.Namespace) -> int:
     print(f"archive {config.ae_title} listening on {host}:{port}", flush=True)
     print(f"  data dir {config.data_dir}, {server.store.count()} instances", flush=True)
     print(f"  accepted callers: {callers}", flush=True)
+    print(f"  {_tls_banner(config.network)}", flush=True)
     for peer in server.peers:
         print(f"  move destination {peer}", flush=True)
     try:
@@ -408,6 +417,7 @@ def _cmd_tms(args: argparse.Namespace) -> int:
             )
         )
         print(f"  profile {config.edition}, UIDs {config.uid_set}, callers: {callers}", flush=True)
+        print(f"  {_tls_banner(config.network)}", flush=True)
         for index, station in enumerate(values.get("seed") or [], start=1):
             session_id = site.seed(station, index)
             print(f"  seeded session {session_id} for station {station}: 4 UPS", flush=True)

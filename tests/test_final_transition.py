@@ -37,6 +37,8 @@ def _interrupted_run(tmp_path: Path, *tms_flags: str) -> tuple[subprocess.Comple
     """`tdw-emu run --interrupt 2:50` against a `tdw-emu tms` started with ``tms_flags``."""
     port = free_port()
     site = start_site(tmp_path / "site", port, 1, *tms_flags)
+    # The banner says how the TMS talks: plain DICOM here (TLS has its own tests).
+    assert "  TLS off: plain DICOM on every association" in site.output
     report_dir = tmp_path / "report"
     try:
         run = run_command(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,12 @@ def test_dcmtk_echoscu_over_tls_against_the_archive_command(tmp_path, pki):
         str(pki / "ca.pem"),
     )
     try:
+        deadline = time.monotonic() + 10
+        while not any(line.strip().startswith("TLS") for line in proc.output):
+            assert time.monotonic() < deadline, proc.output
+            time.sleep(0.05)
+        banner = next(line.strip() for line in proc.output if line.strip().startswith("TLS"))
+        assert banner == "TLS on (1.2 or later), client certificate required"
         echoscu = dcmtk("echoscu")
         base = [echoscu, "-aet", "DCMTK", "-aec", "ARCHIVE"]
         secure = subprocess.run(

@@ -492,3 +492,41 @@ def test_continuation_scheduled_after_partial_cancel(make_site):
     assert float(tasks[2].ContinuationEndMeterset) == pytest.approx(specified)
     assert tasks[3].TreatmentDeliveryType == "TREATMENT"
     assert [int(o.ReferencedBeamNumber) for o in instruction.OmittedBeamTaskSequence] == [1]
+
+
+def _explicit_find(site: ReferenceSite, identifier: Dataset) -> list[Dataset]:
+    """A UPS C-FIND over Explicit VR Little Endian only, so a key's VR reaches the TMS as
+    sent; returns the status datasets."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE, build_context
+    from pynetdicom.sop_class import UnifiedProcedureStepPull
+
+    ae = AE(ae_title="DEVICE")
+    ae.requested_contexts = [build_context(UnifiedProcedureStepPull, ExplicitVRLittleEndian)]
+    assoc = ae.associate(*site.tms.address, ae_title=TMS_AE)
+    assert assoc.is_established
+    try:
+        return [status for status, _ in assoc.send_c_find(identifier, UnifiedProcedureStepPull)]
+    finally:
+        assoc.release()
+
+
+def test_a_key_with_the_wrong_vr_gets_a900_with_a_comment_not_a_traceback(make_site):
+    site, _ = make_site()
+    identifier = Dataset()
+    identifier.ProcedureStepState = "SCHEDULED"
+    identifier.add_new(0x00404025, "LO", "LINAC1")  # ScheduledStationNameCodeSequence, as LO
+    (status,) = _explicit_find(site, identifier)
+    assert status.Status == 0xA900
+    assert "ScheduledStationNameCodeSequence must be SQ" in status.ErrorComment
+
+
+def test_a_wildcard_longer_than_its_vr_allows_is_refused(make_site):
+    site, _ = make_site()
+    with client(site) as tms:
+        identifier = Dataset()
+        identifier.ProcedureStepState = "SCHEDULED"
+        identifier.PatientID = "*" + "x" * 10_000
+        assert tms.find_status(identifier) == 0xC000
+        identifier.PatientID = "TDW*"
+        assert tms.find_status(identifier) == 0x0000

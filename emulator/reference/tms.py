@@ -18,7 +18,7 @@ from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
-from pydicom.valuerep import validate_value
+from pydicom.valuerep import MAX_VALUE_LEN, validate_value
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
@@ -53,6 +53,7 @@ STATUS_PENDING = 0xFF00
 STATUS_UNABLE_TO_PROCESS = 0xC000
 STATUS_INVALID_ATTRIBUTE = 0x0106
 STATUS_NO_SUCH_ACTION = 0x0123
+STATUS_IDENTIFIER_MISMATCH = 0xA900  # Identifier does not match SOP Class (PS3.4 C.4.1.1.4)
 ACTION_CHANGE_STATE = 1
 ACTION_REQUEST_CANCEL = 2
 REFUSE_ALWAYS = -1
@@ -150,6 +151,10 @@ class TmsServer(ServedAE):
         try:
             where, params = self._ups_query(event.identifier)
             records = self.ups.select(where, params)
+        except IdentifierMismatch as exc:
+            LOG.warning("UPS C-FIND refused: %s", exc)
+            yield status_dataset(STATUS_IDENTIFIER_MISMATCH, str(exc)), None
+            return
         except ValueError as exc:
             LOG.warning("UPS C-FIND refused: %s", exc)
             yield status_dataset(STATUS_UNABLE_TO_PROCESS, str(exc)), None
@@ -166,6 +171,11 @@ class TmsServer(ServedAE):
         parts, params = [], []
         for element in identifier:
             keyword = element.keyword
+            expected_vr = (
+                "SQ" if keyword in UPS_CODE_COLUMNS else UPS_COLUMNS.get(keyword, ("", ""))[1]
+            )
+            if expected_vr and expected_vr != element.VR:
+                raise IdentifierMismatch(f"{keyword} must be {expected_vr}, not {element.VR}")
             if keyword in UPS_COLUMNS:
                 value = element_text(element)
                 column, vr = UPS_COLUMNS[keyword]
@@ -420,13 +430,28 @@ def _finalise(ups: Dataset, state: str) -> None:
     ups.ProcedureStepProgressInformationSequence = Sequence(list(items))
 
 
+class IdentifierMismatch(ValueError):
+    """A key whose VR is not the attribute's (e.g. a code sequence sent as LO): A900."""
+
+
+# Longest value of a VR (PS3.5 Table 6.2-1) where pydicom's table has none: DT, and PN per
+# component group. A wildcard value is held to the same limits as any other.
+LONGEST = {**MAX_VALUE_LEN, "DT": 26, "DA": 8, "TM": 16, "PN": 64}
+
+
 def _validate(keyword: str, vr: str, value: str) -> None:
     for single in value.split("\\") if vr == "UI" else [value]:
-        if single and not (vr != "UI" and ("*" in single or "?" in single)):
-            try:
-                validate_value(vr, single, pydicom_config.RAISE)
-            except ValueError as exc:
-                raise ValueError(f"invalid {keyword}: {str(exc)[:40]}") from exc
+        if not single:
+            continue
+        if vr != "UI" and ("*" in single or "?" in single):
+            parts = single.split("=") if vr == "PN" else [single]
+            if any(len(part) > LONGEST.get(vr, 64) for part in parts):
+                raise ValueError(f"invalid {keyword}: longer than {vr} allows")
+            continue
+        try:
+            validate_value(vr, single, pydicom_config.RAISE)
+        except ValueError as exc:
+            raise ValueError(f"invalid {keyword}: {str(exc)[:40]}") from exc
 
 
 def _validate_dataset(ds: Dataset, depth: int = 0) -> None:
