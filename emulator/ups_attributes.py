@@ -188,6 +188,42 @@ def final_code(keyword: str) -> str:
     return next((row.final for row in table() if row.keyword == keyword), "")
 
 
+@dataclass(frozen=True)
+class CreateProblem:
+    """Why an N-CREATE attribute list is refused: the DIMSE status and the attribute."""
+
+    status: int
+    comment: str
+
+
+def n_create_problems(attributes: Dataset) -> list[CreateProblem]:
+    """What the N-CREATE column of Table CC.2.5-3 says is wrong with an attribute list.
+
+    SCU type 1 must be present with a value (0120 missing attribute, 0121 missing value),
+    type 2 present (0120); "Not allowed" must be absent (0105 no such attribute); the state
+    must be SCHEDULED (C309) and the Transaction UID zero length (0106). Conditional types
+    are the scheduler's own judgement and not refused here.
+    """
+    problems = []
+    for row in table():
+        scu = row.n_create.split("/")[0].strip().lower()
+        present = row.keyword in attributes
+        value = attributes[row.keyword].value if present else None
+        empty = value in (None, "", b"", [])
+        if scu == "not allowed" and present:
+            problems.append(CreateProblem(0x0105, f"{row.keyword} is not allowed in N-CREATE"))
+        elif scu in ("1", "2") and not present:
+            problems.append(CreateProblem(0x0120, f"{row.keyword} is missing"))
+        elif scu == "1" and empty:
+            problems.append(CreateProblem(0x0121, f"{row.keyword} has no value"))
+    state = str(attributes.get("ProcedureStepState", "") or "")
+    if state and state != "SCHEDULED":
+        problems.insert(0, CreateProblem(0xC309, "Procedure Step State must be SCHEDULED"))
+    if str(attributes.get("TransactionUID", "") or ""):
+        problems.append(CreateProblem(0x0106, "Transaction UID must be zero length"))
+    return problems
+
+
 def never_returned() -> set[str]:
     """Attributes whose N-GET type is Not allowed: the SCP never returns them (CC.2.7.3)."""
     return {row.keyword for _, row in walk() if row.n_get.lower() == "not allowed"}

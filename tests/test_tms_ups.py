@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 
 import pytest
@@ -530,3 +531,94 @@ def test_a_wildcard_longer_than_its_vr_allows_is_refused(make_site):
         assert tms.find_status(identifier) == 0xC000
         identifier.PatientID = "TDW*"
         assert tms.find_status(identifier) == 0x0000
+
+
+def _created_ups(**changes) -> Dataset:
+    """An N-CREATE attribute list as a scheduler sends one (Table CC.2.5-3, SCU types)."""
+    ds = Dataset()
+    ds.TransactionUID = ""
+    ds.ScheduledProcedureStepPriority = "MEDIUM"
+    ds.ScheduledProcedureStepModificationDateTime = "20261201080000"
+    ds.WorklistLabel = "Bench"
+    ds.ProcedureStepLabel = "Created by a TDW-II tool"
+    ds.CommentsOnTheScheduledProcedureStep = ""
+    ds.ScheduledStationNameCodeSequence = Sequence([code("LINAC9", "99TEST", "Linac 9")])
+    ds.ScheduledStationClassCodeSequence = Sequence([])
+    ds.ScheduledStationGeographicLocationCodeSequence = Sequence([])
+    ds.ScheduledProcedureStepStartDateTime = dt.datetime.now().strftime("%Y%m%d%H%M%S")
+    ds.ScheduledWorkitemCodeSequence = Sequence([code("121726", "DCM", "RT Treatment")])
+    ds.ScheduledProcessingParametersSequence = Sequence([])
+    ds.InputReadinessState = "READY"
+    ds.InputInformationSequence = Sequence([])
+    ds.PatientName = "Created^Patient"
+    ds.PatientID = "CRE001"
+    ds.IssuerOfPatientID = ""
+    ds.OtherPatientIDsSequence = Sequence([])
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
+    ds.AdmissionID = ""
+    ds.IssuerOfAdmissionIDSequence = Sequence([])
+    ds.AdmittingDiagnosesDescription = ""
+    ds.AdmittingDiagnosesCodeSequence = Sequence([])
+    ds.ReferencedRequestSequence = Sequence([])
+    ds.ProcedureStepState = "SCHEDULED"
+    ds.ProcedureStepProgressInformationSequence = Sequence([])
+    ds.UnifiedProcedureStepPerformedProcedureSequence = Sequence([])
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("changes", "status", "named"),
+    [
+        ({}, 0x0000, ""),
+        ({"ProcedureStepLabel": None}, 0x0120, "ProcedureStepLabel"),
+        ({"ProcedureStepLabel": ""}, 0x0121, "ProcedureStepLabel"),
+        ({"ProcedureStepState": "IN PROGRESS"}, 0xC309, "SCHEDULED"),
+        ({"TransactionUID": "1.2.3"}, 0x0106, "Transaction UID"),
+    ],
+    ids=["complete", "missing-type-1", "empty-type-1", "not-scheduled", "transaction-uid"],
+)
+def test_n_create_of_a_ups_follows_the_table(make_site, changes, status, named):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import UnifiedProcedureStepPush
+
+    site, _ = make_site(sessions=0)
+    ae = AE(ae_title="DEVICE")
+    ae.add_requested_context(UnifiedProcedureStepPush)
+    assoc = ae.associate(*site.tms.address, ae_title=TMS_AE)
+    assert assoc.is_established
+    uid = str(generate_uid())
+    try:
+        answer, _ = assoc.send_n_create(_created_ups(**changes), UnifiedProcedureStepPush, uid)
+    finally:
+        assoc.release()
+    assert answer.Status == status, answer
+    assert named in str(answer.get("ErrorComment", ""))
+    created = site.tms.ups.get(uid)
+    if status:
+        assert created is None  # nothing stored for a refused request
+    else:
+        with client(site) as tms:
+            (found,) = tms.worklist("LINAC9")
+        assert found.SOPInstanceUID == uid and found.ProcedureStepState == "SCHEDULED"
+
+
+def test_an_oversized_n_set_is_refused_and_nothing_is_stored(make_site):
+    site, _ = make_site()
+    with client(site) as tms:
+        ups = _registration(tms)
+        transaction = str(generate_uid())
+        assert tms.change_state(ups.SOPInstanceUID, "IN PROGRESS", transaction)[0] == 0
+        big = progress(transaction, 10.0)
+        big.add_new(0x00091010, "LO", "TDW")
+        big.add_new(0x00091011, "OB", b"\0" * (2 << 20))  # 2 MiB of private data
+        status = tms.n_set(ups.SOPInstanceUID, big)
+    assert status == 0x0213
+    stored = site.tms.ups.get(str(ups.SOPInstanceUID)).dataset
+    assert 0x00091011 not in stored
+    assert "ProcedureStepProgressInformationSequence" not in stored

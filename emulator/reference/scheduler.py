@@ -401,6 +401,18 @@ class Scheduler:
             extra_tms_inputs=records,
         )
 
+    def add_created(self, ups: Dataset) -> str:
+        """A UPS another system created (N-CREATE), kept as a session of its own: the
+        station and patient it names, its step from its Scheduled Workitem code."""
+        from emulator.performer.actors import step_of
+
+        items = ups.get("ScheduledStationNameCodeSequence") or []
+        station = str(items[0].get("CodeValue", "")) if items else ""
+        session_id = str(generate_uid())
+        record = SessionRecord(session_id, station, str(ups.get("PatientID", "")), "", 0, "")
+        self.ups.add_session(record, [(step_of(ups) or "created", ups)])
+        return session_id
+
     # -- after a canceled step -------------------------------------------------------------
 
     def end_session_after(

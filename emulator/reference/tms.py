@@ -53,6 +53,8 @@ STATUS_PENDING = 0xFF00
 STATUS_UNABLE_TO_PROCESS = 0xC000
 STATUS_INVALID_ATTRIBUTE = 0x0106
 STATUS_NO_SUCH_ACTION = 0x0123
+STATUS_RESOURCE_LIMITATION = 0x0213
+STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_IDENTIFIER_MISMATCH = 0xA900  # Identifier does not match SOP Class (PS3.4 C.4.1.1.4)
 ACTION_CHANGE_STATE = 1
 ACTION_REQUEST_CANCEL = 2
@@ -74,6 +76,8 @@ class TmsConfig:
     # Fault injection, for testing performers: refuse this many CANCELED transitions that
     # would be accepted (REFUSE_ALWAYS: every one) with C304 and a comment saying so.
     refuse_canceled: int = 0
+    # The largest N-CREATE, N-SET or C-FIND request body accepted, encoded (docs/tms.md).
+    max_request_bytes: int = 1 << 20
 
     def calling_allow_list(self) -> list[str] | None:
         return calling_allow_list(self.peers, self.allowed_callers, self.accept_any_ae)
@@ -134,6 +138,7 @@ class TmsServer(ServedAE):
             (evt.EVT_N_ACTION, self._on_n_action),
             (evt.EVT_N_SET, self._on_n_set),
             (evt.EVT_N_GET, self._on_n_get),
+            (evt.EVT_N_CREATE, self._on_n_create),
         ]
         return ae, handlers
 
@@ -147,6 +152,10 @@ class TmsServer(ServedAE):
     def _on_find(self, event: evt.Event):
         if event.context.abstract_syntax == StudyRootQueryRetrieveInformationModelFind:
             yield from self.qr.on_find(event)
+            return
+        too_big = self._oversized(event.request.Identifier, "C-FIND identifier")
+        if too_big:
+            yield status_dataset(STATUS_OUT_OF_RESOURCES, too_big), None
             return
         try:
             where, params = self._ups_query(event.identifier)
@@ -364,6 +373,9 @@ class TmsServer(ServedAE):
 
     def _on_n_set(self, event: evt.Event) -> tuple[Dataset, Dataset | None]:
         uid = str(event.request.RequestedSOPInstanceUID)
+        too_big = self._oversized(event.request.ModificationList, "N-SET modification list")
+        if too_big:
+            return status_dataset(STATUS_RESOURCE_LIMITATION, too_big), None
         modifications = event.modification_list or Dataset()
         forbidden = ups_rules.n_set_forbidden(modifications)
         if forbidden:
@@ -405,6 +417,49 @@ class TmsServer(ServedAE):
         status = int(outcome["status"])
         LOG.info("N-SET %s: 0x%04X", uid, status)
         return status_dataset(status), None
+
+    # -- N-CREATE ----------------------------------------------------------------------------
+
+    def _on_n_create(self, event: evt.Event) -> tuple[Dataset, Dataset | None]:
+        """A UPS created by a scheduler or a TDW-II tool (UPS Push, PS3.4 CC.2.5), held to
+        the N-CREATE column of Table CC.2.5-3 and stored as a session of its own."""
+        request = event.request
+        push = self.profile.sop_classes["ups_push"]
+        if request.AffectedSOPClassUID != push:
+            return status_dataset(0x0118, "N-CREATE of a UPS needs the UPS Push SOP Class"), None
+        too_big = self._oversized(request.AttributeList, "N-CREATE attribute list")
+        if too_big:
+            return status_dataset(STATUS_RESOURCE_LIMITATION, too_big), None
+        uid = str(request.AffectedSOPInstanceUID or "")
+        if not uid:
+            return status_dataset(0x0120, "Affected SOP Instance UID is required"), None
+        try:
+            attributes = event.attribute_list
+            ensure_readable(attributes)
+            _validate_dataset(attributes)
+        except ValueError as exc:
+            return status_dataset(STATUS_INVALID_ATTRIBUTE, str(exc)[:64]), None
+        problems = ups_attributes.n_create_problems(attributes)
+        if problems:
+            first = problems[0]
+            return status_dataset(first.status, first.comment[:64]), None
+        if self.ups.get(uid) is not None:
+            return status_dataset(0x0111, "a UPS with this SOP Instance UID exists"), None
+        ups = deepcopy(attributes)
+        ups.SOPClassUID, ups.SOPInstanceUID = push, uid
+        ups.ProcedureStepState = "SCHEDULED"
+        self.scheduler.add_created(ups)
+        LOG.info("N-CREATE %s by %s", uid, event.assoc.requestor.ae_title)
+        reply = Dataset()
+        reply.ProcedureStepState = "SCHEDULED"
+        return status_dataset(0x0000), reply
+
+    def _oversized(self, encoded, what: str) -> str:
+        """A request body larger than the configured limit (its encoded length, measured
+        before anything is decoded or stored), as the comment of its refusal."""
+        size = encoded.getbuffer().nbytes if encoded is not None else 0
+        limit = self.config.max_request_bytes
+        return f"{what} of {size} bytes exceeds {limit}" if size > limit else ""
 
     def _on_n_get(self, event: evt.Event) -> tuple[Dataset, Dataset | None]:
         record = self.ups.get(str(event.request.RequestedSOPInstanceUID))

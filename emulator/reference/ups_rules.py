@@ -125,8 +125,9 @@ def n_set_status(current_state: str, sent_uid: str, recorded_uid: str) -> int:
 
 
 def n_set_forbidden(modifications: Dataset) -> list[str]:
-    """Keywords an N-SET carries that it may never modify."""
-    return [k for k in ups_rules()["n_set"]["forbidden"] if k in modifications]
+    """Keywords an N-SET carries that it may never modify: the N-SET type "Not allowed"
+    of Table CC.2.5-3 (state, identity, patient)."""
+    return sorted(k for k in ups_attributes.n_set_not_allowed() if k in modifications)
 
 
 def never_returned() -> set[str]:
