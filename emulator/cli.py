@@ -26,6 +26,29 @@ def _add_tls_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_admission_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("admission (no single peer can stall the server)")
+    g.add_argument("--tls-handshake-timeout", type=float, help="seconds (default 5)")
+    g.add_argument(
+        "--association-request-timeout",
+        type=float,
+        help="seconds a connection has to send its A-ASSOCIATE-RQ (default 5)",
+    )
+    g.add_argument(
+        "--max-pending-per-address",
+        type=int,
+        help="connections waiting for admission from one address (default 64)",
+    )
+    g.add_argument("--max-pending-connections", type=int, help="in all (default 256)")
+    g.add_argument("--max-associations", type=int, help="associations at once (default 32)")
+
+
+def _admission_values(args: argparse.Namespace) -> dict:
+    from emulator.config import ADMISSION_SETTINGS
+
+    return {k: getattr(args, k, None) for k in ADMISSION_SETTINGS}
+
+
 def _tls_values(args: argparse.Namespace) -> dict:
     return {
         k: getattr(args, k, None) for k in ("tls_cert", "tls_key", "tls_ca", "tls_no_client_auth")
@@ -89,6 +112,7 @@ def _add_archive(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--uids", choices=("final", "trial"))
     p.add_argument("--import", dest="import_dir", type=Path, help="preload files from a dir")
     _add_tls_flags(p)
+    _add_admission_flags(p)
 
 
 def _add_tms(sub: argparse._SubParsersAction) -> None:
@@ -128,8 +152,12 @@ def _add_tms(sub: argparse._SubParsersAction) -> None:
         help="fault injection for testing performers: refuse the first N acceptable "
         "CANCELED transitions (or every one) with C304",
     )
+    p.add_argument(
+        "--max-request-bytes", type=int, help="largest N-CREATE/N-SET/C-FIND body (1 MiB)"
+    )
     _add_metrics_flags(p)
     _add_tls_flags(p)
+    _add_admission_flags(p)
     g = p.add_argument_group("schedule")
     g.add_argument("--plan-uid", help="RT Plan SOP Instance UID held by the Archive")
     g.add_argument("--station", help="station code for the scheduled sessions")
@@ -330,6 +358,7 @@ def _cmd_archive(args: argparse.Namespace) -> int:
         "uids": args.uids,
         "import_dir": args.import_dir,
         **_tls_values(args),
+        **_admission_values(args),
     }
     values = merge(load_yaml_config(args.config, "archive"), flags)
     config = archive_config(values)
@@ -379,12 +408,18 @@ def _cmd_tms(args: argparse.Namespace) -> int:
         "metrics_port": args.metrics_port,
         "metrics_host": args.metrics_host,
         "fault_refuse_canceled": args.fault_refuse_canceled,
+        "max_request_bytes": args.max_request_bytes,
         **_tls_values(args),
+        **_admission_values(args),
     }
     values = merge(load_yaml_config(args.config, "tms"), flags)
     config = site_config(values)
     metrics = default_metrics()
-    config.network = dataclasses.replace(config.network, observers=metrics.observers)
+    config.network = dataclasses.replace(
+        config.network,
+        observers=metrics.observers,
+        on_connection_refused=metrics.connection_refused,
+    )
     site = ReferenceSite(config, metrics)
     if args.action == "schedule":
         if not args.plan_uid or not args.station:

@@ -112,6 +112,7 @@ def archive_config(values: dict[str, Any]) -> ArchiveConfig:
         "max_dataset_bytes",
         "import_dir",
         *TLS_SETTINGS,
+        *ADMISSION_SETTINGS,
     }
     _check_known(values, known, "archive")
     ae_title = _ae_title(values, "ae_title", "ARCHIVE")
@@ -205,8 +206,10 @@ def site_config(values: dict[str, Any]) -> SiteConfig:
         "uids",
         "stations",
         "fault_refuse_canceled",
+        "max_request_bytes",
         *METRICS_SETTINGS,
         *TLS_SETTINGS,
+        *ADMISSION_SETTINGS,
     }
     _check_known(values, known, "tms")
     tms_ae = _ae_title(values, "ae_title", "TMS")
@@ -226,6 +229,7 @@ def site_config(values: dict[str, Any]) -> SiteConfig:
     return SiteConfig(
         data_dir=Path(values["data_dir"]),
         refuse_canceled=_refusals(values.get("fault_refuse_canceled")),
+        max_request_bytes=_positive(values, "max_request_bytes", 1 << 20, int),
         tms_ae_title=tms_ae,
         archive_ae_title=archive_ae,
         host=str(values.get("host", "127.0.0.1")),
@@ -244,12 +248,47 @@ def site_config(values: dict[str, Any]) -> SiteConfig:
 TLS_SETTINGS = ("tls_cert", "tls_key", "tls_ca", "tls_no_client_auth")
 
 
+# Admission before association (emulator/net/connection_guard.py) and the slot count.
+ADMISSION_SETTINGS = (
+    "tls_handshake_timeout",
+    "association_request_timeout",
+    "max_pending_per_address",
+    "max_pending_connections",
+    "max_associations",
+)
+
+
+def _positive(values: dict[str, Any], key: str, default: float, kind: type = float):
+    try:
+        value = kind(values.get(key, default))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{key} must be a {kind.__name__}") from exc
+    if value <= 0:
+        raise ConfigError(f"{key} must be positive")
+    return value
+
+
 def network_settings(values: dict[str, Any]) -> NetworkSettings:
     """Association settings shared by every command; TLS when its files are configured."""
+    from emulator.net.connection_guard import AdmissionLimits
     from emulator.net.tls import TlsError, tls_from_values
 
+    defaults, base = AdmissionLimits(), NetworkSettings()
+    admission = AdmissionLimits(
+        handshake_s=_positive(values, "tls_handshake_timeout", defaults.handshake_s),
+        request_deadline_s=_positive(
+            values, "association_request_timeout", defaults.request_deadline_s
+        ),
+        max_pending_per_address=_positive(
+            values, "max_pending_per_address", defaults.max_pending_per_address, int
+        ),
+        max_pending=_positive(values, "max_pending_connections", defaults.max_pending, int),
+    )
+    associations = _positive(values, "max_associations", base.maximum_associations, int)
     try:
-        return NetworkSettings(tls=tls_from_values(values))
+        return NetworkSettings(
+            tls=tls_from_values(values), admission=admission, maximum_associations=associations
+        )
     except TlsError as exc:
         raise ConfigError(str(exc)) from exc
 

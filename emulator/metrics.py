@@ -232,6 +232,12 @@ class Metrics:
         self.connected = Gauge(
             "tdw_device_connected", "1 while the device is connected", ["ae"], registry=r
         )
+        self.connections_refused = Counter(
+            "tdw_connections_refused",
+            "Connections closed before they became an association, by reason",
+            ["ae", "reason"],
+            registry=r,
+        )
         self.final_pending = Gauge(
             "tdw_final_transitions_pending",
             "UPS whose COMPLETED or CANCELED the TMS has not accepted yet (retried)",
@@ -245,6 +251,10 @@ class Metrics:
         self._pending: dict[int, dict[int, tuple[float, str, str, str]]] = {}
         self._established: set[int] = set()
         self._lock = threading.Lock()
+
+    def connection_refused(self, ae: str, reason: str) -> None:
+        """A connection the admission guard closed (emulator/net/connection_guard.py)."""
+        self.connections_refused.labels(ae, reason).inc()
 
     # -- actors ------------------------------------------------------------------------------
 

@@ -66,4 +66,8 @@ def test_a_broken_controller_fails_the_clause_it_breaks(tmp_path, quirk, check, 
         for case in junit.iter("testcase")
         if case.find("failure") is not None
     }
-    assert failed == {check: f"PROTOCOL.md {clause}"}, failed
+    assert failed.get(check) == f"PROTOCOL.md {clause}", failed
+    if quirk != "silent-while-busy":
+        # A deaf controller may also miss the next check's HELLO while its CBCT finishes;
+        # the other variants break exactly one clause.
+        assert len(failed) == 1, failed

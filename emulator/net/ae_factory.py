@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Iterable
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from pynetdicom import AE, evt
 from pynetdicom.transport import AssociationServer
 
+from emulator.net.connection_guard import AdmissionLimits, GuardedAssociationServer
 from emulator.net.peers import validate_ae_title
 from emulator.net.tls import TlsConfig
 
@@ -38,6 +40,11 @@ class NetworkSettings:
     # alone contends for the GIL; a few ms frees it at the cost of that much latency on
     # an idle association (pynetdicom issue #650). None keeps pynetdicom's default.
     reactor_poll_s: float | None = None
+    # Admission before association (emulator/net/connection_guard.py): the TLS handshake
+    # and the A-ASSOCIATE-RQ each within a deadline, a cap on connections waiting for it.
+    admission: AdmissionLimits = field(default_factory=AdmissionLimits)
+    # Told (AE title, reason) of every connection refused before it became an association.
+    on_connection_refused: Callable[[str, str], None] | None = None
 
 
 def _set_nodelay(event: evt.Event) -> None:
@@ -102,9 +109,20 @@ def start_server(
 ) -> AssociationServer:
     """Starts a non-blocking server; port 0 binds a free port (see ``server.server_address``)."""
     settings = settings or NetworkSettings()
-    return ae.start_server(
+    server = ae.make_server(
         (host, port),
-        block=False,
         evt_handlers=[*association_handlers(settings), *handlers],
         ssl_context=settings.tls.server_context() if settings.tls else None,
+        server_class=GuardedAssociationServer,
     )
+    server.limits = settings.admission
+    report = settings.on_connection_refused
+    if report is not None:
+        title = ae.ae_title
+        server.on_refused = lambda reason: report(title, reason)
+    thread = threading.Thread(
+        target=server.serve_forever, name=f"AcceptorServer@{host}:{port}", daemon=True
+    )
+    thread.start()
+    ae._servers.append(server)  # as AE.start_server does, so ae.shutdown() stops it
+    return server

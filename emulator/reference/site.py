@@ -36,6 +36,7 @@ class SiteConfig:
     seed_options: SeedOptions = field(default_factory=SeedOptions)
     network: NetworkSettings = field(default_factory=NetworkSettings)
     refuse_canceled: int = 0  # TmsConfig.refuse_canceled: fault injection for tests
+    max_request_bytes: int = 1 << 20  # TmsConfig.max_request_bytes
 
 
 class ReferenceSite:
@@ -71,6 +72,7 @@ class ReferenceSite:
                 uid_set=config.uid_set,
                 network=config.network,
                 refuse_canceled=config.refuse_canceled,
+                max_request_bytes=config.max_request_bytes,
             ),
             self.archive.store,
             config.archive_ae_title,

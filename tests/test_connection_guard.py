@@ -1,0 +1,85 @@
+"""Admission before association (emulator/net/connection_guard.py), against pynetdicom's
+stock behaviour: the TLS handshake no longer runs on the accept thread, and a connection
+becomes an association (and takes a slot) only once its A-ASSOCIATE-RQ is there."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import replace
+
+from emulator.net import scu
+from emulator.net.ae_factory import NetworkSettings
+from emulator.net.connection_guard import AdmissionLimits
+from emulator.net.peers import Peer
+from emulator.net.tls import TlsConfig
+from emulator.reference.archive import ArchiveConfig, ArchiveServer
+from tests.test_tls import pki  # noqa: F401  (the module-scoped test CA fixture)
+
+
+def _archive(
+    tmp_path, network: NetworkSettings, handshake_s: float = 1.0
+) -> tuple[ArchiveServer, list[str]]:
+    refused: list[str] = []
+    lock = threading.Lock()
+
+    def note(ae: str, reason: str) -> None:
+        with lock:
+            refused.append(reason)
+
+    network = replace(
+        network,
+        admission=AdmissionLimits(handshake_s=handshake_s, request_deadline_s=1.0),
+        on_connection_refused=note,
+        maximum_associations=2,
+    )
+    server = ArchiveServer(
+        ArchiveConfig(tmp_path / "archive", port=0, allowed_callers=["CALLER"], network=network)
+    )
+    server.start()
+    return server, refused
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1) == b""
+    except (TimeoutError, ConnectionResetError):
+        return False
+
+
+def test_a_silent_tls_connection_blocks_nobody_and_is_closed(tmp_path, pki):  # noqa: F811
+    site = TlsConfig(pki / "site.pem", pki / "site.key", pki / "ca.pem")
+    caller = NetworkSettings(tls=TlsConfig(pki / "device.pem", pki / "device.key", pki / "ca.pem"))
+    server, refused = _archive(tmp_path, NetworkSettings(tls=site), handshake_s=10.0)
+    try:
+        peer = Peer("ARCHIVE", *server.address)
+        silent = socket.create_connection(server.address)  # no ClientHello, ever
+        started = time.monotonic()
+        scu.echo("CALLER", peer, caller)  # pynetdicom's accept thread would hang here
+        assert time.monotonic() - started < 5.0  # well inside the 10 s the silent one gets
+        assert _closed_within(silent, 12.0)
+        assert "tls_handshake_timeout" in refused
+    finally:
+        server.stop()
+
+
+def test_idle_and_closed_connections_take_no_association_slot(tmp_path):
+    server, refused = _archive(tmp_path, NetworkSettings())
+    try:
+        peer = Peer("ARCHIVE", *server.address)
+        idle = [socket.create_connection(server.address) for _ in range(10)]
+        for _ in range(3):
+            socket.create_connection(server.address).close()
+        # Two association slots in all, ten idle connections: callers are still served.
+        for _ in range(5):
+            scu.echo("CALLER", peer, NetworkSettings())
+        assert all(_closed_within(sock, 3.0) for sock in idle)
+        deadline = time.monotonic() + 3
+        while refused.count("no_association_request") < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert refused.count("no_association_request") == 10
+        assert refused.count("closed_by_peer") == 3
+    finally:
+        server.stop()
