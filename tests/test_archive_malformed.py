@@ -180,3 +180,27 @@ def test_non_dicom_bytes_on_the_port(archive, patient_files):
     # The Archive answers garbage with an A-ABORT (PDU type 0x07) or just closes.
     assert reply == b"" or reply[0] == 0x07
     assert_intact(server, peer, patient_files)
+
+
+@pytest.mark.parametrize(
+    ("patient_id", "refusal"),
+    [
+        (["TDW1", "TDW2", "x"], "PatientID holds 3 values; its VM is 1"),
+        ("TDW\x001", "control character in PatientID"),
+    ],
+    ids=["multi-valued", "nul"],
+)
+def test_values_the_index_cannot_hold_are_refused_with_a_reason(patient, patient_id, refusal):
+    """docs/archive.md: refused with A900 and a comment, never indexed as something else."""
+    import io
+
+    from emulator.store.admission import AdmissionError, admit
+
+    ds = patient.ct[0].copy()
+    ds.PatientID = patient_id
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    with pytest.raises(AdmissionError) as refused:
+        admit(buffer.getvalue())
+    assert refused.value.status == 0xA900
+    assert refusal in str(refused.value)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from pydicom import config as pydicom_config
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VM
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pydicom.valuerep import validate_value
@@ -63,6 +64,25 @@ class AdmissionLimits:
 
     max_dataset_bytes: int = 1 << 31
     max_element_bytes: int = 1 << 30
+
+
+def _refuse_unindexable(ds: Dataset) -> None:
+    """Values the index cannot hold as the standard means them are refused, not mangled:
+    several values in an attribute whose VM is 1 (a multi-valued Patient ID was indexed as a
+    Python list, found by no value), and control characters (a NUL) in text (docs/archive.md)."""
+    from emulator.store.object_store import INDEXED_KEYWORDS
+
+    for keyword in INDEXED_KEYWORDS:
+        if keyword not in ds:
+            continue
+        element = ds[keyword]
+        if element.VM > 1 and dictionary_VM(element.tag) == "1":
+            raise AdmissionError(
+                STATUS_DATASET_MISMATCH, f"{keyword} holds {element.VM} values; its VM is 1"
+            )
+        text = str(element.value or "")
+        if any(ord(c) < 0x20 and c != "\x1b" for c in text):
+            raise AdmissionError(STATUS_DATASET_MISMATCH, f"control character in {keyword}")
 
 
 def admit(
@@ -121,6 +141,7 @@ def admit(
                 validate_value(element.VR, str(single), pydicom_config.RAISE)
         except (ValueError, TypeError) as exc:
             raise AdmissionError(STATUS_DATASET_MISMATCH, f"invalid {keyword}: {exc}") from exc
+    _refuse_unindexable(ds)
     for keyword in REQUIRED:
         if keyword.endswith("UID") and not UID(str(ds[keyword].value)).is_valid:
             raise AdmissionError(STATUS_DATASET_MISMATCH, f"invalid UID in {keyword}")
