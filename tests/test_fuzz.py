@@ -251,6 +251,55 @@ def test_cfind_identifiers_get_matches_or_a_typed_refusal(archive, tms, pairs):
         pass  # refused with 0xC000 and the reason (TmsServer._on_find)
 
 
+@pytest.fixture(scope="module")
+def listening_tms(tmp_path_factory, archive):
+    server = TmsServer(
+        TmsConfig(data_dir=tmp_path_factory.mktemp("fuzz-tms-net"), port=0, accept_any_ae=True),
+        archive.store,
+        "ARCHIVE",
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+UPS_KEYS = ["ProcedureStepState", "PatientID", "PatientName", "ProcedureStepLabel",
+            "ScheduledProcedureStepStartDateTime", "StudyInstanceUID", "SOPInstanceUID",
+            "ScheduledStationNameCodeSequence", "ScheduledWorkitemCodeSequence"]  # fmt: skip
+WRONG_VRS = ["LO", "SH", "CS", "UI", "DT", "PN", "IS", "US", "SQ"]
+
+
+@settings(max_examples=min(EXAMPLES, 150), deadline=None, database=None)
+@given(st.lists(st.tuples(st.sampled_from(UPS_KEYS), st.sampled_from(WRONG_VRS), texts),
+                min_size=1, max_size=4))  # fmt: skip
+def test_ups_cfind_keys_of_any_vr_get_a_status_with_a_comment(listening_tms, keys):
+    """Keys sent in Explicit VR with whatever VR the fuzzer picks: the TMS answers success,
+    A900 or C000, each failure with an Error Comment; never pynetdicom's C311 from an
+    exception in the handler."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import build_context
+    from pynetdicom.sop_class import UnifiedProcedureStepPull
+
+    identifier = Dataset()
+    for keyword, vr, text in keys:
+        raw = b"" if vr == "SQ" else text[:16].encode("utf-8", "replace")
+        raw += b" " * (len(raw) % 2)  # even length, as the wire wants
+        tag = Tag(keyword)
+        identifier[tag] = RawDataElement(tag, vr, len(raw), raw, 0, False, True)
+    ae = AE(ae_title="FUZZ")
+    ae.requested_contexts = [build_context(UnifiedProcedureStepPull, ExplicitVRLittleEndian)]
+    assoc = ae.associate(*listening_tms.address, ae_title="TMS")
+    assert assoc.is_established
+    try:
+        statuses = [status for status, _ in assoc.send_c_find(identifier, UnifiedProcedureStepPull)]
+    finally:
+        assoc.release()
+    final = statuses[-1]
+    assert final.Status in (0x0000, 0xA900, 0xC000), (keys, final)
+    if final.Status:
+        assert str(final.get("ErrorComment", "")), (keys, final)
+
+
 # -- N-ACTION and N-SET replies ------------------------------------------------------------------
 
 
