@@ -23,14 +23,12 @@ def register(name: str, factory: Factory) -> None:
 
 
 def _builtin() -> None:
-    from devices.remote import make_pyserial_url_device, make_serial_device, make_tcp_device
+    from devices.remote import protocol_device
     from devices.sim.linac import make_simulated_device
 
     _BACKENDS.setdefault("sim", make_simulated_device)
-    _BACKENDS.setdefault("serial", make_serial_device)
-    _BACKENDS.setdefault("tcp", make_tcp_device)
-    for scheme in ("rfc2217", "socket"):
-        _BACKENDS.setdefault(scheme, make_pyserial_url_device(scheme))
+    for scheme in ("serial", "tcp", "rfc2217", "socket"):
+        _BACKENDS.setdefault(scheme, protocol_device(scheme))
 
 
 def backends() -> list[str]:

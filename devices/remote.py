@@ -396,7 +396,7 @@ def link_opener(spec: str) -> tuple[Callable[[], Transport], DeviceUrl]:
     return (lambda: SerialTransport(url.target, **url.serial)), url
 
 
-def _protocol_device(scheme: str):
+def protocol_device(scheme: str):
     """The backend for one protocol-v1 scheme: ``serial:///dev/ttyUSB0?baudrate=57600&
     parity=E&rtscts=1`` (pyserial's setting names; default 115200 8N1; any pyserial URL such
     as ``serial:loop://``), ``tcp://HOST:PORT``, and pyserial's network handlers
@@ -412,11 +412,3 @@ def _protocol_device(scheme: str):
         )
 
     return factory
-
-
-make_serial_device = _protocol_device("serial")
-make_tcp_device = _protocol_device("tcp")
-
-
-def make_pyserial_url_device(scheme: str):
-    return _protocol_device(scheme)

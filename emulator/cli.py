@@ -531,8 +531,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for pending in report.final_pending:
         print(
             f"final transition pending: UPS {pending['ups']} ({pending['step']}) still IN "
-            f"PROGRESS at the TMS, {pending['target']} not accepted; the next run on this "
-            "--data-dir retries it",
+            f"PROGRESS at the TMS, {pending['target']} not accepted ({pending['reason']}); "
+            "the next run on this --data-dir retries it",
             file=sys.stderr,
         )
     for problem in report.problems:

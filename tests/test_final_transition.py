@@ -114,6 +114,7 @@ def test_a_cancel_that_stays_refused_is_pending_then_cleared_by_a_later_run(tmp_
     report = json.loads((first_report / "run-report.json").read_text())
     (pending,) = report["final_pending"]
     assert (pending["step"], pending["target"]) == ("delivery", "CANCELED")
+    assert "0xC304" in pending["reason"] and "refused by fault injection" in pending["reason"]
     delivery = _deliveries(tmp_path / "site")[0]
     assert (delivery.sop_instance_uid, delivery.state) == (pending["ups"], "IN PROGRESS")
 

@@ -48,7 +48,6 @@ class ClaimedUps:
     ups: Dataset = field(default_factory=Dataset)  # at least the Scheduled Workitem code
     stored: list[Dataset] = field(default_factory=list)  # results the Archive holds
     state: str = "claimed"
-    pending_reason: str = ""  # why the final transition has not happened yet
 
     def __post_init__(self) -> None:
         self.state = self.record.state if self.record.state in STATES else "claimed"
@@ -120,9 +119,8 @@ class ClaimedUps:
         self.record.progress = percent
         self.journal.save(self.record)
 
-    def defer(self, why: str) -> None:
-        """The final transition did not happen yet: journaled as pending, with why."""
-        self.pending_reason = why
+    def defer(self) -> None:
+        """The final transition did not happen yet: journaled as pending, retried later."""
         self.refused()
 
     def _journal(self) -> None:

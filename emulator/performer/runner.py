@@ -116,7 +116,13 @@ def _settle(device: PerformingDevice, report: RunReport) -> None:
                 settled.delivered = settled.delivered or outcome.delivered
                 settled.delivery_type = settled.delivery_type or outcome.delivery_type
                 report.outcomes[index] = settled
+    reasons = {o.sop_instance_uid: o.reason for o in report.outcomes}
     for claim in device.pending_claims():
         report.final_pending.append(
-            {"ups": claim.ups_uid, "step": claim.step, "target": claim.target or "COMPLETED"}
+            {
+                "ups": claim.ups_uid,
+                "step": claim.step,
+                "target": claim.target or "COMPLETED",
+                "reason": reasons.get(claim.ups_uid, ""),
+            }
         )

@@ -572,7 +572,7 @@ class PerformingDevice:
 
     def _pending(self, claim: ClaimedUps, outcome: UpsOutcome, why: str) -> UpsOutcome:
         LOG.error("UPS %s: final transition pending: %s", claim.uid, why)
-        claim.defer(why)
+        claim.defer()
         outcome.state = "FINAL PENDING"
         before = f"{claim.record.reason}; " if claim.record.reason else ""
         outcome.reason = f"{before}{claim.target} not yet accepted: {why}"
