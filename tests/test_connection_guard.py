@@ -83,3 +83,33 @@ def test_idle_and_closed_connections_take_no_association_slot(tmp_path):
         assert refused.count("closed_by_peer") == 3
     finally:
         server.stop()
+
+
+def test_finished_associations_go_without_pynetdicom_s_forced_collections(tmp_path):
+    """The guarded server skips pynetdicom's per-server gc.collect(): association threads
+    still end and their Association objects are still freed."""
+    import gc
+    import weakref
+
+    server, _ = _archive(tmp_path, NetworkSettings())
+    calls = []
+    original = gc.collect
+    gc.collect = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        peer = Peer("ARCHIVE", *server.address)
+        for _ in range(20):
+            scu.echo("CALLER", peer, NetworkSettings())
+        listener = server._server
+        deadline = time.monotonic() + 5
+        while listener.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert listener.active_associations == []
+        seen = weakref.WeakSet(o for o in gc.get_objects() if type(o).__name__ == "Association")
+        listener._gc[0] = listener._gc[1]  # stock pynetdicom collects at its next poll
+        time.sleep(1.2)  # two polls of 0.5 s
+        assert calls == []
+    finally:
+        gc.collect = original
+        server.stop()
+    original()  # what is still referenced after a collection is leaked, not merely late
+    assert len(seen) == 0

@@ -74,6 +74,12 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     # kernel drops SYNs, and a legitimate caller's connect waits out the 1 s SYN retry.
     request_queue_size = 1024
 
+    def service_actions(self) -> None:
+        """pynetdicom runs a full ``gc.collect()`` here every 60 polls of every server (one
+        per device receiver in a soak): about 3.4 full collections a second of a 550 MB heap
+        with 100 servers. CPython's own generational collector frees finished associations;
+        tests/test_connection_guard.py shows the threads and the objects go without it."""
+
     def _waiting(self) -> tuple[threading.Lock, dict[int, _Waiting]]:
         if "_guard_lock" not in self.__dict__:
             self.__dict__.setdefault("_guard_waiting", {})
