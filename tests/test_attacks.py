@@ -1,5 +1,5 @@
 """Attacks a hostile or broken peer can make without credentials, against real `tdw-emu
-tms` processes (TMS and Archive), with and without TLS:
+tms` (TMS and its Archive) and `tdw-emu archive` processes, with and without TLS:
 
 - one silent connection (under TLS: a ClientHello that never comes);
 - forty idle TCP connections, reopened as soon as they close;
@@ -13,6 +13,7 @@ written to attack-latency.json (`pytest -s tests/test_attacks.py` shows the tabl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -27,7 +28,7 @@ from emulator.net.peers import Peer
 from emulator.net.tls import TlsConfig
 from emulator.reference.ups_store import UpsStore
 from emulator.store import ObjectStore
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, start_cli_process
 from tests.kill_harness import named_results, run_command, start_site
 from tests.test_tls import pki  # noqa: F401  (the module-scoped test CA fixture)
 
@@ -116,16 +117,26 @@ def test_no_peer_can_stall_the_tms_or_the_archive(tmp_path, pki, secure):  # noq
         *(a for station in stations for a in ("--seed", station)),
         "--association-request-timeout", "2", "--tls-handshake-timeout", "2",
     )  # fmt: skip
+    # And the stand-alone reference Archive, `tdw-emu archive`, in a process of its own.
+    standalone = start_cli_process(
+        "archive", "--data-dir", str(tmp_path / "archive"), "--port", "0",
+        "--ae-title", "STORE", "--allow", "PDS1", *tls_flags,
+        "--association-request-timeout", "2", "--tls-handshake-timeout", "2",
+    )  # fmt: skip
     tms = Peer("TMS", *site.addresses["TMS"])
     archive = Peer("ARCHIVE", *site.addresses["ARCHIVE"])
+    store = Peer("STORE", standalone.host, standalone.port)
+    targets = (tms, archive, store)
     figures: dict[str, dict[str, float]] = {}
     try:
-        for target in (tms, archive):
+        for target in targets:
             base = _latencies("PDS1", target, settings)
             figures[f"{target.ae_title} no attack"] = _summary(base)
         for index, kind in enumerate(ATTACKS):
-            with Attack(kind, (tms.host, tms.port)), Attack(kind, (archive.host, archive.port)):
-                for target in (tms, archive):
+            with contextlib.ExitStack() as attacks:
+                for target in targets:
+                    attacks.enter_context(Attack(kind, (target.host, target.port)))
+                for target in targets:
                     times = _latencies("PDS1", target, settings)
                     figures[f"{target.ae_title} {kind}"] = _summary(times)
                     assert _percentile(times, 0.99) < 1.0, (kind, target.ae_title, figures)
@@ -143,6 +154,7 @@ def test_no_peer_can_stall_the_tms_or_the_archive(tmp_path, pki, secure):  # noq
                 assert run.returncode == 0, (kind, run.stdout[-2000:], run.stderr[-2000:])
     finally:
         site.stop()
+        standalone.stop()
     print(f"\nassociation latency, {'TLS' if secure else 'plain'}, {SAMPLES} C-ECHO each (ms)")
     for name, row in figures.items():
         print(f"  {name:<22} p50 {row['p50']:7.1f}  p99 {row['p99']:7.1f}")
