@@ -196,7 +196,7 @@ def test_values_the_index_cannot_hold_are_refused_with_a_reason(patient, patient
 
     from emulator.store.admission import AdmissionError, admit
 
-    ds = patient.ct[0].copy()
+    ds = deepcopy(patient.ct[0])  # the fixture is shared by the session: never change it
     ds.PatientID = patient_id
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
