@@ -107,6 +107,10 @@ def program_to_body(beam: BeamProgram) -> dict:
     return body
 
 
+class LinkDown(DeviceError):
+    """The link died under a request: the request may be sent again on a fresh link."""
+
+
 class RemoteDevice(Device):
     """The host side of protocol v1. How long it waits is the controller's stated timing
     budget (HELLO_REPLY ``timing``), with a rig's ``timing_overrides`` put over it."""
@@ -177,8 +181,8 @@ class RemoteDevice(Device):
         idempotent request (a dropped TCP connection, a pty reopened)."""
         try:
             return self._send_and_wait(kind, body, expect)
-        except DeviceError as exc:
-            if kind not in self.IDEMPOTENT or not str(exc).startswith("link lost"):
+        except LinkDown:
+            if kind not in self.IDEMPOTENT:
                 raise
             return self._send_and_wait(kind, body, expect)
 
@@ -218,7 +222,7 @@ class RemoteDevice(Device):
                     raise DeviceError(f"{kind.name} took more than its stated {limit:g} s")
         except LinkLost as exc:
             self.close()
-            raise DeviceError(f"link lost: {exc}") from exc
+            raise LinkDown(f"link lost: {exc}") from exc
 
     # -- Device ----------------------------------------------------------------------------
 

@@ -225,13 +225,17 @@ def _identifier(pairs: list[tuple[str, str]]) -> Dataset:
     return ds
 
 
-@pytest.fixture(scope="module")
-def tms(tmp_path_factory, archive):
-    server = TmsServer(
+def _fuzz_tms(tmp_path_factory, archive) -> TmsServer:
+    return TmsServer(
         TmsConfig(data_dir=tmp_path_factory.mktemp("fuzz-tms"), port=0, accept_any_ae=True),
         archive.store,
         "ARCHIVE",
     )
+
+
+@pytest.fixture(scope="module")
+def tms(tmp_path_factory, archive):
+    server = _fuzz_tms(tmp_path_factory, archive)
     yield server
     server.close_resources()
 
@@ -253,11 +257,7 @@ def test_cfind_identifiers_get_matches_or_a_typed_refusal(archive, tms, pairs):
 
 @pytest.fixture(scope="module")
 def listening_tms(tmp_path_factory, archive):
-    server = TmsServer(
-        TmsConfig(data_dir=tmp_path_factory.mktemp("fuzz-tms-net"), port=0, accept_any_ae=True),
-        archive.store,
-        "ARCHIVE",
-    )
+    server = _fuzz_tms(tmp_path_factory, archive)
     server.start()
     yield server
     server.stop()
