@@ -303,8 +303,9 @@ class FdTransport:
     def read(self, size: int) -> bytes:
         import select
 
-        ready, _, _ = select.select([self.fd], [], [], 0.05)
-        if not ready:
+        poller = select.poll()  # not select(): no FD_SETSIZE limit in a busy process
+        poller.register(self.fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        if not poller.poll(50):
             return b""
         try:
             data = self._os.read(self.fd, size)

@@ -174,8 +174,10 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                 return None
             if remaining <= 0:
                 return "no_association_request"
-            readable, _, _ = select.select([sock], [], [], remaining)
-            if not readable:
+            # poll(), not select(): a fleet process has descriptors past FD_SETSIZE.
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | select.POLLPRI | select.POLLHUP)
+            if not poller.poll(remaining * 1000):
                 return "no_association_request"
             if tls:
                 return None  # TLS records cannot be peeked; the first bytes are there
