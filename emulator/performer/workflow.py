@@ -32,6 +32,7 @@ from emulator.net import scu
 from emulator.net.ae_factory import NetworkSettings
 from emulator.net.peers import Peer
 from emulator.net.receiver import StorageReceiver
+from emulator.net.shared_receiver import ReceiverInbox, SharedStorageReceiver
 from emulator.net.scu import DimseError
 from emulator.net.uid_registry import register_uid_set
 from emulator.performer import actors, safety
@@ -206,7 +207,10 @@ class PerformingDevice:
         on_event: Callable[[BeamTask, DeliveryEvent], None] | None = None,
         on_beam_start: Callable[[BeamTask], None] | None = None,
         metrics: Metrics | None = None,
+        inbox: SharedStorageReceiver | None = None,
     ) -> None:
+        """``inbox``: receive C-MOVE results through the process's shared receiver (a
+        fleet) instead of a receiver of this device's own."""
         if config.kind not in actors.KINDS:
             raise ValueError(f"unknown device kind {config.kind!r}")
         self.config = config
@@ -215,14 +219,20 @@ class PerformingDevice:
         register_uid_set(self.uids)
         self.on_event = on_event
         self.on_beam_start = on_beam_start
-        self.receiver = StorageReceiver(
-            Path(config.data_dir) / "store",
-            config.ae_title,
-            self.uids.archive_storage_uids(),
-            [config.tms.ae_title, config.archive.ae_title],
-            config.listen_host,
-            config.listen_port,
-            config.network,
+        callers = [config.tms.ae_title, config.archive.ae_title]
+        store_dir = Path(config.data_dir) / "store"
+        self.receiver: StorageReceiver | ReceiverInbox = (
+            inbox.attach(config.ae_title, store_dir, callers)
+            if inbox is not None
+            else StorageReceiver(
+                store_dir,
+                config.ae_title,
+                self.uids.archive_storage_uids(),
+                callers,
+                config.listen_host,
+                config.listen_port,
+                config.network,
+            )
         )
         self.clock = Clock(config.time_scale)
         self.metrics = (metrics or default_metrics()).add_actor(
