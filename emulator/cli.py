@@ -282,11 +282,24 @@ def _add_soak(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--archive", metavar="AET@HOST:PORT", help="its Archive (with --tms)")
     p.add_argument("--listen-host", default="127.0.0.1")
     p.add_argument(
-        "--listen-port-base", type=int, default=0, help="device i receives on BASE+i (0: free)"
+        "--listen-port",
+        type=int,
+        default=0,
+        help="one port where every device receives, by its AE title (0: free)",
+    )
+    p.add_argument("--spawn-rate", type=float, default=20.0, help="devices started a second")
+    p.add_argument(
+        "--max-associations",
+        type=int,
+        help="associations at once, per server (default: 2 per device, at least 32)",
     )
     p.add_argument("--station-prefix", default="SOAK", help="stations are PREFIX001, ...")
     p.add_argument("--time-scale", type=float, default=0.02, help="1 real time")
-    p.add_argument("--drain", type=float, default=60.0, help="seconds to finish the worklists")
+    p.add_argument(
+        "--drain",
+        type=float,
+        help="seconds to finish the worklists (default 60 + 240 x time scale)",
+    )
     p.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"), default="ihe-ro-2008")
     p.add_argument("--uids", choices=("final", "trial"), default="final")
     p.add_argument("--device", default="sim", help="device backend spec")
@@ -577,7 +590,9 @@ def _cmd_soak(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         time_scale=args.time_scale,
         listen_host=args.listen_host,
-        listen_port_base=args.listen_port_base,
+        listen_port=args.listen_port,
+        spawn_rate=args.spawn_rate,
+        max_associations=args.max_associations,
         station_prefix=args.station_prefix,
         edition=args.profile,
         uid_set=args.uids,
@@ -596,12 +611,10 @@ def _cmd_soak(args: argparse.Namespace) -> int:
     values = {"metrics_port": args.metrics_port, "metrics_host": args.metrics_host}
     server = _serve_metrics(values, metrics)
     try:
-        for index, member in enumerate(run.fleet, start=1):
-            if not config.embedded:
-                console.print(
-                    f"device {member.ae_title} ({member.kind}) at {member.station}: "
-                    f"receives on {config.listen_host}:{config.device_port(index)}"
-                )
+        if not config.embedded:
+            console.print(f"every device receives on {config.listen_host}:{config.listen_port}")
+            for member in run.fleet:
+                console.print(f"device {member.ae_title} ({member.kind}) at {member.station}")
         with LiveSummary(console, config.duration_s) as live:
             verdict = run.run(on_progress=live)
     finally:

@@ -127,21 +127,22 @@ def test_soak_command_writes_the_verdict(tmp_path):
 
 
 def test_soak_against_an_external_tms_confirms_records_at_its_archive(tmp_path):
-    """The reference site stands in for a vendor TMS: it knows the devices' ports and has
-    scheduled sessions for their stations; the soak only performs and audits."""
+    """The reference site stands in for a vendor TMS: it knows where the devices receive
+    (one peer pattern for the fleet's one receiver) and has scheduled sessions for their
+    stations; the soak only performs and audits."""
     from emulator.net.peers import Peer
     from emulator.reference.site import ReferenceSite, SiteConfig
     from emulator.seeding import SeedOptions
     from tests.conftest import free_port
 
-    base = free_port() - 1
+    port = free_port()
     site = ReferenceSite(
         SiteConfig(
             data_dir=tmp_path / "site",
             tms_port=0,
             archive_port=0,
             seed_options=SeedOptions(slices=6, rows=48, beams=3, dynamic_beams=1),
-            peers=[Peer("PDS001", "127.0.0.1", base + 1)],
+            peers=[Peer("PDS*", "127.0.0.1", port)],
         )
     )
     with site:
@@ -152,7 +153,7 @@ def test_soak_against_an_external_tms_confirms_records_at_its_archive(tmp_path):
             drain_s=30,
             tms=Peer("TMS", *site.tms.address),
             archive=Peer("ARCHIVE", *site.archive.address),
-            listen_port_base=base,
+            listen_port=port,
             data_dir=tmp_path / "soak",
         )
         verdict = SoakRun(config, Metrics()).run()

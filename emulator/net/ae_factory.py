@@ -17,7 +17,8 @@ from pynetdicom import AE, evt
 from pynetdicom.transport import AssociationServer
 
 from emulator.net.connection_guard import AdmissionLimits, GuardedAssociationServer
-from emulator.net.peers import validate_ae_title
+from emulator.net.peers import is_pattern, validate_ae_title
+from emulator.net.rejection import calling_pattern_check
 from emulator.net.tls import TlsConfig
 
 
@@ -96,7 +97,12 @@ def make_ae(
         if not titles:
             # pynetdicom reads an empty allow-list as "accept any": refuse to build that.
             raise ValueError("an empty allow-list would accept any caller; pass None for that")
-        ae.require_calling_aet = titles
+        patterns = tuple(t for t in titles if is_pattern(t))
+        if patterns:
+            # pynetdicom matches exact titles only; start_server() checks patterns instead.
+            ae.tdw_calling_patterns = tuple(titles)
+        else:
+            ae.require_calling_aet = titles
     return ae
 
 
@@ -109,9 +115,11 @@ def start_server(
 ) -> AssociationServer:
     """Starts a non-blocking server; port 0 binds a free port (see ``server.server_address``)."""
     settings = settings or NetworkSettings()
+    patterns = getattr(ae, "tdw_calling_patterns", ())
+    checks = [calling_pattern_check(patterns)] if patterns else []
     server = ae.make_server(
         (host, port),
-        evt_handlers=[*association_handlers(settings), *handlers],
+        evt_handlers=[*checks, *association_handlers(settings), *handlers],
         ssl_context=settings.tls.server_context() if settings.tls else None,
         server_class=GuardedAssociationServer,
     )

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass
 
 _PEER = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>\[[0-9a-fA-F:]+\]|[^:@\s]+):(?P<port>\d{1,5})$")
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: no backslash, no control
+
+
+def is_pattern(ae_title: str) -> bool:
+    """An AE title with glob characters stands for every title it matches."""
+    return any(ch in "*?[" for ch in ae_title)
 
 
 class PeerError(ValueError):
@@ -59,7 +65,12 @@ def calling_allow_list(peers: list[Peer], allowed: list[str], accept_any: bool) 
 
 
 class PeerDirectory:
-    """The configured peers: the only C-MOVE destinations and, by default, the only callers."""
+    """The configured peers: the only C-MOVE destinations and, by default, the only callers.
+
+    A peer's AE title may be a pattern (``W01*@10.0.0.11:11112``): every device of one soak
+    machine, served by that machine's shared receiver. An exact title wins over a pattern;
+    patterns are tried in the order given.
+    """
 
     def __init__(self, peers: list[Peer] | tuple[Peer, ...] = ()) -> None:
         self._by_title: dict[str, Peer] = {}
@@ -67,9 +78,17 @@ class PeerDirectory:
             if peer.ae_title in self._by_title:
                 raise PeerError(f"peer AE title {peer.ae_title} is configured twice")
             self._by_title[peer.ae_title] = peer
+        self._patterns = [p for t, p in self._by_title.items() if is_pattern(t)]
 
     def get(self, ae_title: str) -> Peer | None:
-        return self._by_title.get(ae_title.strip())
+        title = ae_title.strip()
+        exact = self._by_title.get(title)
+        if exact is not None and not is_pattern(title):
+            return exact
+        for peer in self._patterns:
+            if fnmatch.fnmatchcase(title, peer.ae_title):
+                return Peer(title, peer.host, peer.port)
+        return None
 
     @property
     def ae_titles(self) -> list[str]:

@@ -23,13 +23,11 @@ from pynetdicom.sop_class import Verification
 
 from emulator.net.ae_factory import NetworkSettings, make_ae
 from emulator.net.peers import validate_ae_title
+from emulator.net.rejection import CALLED_NOT_RECOGNISED, CALLING_NOT_RECOGNISED, reject
 from emulator.net.served_ae import ServedAE
 from emulator.net.storage_scp import status_dataset, store_event
 from emulator.store import AdmissionLimits, ObjectStore
 
-# A-ASSOCIATE-RJ: rejected permanent, by the service user (PS3.8 Table 9-21).
-CALLING_NOT_RECOGNISED = (0x01, 0x01, 0x03)
-CALLED_NOT_RECOGNISED = (0x01, 0x01, 0x07)
 SHARED_AE_TITLE = "TDWFLEET"
 
 
@@ -59,9 +57,7 @@ class SharedStorageReceiver(ServedAE):
         self._routes: dict[str, _Route] = {}
         self._lock = threading.Lock()
 
-    def attach(
-        self, ae_title: str, data_dir: Path, allowed_callers: list[str]
-    ) -> ReceiverInbox:
+    def attach(self, ae_title: str, data_dir: Path, allowed_callers: list[str]) -> ReceiverInbox:
         """Routes associations called ``ae_title`` into a store at ``data_dir``."""
         title = validate_ae_title(ae_title)
         callers = frozenset(validate_ae_title(c) for c in allowed_callers)
@@ -93,9 +89,9 @@ class SharedStorageReceiver(ServedAE):
         with self._lock:
             route = self._routes.get(called)
         if route is None:
-            _reject(event.assoc, CALLED_NOT_RECOGNISED)
+            reject(event.assoc, CALLED_NOT_RECOGNISED)
         elif calling not in route.allowed_callers:
-            _reject(event.assoc, CALLING_NOT_RECOGNISED)
+            reject(event.assoc, CALLING_NOT_RECOGNISED)
         else:
             # The A-ASSOCIATE-AC then carries the device's title, as its own receiver would.
             event.assoc.acceptor.ae_title = called
@@ -118,14 +114,6 @@ class SharedStorageReceiver(ServedAE):
     def close_resources(self) -> None:
         for title in self.attached:
             self.detach(title)
-
-
-def _reject(assoc, reason: tuple[int, int, int]) -> None:
-    """What pynetdicom's own negotiation does on a rejection (acse.py), from EVT_REQUESTED,
-    which pynetdicom documents as the place to reject before negotiation."""
-    assoc.acse.send_reject(*reason)
-    evt.trigger(assoc, evt.EVT_REJECTED, {})
-    assoc.kill()
 
 
 class ReceiverInbox:

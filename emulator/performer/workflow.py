@@ -32,8 +32,8 @@ from emulator.net import scu
 from emulator.net.ae_factory import NetworkSettings
 from emulator.net.peers import Peer
 from emulator.net.receiver import StorageReceiver
-from emulator.net.shared_receiver import ReceiverInbox, SharedStorageReceiver
 from emulator.net.scu import DimseError
+from emulator.net.shared_receiver import ReceiverInbox, SharedStorageReceiver
 from emulator.net.uid_registry import register_uid_set
 from emulator.performer import actors, safety
 from emulator.performer.claim import ClaimedUps

@@ -15,6 +15,7 @@ from emulator.metrics import Metrics
 from emulator.net.ae_factory import NetworkSettings
 from emulator.net.peers import Peer
 from emulator.reference.archive import ArchiveConfig, ArchiveServer
+from emulator.reference.feeder import FeedPlan, SessionFeeder
 from emulator.reference.tms import TmsConfig, TmsServer
 from emulator.seeding import SeedOptions, synthetic_patient
 from emulator.store.importer import import_files
@@ -78,6 +79,20 @@ class ReferenceSite:
             config.archive_ae_title,
             metrics=metrics,
         )
+        self.feeder: SessionFeeder | None = None
+
+    def feed(self, plan: FeedPlan) -> SessionFeeder:
+        """Keeps the stations ``plan`` matches supplied with sessions as they query."""
+        self.feeder = SessionFeeder(plan, self.tms.ups, self.tms.scheduler, self.seed_course)
+        self.tms.on_worklist_query = self.feeder.asked
+        return self.feeder
+
+    def seed_course(self, station: str, index: int) -> tuple[str, int]:
+        """Seeds patient ``index`` with fraction 1 at ``station``: (plan UID, fractions)."""
+        session = self.tms.ups.session(self.seed(station, index))
+        plan = self.archive.store.get(session.plan_uid)
+        planned = self.archive.store.read(plan, stop_before_pixels=True)
+        return session.plan_uid, int(planned.FractionGroupSequence[0].NumberOfFractionsPlanned)
 
     def start(self) -> dict[str, tuple[str, int]]:
         archive = self.archive.start()
@@ -85,6 +100,9 @@ class ReferenceSite:
         return {self.config.archive_ae_title: archive, self.config.tms_ae_title: tms}
 
     def stop(self) -> None:
+        if self.feeder is not None:
+            self.feeder.stop()
+            self.feeder.join(timeout=30)
         self.tms.stop()
         self.archive.stop()
 

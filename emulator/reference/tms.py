@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,8 @@ class TmsServer(ServedAE):
             station_names,
         )
         self.continuations: list[str] = []
+        # Told the station of every worklist query (a soak's feeder); never blocks.
+        self.on_worklist_query: Callable[[str], None] | None = None
         self._refusals_left = config.refuse_canceled
         self._refusal_lock = threading.Lock()
 
@@ -159,6 +162,8 @@ class TmsServer(ServedAE):
             return
         try:
             where, params = self._ups_query(event.identifier)
+            if self.on_worklist_query is not None:
+                self.on_worklist_query(_queried_station(event.identifier))
             records = self.ups.select(where, params)
         except IdentifierMismatch as exc:
             LOG.warning("UPS C-FIND refused: %s", exc)
@@ -473,6 +478,12 @@ class TmsServer(ServedAE):
                 continue
             reply[element.tag] = deepcopy(element)
         return status_dataset(0x0000), reply
+
+
+def _queried_station(identifier: Dataset) -> str:
+    """The Scheduled Station Name code value a worklist query asks for, or ""."""
+    items = identifier.get("ScheduledStationNameCodeSequence") or []
+    return str(items[0].get("CodeValue", "") or "").strip() if items else ""
 
 
 def _finalise(ups: Dataset, state: str) -> None:

@@ -21,6 +21,7 @@ class FleetMember:
     kind: str
     station: str
     ae_title: str
+    index: int  # from 1 across the whole fleet: seeds, and a worker's share
 
 
 def parse_mix(text: str | None) -> dict[str, float]:
@@ -59,10 +60,12 @@ def plan_fleet(devices: int, mix: dict[str, float], prefix: str = "SOAK") -> lis
     for _ in range(pds_devices):
         station_index += 1
         station = f"{prefix}{station_index:03d}"
-        members.append(FleetMember("pds", station, f"PDS{station_index:03d}"))
+        members.append(FleetMember("pds", station, f"PDS{station_index:03d}", len(members) + 1))
     for _ in range(pair_devices // 2):
         station_index += 1
         station = f"{prefix}{station_index:03d}"
         for kind in UNITS["pps+tdd"]:
-            members.append(FleetMember(kind, station, f"{kind.upper()}{station_index:03d}"))
+            members.append(
+                FleetMember(kind, station, f"{kind.upper()}{station_index:03d}", len(members) + 1)
+            )
     return members

@@ -1,11 +1,15 @@
-"""Runs many emulated devices at once for a set time, then drains and judges the run.
+"""Runs many emulated devices in this process for a set time, then drains and judges the run.
 
-Every device has its own thread, receiver and simulated machine, and all share one metrics
-registry, so a scrape (or the live summary) sees the whole fleet. With ``embedded`` the
-reference TMS and Archive run in the same process and a feeder keeps each station
-supplied; against an external TMS the devices take whatever it schedules for their
-stations. When the time is up feeding stops, the devices finish what is on their worklists
-(continuations included) for at most ``drain_s``, and the verdict is drawn.
+Every device has its own thread and simulated machine; all of them receive through one
+shared Storage SCP (emulator/net/shared_receiver.py) and share one metrics registry, so a
+scrape (or the live summary) sees the whole fleet. Devices start at ``spawn_rate`` a
+second, not all at once, and a device whose worklist query fails backs off with jitter
+before it asks again. With ``embedded`` the reference TMS and Archive run in the same
+process and feed each station as it queries (emulator/reference/feeder.py); against an
+external TMS the devices take whatever it schedules for their stations (a ``tdw-emu tms
+--feed`` process feeds them the same way). When the time is up feeding stops, the devices
+finish what is on their worklists (continuations included) for at most ``drain_s``, and
+the verdict is drawn. emulator/soak/workers.py runs several of these, one per core.
 """
 
 from __future__ import annotations
@@ -27,11 +31,14 @@ from emulator.net import scu
 from emulator.net.ae_factory import NetworkSettings
 from emulator.net.peers import Peer
 from emulator.net.scu import DimseError
+from emulator.net.shared_receiver import SharedStorageReceiver
 from emulator.performer.delivery import BeamTask
+from emulator.performer.tms_link import TmsUnavailable
 from emulator.performer.workflow import DeviceConfig, PerformingDevice
+from emulator.profile import load_profile
+from emulator.reference.feeder import FeedPlan
 from emulator.reference.site import ReferenceSite, SiteConfig
 from emulator.seeding import SeedOptions
-from emulator.soak.feeder import SessionFeeder
 from emulator.soak.fleet import FleetMember, plan_fleet
 from emulator.soak.verdict import MemoryWatch, Tally, Verdict, audit_records, judge
 
@@ -49,12 +56,12 @@ class SoakConfig:
     data_dir: Path | None = None
     time_scale: float = 0.02
     listen_host: str = "127.0.0.1"
-    listen_port_base: int = 0  # 0: free ports; else device i listens on base + i
+    listen_port: int = 0  # the shared receiver's port; 0 picks a free one
     station_prefix: str = "SOAK"
     edition: str = "ihe-ro-2008"
     uid_set: str = "final"
     device: str = "sim"
-    drain_s: float = 60.0
+    drain_s: float | None = None  # None: long enough for a session at this time scale
     poll_s: float = 0.2
     warmup_s: float | None = None
     seed: int = 1
@@ -65,10 +72,21 @@ class SoakConfig:
     )
     reactor_poll_s: float | None = 0.005
     network: NetworkSettings = field(default_factory=NetworkSettings)  # e.g. TLS
+    spawn_rate: float = 20.0  # devices started a second
+    # The association limit of the shared receiver and the embedded TMS and Archive;
+    # None sizes it for the fleet.
+    max_associations: int | None = None
+    # The fleet members this process runs (a worker's share); None: the whole fleet.
+    members: list[FleetMember] | None = None
 
-    def device_port(self, index: int) -> int:
-        """Where fleet member ``index`` (from 1) receives; 0 picks a free port."""
-        return self.listen_port_base + index if self.listen_port_base else 0
+    @property
+    def drain_limit_s(self) -> float:
+        """A session in progress when feeding stops takes about 150 s at real pace."""
+        return self.drain_s if self.drain_s is not None else 60.0 + 240.0 * self.time_scale
+
+    @property
+    def association_limit(self) -> int:
+        return self.max_associations or max(32, 2 * self.devices + 16)
 
     @property
     def embedded(self) -> bool:
@@ -83,6 +101,27 @@ class SoakConfig:
             raise ValueError("give both --tms and --archive, or --embedded")
         if self.fault_rate and self.device.split(":")[0] != "sim":
             raise ValueError("--fault-rate arms simulated interlocks; use the sim device")
+        if self.tms is not None and not self.listen_port:
+            raise ValueError("with --tms give --listen-port: its Archive sends to that port")
+        if self.spawn_rate <= 0:
+            raise ValueError("--spawn-rate must be positive")
+
+
+class RetryBackoff:
+    """Pauses after a failed worklist round: doubling from 1 s to 30 s, with full jitter, so
+    a fleet refused by a busy TMS does not come back at one instant."""
+
+    def __init__(self, rng: random.Random, first_s: float = 1.0, max_s: float = 30.0) -> None:
+        self.rng, self.first_s, self.max_s = rng, first_s, max_s
+        self.ceiling = first_s
+
+    def next_delay(self) -> float:
+        delay = self.rng.uniform(self.ceiling / 2, self.ceiling)
+        self.ceiling = min(self.ceiling * 2, self.max_s)
+        return delay
+
+    def reset(self) -> None:
+        self.ceiling = self.first_s
 
 
 @dataclass
@@ -104,21 +143,30 @@ class SoakRun:
         config.validate()
         self.config = config
         self.metrics = metrics or Metrics()
-        self.fleet: list[FleetMember] = plan_fleet(
+        self.fleet: list[FleetMember] = config.members or plan_fleet(
             config.devices, config.mix, config.station_prefix
         )
         self.tally = Tally()
         self.devices: dict[str, PerformingDevice] = {}
         self.site: ReferenceSite | None = None
-        self.feeder: SessionFeeder | None = None
+        self.receiver: SharedStorageReceiver | None = None
         self.draining = threading.Event()
         self.halt = threading.Event()
         self._busy: set[str] = set()
         self._busy_lock = threading.Lock()
+        limit = config.association_limit
+        admission = config.network.admission
         self.network = dataclasses.replace(
             config.network,
             observers=(*config.network.observers, *self.metrics.observers),
             reactor_poll_s=config.reactor_poll_s,
+            maximum_associations=limit,
+            # Every device of the fleet connects from this one address.
+            admission=dataclasses.replace(
+                admission,
+                max_pending_per_address=max(admission.max_pending_per_address, limit),
+                max_pending=max(admission.max_pending, limit),
+            ),
         )
 
     # -- set-up ------------------------------------------------------------------------------
@@ -141,9 +189,16 @@ class SoakRun:
 
     def _build_devices(self, root: Path) -> None:
         cfg = self.config
-        for index, member in enumerate(self.fleet, start=1):
-            port = cfg.device_port(index)
-            rng = random.Random(cfg.seed * 1000 + index)
+        profile = load_profile(cfg.edition, cfg.uid_set)
+        self.receiver = SharedStorageReceiver(
+            profile.sop_classes.archive_storage_uids(),
+            cfg.listen_host,
+            cfg.listen_port,
+            self.network,
+        )
+        self.receiver.start()
+        for member in self.fleet:
+            rng = random.Random(cfg.seed * 1000 + member.index)
             self.devices[member.ae_title] = PerformingDevice(
                 DeviceConfig(
                     member.kind,
@@ -153,7 +208,6 @@ class SoakRun:
                     cfg.archive or dataclasses.replace(PLACEHOLDER, ae_title="ARCHIVE"),
                     root / "devices" / member.ae_title,
                     listen_host=cfg.listen_host,
-                    listen_port=port,
                     edition=cfg.edition,
                     uid_set=cfg.uid_set,
                     time_scale=cfg.time_scale,
@@ -162,6 +216,7 @@ class SoakRun:
                 ),
                 on_beam_start=self._fault_injector(member, rng) if cfg.fault_rate else None,
                 metrics=self.metrics,
+                inbox=self.receiver,
             )
 
     def _start_site(self, root: Path) -> None:
@@ -181,28 +236,32 @@ class SoakRun:
             self.metrics,
         )
         self.site.start()
+        self.site.feed(FeedPlan(f"{cfg.station_prefix}*"))
         tms = Peer("TMS", *self.site.tms.address)
         archive = Peer("ARCHIVE", *self.site.archive.address)
         for device in self.devices.values():
             device.point_at(tms, archive)
-        self.feeder = SessionFeeder(self.site, sorted({m.station for m in self.fleet}))
 
     # -- the device loops --------------------------------------------------------------------
 
     def _loop(self, member: FleetMember, device: PerformingDevice) -> None:
+        backoff = RetryBackoff(random.Random(self.config.seed * 7919 + member.index))
         while not self.halt.is_set():
-            if self.feeder is not None:
-                try:
-                    self.feeder.ensure(member.station)
-                except Exception as exc:  # a scheduling failure is the site's, but counted
-                    self.tally.error(f"feeder {member.station}: {type(exc).__name__}: {exc}")
             with self._busy_lock:
                 self._busy.add(member.ae_title)
             try:
                 outcomes = device.run_once()
-            except Exception as exc:  # a TMS that drops or refuses the worklist query
+                backoff.reset()
+            except TmsUnavailable as exc:
+                # The TMS refused (Rejected Transient), timed out or dropped for the whole
+                # retry window: nothing was claimed, so nothing is lost; ask again later.
+                self.tally.transient(f"{member.ae_title}: {exc}")
+                outcomes = []
+                self.halt.wait(backoff.next_delay())
+            except Exception as exc:  # the TMS answered the worklist query wrongly
                 self.tally.error(f"{member.ae_title}: {type(exc).__name__}: {exc}")
                 outcomes = []
+                self.halt.wait(backoff.next_delay())
             finally:
                 with self._busy_lock:
                     self._busy.discard(member.ae_title)
@@ -246,6 +305,8 @@ class SoakRun:
                 self.halt.set()
                 for device in self.devices.values():
                     device.stop()
+                if self.receiver is not None:
+                    self.receiver.stop()
                 if self.site is not None:
                     self.site.stop()
 
@@ -263,8 +324,10 @@ class SoakRun:
             )
             for member in self.fleet
         ]
-        for thread in threads:
-            thread.start()
+        spawner = threading.Thread(
+            target=self._spawn, args=(threads,), name="soak-spawner", daemon=True
+        )
+        spawner.start()
         deadline = started + cfg.duration_s
         warm = False
         while time.monotonic() < deadline:
@@ -277,10 +340,11 @@ class SoakRun:
             if on_progress:
                 on_progress(self.progress(started, "running", memory))
         ran_s = time.monotonic() - started
-        if self.feeder is not None:
-            self.feeder.stop()
+        if self.site is not None and self.site.feeder is not None:
+            self.site.feeder.stop()
         self.draining.set()
-        drain_deadline = time.monotonic() + cfg.drain_s
+        spawner.join()
+        drain_deadline = time.monotonic() + cfg.drain_limit_s
         while any(t.is_alive() for t in threads) and time.monotonic() < drain_deadline:
             time.sleep(0.5)
             if on_progress:
@@ -289,8 +353,19 @@ class SoakRun:
         self.halt.set()
         stuck = [t.name for t in threads if t.is_alive()]
         for thread in threads:
-            thread.join(timeout=30)
+            if thread.ident is not None:
+                thread.join(timeout=30)
         return self._verdict(ran_s, drained_s, memory, stuck)
+
+    def _spawn(self, threads: list[threading.Thread]) -> None:
+        """Starts the device loops ``spawn_rate`` a second: a fleet that starts at one
+        instant queries, seeds and retrieves at one instant too."""
+        interval = 1.0 / self.config.spawn_rate
+        began = time.monotonic()
+        for number, thread in enumerate(threads):
+            if self.draining.wait(max(began + number * interval - time.monotonic(), 0.0)):
+                return
+            thread.start()
 
     # -- the verdict -------------------------------------------------------------------------
 
@@ -351,4 +426,5 @@ class SoakRun:
             tms=tms,
             errors=dict(tally.errors),
             problems=problems,
+            retried_rounds=sum(tally.transients.values()),
         )

@@ -54,6 +54,9 @@ class Tally:
     ups: Counter = field(default_factory=Counter)
     deliveries: list[DeliveryRecord] = field(default_factory=list)
     errors: Counter = field(default_factory=Counter)
+    # Rounds the TMS could not be reached in (refused, timed out, dropped): retried later,
+    # so counted but not a failure; a lasting outage shows as no completed sessions.
+    transients: Counter = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, ae_title: str, outcomes: list[UpsOutcome]) -> None:
@@ -83,6 +86,10 @@ class Tally:
     def error(self, text: str) -> None:
         with self._lock:
             self.errors[text[:200]] += 1
+
+    def transient(self, text: str) -> None:
+        with self._lock:
+            self.transients[text[:200]] += 1
 
     def snapshot(self) -> dict:
         with self._lock:
@@ -163,6 +170,8 @@ class Verdict:
     tms: dict
     errors: dict[str, int]
     problems: list[str]
+    # Worklist rounds in which the TMS could not be reached and was asked again later.
+    retried_rounds: int = 0
 
     @property
     def ok(self) -> bool:
