@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
@@ -155,6 +156,18 @@ def _add_tms(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-request-bytes", type=int, help="largest N-CREATE/N-SET/C-FIND body (1 MiB)"
     )
+    p.add_argument(
+        "--feed",
+        metavar="PATTERN",
+        help="keep stations matching PATTERN (e.g. 'SOAK*') supplied with sessions as they "
+        "query: a soak whose devices run elsewhere",
+    )
+    p.add_argument("--feed-for", metavar="DURATION", help="stop feeding after this (e.g. 10m)")
+    p.add_argument(
+        "--seed-size",
+        choices=("standard", "small"),
+        help="small: the soak's small synthetic patients",
+    )
     _add_metrics_flags(p)
     _add_tls_flags(p)
     _add_admission_flags(p)
@@ -289,6 +302,12 @@ def _add_soak(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--spawn-rate", type=float, default=20.0, help="devices started a second")
     p.add_argument(
+        "--workers",
+        type=int,
+        help="device processes, the TMS in one more (default: one per core; "
+        "0: everything in this process)",
+    )
+    p.add_argument(
         "--max-associations",
         type=int,
         help="associations at once, per server (default: 2 per device, at least 32)",
@@ -422,6 +441,9 @@ def _cmd_tms(args: argparse.Namespace) -> int:
         "metrics_host": args.metrics_host,
         "fault_refuse_canceled": args.fault_refuse_canceled,
         "max_request_bytes": args.max_request_bytes,
+        "feed": args.feed,
+        "feed_for": args.feed_for,
+        "seed_size": args.seed_size,
         **_tls_values(args),
         **_admission_values(args),
     }
@@ -555,28 +577,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def parse_duration(text: str) -> float:
     """``300``, ``300s``, ``5m``, ``8h`` to seconds."""
-    units = {"s": 1, "m": 60, "h": 3600}
-    text = str(text).strip().lower()
-    factor = units.get(text[-1:])
-    number = text[:-1] if factor else text
-    try:
-        seconds = float(number) * (factor or 1)
-    except ValueError as exc:
-        raise ValueError(f"--duration must be like 300, 300s, 5m or 8h, not {text!r}") from exc
-    if seconds <= 0:
-        raise ValueError("--duration must be positive")
-    return seconds
+    from emulator.config import parse_seconds
+
+    return parse_seconds(text)
 
 
 def _cmd_soak(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from emulator.config import network_settings
-    from emulator.metrics import default_metrics
     from emulator.net.peers import Peer
     from emulator.soak.display import LiveSummary, verdict_tables
     from emulator.soak.fleet import parse_mix
-    from emulator.soak.runner import SoakConfig, SoakRun
+    from emulator.soak.processes import FleetEndpoints, ProcessFleet
+    from emulator.soak.runner import SoakConfig
 
     if args.tms and not args.archive:
         raise ValueError("--tms needs --archive")
@@ -605,21 +619,26 @@ def _cmd_soak(args: argparse.Namespace) -> int:
         # An interruption is expected here (--fault-rate) and the verdict counts it; a
         # warning per UPS would bury the live summary.
         logging.getLogger("tdw.device").setLevel(logging.ERROR)
-    metrics = default_metrics()
-    run = SoakRun(config, metrics)
+    workers = (os.cpu_count() or 1) if args.workers is None else args.workers
     console = Console()
     values = {"metrics_port": args.metrics_port, "metrics_host": args.metrics_host}
-    server = _serve_metrics(values, metrics)
-    try:
-        if not config.embedded:
-            console.print(f"every device receives on {config.listen_host}:{config.listen_port}")
-            for member in run.fleet:
-                console.print(f"device {member.ae_title} ({member.kind}) at {member.station}")
+    if workers > 0:
+        fleet = ProcessFleet(
+            config,
+            workers,
+            {**_tls_values(args), **_admission_values(args)},
+            FleetEndpoints(args.metrics_host or "127.0.0.1", args.metrics_port),
+        )
+        console.print(
+            f"{config.devices} devices in {len(fleet.shares)} worker processes"
+            + (", the reference TMS and Archive in one more" if config.embedded else "")
+        )
         with LiveSummary(console, config.duration_s) as live:
-            verdict = run.run(on_progress=live)
-    finally:
-        if server:
-            server.stop()
+            verdict = fleet.run(on_progress=live)
+        for url in fleet.metrics_urls:
+            console.print(f"metrics on {url}")
+    else:
+        verdict = _soak_in_process(config, values, console)
     for table in verdict_tables(verdict):
         console.print(table)
     print(f"verdict written to {verdict.write(args.json)}")
@@ -629,6 +648,27 @@ def _cmd_soak(args: argparse.Namespace) -> int:
         print(f"  {problem}", file=sys.stderr)
     print("PASS: nothing lost" if verdict.ok else "FAIL", flush=True)
     return 0 if verdict.ok else 1
+
+
+def _soak_in_process(config, values: dict, console) -> object:
+    """The whole fleet, and the embedded site, in this one process."""
+    from emulator.metrics import default_metrics
+    from emulator.soak.display import LiveSummary
+    from emulator.soak.runner import SoakRun
+
+    metrics = default_metrics()
+    run = SoakRun(config, metrics)
+    server = _serve_metrics(values, metrics)
+    try:
+        if not config.embedded:
+            console.print(f"every device receives on {config.listen_host}:{config.listen_port}")
+            for member in run.fleet:
+                console.print(f"device {member.ae_title} ({member.kind}) at {member.station}")
+        with LiveSummary(console, config.duration_s) as live:
+            return run.run(on_progress=live)
+    finally:
+        if server:
+            server.stop()
 
 
 def _cmd_hil(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from emulator.net.ae_factory import NetworkSettings
 from emulator.net.peers import Peer, PeerError, validate_ae_title
 from emulator.profile import UID_SETS
 from emulator.reference.archive import ArchiveConfig
+from emulator.seeding import SOAK_PATIENTS, SeedOptions
 from emulator.store import AdmissionLimits, DuplicatePolicy
 
 if TYPE_CHECKING:
@@ -207,6 +208,9 @@ def site_config(values: dict[str, Any]) -> SiteConfig:
         "stations",
         "fault_refuse_canceled",
         "max_request_bytes",
+        "feed",
+        "feed_for",
+        "seed_size",
         *METRICS_SETTINGS,
         *TLS_SETTINGS,
         *ADMISSION_SETTINGS,
@@ -241,7 +245,35 @@ def site_config(values: dict[str, Any]) -> SiteConfig:
         edition=edition,
         uid_set=uids,
         network=network_settings(values),
+        feed=_feed_plan(values),
+        seed_options=SOAK_PATIENTS if values.get("seed_size") == "small" else SeedOptions(),
     )
+
+
+def _feed_plan(values: dict[str, Any]):
+    """``feed: SOAK*`` (and ``feed_for: 10m``): stations the TMS keeps supplied."""
+    from emulator.reference.feeder import FeedPlan
+
+    pattern = values.get("feed")
+    if not pattern:
+        return None
+    for_s = values.get("feed_for")
+    return FeedPlan(str(pattern), parse_seconds(for_s) if for_s else None)
+
+
+def parse_seconds(text: str | float) -> float:
+    """``300``, ``300s``, ``5m``, ``8h`` to seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    text = str(text).strip().lower()
+    factor = units.get(text[-1:])
+    number = text[:-1] if factor else text
+    try:
+        seconds = float(number) * (factor or 1)
+    except ValueError as exc:
+        raise ConfigError(f"a duration is like 300, 300s, 5m or 8h, not {text!r}") from exc
+    if seconds <= 0:
+        raise ConfigError("a duration must be positive")
+    return seconds
 
 
 # DICOM TLS: certificate, key and CA, all three or none (emulator/net/tls.py).

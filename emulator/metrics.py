@@ -106,6 +106,22 @@ class LatencySamples:
             self._samples.clear()
             self._seen.clear()
 
+    def export(self) -> list[dict]:
+        """The reservoirs as JSON, for a soak worker to hand its samples to the coordinator."""
+        with self._lock:
+            return [
+                {"key": list(key), "seen": self._seen[key], "samples": list(samples)}
+                for key, samples in self._samples.items()
+            ]
+
+    def merge(self, exported: list[dict]) -> None:
+        """Adds another process's reservoirs: one verdict over every worker's requests."""
+        with self._lock:
+            for item in exported:
+                key = tuple(item["key"])
+                self._samples.setdefault(key, array("d")).extend(item["samples"])
+                self._seen[key] = self._seen.get(key, 0) + int(item["seen"])
+
 
 def _summary(samples: list[float], count: int, quantiles: tuple[float, ...]) -> dict:
     values = np.percentile(np.asarray(samples) * 1000, quantiles)

@@ -33,6 +33,11 @@ class SeedOptions:
     patient_id_prefix: str = "TDW"
 
 
+# A soak exercises the workflow and the TMS, not pixel throughput: small images keep the
+# site's seeding and the devices' retrievals off the critical path.
+SOAK_PATIENTS = SeedOptions(slices=8, rows=64, beams=4, dynamic_beams=2)
+
+
 def synthetic_patient(
     options: SeedOptions, index: int, uids: SopClasses | None = None
 ) -> SyntheticPatient:

@@ -9,18 +9,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from pydicom import config as pydicom_config
 
+from emulator.cli_process import CliProcess, start_cli
 from emulator.net.ports import free_port, wait_for_port
 from emulator.synth import PatientContext, PhantomGeometry, PlanSpec, generate_patient
 
@@ -85,28 +81,7 @@ def patient_files(patient, tmp_path_factory) -> list[Path]:
     return patient.write(tmp_path_factory.mktemp("patient"))
 
 
-@dataclass
-class ArchiveProcess:
-    """A ``tdw-emu archive`` child process and the address it printed."""
-
-    process: subprocess.Popen
-    host: str
-    port: int
-    output: list[str]
-    addresses: dict[str, tuple[str, int]] = field(default_factory=dict)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+ArchiveProcess = CliProcess  # a tdw-emu child process and the addresses it printed
 
 
 def start_archive_process(*args: str, timeout: float = 30.0) -> ArchiveProcess:
@@ -116,37 +91,12 @@ def start_archive_process(*args: str, timeout: float = 30.0) -> ArchiveProcess:
 
 def start_cli_process(
     command_name: str, *args: str, timeout: float = 60.0, ready: str = "listening on"
-) -> ArchiveProcess:
+) -> CliProcess:
     """Runs ``tdw-emu COMMAND ARGS`` and waits for a line containing ``ready``.
 
     Every 'AE listening on HOST:PORT' line seen before it is kept in ``addresses``.
     """
-    command = [sys.executable, "-m", "emulator.cli", *command_name.split(), *args]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
-    )
-    output: list[str] = []
-    addresses: dict[str, tuple[str, int]] = {}
-    deadline = time.monotonic() + timeout
-    assert process.stdout is not None
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        output.append(line.rstrip())
-        match = re.search(r"(\S+) listening on (\S+):(\d+)", line)
-        if match:
-            addresses[match[1]] = (match[2], int(match[3]))
-        if ready in line:
-            # Keep draining so a chatty server never blocks on a full pipe.
-            threading.Thread(
-                target=lambda: output.extend(line.rstrip() for line in process.stdout),
-                daemon=True,
-            ).start()
-            host, port = next(iter(addresses.values()), ("", 0))
-            return ArchiveProcess(process, host, port, output, addresses)
-    process.kill()
-    raise RuntimeError("archive did not start:\n" + "\n".join(output))
+    return start_cli([*command_name.split(), *args], ready=ready, timeout=timeout, cwd=REPO)
 
 
 def printed_metrics_url(output: list[str]) -> str:

@@ -38,6 +38,7 @@ class SiteConfig:
     network: NetworkSettings = field(default_factory=NetworkSettings)
     refuse_canceled: int = 0  # TmsConfig.refuse_canceled: fault injection for tests
     max_request_bytes: int = 1 << 20  # TmsConfig.max_request_bytes
+    feed: FeedPlan | None = None  # keep these stations supplied as they query (a soak)
 
 
 class ReferenceSite:
@@ -96,6 +97,8 @@ class ReferenceSite:
 
     def start(self) -> dict[str, tuple[str, int]]:
         archive = self.archive.start()
+        if self.config.feed is not None and self.feeder is None:
+            self.feed(self.config.feed)
         tms = self.tms.start()
         return {self.config.archive_ae_title: archive, self.config.tms_ae_title: tms}
 

@@ -38,7 +38,7 @@ from emulator.performer.workflow import DeviceConfig, PerformingDevice
 from emulator.profile import load_profile
 from emulator.reference.feeder import FeedPlan
 from emulator.reference.site import ReferenceSite, SiteConfig
-from emulator.seeding import SeedOptions
+from emulator.seeding import SOAK_PATIENTS, SeedOptions
 from emulator.soak.fleet import FleetMember, plan_fleet
 from emulator.soak.verdict import MemoryWatch, Tally, Verdict, audit_records, judge
 
@@ -65,11 +65,7 @@ class SoakConfig:
     poll_s: float = 0.2
     warmup_s: float | None = None
     seed: int = 1
-    # Small images: a soak exercises the workflow and the TMS, not pixel throughput, and
-    # every device shares one interpreter with the others.
-    seed_options: SeedOptions = field(
-        default_factory=lambda: SeedOptions(slices=8, rows=64, beams=4, dynamic_beams=2)
-    )
+    seed_options: SeedOptions = SOAK_PATIENTS
     reactor_poll_s: float | None = 0.005
     network: NetworkSettings = field(default_factory=NetworkSettings)  # e.g. TLS
     spawn_rate: float = 20.0  # devices started a second
@@ -427,4 +423,5 @@ class SoakRun:
             errors=dict(tally.errors),
             problems=problems,
             retried_rounds=sum(tally.transients.values()),
+            interrupted_left=max(interrupted - continued, 0),
         )

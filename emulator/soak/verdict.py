@@ -172,6 +172,7 @@ class Verdict:
     problems: list[str]
     # Worklist rounds in which the TMS could not be reached and was asked again later.
     retried_rounds: int = 0
+    interrupted_left: int = 0  # interrupted deliveries without a completed continuation
 
     @property
     def ok(self) -> bool:

@@ -1,0 +1,315 @@
+"""A soak on every core: the reference TMS in its own process, the fleet in worker processes.
+
+One Python process runs one core's worth of devices (the GIL), so a fleet of hundreds is
+split across ``workers`` processes (emulator/soak/worker.py), interleaved so each gets the
+same mix. With the embedded site, the reference TMS and Archive run as a ``tdw-emu tms``
+child that feeds the fleet's stations as they query (``--feed``) for the run's duration;
+each worker's shared receiver is a peer of the Archive. At the end the workers' partial
+verdicts, drawn against the Archive, and their raw latency samples are merged, the TMS is
+stopped and its UPS table is read: one verdict for the whole fleet. Each process serves its
+own /metrics when asked; ``prometheus-targets.json`` lists them all for Prometheus's
+file-based discovery, so one dashboard sums the fleet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from emulator.cli_process import CliProcess, start_cli
+from emulator.metrics import LatencySamples
+from emulator.net.peers import Peer
+from emulator.net.ports import free_port
+from emulator.reference.ups_store import UpsStore
+from emulator.soak.fleet import FleetMember, plan_fleet
+from emulator.soak.runner import Progress, SoakConfig
+from emulator.soak.verdict import Tally, Verdict, judge
+from emulator.soak.worker import spec_config, write_json
+
+GRACE_S = 120.0  # past duration and drain, before a silent worker is judged stuck
+
+
+@dataclasses.dataclass
+class FleetEndpoints:
+    """Where the coordinator's children serve: what the metrics view scrapes."""
+
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None  # the TMS on this port, worker k on port + k; 0: free
+
+
+class ProcessFleet:
+    """Runs ``config`` as one TMS process and ``workers`` device processes."""
+
+    def __init__(
+        self,
+        config: SoakConfig,
+        workers: int,
+        network_values: dict,
+        endpoints: FleetEndpoints | None = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.network_values = {k: v for k, v in network_values.items() if v is not None}
+        self.endpoints = endpoints or FleetEndpoints()
+        self.fleet = plan_fleet(config.devices, config.mix, config.station_prefix)
+        self.shares = [s for s in (self.fleet[k::workers] for k in range(workers)) if s]
+        self.tms: CliProcess | None = None
+        self.metrics_urls: list[str] = []
+
+    def _port(self, offset: int) -> int | None:
+        base = self.endpoints.metrics_port
+        if base is None:
+            return None
+        return base + offset if base else 0
+
+    # -- the reference TMS process -------------------------------------------------------------
+
+    def _tms_command(self, root: Path, receivers: list[int]) -> list[str]:
+        cfg = self.config
+        command = [
+            "tms",
+            "--data-dir", str(root / "site"),
+            "--port", "0",
+            "--archive-port", "0",
+            "--profile", cfg.edition,
+            "--uids", cfg.uid_set,
+            "--feed", f"{cfg.station_prefix}*",
+            "--feed-for", f"{cfg.duration_s}s",
+            "--seed-size", "small",
+            "--max-associations", str(cfg.association_limit),
+            "--max-pending-per-address", str(cfg.association_limit),
+            "--max-pending-connections", str(cfg.association_limit),
+        ]  # fmt: skip
+        for share, port in zip(self.shares, receivers, strict=True):
+            for member in share:
+                command += ["--peer", str(Peer(member.ae_title, cfg.listen_host, port))]
+        for key in ("tls_cert", "tls_key", "tls_ca"):
+            if key in self.network_values:
+                command += [f"--{key.replace('_', '-')}", str(self.network_values[key])]
+        if self.network_values.get("tls_no_client_auth"):
+            command.append("--tls-no-client-auth")
+        port = self._port(0)
+        if port is not None:
+            command += ["--metrics-port", str(port), "--metrics-host", self.endpoints.metrics_host]
+        return command
+
+    def _start_tms(self, root: Path, receivers: list[int]) -> tuple[Peer, Peer]:
+        self.tms = start_cli(self._tms_command(root, receivers), ready="ready", timeout=120)
+        self.metrics_urls += [
+            line.split("metrics on ", 1)[1] for line in self.tms.output if "metrics on " in line
+        ]
+        tms = next(Peer(ae, *a) for ae, a in self.tms.addresses.items() if ae == "TMS")
+        archive = next(Peer(ae, *a) for ae, a in self.tms.addresses.items() if ae == "ARCHIVE")
+        return tms, archive
+
+    # -- the workers ---------------------------------------------------------------------------
+
+    def _spec(self, number: int, share: list[FleetMember], root: Path, peers, port: int) -> dict:
+        config = dataclasses.replace(self.config, listen_port=port)
+        work = root / f"worker-{number}"
+        work.mkdir(parents=True, exist_ok=True)
+        return {
+            "config": spec_config(config),
+            "tms": str(peers[0]),
+            "archive": str(peers[1]),
+            "members": [dataclasses.astuple(member) for member in share],
+            "network": self.network_values,
+            "data_dir": str(work),
+            "metrics_host": self.endpoints.metrics_host,
+            "metrics_port": self._port(number),
+            "progress": str(work / "progress.json"),
+            "result": str(work / "result.json"),
+        }
+
+    def _start_worker(self, spec: dict, root: Path, number: int) -> subprocess.Popen:
+        path = root / f"worker-{number}" / "spec.json"
+        path.write_text(json.dumps(spec))
+        log = (root / f"worker-{number}" / "worker.log").open("w")
+        return subprocess.Popen(
+            [sys.executable, "-m", "emulator.soak.worker", str(path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def run(self, on_progress: Callable[[Progress], None] | None = None) -> Verdict:
+        cfg = self.config
+        with tempfile.TemporaryDirectory(prefix="tdw-soak-") as tmp:
+            root = Path(cfg.data_dir) if cfg.data_dir else Path(tmp)
+            root.mkdir(parents=True, exist_ok=True)
+            base = cfg.listen_port
+            receivers = [base + k if base else free_port() for k in range(len(self.shares))]
+            try:
+                peers = self._start_tms(root, receivers) if cfg.embedded else (cfg.tms, cfg.archive)
+                specs = [
+                    self._spec(k, share, root, peers, port)
+                    for k, (share, port) in enumerate(
+                        zip(self.shares, receivers, strict=True), start=1
+                    )
+                ]
+                processes = [self._start_worker(s, root, k) for k, s in enumerate(specs, 1)]
+                self._wait(processes, specs, on_progress)
+            finally:
+                if self.tms is not None:
+                    self.tms.stop(timeout=60)
+            return self._verdict(root, specs, processes)
+
+    def _wait(self, processes, specs, on_progress) -> None:
+        started = time.monotonic()
+        limit = started + self.config.duration_s + self.config.drain_limit_s + GRACE_S
+        self._write_targets(specs)
+        while any(p.poll() is None for p in processes):
+            if time.monotonic() > limit:
+                for process in processes:
+                    process.kill()
+                break
+            time.sleep(1.0)
+            if on_progress:
+                on_progress(merged_progress([_read(Path(s["progress"])) for s in specs]))
+
+    def _write_targets(self, specs: list[dict]) -> None:
+        """Every /metrics of the fleet, for Prometheus ``file_sd_configs``."""
+        deadline = time.monotonic() + 30
+        for spec in specs:
+            if spec["metrics_port"] is None:
+                continue
+            log = Path(spec["data_dir"]) / "worker.log"
+            while time.monotonic() < deadline:
+                lines = [line for line in _lines(log) if "metrics on " in line]
+                if lines:
+                    self.metrics_urls.append(lines[0].split("metrics on ", 1)[1])
+                    break
+                time.sleep(0.2)
+        if not self.metrics_urls:
+            return
+        targets = [url.split("//", 1)[1].split("/", 1)[0] for url in self.metrics_urls]
+        root = Path(specs[0]["data_dir"]).parent
+        write_json(
+            root / "prometheus-targets.json", [{"targets": targets, "labels": {"job": "tdw-soak"}}]
+        )
+
+    # -- one verdict ---------------------------------------------------------------------------
+
+    def _verdict(self, root: Path, specs: list[dict], processes) -> Verdict:
+        parts, problems = [], []
+        for number, (spec, process) in enumerate(zip(specs, processes, strict=True), start=1):
+            result = _read(Path(spec["result"]))
+            if not result:
+                log = Path(spec["data_dir"]) / "worker.log"
+                problems.append(
+                    f"worker {number} ended (exit {process.returncode}) without a verdict: "
+                    + " | ".join(_lines(log)[-3:])
+                )
+                continue
+            parts.append(result)
+        tms: dict[str, int] = {}
+        if self.config.embedded:
+            ups = UpsStore(root / "site" / "tms" / "ups.sqlite3")
+            try:
+                tms = ups.count_by_state()
+            finally:
+                ups.close()
+        return merge_verdicts(parts, self.fleet, tms, problems)
+
+
+def merge_verdicts(
+    parts: list[dict], fleet: list[FleetMember], tms: dict[str, int], problems: list[str]
+) -> Verdict:
+    """The workers' partial verdicts as one, judged again over the sums."""
+    sessions, deliveries, errors = Counter(), Counter(), Counter()
+    records: Counter = Counter()
+    record_problems: list[str] = []
+    latencies = LatencySamples(size=10**9)
+    for part in parts:
+        sessions.update(part["sessions"])
+        deliveries.update(part["deliveries"])
+        errors.update(part["errors"])
+        records.update({k: v for k, v in part["records"].items() if k != "problems"})
+        record_problems += part["records"]["problems"]
+        latencies.merge(part["latency_samples"])
+        problems += [p for p in part["problems"] if p.startswith("still busy")]
+    audit = dict(records) | {"problems": record_problems[:50]}
+    tally = Tally(sessions=sessions, errors=errors)
+    interrupted_left = sum(part["interrupted_left"] for part in parts)
+    duration = max((part["duration_s"] for part in parts), default=0.0)
+    drain = max((part["drain_s"] for part in parts), default=0.0)
+    if not parts:
+        problems.append("no worker returned a verdict")
+    memory_keys = (
+        "rss_start_mib",
+        "rss_after_warmup_mib",
+        "rss_end_mib",
+        "rss_peak_mib",
+        "growth_mib",
+        "growth_mib_per_hour",
+    )
+    return Verdict(
+        devices=len(fleet),
+        mix=dict(Counter(m.kind for m in fleet)),
+        duration_s=duration,
+        drain_s=drain,
+        sessions={"started": 0, **dict(sessions)},
+        sessions_per_minute=round(sessions.get("completed", 0) / max(duration + drain, 1) * 60, 2),
+        deliveries=dict(deliveries),
+        continuations_completed=sum(part["continuations_completed"] for part in parts),
+        records=audit,
+        latency_ms=latencies.percentiles(),
+        memory={"workers": len(parts), "warmup_s": parts[0]["memory"]["warmup_s"] if parts else 0}
+        | {k: round(sum(p["memory"][k] for p in parts), 1) for k in memory_keys},
+        tms=tms,
+        errors=dict(errors),
+        problems=[*problems, *judge(tally, audit, tms, interrupted_left)],
+        retried_rounds=sum(part["retried_rounds"] for part in parts),
+        interrupted_left=interrupted_left,
+    )
+
+
+def merged_progress(reports: list[dict]) -> Progress:
+    """The workers' live figures as one line: sums, and the worst p99."""
+    reports = [r for r in reports if r]
+    sessions: Counter = Counter()
+    for report in reports:
+        sessions.update(report["tally"]["sessions"])
+
+    def total(key: str) -> float:
+        return sum(report["tally"][key] for report in reports)
+
+    return Progress(
+        elapsed_s=max((r["elapsed_s"] for r in reports), default=0.0),
+        phase="running" if any(r["phase"] == "running" for r in reports) else "draining",
+        busy=sum(r["busy"] for r in reports),
+        devices=sum(r["devices"] for r in reports),
+        tally={
+            "sessions": dict(sessions),
+            "deliveries": total("deliveries"),
+            "continuations_completed": total("continuations_completed"),
+            "records_stored": total("records_stored"),
+        },
+        latency={
+            "p50_ms": max((r["latency"].get("p50_ms", 0) for r in reports), default=0),
+            "p99_ms": max((r["latency"].get("p99_ms", 0) for r in reports), default=0),
+        },
+        backlog=sum(r["backlog"] for r in reports),
+        rss_mib=round(sum(r["rss_mib"] for r in reports), 1),
+    )
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
