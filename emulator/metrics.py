@@ -39,6 +39,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from pynetdicom import evt
+from pynetdicom.dsutils import decode
 from pynetdicom.status import code_to_category
 
 from emulator import __version__
@@ -48,6 +49,23 @@ from emulator.profile import load_yaml
 # The ``actor`` label: devices of every kind are "performer"; "tms" and "archive" as such.
 ACTOR_PROFILES = {"pds": "performer", "pps": "performer", "tdd": "performer"}
 PENDING = "Pending"
+
+
+@dataclass(frozen=True)
+class RequestDone:
+    """One DIMSE request a local AE sent or served, with its final response.
+
+    ``name`` says what the request asked for where the operation alone does not (the UPS
+    state an N-ACTION requests): the name a load-testing report groups by.
+    """
+
+    ae: str
+    group: str
+    role: str
+    name: str
+    seconds: float
+    category: str  # pynetdicom's: Success, Warning, Failure, Cancel
+    status: int
 
 
 def metrics_spec() -> dict:
@@ -264,9 +282,12 @@ class Metrics:
         r.register(self._workitems)
         self.latencies = LatencySamples()
         self._groups: dict[str, str] = {}
-        self._pending: dict[int, dict[int, tuple[float, str, str, str]]] = {}
+        self._pending: dict[int, dict[int, tuple[float, str, str, str, str]]] = {}
         self._established: set[int] = set()
         self._lock = threading.Lock()
+        # Told of every finished request (e.g. a Locust reporter); called in the thread
+        # that received the response, so a listener must not block.
+        self.request_listeners: list[Callable[[RequestDone], None]] = []
 
     def connection_refused(self, ae: str, reason: str) -> None:
         """A connection the admission guard closed (emulator/net/connection_guard.py)."""
@@ -356,9 +377,12 @@ class Metrics:
         self.associations.labels(ae, role, how).inc()
         if was_open:
             self.associations_open.labels(ae, role).dec()
-        for _, req_role, operation, req_ae in unanswered.values():
+        now = time.perf_counter()
+        for started, req_role, operation, req_ae, detail in unanswered.values():
             group = self._groups.get(req_ae, "other")
             self.dimse_requests.labels(req_ae, group, req_role, operation, "aborted").inc()
+            for listener in self.request_listeners:
+                listener(RequestDone(req_ae, group, req_role, detail, now - started, how, -1))
 
     def _on_released(self, event: evt.Event) -> None:
         self._close(event, "released")
@@ -388,12 +412,15 @@ class Metrics:
                 return
             ae, _ = self._local(event)
             role = "scu" if sent else "scp"
+            operation = operation_of(name)
+            detail = request_detail(event, operation) if self.request_listeners else operation
             with self._lock:
                 self._pending.setdefault(key, {})[int(command.MessageID)] = (
                     now,
                     role,
-                    operation_of(name),
+                    operation,
                     ae,
+                    detail,
                 )
             return
         status = command.get("Status")
@@ -406,12 +433,16 @@ class Metrics:
             request = self._pending.get(key, {}).pop(int(command.MessageIDBeingRespondedTo), None)
         if request is None:
             return
-        started, role, operation, ae = request
+        started, role, operation, ae, detail = request
         seconds = now - started
         group = self._groups.get(ae, "other")
         self.dimse_requests.labels(ae, group, role, operation, category.lower()).inc()
         self.dimse_duration.labels(ae, group, role, operation).observe(seconds)
         self.latencies.add(group, role, operation, seconds)
+        if self.request_listeners:
+            done = RequestDone(ae, group, role, detail, seconds, category, int(status))
+            for listener in self.request_listeners:
+                listener(done)
 
     # -- exposition ---------------------------------------------------------------------------
 
@@ -419,6 +450,23 @@ class Metrics:
         """Starts ``/metrics`` on ``host:port`` (port 0: a free one); loopback by default."""
         server, thread = start_http_server(port, addr=host, registry=self.registry)
         return MetricsServer(server, thread)
+
+
+def request_detail(event: evt.Event, operation: str) -> str:
+    """``N-ACTION IN PROGRESS`` for a state change, ``N-ACTION cancel request`` for a request
+    to cancel, the operation alone otherwise: what a load report should group by."""
+    if operation != "N-ACTION":
+        return operation
+    command = event.message.command_set
+    if int(command.get("ActionTypeID", 0) or 0) == 2:
+        return "N-ACTION cancel request"
+    try:
+        context = event.assoc._accepted_cx[event.message.context_id]
+        syntax = context.transfer_syntax[0]
+        dataset = decode(event.message.data_set, syntax.is_implicit_VR, syntax.is_little_endian)
+        return f"N-ACTION {dataset.ProcedureStepState}"
+    except Exception:  # a malformed request is the peer's to refuse, not ours to name
+        return operation
 
 
 @dataclass

@@ -20,6 +20,8 @@ stale and is taken as before (pynetdicom logs and discards it). Requests are unt
 
 from __future__ import annotations
 
+import contextlib
+
 from pynetdicom.dimse import DIMSEServiceProvider
 
 _original_get_msg = DIMSEServiceProvider.get_msg
@@ -34,14 +36,18 @@ def _guarded_get_msg(self: DIMSEServiceProvider, block: bool = False):
     if block:
         return _original_get_msg(self, block)
     queue = self.msg_queue
-    with queue.mutex:
+    # Under gevent (a Locust soak) the queue is gevent's, without a mutex: greenlets only
+    # switch where they wait, so nothing can come between the peek and the pop below.
+    mutex = getattr(queue, "mutex", None)
+    with mutex if mutex is not None else contextlib.nullcontext():
         if not queue.queue:
             return None, None
         sender_waiting = not self.assoc._reactor_checkpoint.is_set()
         if sender_waiting and _is_response(queue.queue[0]):
             return None, None
         item = queue.queue.popleft()
-        queue.not_full.notify()
+        if mutex is not None:
+            queue.not_full.notify()
         return item
 
 

@@ -23,17 +23,24 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from emulator.cli_process import CliProcess, start_cli
 from emulator.metrics import LatencySamples
 from emulator.net.peers import Peer
 from emulator.net.ports import free_port
-from emulator.reference.ups_store import UpsStore
 from emulator.soak.fleet import FleetMember, plan_fleet
 from emulator.soak.runner import Progress, SoakConfig
+from emulator.soak.tms_process import ReferenceTmsProcess
 from emulator.soak.verdict import Tally, Verdict, judge
 from emulator.soak.worker import spec_config, write_json
 
-GRACE_S = 120.0  # past duration and drain, before a silent worker is judged stuck
+GRACE_S = 120.0
+AUDIT_COUNTS = (
+    "delivered_beams",
+    "records_stored",
+    "records_in_archive",
+    "lost_records",
+    "lost_beams",
+    "mismatched_beams",
+)  # past duration and drain, before a silent worker is judged stuck
 
 
 @dataclasses.dataclass
@@ -60,7 +67,7 @@ class ProcessFleet:
         self.endpoints = endpoints or FleetEndpoints()
         self.fleet = plan_fleet(config.devices, config.mix, config.station_prefix)
         self.shares = [s for s in (self.fleet[k::workers] for k in range(workers)) if s]
-        self.tms: CliProcess | None = None
+        self.tms: ReferenceTmsProcess | None = None
         self.metrics_urls: list[str] = []
 
     def _port(self, offset: int) -> int | None:
@@ -69,47 +76,20 @@ class ProcessFleet:
             return None
         return base + offset if base else 0
 
-    # -- the reference TMS process -------------------------------------------------------------
-
-    def _tms_command(self, root: Path, receivers: list[int]) -> list[str]:
-        cfg = self.config
-        command = [
-            "tms",
-            "--data-dir", str(root / "site"),
-            "--port", "0",
-            "--archive-port", "0",
-            "--profile", cfg.edition,
-            "--uids", cfg.uid_set,
-            "--feed", f"{cfg.station_prefix}*",
-            "--feed-for", f"{cfg.duration_s}s",
-            "--seed-size", "small",
-            "--max-associations", str(cfg.association_limit),
-            "--max-pending-per-address", str(cfg.association_limit),
-            "--max-pending-connections", str(cfg.association_limit),
-        ]  # fmt: skip
-        for share, port in zip(self.shares, receivers, strict=True):
-            for member in share:
-                command += ["--peer", str(Peer(member.ae_title, cfg.listen_host, port))]
-        for key in ("tls_cert", "tls_key", "tls_ca"):
-            if key in self.network_values:
-                command += [f"--{key.replace('_', '-')}", str(self.network_values[key])]
-        if self.network_values.get("tls_no_client_auth"):
-            command.append("--tls-no-client-auth")
-        port = self._port(0)
-        if port is not None:
-            command += ["--metrics-port", str(port), "--metrics-host", self.endpoints.metrics_host]
-        return command
+    # -- the workers ---------------------------------------------------------------------------
 
     def _start_tms(self, root: Path, receivers: list[int]) -> tuple[Peer, Peer]:
-        self.tms = start_cli(self._tms_command(root, receivers), ready="ready", timeout=120)
-        self.metrics_urls += [
-            line.split("metrics on ", 1)[1] for line in self.tms.output if "metrics on " in line
+        port = self._port(0)
+        metrics = None if port is None else (self.endpoints.metrics_host, port)
+        self.tms = ReferenceTmsProcess(self.config, root, self.network_values, metrics)
+        peers = [
+            Peer(member.ae_title, self.config.listen_host, port)
+            for share, port in zip(self.shares, receivers, strict=True)
+            for member in share
         ]
-        tms = next(Peer(ae, *a) for ae, a in self.tms.addresses.items() if ae == "TMS")
-        archive = next(Peer(ae, *a) for ae, a in self.tms.addresses.items() if ae == "ARCHIVE")
-        return tms, archive
-
-    # -- the workers ---------------------------------------------------------------------------
+        addresses = self.tms.start(peers)
+        self.metrics_urls += self.tms.metrics_urls
+        return addresses
 
     def _spec(self, number: int, share: list[FleetMember], root: Path, peers, port: int) -> dict:
         config = dataclasses.replace(self.config, listen_port=port)
@@ -158,7 +138,7 @@ class ProcessFleet:
                 self._wait(processes, specs, on_progress)
             finally:
                 if self.tms is not None:
-                    self.tms.stop(timeout=60)
+                    self.tms.stop()
             return self._verdict(root, specs, processes)
 
     def _wait(self, processes, specs, on_progress) -> None:
@@ -209,13 +189,7 @@ class ProcessFleet:
                 )
                 continue
             parts.append(result)
-        tms: dict[str, int] = {}
-        if self.config.embedded:
-            ups = UpsStore(root / "site" / "tms" / "ups.sqlite3")
-            try:
-                tms = ups.count_by_state()
-            finally:
-                ups.close()
+        tms = self.tms.ups_counts() if self.tms is not None else {}
         return merge_verdicts(parts, self.fleet, tms, problems)
 
 
@@ -224,7 +198,7 @@ def merge_verdicts(
 ) -> Verdict:
     """The workers' partial verdicts as one, judged again over the sums."""
     sessions, deliveries, errors = Counter(), Counter(), Counter()
-    records: Counter = Counter()
+    records: Counter = Counter(dict.fromkeys(AUDIT_COUNTS, 0))
     record_problems: list[str] = []
     latencies = LatencySamples(size=10**9)
     for part in parts:

@@ -370,58 +370,94 @@ class SoakRun:
         if self.site is not None:
             instance = self.site.archive.store.get(uid)
             return self.site.archive.store.read(instance) if instance else None
-        device = self.devices[ae_title]
-        local = device.receiver.store.get(uid)
-        if local is None:
-            return None
-        record = device.receiver.store.read(local)
-        query = Dataset()
-        query.QueryRetrieveLevel = "IMAGE"
-        query.StudyInstanceUID = record.StudyInstanceUID
-        query.SeriesInstanceUID = record.SeriesInstanceUID
-        query.SOPInstanceUID = uid
-        try:
-            found = scu.find(ae_title, self.config.archive, query, settings=self.network)
-        except DimseError:
-            return None
-        return record if found else None
+        return confirmed_at_archive(self.devices[ae_title], uid)
 
     def _verdict(
         self, ran_s: float, drained_s: float, memory: MemoryWatch, stuck: list[str]
     ) -> Verdict:
-        tally = self.tally
-        deliveries = list(tally.deliveries)
+        deliveries = list(self.tally.deliveries)
         by_uid = {uid: d.ae_title for d in deliveries for uid in d.records}
         records = audit_records(deliveries, lambda uid: self._archived(uid, by_uid[uid]))
-        tms = self.site.tms.ups.count_by_state() if self.site is not None else {}
-        interrupted = tally.sessions.get("interrupted", 0)
-        continued = sum(
-            d.delivery_type == "CONTINUATION" and d.state in ("COMPLETED", "CANCELED")
-            for d in deliveries
-        )
-        problems = judge(tally, records, tms, max(interrupted - continued, 0))
-        if stuck:
-            problems.append(f"still busy after the drain: {', '.join(stuck)}")
-        completed = tally.sessions.get("completed", 0)
-        delivery_states = Counter(d.state.lower() for d in deliveries)
-        delivery_states["continuation"] = sum(d.delivery_type == "CONTINUATION" for d in deliveries)
-        return Verdict(
-            devices=len(self.devices),
-            mix=dict(Counter(m.kind for m in self.fleet)),
-            duration_s=round(ran_s, 1),
-            drain_s=round(drained_s, 1),
-            sessions={"started": 0, **dict(tally.sessions)},
-            sessions_per_minute=round(completed / (ran_s + drained_s) * 60, 2),
-            deliveries=dict(delivery_states),
-            continuations_completed=sum(
-                d.delivery_type == "CONTINUATION" and d.state == "COMPLETED" for d in deliveries
-            ),
-            records=records,
-            latency_ms=self.metrics.latencies.percentiles(),
+        facts = RunFacts(
+            fleet=self.fleet,
+            tally=self.tally,
+            ran_s=ran_s,
+            drained_s=drained_s,
             memory=memory.summary(),
-            tms=tms,
-            errors=dict(tally.errors),
-            problems=problems,
-            retried_rounds=sum(tally.transients.values()),
-            interrupted_left=max(interrupted - continued, 0),
+            latency_ms=self.metrics.latencies.percentiles(),
+            tms=self.site.tms.ups.count_by_state() if self.site is not None else {},
+            stuck=stuck,
         )
+        return draw_verdict(facts, records)
+
+
+def confirmed_at_archive(device: PerformingDevice, uid: str) -> Dataset | None:
+    """The device's copy of a record it sent, once a C-FIND shows the Archive holds it."""
+    local = device.receiver.store.get(uid)
+    if local is None:
+        return None
+    record = device.receiver.store.read(local)
+    query = Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    query.StudyInstanceUID = record.StudyInstanceUID
+    query.SeriesInstanceUID = record.SeriesInstanceUID
+    query.SOPInstanceUID = uid
+    cfg = device.config
+    try:
+        found = scu.find(cfg.ae_title, cfg.archive, query, settings=cfg.network)
+    except DimseError:
+        return None
+    return record if found else None
+
+
+@dataclass
+class RunFacts:
+    """What a run measured, for :func:`draw_verdict`."""
+
+    fleet: list[FleetMember]
+    tally: Tally
+    ran_s: float
+    drained_s: float
+    memory: dict
+    latency_ms: dict
+    tms: dict
+    stuck: list[str] = field(default_factory=list)
+
+
+def draw_verdict(facts: RunFacts, records: dict) -> Verdict:
+    """The verdict of one process's devices (and its TMS counts, where it has them)."""
+    tally = facts.tally
+    deliveries = list(tally.deliveries)
+    interrupted = tally.sessions.get("interrupted", 0)
+    continued = sum(
+        d.delivery_type == "CONTINUATION" and d.state in ("COMPLETED", "CANCELED")
+        for d in deliveries
+    )
+    interrupted_left = max(interrupted - continued, 0)
+    problems = judge(tally, records, facts.tms, interrupted_left)
+    if facts.stuck:
+        problems.append(f"still busy after the drain: {', '.join(facts.stuck)}")
+    completed = tally.sessions.get("completed", 0)
+    delivery_states = Counter(d.state.lower() for d in deliveries)
+    delivery_states["continuation"] = sum(d.delivery_type == "CONTINUATION" for d in deliveries)
+    elapsed = facts.ran_s + facts.drained_s
+    return Verdict(
+        devices=len(facts.fleet),
+        mix=dict(Counter(m.kind for m in facts.fleet)),
+        duration_s=round(facts.ran_s, 1),
+        drain_s=round(facts.drained_s, 1),
+        sessions={"started": 0, **dict(tally.sessions)},
+        sessions_per_minute=round(completed / elapsed * 60, 2) if elapsed else 0.0,
+        deliveries=dict(delivery_states),
+        continuations_completed=sum(
+            d.delivery_type == "CONTINUATION" and d.state == "COMPLETED" for d in deliveries
+        ),
+        records=records,
+        latency_ms=facts.latency_ms,
+        memory=facts.memory,
+        tms=facts.tms,
+        errors=dict(tally.errors),
+        problems=problems,
+        retried_rounds=sum(tally.transients.values()),
+        interrupted_left=interrupted_left,
+    )
