@@ -302,6 +302,20 @@ def _add_soak(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--spawn-rate", type=float, default=20.0, help="devices started a second")
     p.add_argument(
+        "--locust",
+        action="store_true",
+        help="run the devices as Locust users (a master and --workers local workers); "
+        "Locust's CSV and HTML reports go to --locust-report",
+    )
+    p.add_argument("--locust-report", type=Path, default=Path("locust-report"))
+    p.add_argument(
+        "--locust-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="passed on to the Locust master, e.g. --locust-arg=--loglevel=WARNING",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         help="device processes, the TMS in one more (default: one per core; "
@@ -622,7 +636,15 @@ def _cmd_soak(args: argparse.Namespace) -> int:
     workers = (os.cpu_count() or 1) if args.workers is None else args.workers
     console = Console()
     values = {"metrics_port": args.metrics_port, "metrics_host": args.metrics_host}
-    if workers > 0:
+    if args.locust:
+        from emulator.soak import locustfile_path
+        from emulator.soak.locust_launcher import LocustOptions, LocustSoak
+
+        console.print(f"Locust users from {locustfile_path()}, {workers} local workers")
+        options = LocustOptions(workers, args.locust_report, list(args.locust_arg))
+        verdict = LocustSoak(config, options, _tls_values(args)).run()
+        console.print(f"Locust reports in {args.locust_report}/ (locust.html, locust_*.csv)")
+    elif workers > 0:
         fleet = ProcessFleet(
             config,
             workers,
