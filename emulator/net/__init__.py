@@ -1,7 +1,8 @@
 """DICOM plumbing shared by every actor: AE factory, peers, and SCU helpers."""
 
-from emulator.net import dimse_queue_guard, socket_ready_guard
+from emulator.net import dimse_queue_guard, reactor_wakeup, socket_ready_guard
 
 # Every actor imports this package before it opens an association.
 dimse_queue_guard.install()
 socket_ready_guard.install()
+reactor_wakeup.install()
