@@ -309,6 +309,13 @@ def _add_soak(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--locust-report", type=Path, default=Path("locust-report"))
     p.add_argument(
+        "--metrics-targets",
+        type=Path,
+        default=Path("soak-targets.json"),
+        help="with --metrics-port and workers: every process's /metrics, for Prometheus "
+        "file_sd_configs",
+    )
+    p.add_argument(
         "--locust-arg",
         action="append",
         default=[],
@@ -649,7 +656,9 @@ def _cmd_soak(args: argparse.Namespace) -> int:
             config,
             workers,
             {**_tls_values(args), **_admission_values(args)},
-            FleetEndpoints(args.metrics_host or "127.0.0.1", args.metrics_port),
+            FleetEndpoints(
+                args.metrics_host or "127.0.0.1", args.metrics_port, args.metrics_targets
+            ),
         )
         console.print(
             f"{config.devices} devices in {len(fleet.shares)} worker processes"
@@ -657,8 +666,6 @@ def _cmd_soak(args: argparse.Namespace) -> int:
         )
         with LiveSummary(console, config.duration_s) as live:
             verdict = fleet.run(on_progress=live)
-        for url in fleet.metrics_urls:
-            console.print(f"metrics on {url}")
     else:
         verdict = _soak_in_process(config, values, console)
     for table in verdict_tables(verdict):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, free_port, printed_metrics_url, require_tool, start_cli_process
+from tests.conftest import REPO, free_port, require_tool, start_cli_process
 
 GRAFANA = REPO / "grafana"
 DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
@@ -135,16 +135,23 @@ def test_every_dashboard_query_is_valid_and_has_data_from_a_real_soak(tmp_path, 
         str(duration),
         "--fault-rate",
         "0.15",
+        "--workers",
+        "2",
         "--metrics-port",
         "0",
         "--json",
         str(verdict_file),
-        ready="metrics on",
+        "--metrics-targets",
+        str(tmp_path / "targets.json"),
+        ready="prometheus targets in",
     )
     started = time.monotonic()
     prometheus_process = None
     try:
-        target = urllib.parse.urlparse(printed_metrics_url(soak.output)).netloc
+        # The TMS process and each worker serve their own /metrics; the soak lists them all
+        # for Prometheus's file-based discovery, as grafana/prometheus.yml reads it.
+        targets = json.loads((tmp_path / "targets.json").read_text())[0]["targets"]
+        assert len(targets) == 3  # the TMS and 2 workers
         config = tmp_path / "prometheus.yml"
         config.write_text(
             yaml.safe_dump(
@@ -155,7 +162,10 @@ def test_every_dashboard_query_is_valid_and_has_data_from_a_real_soak(tmp_path, 
                         "evaluation_interval": SCRAPE,
                     },
                     "scrape_configs": [
-                        {"job_name": "tdw-soak", "static_configs": [{"targets": [target]}]}
+                        {
+                            "job_name": "tdw-soak",
+                            "file_sd_configs": [{"files": [str(tmp_path / "targets.json")]}],
+                        }
                     ],
                 }
             )
@@ -185,7 +195,7 @@ def test_every_dashboard_query_is_valid_and_has_data_from_a_real_soak(tmp_path, 
         time.sleep(max(max(40.0, duration - 12.0) - (time.monotonic() - started), 0))
         assert soak.process.poll() is None, "\n".join(soak.output)
         up = _query(base, 'min_over_time(up{job="tdw-soak"}[1m])')["data"]["result"]
-        assert up and float(up[0]["value"][1]) == 1, "a scrape failed in the last minute"
+        assert len(up) == 3 and all(float(r["value"][1]) == 1 for r in up), up
         took = _query(base, 'max_over_time(scrape_duration_seconds{job="tdw-soak"}[5m])')
         print(f"slowest scrape {float(took['data']['result'][0]['value'][1]):.3f} s")
         empty = []

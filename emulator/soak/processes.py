@@ -49,6 +49,8 @@ class FleetEndpoints:
 
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None  # the TMS on this port, worker k on port + k; 0: free
+    # Prometheus file-based discovery (file_sd_configs) of every /metrics above.
+    targets_path: Path = Path("soak-targets.json")
 
 
 class ProcessFleet:
@@ -170,10 +172,11 @@ class ProcessFleet:
         if not self.metrics_urls:
             return
         targets = [url.split("//", 1)[1].split("/", 1)[0] for url in self.metrics_urls]
-        root = Path(specs[0]["data_dir"]).parent
-        write_json(
-            root / "prometheus-targets.json", [{"targets": targets, "labels": {"job": "tdw-soak"}}]
-        )
+        path = self.endpoints.targets_path
+        write_json(path, [{"targets": targets}])
+        for url in self.metrics_urls:
+            print(f"metrics on {url}", flush=True)
+        print(f"prometheus targets in {path.resolve()}", flush=True)
 
     # -- one verdict ---------------------------------------------------------------------------
 
