@@ -164,6 +164,13 @@ def _add_tms(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--feed-for", metavar="DURATION", help="stop feeding after this (e.g. 10m)")
     p.add_argument(
+        "--feed-prime",
+        action="append",
+        default=[],
+        metavar="STATION",
+        help="schedule this station's first session before listening (repeatable)",
+    )
+    p.add_argument(
         "--seed-size",
         choices=("standard", "small"),
         help="small: the soak's small synthetic patients",
@@ -464,6 +471,7 @@ def _cmd_tms(args: argparse.Namespace) -> int:
         "max_request_bytes": args.max_request_bytes,
         "feed": args.feed,
         "feed_for": args.feed_for,
+        "feed_prime": args.feed_prime,
         "seed_size": args.seed_size,
         **_tls_values(args),
         **_admission_values(args),

@@ -210,6 +210,7 @@ def site_config(values: dict[str, Any]) -> SiteConfig:
         "max_request_bytes",
         "feed",
         "feed_for",
+        "feed_prime",
         "seed_size",
         *METRICS_SETTINGS,
         *TLS_SETTINGS,
@@ -258,7 +259,8 @@ def _feed_plan(values: dict[str, Any]):
     if not pattern:
         return None
     for_s = values.get("feed_for")
-    return FeedPlan(str(pattern), parse_seconds(for_s) if for_s else None)
+    prime = tuple(str(station) for station in values.get("feed_prime") or ())
+    return FeedPlan(str(pattern), parse_seconds(for_s) if for_s else None, prime)
 
 
 def parse_seconds(text: str | float) -> float:

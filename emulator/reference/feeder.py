@@ -47,6 +47,10 @@ class FeedPlan:
 
     pattern: str
     for_s: float | None = None  # None: until stopped
+    # Stations given their first session before the TMS listens: seeding a patient costs
+    # the TMS about a second of CPU, and a fleet arriving at once would otherwise wait for
+    # hundreds of them while its first queries are served.
+    prime: tuple[str, ...] = ()
 
     def matches(self, station: str) -> bool:
         return fnmatch.fnmatchcase(station, self.pattern)

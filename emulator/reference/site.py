@@ -85,6 +85,8 @@ class ReferenceSite:
     def feed(self, plan: FeedPlan) -> SessionFeeder:
         """Keeps the stations ``plan`` matches supplied with sessions as they query."""
         self.feeder = SessionFeeder(plan, self.tms.ups, self.tms.scheduler, self.seed_course)
+        for station in plan.prime:
+            self.feeder.ensure(station)
         self.tms.on_worklist_query = self.feeder.asked
         return self.feeder
 

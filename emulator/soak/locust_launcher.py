@@ -49,6 +49,18 @@ class LocustSoak:
     def _fleet_ids(self) -> list[str]:
         return [f"W{k:02d}" for k in range(1, max(self.options.workers, 1) + 1)]
 
+    def _expected_stations(self, fleet_ids: list[str]) -> list[str]:
+        """The stations Locust's users will ask for (locustfile.LocustFleet.member names
+        them), to prime: each worker gets about its share of each kind."""
+        share = -(-self.config.devices // len(fleet_ids)) + 1
+        units = [unit for unit, name in (("D", "pds"), ("P", "pps+tdd")) if name in self.config.mix]
+        return [
+            f"{self.config.station_prefix}{fid}{unit}{n:03d}"
+            for fid in fleet_ids
+            for unit in units
+            for n in range(1, share + 1)
+        ]
+
     def _environment(self, fleet_id: str, port: int) -> dict[str, str]:
         mix = ",".join(f"{unit}={weight}" for unit, weight in self.config.mix.items())
         return os.environ | {
@@ -106,7 +118,7 @@ class LocustSoak:
                         Peer(f"{fid}*", cfg.listen_host, port)
                         for fid, port in zip(fleet_ids, ports, strict=True)
                     ]
-                    tms, archive = self.tms.start(peers)
+                    tms, archive = self.tms.start(peers, self._expected_stations(fleet_ids))
                 else:
                     tms, archive = cfg.tms, cfg.archive
                 master = self._start(root, fleet_ids, ports, (tms, archive, verdict_path))

@@ -89,7 +89,7 @@ class ProcessFleet:
             for share, port in zip(self.shares, receivers, strict=True)
             for member in share
         ]
-        addresses = self.tms.start(peers)
+        addresses = self.tms.start(peers, sorted({member.station for member in self.fleet}))
         self.metrics_urls += self.tms.metrics_urls
         return addresses
 

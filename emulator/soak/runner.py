@@ -231,8 +231,10 @@ class SoakRun:
             ),
             self.metrics,
         )
+        self.site.feed(
+            FeedPlan(f"{cfg.station_prefix}*", prime=tuple(sorted({m.station for m in self.fleet})))
+        )
         self.site.start()
-        self.site.feed(FeedPlan(f"{cfg.station_prefix}*"))
         tms = Peer("TMS", *self.site.tms.address)
         archive = Peer("ARCHIVE", *self.site.archive.address)
         for device in self.devices.values():

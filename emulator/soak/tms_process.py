@@ -34,7 +34,7 @@ class ReferenceTmsProcess:
         self.metrics = metrics
         self.process: CliProcess | None = None
 
-    def command(self, peers: list[Peer]) -> list[str]:
+    def command(self, peers: list[Peer], stations: list[str]) -> list[str]:
         cfg = self.config
         limit = str(cfg.association_limit)
         command = [
@@ -53,6 +53,8 @@ class ReferenceTmsProcess:
         ]  # fmt: skip
         for peer in peers:
             command += ["--peer", str(peer)]
+        for station in stations:
+            command += ["--feed-prime", station]
         for key in ("tls_cert", "tls_key", "tls_ca"):
             if self.network_values.get(key):
                 command += [f"--{key.replace('_', '-')}", str(self.network_values[key])]
@@ -62,9 +64,10 @@ class ReferenceTmsProcess:
             command += ["--metrics-host", self.metrics[0], "--metrics-port", str(self.metrics[1])]
         return command
 
-    def start(self, peers: list[Peer]) -> tuple[Peer, Peer]:
-        """Starts it; returns the TMS and the Archive as the devices address them."""
-        self.process = start_cli(self.command(peers), ready="ready", timeout=120)
+    def start(self, peers: list[Peer], stations: list[str]) -> tuple[Peer, Peer]:
+        """Starts it with ``stations`` primed; returns the TMS and the Archive."""
+        timeout = 120 + 3 * len(stations)
+        self.process = start_cli(self.command(peers, stations), ready="ready", timeout=timeout)
         addresses = self.process.addresses
         return Peer("TMS", *addresses["TMS"]), Peer("ARCHIVE", *addresses["ARCHIVE"])
 
