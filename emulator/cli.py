@@ -379,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scenarios(sub)
     _add_validate(sub)
     _add_soak(sub)
+    sub.add_parser(
+        "locustfile", help="print the packaged locustfile's path, for locust -f on any machine"
+    )
     return parser
 
 
@@ -687,6 +690,13 @@ def _cmd_soak(args: argparse.Namespace) -> int:
     return 0 if verdict.ok else 1
 
 
+def _cmd_locustfile(args: argparse.Namespace) -> int:
+    from emulator.soak import locustfile_path
+
+    print(locustfile_path())
+    return 0
+
+
 def _soak_in_process(config, values: dict, console) -> object:
     """The whole fleet, and the embedded site, in this one process."""
     from emulator.metrics import default_metrics
@@ -880,6 +890,7 @@ COMMANDS = {
     "scenarios": _cmd_scenarios,
     "validate": _cmd_validate,
     "soak": _cmd_soak,
+    "locustfile": _cmd_locustfile,
 }
 
 

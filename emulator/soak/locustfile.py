@@ -39,7 +39,7 @@ from pathlib import Path
 
 import gevent
 import gevent.event
-from locust import User, constant, events, task
+from locust import User, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
 from emulator.config import network_settings, parse_seconds
@@ -51,7 +51,13 @@ from emulator.performer.workflow import DeviceConfig, PerformingDevice
 from emulator.profile import load_profile
 from emulator.soak.fleet import FleetMember
 from emulator.soak.processes import AUDIT_COUNTS, merge_verdicts
-from emulator.soak.runner import RetryBackoff, RunFacts, confirmed_at_archive, draw_verdict
+from emulator.soak.runner import (
+    RetryBackoff,
+    RunFacts,
+    confirmed_at_archive,
+    draw_verdict,
+    poll_interval,
+)
 from emulator.soak.verdict import MemoryWatch, Tally, audit_records
 
 LOG = logging.getLogger("tdw.locust")
@@ -287,7 +293,10 @@ class DeviceUser(User):
 
     abstract = True
     kind = "pds"
-    wait_time = constant(0.2)  # the poll interval between empty worklist rounds
+
+    def wait_time(self) -> float:
+        """Between worklist rounds: as a soak's devices poll (runner.poll_interval)."""
+        return poll_interval(self.environment.parsed_options.tdw_time_scale)
 
     def on_start(self) -> None:
         assert FLEET is not None

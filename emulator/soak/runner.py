@@ -62,7 +62,7 @@ class SoakConfig:
     uid_set: str = "final"
     device: str = "sim"
     drain_s: float | None = None  # None: long enough for a session at this time scale
-    poll_s: float = 0.2
+    poll_s: float | None = None  # between empty worklist rounds; None: by the time scale
     warmup_s: float | None = None
     seed: int = 1
     seed_options: SeedOptions = SOAK_PATIENTS
@@ -79,6 +79,14 @@ class SoakConfig:
     def drain_limit_s(self) -> float:
         """A session in progress when feeding stops takes about 150 s at real pace."""
         return self.drain_s if self.drain_s is not None else 60.0 + 240.0 * self.time_scale
+
+    @property
+    def poll_interval_s(self) -> float:
+        """A real device looks at its worklist every few seconds, not five times a second:
+        200 idle devices polling at 5 Hz would be 1,000 C-FINDs a second at the TMS."""
+        if self.poll_s is not None:
+            return self.poll_s
+        return poll_interval(self.time_scale)
 
     @property
     def association_limit(self) -> int:
@@ -101,6 +109,11 @@ class SoakConfig:
             raise ValueError("with --tms give --listen-port: its Archive sends to that port")
         if self.spawn_rate <= 0:
             raise ValueError("--spawn-rate must be positive")
+
+
+def poll_interval(time_scale: float) -> float:
+    """Seconds between a device's empty worklist rounds: 2 s at real pace, 0.2 s at 0."""
+    return 0.2 + 1.8 * min(max(time_scale, 0.0), 1.0)
 
 
 class RetryBackoff:
@@ -268,7 +281,7 @@ class SoakRun:
                 continue
             if self.draining.is_set():
                 return
-            self.halt.wait(self.config.poll_s)
+            self.halt.wait(self.config.poll_interval_s)
 
     # -- the run -----------------------------------------------------------------------------
 
