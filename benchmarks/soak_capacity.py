@@ -33,9 +33,7 @@ from emulator.soak.verdict import Verdict
 
 
 def soak(devices: int, duration: float, time_scale: float, workers: int) -> Verdict:
-    config = SoakConfig(
-        devices=devices, duration_s=duration, time_scale=time_scale, warmup_s=min(60, duration / 4)
-    )
+    config = SoakConfig(devices=devices, duration_s=duration, time_scale=time_scale)
     if workers:
         return ProcessFleet(config, workers, {}).run()
     return SoakRun(config, Metrics()).run()

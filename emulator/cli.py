@@ -307,7 +307,11 @@ def _add_soak(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="one port where every device receives, by its AE title (0: free)",
     )
-    p.add_argument("--spawn-rate", type=float, default=20.0, help="devices started a second")
+    p.add_argument(
+        "--spawn-rate",
+        type=float,
+        help="devices started a second (default: the fleet spread over about one session)",
+    )
     p.add_argument(
         "--locust",
         action="store_true",

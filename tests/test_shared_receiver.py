@@ -84,3 +84,21 @@ def _uid(path: Path) -> str:
     from pydicom import dcmread
 
     return dcmread(path, stop_before_pixels=True).SOPInstanceUID
+
+
+def test_a_peer_pattern_admits_a_whole_machine_and_no_one_else(tmp_path, patient_files):
+    """``--peer 'W01*@host:port'``: every device of one soak machine may call the Archive and
+    is its move destination; a title outside the pattern is rejected as unknown."""
+    from emulator.net.peers import Peer, PeerDirectory
+    from emulator.reference.archive import ArchiveConfig, ArchiveServer
+
+    peers = [Peer("W01*", "127.0.0.1", 11113)]
+    assert PeerDirectory(peers).get("W01PDS007") == Peer("W01PDS007", "127.0.0.1", 11113)
+    assert PeerDirectory(peers).get("W02PDS007") is None
+    with ArchiveServer(ArchiveConfig(tmp_path / "archive", port=0, peers=peers)) as archive:
+        address = archive.address
+        ok = storescu("W01PDS007", "ARCHIVE", address, patient_files[0])
+        assert ok.returncode == 0, ok.stderr
+        refused = storescu("W02PDS007", "ARCHIVE", address, patient_files[0])
+        assert refused.returncode != 0
+        assert "Calling AE Title Not Recognized" in refused.stderr + refused.stdout

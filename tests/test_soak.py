@@ -161,3 +161,26 @@ def test_soak_against_an_external_tms_confirms_records_at_its_archive(tmp_path):
     assert verdict.sessions["completed"] == 1
     assert verdict.records["records_in_archive"] == verdict.records["records_stored"] == 1
     assert verdict.tms == {}  # an external TMS is judged by what the devices saw
+
+
+def test_a_tms_that_refuses_for_lack_of_slots_costs_no_session(tmp_path):
+    """Six devices against a TMS and Archive that take two associations at a time: many are
+    rejected ("local limit exceeded", transient) and retried with backoff; every session
+    still completes and nothing is lost."""
+    metrics = Metrics()
+    config = SoakConfig(
+        devices=6, duration_s=15, time_scale=0.02, max_associations=2, data_dir=tmp_path
+    )
+    verdict = SoakRun(config, metrics).run()
+    rejected = sum(
+        metrics.registry.get_sample_value(
+            "tdw_associations_total", {"ae": ae, "role": "acceptor", "event": "rejected"}
+        )
+        or 0
+        for ae in ("TMS", "ARCHIVE")
+    )
+    assert rejected > 0  # the limit was hit, for real
+    assert verdict.ok, verdict.problems
+    assert verdict.sessions["completed"] >= 6
+    assert verdict.sessions.get("canceled", 0) == verdict.sessions.get("failed", 0) == 0
+    assert verdict.tms.get("in_progress", 0) == 0

@@ -77,7 +77,7 @@ class LocustSoak:
         return [
             "--headless",
             "-u", str(cfg.devices),
-            "-r", str(cfg.spawn_rate),
+            "-r", str(cfg.spawn_per_s),
             "--stop-timeout", str(int(cfg.drain_limit_s)),
             "--tdw-duration", f"{cfg.duration_s}s",
             "--tdw-tms", str(tms),

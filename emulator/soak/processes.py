@@ -94,7 +94,9 @@ class ProcessFleet:
         return addresses
 
     def _spec(self, number: int, share: list[FleetMember], root: Path, peers, port: int) -> dict:
-        config = dataclasses.replace(self.config, listen_port=port)
+        # The fleet's spawn rate, shared out: together the workers start it at that pace.
+        rate = self.config.spawn_per_s * len(share) / len(self.fleet)
+        config = dataclasses.replace(self.config, listen_port=port, spawn_rate=rate)
         work = root / f"worker-{number}"
         work.mkdir(parents=True, exist_ok=True)
         return {

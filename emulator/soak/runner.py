@@ -43,6 +43,7 @@ from emulator.soak.fleet import FleetMember, plan_fleet
 from emulator.soak.verdict import MemoryWatch, Tally, Verdict, audit_records, judge
 
 PLACEHOLDER = Peer("TMS", "127.0.0.1", 104)
+SESSION_S = 120.0  # about one PDS session at real pace, in device seconds
 
 
 @dataclass
@@ -68,7 +69,7 @@ class SoakConfig:
     seed_options: SeedOptions = SOAK_PATIENTS
     reactor_poll_s: float | None = 0.005
     network: NetworkSettings = field(default_factory=NetworkSettings)  # e.g. TLS
-    spawn_rate: float = 20.0  # devices started a second
+    spawn_rate: float | None = None  # devices started a second; None: spread over a session
     # The association limit of the shared receiver and the embedded TMS and Archive;
     # None sizes it for the fleet.
     max_associations: int | None = None
@@ -79,6 +80,23 @@ class SoakConfig:
     def drain_limit_s(self) -> float:
         """A session in progress when feeding stops takes about 150 s at real pace."""
         return self.drain_s if self.drain_s is not None else 60.0 + 240.0 * self.time_scale
+
+    @property
+    def spawn_per_s(self) -> float:
+        """A clinic's devices do not start in step: started within one session's length
+        (about 120 s at real pace), their retrievals, images and records do not all reach
+        the TMS at the same moment, as they did when 200 devices started in 10 s."""
+        if self.spawn_rate is not None:
+            return self.spawn_rate
+        return min(max(self.devices / (SESSION_S * max(self.time_scale, 0.01)), 1.0), 200.0)
+
+    @property
+    def warmup_limit_s(self) -> float:
+        """Latency and memory are judged once every device has started and settled."""
+        if self.warmup_s is not None:
+            return self.warmup_s
+        ramp = self.devices / self.spawn_per_s
+        return min(max(30.0, ramp + 30.0 * min(self.time_scale, 1.0)), self.duration_s / 2)
 
     @property
     def poll_interval_s(self) -> float:
@@ -107,7 +125,7 @@ class SoakConfig:
             raise ValueError("--fault-rate arms simulated interlocks; use the sim device")
         if self.tms is not None and not self.listen_port:
             raise ValueError("with --tms give --listen-port: its Archive sends to that port")
-        if self.spawn_rate <= 0:
+        if self.spawn_rate is not None and self.spawn_rate <= 0:
             raise ValueError("--spawn-rate must be positive")
 
 
@@ -323,7 +341,7 @@ class SoakRun:
 
     def _drive(self, on_progress: Callable[[Progress], None] | None) -> Verdict:
         cfg = self.config
-        warmup = cfg.warmup_s if cfg.warmup_s is not None else min(30.0, cfg.duration_s / 5)
+        warmup = cfg.warmup_limit_s
         memory = MemoryWatch(warmup)
         started = time.monotonic()
         threads = [
@@ -371,7 +389,7 @@ class SoakRun:
     def _spawn(self, threads: list[threading.Thread]) -> None:
         """Starts the device loops ``spawn_rate`` a second: a fleet that starts at one
         instant queries, seeds and retrieves at one instant too."""
-        interval = 1.0 / self.config.spawn_rate
+        interval = 1.0 / self.config.spawn_per_s
         began = time.monotonic()
         for number, thread in enumerate(threads):
             if self.draining.wait(max(began + number * interval - time.monotonic(), 0.0)):
