@@ -23,7 +23,8 @@ from tests.conftest import DCMTK_ENV, dcmtk
 
 
 @pytest.fixture
-def storescp(tmp_path):
+def killable_storescp(tmp_path):
+    """storescp with its process, for the test that kills it."""
     port = free_port()
     scp = subprocess.Popen(
         [dcmtk("storescp"), "--aetitle", "STORESCP", "-od", str(tmp_path), str(port)]
@@ -70,8 +71,8 @@ def test_installed_by_the_net_package():
     assert reactor_wakeup.installed()
 
 
-def test_exchanges_work_and_an_idle_association_stops_polling(storescp, patient_files):
-    _, port = storescp
+def test_exchanges_work_and_an_idle_association_stops_polling(killable_storescp, patient_files):
+    _, port = killable_storescp
     assoc = _associate(port)
     try:
         assert assoc.send_c_echo().Status == 0x0000
@@ -88,9 +89,9 @@ def test_exchanges_work_and_an_idle_association_stops_polling(storescp, patient_
     assert turns <= 1.0 / reactor_wakeup.IDLE_WAIT_S + 5, turns
 
 
-def test_without_the_guard_the_same_association_polls(storescp):
+def test_without_the_guard_the_same_association_polls(killable_storescp):
     """The comparison the guard is for: pynetdicom as shipped turns hundreds of times."""
-    _, port = storescp
+    _, port = killable_storescp
     reactor_wakeup.uninstall()
     try:
         assoc = _associate(port)
@@ -103,8 +104,8 @@ def test_without_the_guard_the_same_association_polls(storescp):
     assert turns >= 200, turns
 
 
-def test_a_peer_that_dies_is_noticed(storescp):
-    scp, port = storescp
+def test_a_peer_that_dies_is_noticed(killable_storescp):
+    scp, port = killable_storescp
     assoc = _associate(port)
     scp.send_signal(signal.SIGKILL)
     scp.wait(timeout=10)

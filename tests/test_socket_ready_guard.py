@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import resource
-import subprocess
 
 import pytest
 from pynetdicom import AE
@@ -17,8 +16,6 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket
 
 from emulator.net import socket_ready_guard
-from emulator.net.ports import free_port, wait_for_port
-from tests.conftest import dcmtk
 
 
 @pytest.fixture
@@ -36,23 +33,11 @@ def many_descriptors():
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-@pytest.fixture
-def storescp():
-    port = free_port()
-    scp = subprocess.Popen([dcmtk("storescp"), "--aetitle", "ECHOSCP", str(port)])
-    try:
-        wait_for_port(port)
-        yield port
-    finally:
-        scp.terminate()
-        scp.wait(timeout=10)
-
-
 def _echo(port: int):
     ae = AE("FDTEST")
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
-    assoc = ae.associate("127.0.0.1", port, ae_title="ECHOSCP")
+    assoc = ae.associate("127.0.0.1", port, ae_title="STORESCP")
     try:
         fileno = assoc.dul.socket.socket.fileno() if assoc.is_established else -1
         status = assoc.send_c_echo() if assoc.is_established else None
@@ -67,7 +52,7 @@ def test_guard_is_installed_by_the_net_package():
 
 
 def test_an_association_on_a_high_descriptor_works(many_descriptors, storescp):
-    fileno, status = _echo(storescp)
+    fileno, status = _echo(storescp[0])
     assert fileno >= 1024
     assert status is not None and status.Status == 0x0000
 
@@ -75,5 +60,5 @@ def test_an_association_on_a_high_descriptor_works(many_descriptors, storescp):
 def test_unguarded_pynetdicom_loses_it(many_descriptors, storescp, monkeypatch):
     """The same exchange with pynetdicom's own check fails: the defect is real."""
     monkeypatch.setattr(AssociationSocket, "ready", socket_ready_guard._original_ready)
-    _fileno, status = _echo(storescp)
+    _fileno, status = _echo(storescp[0])
     assert status is None  # pynetdicom read its ValueError as a closed connection

@@ -197,52 +197,45 @@ def _gevent_active() -> bool:
     return bool(gevent_monkey and gevent_monkey.is_module_patched("threading"))
 
 
+def _patches() -> list[tuple[object, str, object]]:
+    """(owner, attribute, replacement): everything the guard changes in pynetdicom."""
+    association, dul, dimse = (
+        _association.Association,
+        _dul.DULServiceProvider,
+        _dimse.DIMSEServiceProvider,
+    )
+    return [
+        (association, "__init__", _association_init),
+        (association, "kill", _association_kill),
+        (dimse, "__init__", _dimse_init),
+        (dul, "__init__", _dul_init),
+        (dul, "run_reactor", _dul_run_reactor),
+        (dul, "kill_dul", _dul_kill),
+        (dul, "stop_dul", _dul_stop),
+        (_association, "time", _AssociationTime()),
+        (_dul, "time", _DulTime()),
+    ]
+
+
+def _key(owner: object, name: str) -> str:
+    return f"{getattr(owner, '__name__', owner)}.{name}"
+
+
 def install() -> None:
     """Makes both loops wait for work (idempotent; nothing under gevent)."""
     if installed() or _gevent_active():
         return
-    Association = _association.Association
-    DUL = _dul.DULServiceProvider
-    DIMSE = _dimse.DIMSEServiceProvider
-    _originals.update(
-        {
-            "Association.__init__": Association.__init__,
-            "Association.kill": Association.kill,
-            "DIMSEServiceProvider.__init__": DIMSE.__init__,
-            "DULServiceProvider.__init__": DUL.__init__,
-            "DULServiceProvider.run_reactor": DUL.run_reactor,
-            "DULServiceProvider.kill_dul": DUL.kill_dul,
-            "DULServiceProvider.stop_dul": DUL.stop_dul,
-        }
-    )
-    Association.__init__ = _association_init
-    Association.kill = _association_kill
-    DIMSE.__init__ = _dimse_init
-    DUL.__init__ = _dul_init
-    DUL.run_reactor = _dul_run_reactor
-    DUL.kill_dul = _dul_kill
-    DUL.stop_dul = _dul_stop
-    _association.time = _AssociationTime()
-    _dul.time = _DulTime()
+    for owner, name, replacement in _patches():
+        _originals[_key(owner, name)] = getattr(owner, name)
+        setattr(owner, name, replacement)
 
 
 def uninstall() -> None:
-    """pynetdicom as it ships (for the tests that compare the two)."""
+    """pynetdicom as it ships (for the tests and the benchmark that compare the two)."""
     if not installed():
         return
-    Association = _association.Association
-    DUL = _dul.DULServiceProvider
-    DIMSE = _dimse.DIMSEServiceProvider
-    Association.__init__ = _originals["Association.__init__"]
-    Association.kill = _originals["Association.kill"]
-    DIMSE.__init__ = _originals["DIMSEServiceProvider.__init__"]
-    DUL.__init__ = _originals["DULServiceProvider.__init__"]
-    DUL.run_reactor = _originals["DULServiceProvider.run_reactor"]
-    DUL.kill_dul = _originals["DULServiceProvider.kill_dul"]
-    DUL.stop_dul = _originals["DULServiceProvider.stop_dul"]
-    _association.time = _time
-    _dul.time = _time
-    _originals.clear()
+    for owner, name, _replacement in _patches():
+        setattr(owner, name, _originals.pop(_key(owner, name)))
 
 
 def installed() -> bool:
