@@ -140,3 +140,21 @@ def test_dcmtk_requestors_are_served(tmp_path, patient_files):
         )
         assert store.returncode == 0, store.stderr
         assert inbox.store.count() == 3
+
+
+def test_a_sender_wakes_the_idle_reactor_to_park(killable_storescp):
+    """Every send_*() clears the reactor's checkpoint and spins until the reactor parks; the
+    clear must wake it, or each exchange would wait out the idle wait."""
+    _, port = killable_storescp
+    assoc = _associate(port)
+    try:
+        wakes = []
+        original = assoc._tdw_wake.set
+        assoc._tdw_wake.set = lambda: (wakes.append(1), original())
+        assoc._reactor_checkpoint.clear()
+        assoc._reactor_checkpoint.set()
+        del assoc._tdw_wake.set
+        assert wakes
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()

@@ -12,7 +12,8 @@ The guard keeps both loops as pynetdicom wrote them and changes only what their 
 waits for:
 
 - the association reactor waits on an Event that is set when the DUL hands it something
-  (a DIMSE message, an A-RELEASE or A-ABORT indication) or when it is killed;
+  (a DIMSE message, an A-RELEASE or A-ABORT indication), when a sender asks it to park
+  (its checkpoint is cleared) or when it is killed;
 - the DUL reactor waits in ``poll()`` on its socket and on a pipe written when a local
   thread queues a primitive or an event for it, or stops it.
 
@@ -145,9 +146,27 @@ class _DulTime:
 # -- the wiring -----------------------------------------------------------------------------
 
 
+class _Checkpoint(threading.Event):
+    """The reactor's checkpoint, which also wakes it when cleared: every send_*() and
+    release() clears it and then spins until the reactor has parked on it, which the
+    reactor only does after its idle wait; unwoken, each exchange would wait that out."""
+
+    def __init__(self, wake: threading.Event) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def clear(self) -> None:
+        super().clear()
+        self._wake.set()
+
+
 def _association_init(self, *args, **kwargs) -> None:
     self._tdw_wake = threading.Event()
     _originals["Association.__init__"](self, *args, **kwargs)
+    checkpoint = _Checkpoint(self._tdw_wake)
+    if self._reactor_checkpoint.is_set():
+        checkpoint.set()
+    self._reactor_checkpoint = checkpoint
 
 
 def _association_kill(self) -> None:
