@@ -13,6 +13,7 @@ left): ``--throughput-devices`` devices for ``--throughput-duration`` seconds; t
 sessions per minute, for both layouts.
 
     .venv/bin/python benchmarks/soak_capacity.py [--ladder 50,100,150,200] [--duration 300]
+        [--single-ladder 25,50,100]
 """
 
 from __future__ import annotations
@@ -75,7 +76,10 @@ def climb(name: str, ladder: list[int], args: argparse.Namespace, workers: int) 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ladder", default="50,100,150,200")
+    parser.add_argument("--ladder", default="50,100,150,200", help="device counts, workers")
+    parser.add_argument(
+        "--single-ladder", help="device counts for the one-process baseline (default: --ladder)"
+    )
     parser.add_argument("--duration", type=float, default=300.0, help="seconds per rung")
     parser.add_argument("--p99-ms", type=float, default=100.0)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -84,17 +88,18 @@ def main() -> int:
     args = parser.parse_args()
     logging.getLogger("tdw.device").setLevel(logging.ERROR)
     ladder = [int(n) for n in args.ladder.split(",")]
+    single_ladder = [int(n) for n in (args.single_ladder or args.ladder).split(",")]
     print(f"{os.cpu_count()} CPUs; capacity at time scale 1, {args.duration:g} s per rung")
     print(
         f"{'layout':>14} {'devices':>7} {'completed':>9} {'p50 ms':>8} {'p99 ms':>9}"
         f" {'lost':>5} {'in progress':>11} {'sustained':>9}"
     )
-    layouts = ((f"{args.workers} workers", args.workers), ("one process", 0))
-    capacity = {name: climb(name, ladder, args, workers) for name, workers in layouts}
+    layouts = ((f"{args.workers} workers", args.workers, ladder), ("one process", 0, single_ladder))
+    capacity = {name: climb(name, rungs, args, workers) for name, workers, rungs in layouts}
 
     print(f"TMS throughput at time scale 0, {args.throughput_devices} devices")
     rate = {}
-    for name, workers in layouts:
+    for name, workers, _rungs in layouts:
         r = summary(soak(args.throughput_devices, args.throughput_duration, 0.0, workers))
         rate[name] = r["per_minute"]
         print(f"{name:>14}: {r['per_minute']:.1f} sessions per minute, p99 {r['p99_ms']:.1f} ms")

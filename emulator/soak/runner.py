@@ -95,7 +95,8 @@ class SoakConfig:
         """Latency and memory are judged once every device has started and settled."""
         if self.warmup_s is not None:
             return self.warmup_s
-        ramp = self.devices / self.spawn_per_s
+        started_here = len(self.members) if self.members else self.devices
+        ramp = started_here / self.spawn_per_s
         return min(max(30.0, ramp + 30.0 * min(self.time_scale, 1.0)), self.duration_s / 2)
 
     @property
