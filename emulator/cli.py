@@ -278,14 +278,20 @@ def _add_scenarios(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="AET@HOST:PORT",
-        help="an emulated device's AE and C-MOVE receiver (two needed; defaults "
-        "TDWEMU1@127.0.0.1:11130 and TDWEMU2@127.0.0.1:11131)",
+        help="an emulated device's AE and the address its C-MOVE receiver is reached at "
+        "(two needed; defaults TDWEMU1@127.0.0.1:11130 and TDWEMU2@127.0.0.1:11131)",
+    )
+    run.add_argument(
+        "--listen-host",
+        help="address the devices' receivers bind (default: each --device host), e.g. "
+        "0.0.0.0 when the TMS reaches this machine at another address",
     )
     run.add_argument("--only", action="append", default=[], metavar="NAME")
     run.add_argument("--report-dir", type=Path, default=Path("conformance-report"))
     run.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"), default="ihe-ro-2008")
     run.add_argument("--uids", choices=("final", "trial"), default="final")
     run.add_argument("--data-dir", type=Path, help="keep the devices' data here (default: temp)")
+    _add_tls_flags(run)
 
 
 def _add_soak(sub: argparse._SubParsersAction) -> None:
@@ -810,6 +816,7 @@ def _cmd_scenarios(args: argparse.Namespace) -> int:
         return 0
     import datetime as dt
 
+    from emulator.config import network_settings
     from emulator.conformance.reports import print_summary, suite_ok, write_reports
     from emulator.conformance.scenarios import ScenarioRunner, SuiteConfig
     from emulator.net.peers import Peer
@@ -825,6 +832,8 @@ def _cmd_scenarios(args: argparse.Namespace) -> int:
         edition=args.profile,
         uid_set=args.uids,
         data_dir=args.data_dir,
+        network=network_settings(_tls_values(args)),
+        listen_host=args.listen_host,
     )
     scenarios = load_scenarios(args.only)
     runner = ScenarioRunner(config)
@@ -841,6 +850,7 @@ def _cmd_scenarios(args: argparse.Namespace) -> int:
         "devices": ", ".join(str(d) for d in devices),
         "profile": config.edition,
         "uids": config.uid_set,
+        "tls": "on" if config.network.tls else "off",
     }
     paths = write_reports(results, runner.recorder, runner.book, meta, args.report_dir)
     print_summary(results)

@@ -47,3 +47,33 @@ def test_the_device_receiver_refuses_an_unknown_caller(tmp_path):
         assert assoc.is_rejected and not assoc.is_established
     finally:
         receiver.stop()
+
+
+def test_the_tms_and_archive_refuse_an_association_addressed_to_another_ae(tmp_path):
+    """DCMTK's echoscu, allowed as a caller, addressing a title that is not the server's:
+    refused as "called AE title not recognised"; addressed correctly: accepted."""
+    import subprocess
+
+    from emulator.net.peers import Peer
+    from emulator.reference.site import ReferenceSite, SiteConfig
+    from tests.conftest import DCMTK_ENV, dcmtk
+
+    config = SiteConfig(
+        data_dir=tmp_path, tms_port=0, archive_port=0, peers=[Peer("ECHOSCU", "127.0.0.1", 104)]
+    )
+    with ReferenceSite(config) as site:
+        for title, address in (("TMS", site.tms.address), ("ARCHIVE", site.archive.address)):
+
+            def echo(called: str, address=address) -> subprocess.CompletedProcess:
+                return subprocess.run(
+                    [dcmtk("echoscu"), "-aet", "ECHOSCU", "-aec", called, *map(str, address)],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                    env=DCMTK_ENV,
+                )
+
+            wrong = echo("SOMEONEELSE")
+            assert wrong.returncode != 0
+            assert "Called AE Title Not Recognized" in wrong.stdout + wrong.stderr
+            assert echo(title).returncode == 0

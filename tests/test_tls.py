@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -222,3 +224,50 @@ def test_half_a_tls_configuration_is_an_error(pki):
         network_settings(
             {"tls_cert": "/nonexistent.pem", "tls_key": "/x.key", "tls_ca": str(pki / "ca.pem")}
         )
+
+
+def test_scenarios_judge_a_tls_only_tms_with_its_own_ae_titles(tmp_path, pki):
+    """As a vendor would: the TMS speaks only TLS and has non-default AE titles; the devices
+    are announced at one address (what the TMS's Archive is configured with) and bind
+    another; ``scenarios run`` takes the same TLS flags as ``run``."""
+    devices = [Peer("TDWEMU1", "localhost", free_port()), Peer("TDWEMU2", "localhost", free_port())]
+    site_tls = ["--tls-cert", str(pki / "site.pem"), "--tls-key", str(pki / "site.key")]
+    device_tls = ["--tls-cert", str(pki / "device.pem"), "--tls-key", str(pki / "device.key")]
+    site = start_cli_process(
+        "tms",
+        "--data-dir", str(tmp_path / "site"),
+        "--port", "0",
+        "--archive-port", "0",
+        "--ae-title", "VENDORTMS",
+        "--archive-ae-title", "VENDORPACS",
+        *(arg for d in devices for arg in ("--peer", str(d))),
+        "--seed-scenarios",
+        *site_tls, "--tls-ca", str(pki / "ca.pem"),
+        ready="ready",
+        timeout=300,
+    )  # fmt: skip
+    report = tmp_path / "report"
+    try:
+        run = subprocess.run(
+            [
+                sys.executable, "-m", "emulator.cli", "scenarios", "run",
+                "--tms", "VENDORTMS@127.0.0.1:{}".format(site.addresses["VENDORTMS"][1]),
+                "--archive", "VENDORPACS@127.0.0.1:{}".format(site.addresses["VENDORPACS"][1]),
+                *(arg for d in devices for arg in ("--device", str(d))),
+                "--listen-host", "127.0.0.1",
+                "--only", "normal-fraction",
+                "--only", "pps-tdd-split",
+                *device_tls, "--tls-ca", str(pki / "ca.pem"),
+                "--report-dir", str(report),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )  # fmt: skip
+    finally:
+        site.stop()
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    data = json.loads((report / "conformance.json").read_text())
+    assert data["ok"] and data["tls"] == "on"
+    assert [s["name"] for s in data["scenarios"]] == ["normal-fraction", "pps-tdd-split"]
+    assert all(s["ok"] for s in data["scenarios"])

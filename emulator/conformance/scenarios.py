@@ -92,6 +92,9 @@ class SuiteConfig:
     data_dir: Path | None = None
     network: NetworkSettings = field(default_factory=NetworkSettings)
     query_timeout: float = 30.0
+    # Where the devices' receivers bind; None: the host each device is announced at (its
+    # --device address, which the TMS's Archive must be able to reach).
+    listen_host: str | None = None
 
 
 class StepFailed(Exception):
@@ -222,7 +225,7 @@ class ScenarioRunner:
             tms=self.config.tms,
             archive=self.config.archive,
             data_dir=state.root / f"{peer.ae_title}-{kind}-{len(state.outcomes)}",
-            listen_host=peer.host,
+            listen_host=self.config.listen_host or peer.host,
             listen_port=peer.port,
             edition=self.config.edition,
             uid_set=self.config.uid_set,

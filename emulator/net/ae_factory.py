@@ -92,6 +92,9 @@ def make_ae(
     ae.connection_timeout = settings.connection_timeout
     ae.maximum_pdu_size = settings.maximum_pdu_size
     ae.maximum_associations = settings.maximum_associations
+    # An association addressed to another AE is refused (A-ASSOCIATE-RJ, "called AE title
+    # not recognised"), as a TMS or Archive on a shared host must: pynetdicom accepts any.
+    ae.require_called_aet = True
     if allowed_calling_aets is not None:
         titles = [validate_ae_title(t) for t in allowed_calling_aets]
         if not titles:
