@@ -101,6 +101,7 @@ def test_reference_tms_passes_every_scenario_and_all_reports_are_written(tmp_pat
     assert len(cases) - len(rules) == steps
     assert {c.get("name") for c in rules} >= {"RO-17/Response-count", "CC/State-table"}
     assert junit.get("failures") == "0" and not junit.findall(".//failure")
+    assert junit.get("errors") == "0" and float(junit.get("time")) > 0
 
     html = (report / "conformance.html").read_text()
     assert html.startswith("<!DOCTYPE html>") and "PASS" in html
@@ -308,3 +309,4 @@ def test_a_request_the_suite_built_wrong_is_a_suite_error_not_a_tms_finding(
     junit = ET.parse(tmp_path / "report" / "conformance-junit.xml").getroot()
     errors = [e.get("message", "") for e in junit.findall(".//error")]
     assert any("suite error" in e for e in errors), errors
+    assert junit.get("errors") == "1"  # the root's count, as CI systems read it

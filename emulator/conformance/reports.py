@@ -64,7 +64,7 @@ def as_json(results: list[ScenarioResult], meta: dict[str, Any]) -> dict[str, An
 
 def write_junit(results: list[ScenarioResult], book: RuleBook, path: Path) -> Path:
     suites = ET.Element("testsuites", name="tdw-emu conformance")
-    total = failures = 0
+    total = failures = errors = 0
     for result in results:
         suite = ET.SubElement(suites, "testsuite", name=result.scenario.name)
         cases = 0
@@ -113,11 +113,16 @@ def write_junit(results: list[ScenarioResult], book: RuleBook, path: Path) -> Pa
                 out.text = "\n".join(_finding_line(f) for f in findings)
         suite.set("tests", str(cases))
         suite.set("failures", str(failed))
+        suite.set("errors", "1" if result.error else "0")
         suite.set("time", f"{result.seconds:.3f}")
         total += cases
         failures += failed
+        errors += bool(result.error)
+    # CI systems read the root's counts and time (JUnit XML as Jenkins and GitLab parse it).
     suites.set("tests", str(total))
     suites.set("failures", str(failures))
+    suites.set("errors", str(errors))
+    suites.set("time", f"{sum(r.seconds for r in results):.3f}")
     ET.indent(suites)
     path.write_bytes(ET.tostring(suites, encoding="utf-8", xml_declaration=True))
     return path
