@@ -7,13 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
 
 from emulator.net.ae_factory import NetworkSettings, make_ae
 from emulator.net.served_ae import ServedAE
-from emulator.net.storage_scp import store_event
+from emulator.net.storage_scp import add_storage_contexts, store_event
 from emulator.store import AdmissionLimits, ObjectStore
 
 
@@ -43,9 +41,7 @@ class StorageReceiver(ServedAE):
 
     def build(self) -> tuple[AE, list]:
         ae = make_ae(self.ae_title, self.settings, self.allowed_callers)
-        ae.add_supported_context(Verification)
-        for uid in self.sop_classes:
-            ae.add_supported_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        add_storage_contexts(ae, self.sop_classes)
         handler = (evt.EVT_C_STORE, lambda event: store_event(event, self.store, self.limits))
         return ae, [handler]
 

@@ -17,15 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
 
 from emulator.net.ae_factory import NetworkSettings, make_ae
 from emulator.net.peers import validate_ae_title
 from emulator.net.rejection import CALLED_NOT_RECOGNISED, CALLING_NOT_RECOGNISED, reject
 from emulator.net.served_ae import ServedAE
-from emulator.net.storage_scp import status_dataset, store_event
+from emulator.net.storage_scp import add_storage_contexts, status_dataset, store_event
 from emulator.store import AdmissionLimits, ObjectStore
 
 SHARED_AE_TITLE = "TDWFLEET"
@@ -106,9 +104,7 @@ class SharedStorageReceiver(ServedAE):
     def build(self) -> tuple[AE, list]:
         ae = make_ae(SHARED_AE_TITLE, self.settings)
         ae.require_called_aet = False  # the router checks it against the attached titles
-        ae.add_supported_context(Verification)
-        for uid in self.sop_classes:
-            ae.add_supported_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        add_storage_contexts(ae, self.sop_classes)
         return ae, [(evt.EVT_REQUESTED, self._route), (evt.EVT_C_STORE, self._store)]
 
     def close_resources(self) -> None:

@@ -9,11 +9,22 @@ from __future__ import annotations
 import logging
 
 from pydicom.dataset import Dataset
-from pynetdicom import evt
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
 
 from emulator.store import AdmissionError, AdmissionLimits, ObjectStore, admit
 
 LOG = logging.getLogger("tdw.storage")
+# What every Storage SCP here accepts: the stored files are kept as received, uncompressed.
+STORAGE_TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+
+
+def add_storage_contexts(ae: AE, sop_classes: list[str]) -> None:
+    """Verification plus each storage SOP class, in the transfer syntaxes stored here."""
+    ae.add_supported_context(Verification)
+    for uid in sop_classes:
+        ae.add_supported_context(uid, STORAGE_TRANSFER_SYNTAXES)
 
 
 def status_dataset(code: int, comment: str = "") -> Dataset:

@@ -13,19 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
-    Verification,
 )
 
 from emulator.metrics import Metrics, default_metrics
 from emulator.net.ae_factory import NetworkSettings, make_ae
 from emulator.net.peers import Peer, PeerDirectory, calling_allow_list
 from emulator.net.served_ae import ServedAE
-from emulator.net.storage_scp import store_event
+from emulator.net.storage_scp import add_storage_contexts, store_event
 from emulator.net.uid_registry import register_uid_set
 from emulator.profile import DEFAULT_UID_SET, load_sop_classes
 from emulator.reference.qr_query import StudyRootQuery
@@ -33,7 +31,6 @@ from emulator.reference.qr_scp import QueryRetrieveSCP
 from emulator.store import AdmissionLimits, DuplicatePolicy, ObjectStore
 
 LOG = logging.getLogger("tdw.archive")
-TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 STATUS_PENDING = 0xFF00
 STATUS_CANCEL = 0xFE00
 
@@ -77,11 +74,9 @@ class ArchiveServer(ServedAE):
 
     def build(self) -> tuple[AE, list]:
         ae = make_ae(self.config.ae_title, self.config.network, self.config.calling_allow_list())
-        ae.add_supported_context(Verification)
+        add_storage_contexts(ae, self.storage_uids)
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
-        for uid in self.storage_uids:
-            ae.add_supported_context(uid, TRANSFER_SYNTAXES)
         handlers = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, self.qr.on_find),
