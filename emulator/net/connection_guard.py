@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 from pynetdicom.transport import ThreadedAssociationServer
 
+from emulator.net.socket_ready_guard import READABLE
+
 A_ASSOCIATE_RQ = 0x01
 PDU_HEADER = struct.Struct(">BBI")  # type, reserved, length (PS3.8 9.3.1)
 
@@ -176,7 +178,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                 return "no_association_request"
             # poll(), not select(): a fleet process has descriptors past FD_SETSIZE.
             poller = select.poll()
-            poller.register(sock, select.POLLIN | select.POLLPRI | select.POLLHUP)
+            poller.register(sock, READABLE)
             if not poller.poll(remaining * 1000):
                 return "no_association_request"
             if tls:

@@ -37,10 +37,11 @@ from pynetdicom import association as _association
 from pynetdicom import dimse as _dimse
 from pynetdicom import dul as _dul
 
+from emulator.net.socket_ready_guard import READABLE
+
 IDLE_WAIT_S = 0.05
-_POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
-_REACTOR_CODE = _association.Association._run_reactor.__code__
-_DUL_CODE = _dul.DULServiceProvider.run_reactor.__code__
+_REACTOR_LOOP = _association.Association._run_reactor
+_DUL_LOOP = _dul.DULServiceProvider.run_reactor
 _originals: dict[str, object] = {}
 
 
@@ -100,47 +101,49 @@ def _dul_wake(dul) -> None:
 # -- the waits ------------------------------------------------------------------------------
 
 
-class _AssociationTime:
-    """``time`` as pynetdicom's association module sees it: the reactor's idle sleep waits
-    for its Event; every other use is the real ``time``."""
+def _reactor_waited(thread) -> bool:
+    """The association reactor's idle wait: for its Event. False if it has none."""
+    event = getattr(thread, "_tdw_wake", None)
+    if event is None:
+        return False
+    event.wait(IDLE_WAIT_S)
+    event.clear()  # before the loop looks at its queues: no wake-up is lost
+    return True
+
+
+def _dul_waited(dul) -> bool:
+    """The DUL's idle wait: for its socket or its pipe. False if it has no pipe."""
+    pipe = getattr(dul, "_tdw_pipe", None)
+    if pipe is None:
+        return False
+    sock = getattr(getattr(dul, "socket", None), "socket", None)
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True  # decrypted data waiting: poll() cannot see it
+    poller = select.poll()
+    poller.register(pipe.read_fd, select.POLLIN)
+    if sock is not None:
+        with contextlib.suppress(ValueError, OSError):  # closed: the loop will see it
+            poller.register(sock, READABLE)
+    poller.poll(IDLE_WAIT_S * 1000)
+    pipe.drain()
+    return True
+
+
+class _IdleAwareTime:
+    """``time`` as one pynetdicom module sees it: the idle sleep of ``loop`` waits for work
+    instead (``wait``); every other use, in that loop or elsewhere, is the real ``time``."""
+
+    def __init__(self, loop, wait) -> None:
+        self._loop_code = loop.__code__
+        self._wait = wait
 
     def __getattr__(self, name: str):
         return getattr(_time, name)
 
-    @staticmethod
-    def sleep(seconds: float) -> None:
-        event = getattr(threading.current_thread(), "_tdw_wake", None)
-        if event is None or sys._getframe(1).f_code is not _REACTOR_CODE:
+    def sleep(self, seconds: float) -> None:
+        in_loop = sys._getframe(1).f_code is self._loop_code
+        if not (in_loop and self._wait(threading.current_thread())):
             _time.sleep(seconds)
-            return
-        event.wait(IDLE_WAIT_S)
-        event.clear()  # before the loop looks at its queues: no wake-up is lost
-
-
-class _DulTime:
-    """``time`` as pynetdicom's DUL module sees it: the DUL's idle sleep polls its socket and
-    its pipe; every other use is the real ``time``."""
-
-    def __getattr__(self, name: str):
-        return getattr(_time, name)
-
-    @staticmethod
-    def sleep(seconds: float) -> None:
-        dul = threading.current_thread()
-        pipe = getattr(dul, "_tdw_pipe", None)
-        if pipe is None or sys._getframe(1).f_code is not _DUL_CODE:
-            _time.sleep(seconds)
-            return
-        sock = getattr(getattr(dul, "socket", None), "socket", None)
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return  # decrypted data waiting: poll() cannot see it
-        poller = select.poll()
-        poller.register(pipe.read_fd, select.POLLIN)
-        if sock is not None:
-            with contextlib.suppress(ValueError, OSError):  # closed: the loop will see it
-                poller.register(sock, _POLL_IN)
-        poller.poll(IDLE_WAIT_S * 1000)
-        pipe.drain()
 
 
 # -- the wiring -----------------------------------------------------------------------------
@@ -231,8 +234,8 @@ def _patches() -> list[tuple[object, str, object]]:
         (dul, "run_reactor", _dul_run_reactor),
         (dul, "kill_dul", _dul_kill),
         (dul, "stop_dul", _dul_stop),
-        (_association, "time", _AssociationTime()),
-        (_dul, "time", _DulTime()),
+        (_association, "time", _IdleAwareTime(_REACTOR_LOOP, _reactor_waited)),
+        (_dul, "time", _IdleAwareTime(_DUL_LOOP, _dul_waited)),
     ]
 
 
@@ -258,4 +261,4 @@ def uninstall() -> None:
 
 
 def installed() -> bool:
-    return isinstance(_association.time, _AssociationTime)
+    return isinstance(_association.time, _IdleAwareTime)

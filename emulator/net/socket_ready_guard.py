@@ -22,13 +22,14 @@ import ssl
 from pynetdicom.transport import AssociationSocket
 
 _original_ready = AssociationSocket.ready
-_READABLE = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
+# poll() events that mean a read will not block: data, urgent data, hang-up or error.
+READABLE = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 
 
 def readable_now(sock) -> bool:
     """True if a read on ``sock`` would not block; raises OSError/ValueError if it is gone."""
     poller = select.poll()
-    poller.register(sock, _READABLE)
+    poller.register(sock, READABLE)
     return bool(poller.poll(0))
 
 
