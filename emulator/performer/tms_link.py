@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -49,16 +49,23 @@ class Backoff:
     first_delay_s: float = 0.25
     max_delay_s: float = 10.0
 
+    def pauses(self, rng: random.Random) -> Iterator[float]:
+        """Pause after pause, with jitter: each between half and all of a ceiling that
+        doubles from ``first_delay_s`` up to ``max_delay_s``; without end."""
+        ceiling = self.first_delay_s
+        while True:
+            yield rng.uniform(ceiling / 2, ceiling)
+            ceiling = min(ceiling * 2, self.max_delay_s)
+
     def delays(self, rng: random.Random) -> list[float]:
         """Pauses before each retry, with full jitter, adding up to at most the window."""
-        out, total, ceiling = [], 0.0, self.first_delay_s
-        while True:
-            pause = rng.uniform(ceiling / 2, ceiling)
+        out, total = [], 0.0
+        for pause in self.pauses(rng):
             if total + pause > self.window_s:
                 return out
             out.append(pause)
             total += pause
-            ceiling = min(ceiling * 2, self.max_delay_s)
+        return out
 
 
 class TmsLink:

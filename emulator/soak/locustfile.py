@@ -46,19 +46,19 @@ from emulator.config import network_settings, parse_seconds
 from emulator.metrics import Metrics, RequestDone
 from emulator.net.peers import Peer
 from emulator.net.shared_receiver import SharedStorageReceiver
-from emulator.performer.tms_link import TmsUnavailable
 from emulator.performer.workflow import DeviceConfig, PerformingDevice
 from emulator.profile import load_profile
 from emulator.soak.fleet import FleetMember
-from emulator.soak.processes import AUDIT_COUNTS, merge_verdicts
+from emulator.soak.processes import merge_verdicts
 from emulator.soak.runner import (
     RetryBackoff,
     RunFacts,
     confirmed_at_archive,
     draw_verdict,
     poll_interval,
+    worklist_round,
 )
-from emulator.soak.verdict import MemoryWatch, Tally, audit_records
+from emulator.soak.verdict import MemoryWatch, Tally, audit_records, sum_audits
 
 LOG = logging.getLogger("tdw.locust")
 PARTIAL = "tdw_partial"
@@ -183,13 +183,6 @@ class LocustFleet:
 
     def partial(self) -> dict:
         """This process's part of the verdict, as a soak worker writes it."""
-        records: dict = {"problems": []}
-        for audit in self.records:
-            for key, value in audit.items():
-                if key == "problems":
-                    records["problems"] += value
-                else:
-                    records[key] = records.get(key, 0) + value
         ran = time.monotonic() - self.started
         facts = RunFacts(
             fleet=self.members,
@@ -200,15 +193,11 @@ class LocustFleet:
             latency_ms=self.metrics.latencies.percentiles(),
             tms={},
         )
-        verdict = draw_verdict(facts, _audit_totals(records))
+        verdict = draw_verdict(facts, sum_audits(self.records))
         return verdict.as_json() | {
             "latency_samples": self.metrics.latencies.export(),
             "members": [dataclasses.astuple(m) for m in self.members],
         }
-
-
-def _audit_totals(records: dict) -> dict:
-    return {k: records.get(k, 0) for k in AUDIT_COUNTS} | {"problems": records["problems"][:50]}
 
 
 FLEET: LocustFleet | None = None
@@ -309,19 +298,9 @@ class DeviceUser(User):
 
     @task
     def worklist_round(self) -> None:
-        try:
-            outcomes = self.device.run_once()
-            self.backoff.reset()
-        except TmsUnavailable as exc:
-            FLEET.tally.transient(f"{self.member.ae_title}: {exc}")
-            gevent.sleep(self.backoff.next_delay())
-            return
-        except Exception as exc:
-            FLEET.tally.error(f"{self.member.ae_title}: {type(exc).__name__}: {exc}")
-            gevent.sleep(self.backoff.next_delay())
-            return
-        if outcomes:
-            FLEET.tally.add(self.member.ae_title, outcomes)
+        _, pause = worklist_round(self.device, FLEET.tally, self.member.ae_title, self.backoff)
+        if pause:
+            gevent.sleep(pause)
 
     def on_stop(self) -> None:
         FLEET.audit(self.device, self.member.ae_title)

@@ -9,12 +9,13 @@ process and feed each station as it queries (emulator/reference/feeder.py); agai
 external TMS the devices take whatever it schedules for their stations (a ``tdw-emu tms
 --feed`` process feeds them the same way). When the time is up feeding stops, the devices
 finish what is on their worklists (continuations included) for at most ``drain_s``, and
-the verdict is drawn. emulator/soak/workers.py runs several of these, one per core.
+the verdict is drawn. emulator/soak/processes.py runs several of these, one per core.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import tempfile
 import threading
@@ -33,8 +34,8 @@ from emulator.net.peers import Peer
 from emulator.net.scu import DimseError
 from emulator.net.shared_receiver import SharedStorageReceiver
 from emulator.performer.delivery import BeamTask
-from emulator.performer.tms_link import TmsUnavailable
-from emulator.performer.workflow import DeviceConfig, PerformingDevice
+from emulator.performer.tms_link import Backoff, TmsUnavailable
+from emulator.performer.workflow import DeviceConfig, PerformingDevice, UpsOutcome
 from emulator.profile import load_profile
 from emulator.reference.feeder import FeedPlan
 from emulator.reference.site import ReferenceSite, SiteConfig
@@ -136,20 +137,41 @@ def poll_interval(time_scale: float) -> float:
 
 
 class RetryBackoff:
-    """Pauses after a failed worklist round: doubling from 1 s to 30 s, with full jitter, so
-    a fleet refused by a busy TMS does not come back at one instant."""
+    """Pauses after a failed worklist round: doubling from 1 s to 30 s, with full jitter
+    (the TMS link's :class:`Backoff`, without its window), so a fleet refused by a busy TMS
+    does not come back at one instant."""
 
     def __init__(self, rng: random.Random, first_s: float = 1.0, max_s: float = 30.0) -> None:
-        self.rng, self.first_s, self.max_s = rng, first_s, max_s
-        self.ceiling = first_s
+        self.rng = rng
+        self.policy = Backoff(window_s=math.inf, first_delay_s=first_s, max_delay_s=max_s)
+        self.reset()
 
     def next_delay(self) -> float:
-        delay = self.rng.uniform(self.ceiling / 2, self.ceiling)
-        self.ceiling = min(self.ceiling * 2, self.max_s)
-        return delay
+        return next(self._pauses)
 
     def reset(self) -> None:
-        self.ceiling = self.first_s
+        self._pauses = self.policy.pauses(self.rng)
+
+
+def worklist_round(
+    device: PerformingDevice, tally: Tally, ae_title: str, backoff: RetryBackoff
+) -> tuple[list[UpsOutcome], float]:
+    """One worklist round of a fleet device, tallied: its outcomes, and how long to pause
+    before the next round after a failure (0 after a round that worked)."""
+    try:
+        outcomes = device.run_once()
+    except TmsUnavailable as exc:
+        # The TMS refused (Rejected Transient), timed out or dropped for the whole retry
+        # window: nothing was claimed, so nothing is lost; ask again later.
+        tally.transient(f"{ae_title}: {exc}")
+        return [], backoff.next_delay()
+    except Exception as exc:  # the TMS answered the worklist query wrongly
+        tally.error(f"{ae_title}: {type(exc).__name__}: {exc}")
+        return [], backoff.next_delay()
+    backoff.reset()
+    if outcomes:
+        tally.add(ae_title, outcomes)
+    return outcomes, 0.0
 
 
 @dataclass
@@ -280,23 +302,13 @@ class SoakRun:
             with self._busy_lock:
                 self._busy.add(member.ae_title)
             try:
-                outcomes = device.run_once()
-                backoff.reset()
-            except TmsUnavailable as exc:
-                # The TMS refused (Rejected Transient), timed out or dropped for the whole
-                # retry window: nothing was claimed, so nothing is lost; ask again later.
-                self.tally.transient(f"{member.ae_title}: {exc}")
-                outcomes = []
-                self.halt.wait(backoff.next_delay())
-            except Exception as exc:  # the TMS answered the worklist query wrongly
-                self.tally.error(f"{member.ae_title}: {type(exc).__name__}: {exc}")
-                outcomes = []
-                self.halt.wait(backoff.next_delay())
+                outcomes, pause = worklist_round(device, self.tally, member.ae_title, backoff)
+                if pause:
+                    self.halt.wait(pause)
             finally:
                 with self._busy_lock:
                     self._busy.discard(member.ae_title)
             if outcomes:
-                self.tally.add(member.ae_title, outcomes)
                 continue
             if self.draining.is_set():
                 return

@@ -23,6 +23,15 @@ from pydicom.dataset import Dataset
 from emulator.performer.workflow import UpsOutcome, session_outcome
 
 METERSET_TOLERANCE = 1e-3  # MU; records carry metersets to 4 decimals
+# The counts of an :func:`audit_records` result (beside its "problems").
+AUDIT_COUNTS = (
+    "delivered_beams",
+    "records_stored",
+    "records_in_archive",
+    "lost_records",
+    "lost_beams",
+    "mismatched_beams",
+)
 
 
 def resident_memory_bytes() -> int:
@@ -152,6 +161,13 @@ def audit_records(
         "mismatched_beams": mismatched,
         "problems": problems[:50],
     }
+
+
+def sum_audits(audits: list[dict]) -> dict:
+    """Several :func:`audit_records` results (devices, workers) as one."""
+    total = {key: sum(audit.get(key, 0) for audit in audits) for key in AUDIT_COUNTS}
+    problems = [problem for audit in audits for problem in audit.get("problems", [])]
+    return total | {"problems": problems[:50]}
 
 
 @dataclass
