@@ -10,8 +10,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from emulator import __version__
+
+if TYPE_CHECKING:  # the soak modules are imported only by the soak command
+    from emulator.soak.verdict import Verdict
 
 
 def _add_tls_flags(p: argparse.ArgumentParser) -> None:
@@ -685,6 +689,10 @@ def _cmd_soak(args: argparse.Namespace) -> int:
             f"{config.devices} devices in {len(fleet.shares)} worker processes"
             + (", the reference TMS and Archive in one more" if config.embedded else "")
         )
+        if not config.embedded:  # what the external TMS's Archive must know
+            for share, port in zip(fleet.shares, fleet.receiver_ports, strict=True):
+                titles = " ".join(member.ae_title for member in share)
+                console.print(f"devices receiving on {config.listen_host}:{port}: {titles}")
         with LiveSummary(console, config.duration_s) as live:
             verdict = fleet.run(on_progress=live)
     else:
@@ -707,7 +715,7 @@ def _cmd_locustfile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _soak_in_process(config, values: dict, console) -> object:
+def _soak_in_process(config, values: dict, console) -> Verdict:
     """The whole fleet, and the embedded site, in this one process."""
     from emulator.metrics import default_metrics
     from emulator.soak.display import LiveSummary

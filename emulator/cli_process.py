@@ -18,6 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LISTENING = re.compile(r"(\S+) listening on (\S+):(\d+)")
+METRICS_ON = "metrics on "  # what a tdw-emu command prints where it serves /metrics
+
+
+def printed_metrics_urls(lines: list[str]) -> list[str]:
+    """Every /metrics URL a tdw-emu command printed ('metrics on URL'), in order."""
+    return [line.split(METRICS_ON, 1)[1].strip() for line in lines if METRICS_ON in line]
 
 
 @dataclass

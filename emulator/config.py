@@ -282,6 +282,17 @@ def parse_seconds(text: str | float) -> float:
 TLS_SETTINGS = ("tls_cert", "tls_key", "tls_ca", "tls_no_client_auth")
 
 
+def tls_file_flags(values: dict[str, Any], prefix: str = "--") -> list[str]:
+    """The certificate, key and CA of ``values`` as command-line flags for a child process
+    (``--tls-cert FILE``..., or Locust's ``--tdw-tls-cert FILE``... with another prefix)."""
+    return [
+        arg
+        for key in ("tls_cert", "tls_key", "tls_ca")
+        if values.get(key)
+        for arg in (f"{prefix}{key.replace('_', '-')}", str(values[key]))
+    ]
+
+
 # Admission before association (emulator/net/connection_guard.py) and the slot count.
 ADMISSION_SETTINGS = (
     "tls_handshake_timeout",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from pydicom import config as pydicom_config
 
-from emulator.cli_process import CliProcess, start_cli
+from emulator.cli_process import CliProcess, printed_metrics_urls, start_cli
 from emulator.net.ports import free_port, wait_for_port
 from emulator.synth import PatientContext, PhantomGeometry, PlanSpec, generate_patient
 
@@ -101,7 +101,7 @@ def start_cli_process(
 
 def printed_metrics_url(output: list[str]) -> str:
     """The URL a command printed as 'metrics on URL' (--metrics-port 0 picks the port)."""
-    return next(line.split()[-1] for line in output if line.startswith("metrics on"))
+    return printed_metrics_urls(output)[0]
 
 
 @pytest.fixture

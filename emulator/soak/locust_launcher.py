@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from emulator.config import tls_file_flags
 from emulator.net.peers import Peer
 from emulator.net.ports import free_port
 from emulator.soak import locustfile_path
@@ -88,17 +89,9 @@ class LocustSoak:
             "--tdw-verdict", str(verdict),
             "--csv", str(report / "locust"),
             "--html", str(report / "locust.html"),
-            *self._tls_args(),
+            *tls_file_flags(self.network_values, prefix="--tdw-"),
             *self.options.extra_args,
         ]  # fmt: skip
-
-    def _tls_args(self) -> list[str]:
-        return [
-            arg
-            for key in ("tls_cert", "tls_key", "tls_ca")
-            if self.network_values.get(key)
-            for arg in (f"--tdw-{key.replace('_', '-')}", str(self.network_values[key]))
-        ]
 
     def run(self) -> Verdict:
         cfg = self.config

@@ -7,8 +7,8 @@ child that feeds the fleet's stations as they query (``--feed``) for the run's d
 each worker's shared receiver is a peer of the Archive. At the end the workers' partial
 verdicts, drawn against the Archive, and their raw latency samples are merged, the TMS is
 stopped and its UPS table is read: one verdict for the whole fleet. Each process serves its
-own /metrics when asked; ``prometheus-targets.json`` lists them all for Prometheus's
-file-based discovery, so one dashboard sums the fleet.
+own /metrics when asked; ``FleetEndpoints.targets_path`` (``--metrics-targets``) lists them
+all for Prometheus's file-based discovery, so one dashboard sums the fleet.
 """
 
 from __future__ import annotations
@@ -23,24 +23,17 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from emulator.cli_process import printed_metrics_urls
 from emulator.metrics import LatencySamples
 from emulator.net.peers import Peer
 from emulator.net.ports import free_port
 from emulator.soak.fleet import FleetMember, plan_fleet
 from emulator.soak.runner import Progress, SoakConfig
 from emulator.soak.tms_process import ReferenceTmsProcess
-from emulator.soak.verdict import Tally, Verdict, judge
+from emulator.soak.verdict import Tally, Verdict, judge, sum_audits
 from emulator.soak.worker import spec_config, write_json
 
-GRACE_S = 120.0
-AUDIT_COUNTS = (
-    "delivered_beams",
-    "records_stored",
-    "records_in_archive",
-    "lost_records",
-    "lost_beams",
-    "mismatched_beams",
-)  # past duration and drain, before a silent worker is judged stuck
+GRACE_S = 120.0  # past duration and drain, before a silent worker is judged stuck
 
 
 @dataclasses.dataclass
@@ -69,6 +62,9 @@ class ProcessFleet:
         self.endpoints = endpoints or FleetEndpoints()
         self.fleet = plan_fleet(config.devices, config.mix, config.station_prefix)
         self.shares = [s for s in (self.fleet[k::workers] for k in range(workers)) if s]
+        # Worker k's shared receiver: --listen-port + k - 1, or a free port.
+        base = config.listen_port
+        self.receiver_ports = [base + k if base else free_port() for k in range(len(self.shares))]
         self.tms: ReferenceTmsProcess | None = None
         self.metrics_urls: list[str] = []
 
@@ -78,7 +74,7 @@ class ProcessFleet:
             return None
         return base + offset if base else 0
 
-    # -- the workers ---------------------------------------------------------------------------
+    # -- the processes -------------------------------------------------------------------------
 
     def _start_tms(self, root: Path, receivers: list[int]) -> tuple[Peer, Peer]:
         port = self._port(0)
@@ -128,8 +124,7 @@ class ProcessFleet:
         with tempfile.TemporaryDirectory(prefix="tdw-soak-") as tmp:
             root = Path(cfg.data_dir) if cfg.data_dir else Path(tmp)
             root.mkdir(parents=True, exist_ok=True)
-            base = cfg.listen_port
-            receivers = [base + k if base else free_port() for k in range(len(self.shares))]
+            receivers = self.receiver_ports
             try:
                 peers = self._start_tms(root, receivers) if cfg.embedded else (cfg.tms, cfg.archive)
                 specs = [
@@ -143,7 +138,7 @@ class ProcessFleet:
             finally:
                 if self.tms is not None:
                     self.tms.stop()
-            return self._verdict(root, specs, processes)
+            return self._verdict(specs, processes)
 
     def _wait(self, processes, specs, on_progress) -> None:
         started = time.monotonic()
@@ -166,9 +161,9 @@ class ProcessFleet:
                 continue
             log = Path(spec["data_dir"]) / "worker.log"
             while time.monotonic() < deadline:
-                lines = [line for line in _lines(log) if "metrics on " in line]
-                if lines:
-                    self.metrics_urls.append(lines[0].split("metrics on ", 1)[1])
+                urls = printed_metrics_urls(_lines(log))
+                if urls:
+                    self.metrics_urls.append(urls[0])
                     break
                 time.sleep(0.2)
         if not self.metrics_urls:
@@ -182,7 +177,7 @@ class ProcessFleet:
 
     # -- one verdict ---------------------------------------------------------------------------
 
-    def _verdict(self, root: Path, specs: list[dict], processes) -> Verdict:
+    def _verdict(self, specs: list[dict], processes) -> Verdict:
         parts, problems = [], []
         for number, (spec, process) in enumerate(zip(specs, processes, strict=True), start=1):
             result = _read(Path(spec["result"]))
@@ -203,18 +198,14 @@ def merge_verdicts(
 ) -> Verdict:
     """The workers' partial verdicts as one, judged again over the sums."""
     sessions, deliveries, errors = Counter(), Counter(), Counter()
-    records: Counter = Counter(dict.fromkeys(AUDIT_COUNTS, 0))
-    record_problems: list[str] = []
     latencies = LatencySamples(size=10**9)
     for part in parts:
         sessions.update(part["sessions"])
         deliveries.update(part["deliveries"])
         errors.update(part["errors"])
-        records.update({k: v for k, v in part["records"].items() if k != "problems"})
-        record_problems += part["records"]["problems"]
         latencies.merge(part["latency_samples"])
         problems += [p for p in part["problems"] if p.startswith("still busy")]
-    audit = dict(records) | {"problems": record_problems[:50]}
+    audit = sum_audits([part["records"] for part in parts])
     tally = Tally(sessions=sessions, errors=errors)
     interrupted_left = sum(part["interrupted_left"] for part in parts)
     duration = max((part["duration_s"] for part in parts), default=0.0)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from emulator.cli_process import CliProcess, start_cli
+from emulator.cli_process import CliProcess, printed_metrics_urls, start_cli
+from emulator.config import tls_file_flags
 from emulator.net.peers import Peer
 from emulator.reference.ups_store import UpsStore
 from emulator.soak.runner import SoakConfig
@@ -55,9 +56,7 @@ class ReferenceTmsProcess:
             command += ["--peer", str(peer)]
         for station in stations:
             command += ["--feed-prime", station]
-        for key in ("tls_cert", "tls_key", "tls_ca"):
-            if self.network_values.get(key):
-                command += [f"--{key.replace('_', '-')}", str(self.network_values[key])]
+        command += tls_file_flags(self.network_values)
         if self.network_values.get("tls_no_client_auth"):
             command.append("--tls-no-client-auth")
         if self.metrics is not None:
@@ -73,8 +72,7 @@ class ReferenceTmsProcess:
 
     @property
     def metrics_urls(self) -> list[str]:
-        output = self.process.output if self.process else []
-        return [line.split("metrics on ", 1)[1] for line in output if "metrics on " in line]
+        return printed_metrics_urls(self.process.output if self.process else [])
 
     def stop(self) -> None:
         if self.process is not None:
