@@ -8,13 +8,17 @@ feeding stops when the feed time is up.
 
 from __future__ import annotations
 
+import threading
 import time
 
+from pydicom.uid import generate_uid
+
 from emulator.net.peers import Peer
+from emulator.performer.actors import STEP_ORDER, step_of
 from emulator.reference.feeder import FeedPlan
 from emulator.reference.site import ReferenceSite, SiteConfig
 from emulator.seeding import SOAK_PATIENTS
-from tests.ups_client import UpsClient
+from tests.ups_client import UpsClient, cancellation, final_update
 
 
 def _site(tmp_path, plan: FeedPlan) -> ReferenceSite:
@@ -60,3 +64,45 @@ def test_feeding_stops_when_its_time_is_up(tmp_path):
             assert _scheduled(client, "FEED003", wait_s=2) == []
         assert not site.feeder.feeding
         assert site.feeder.scheduled == 0
+
+
+def test_the_feeder_waits_while_the_tms_schedules_after_a_canceled_step(tmp_path):
+    """A performer cancels a station's positioning step: the TMS cancels the later steps
+    and schedules the session again. In between the station has no pending UPS; had the
+    feeder scheduled the next fraction then, the device would see two sessions of one
+    patient on one day, merge them, and withhold one for good after a cancel (a CI soak
+    lost a continuation so). The gap is widened here to make the race certain."""
+    with _site(tmp_path, FeedPlan("FEED*", prime=("FEED001",))) as site:
+        scheduler = site.tms.scheduler
+        schedule_again = scheduler._schedule_again
+        in_gap = threading.Event()
+
+        def slow_schedule_again(*args, **kwargs):
+            in_gap.set()
+            time.sleep(1.0)
+            return schedule_again(*args, **kwargs)
+
+        scheduler._schedule_again = slow_schedule_again
+        host, port = site.tms.address
+        with UpsClient(host, port, "TMS", "DEVICE") as client:
+            steps = {step_of(u): u for u in client.worklist("FEED001")}
+            acquisition = steps["acquisition"]
+            uid, transaction = acquisition.SOPInstanceUID, str(generate_uid())
+            assert client.change_state(uid, "IN PROGRESS", transaction)[0] == 0x0000
+            workitem = acquisition.ScheduledWorkitemCodeSequence[0]
+            assert client.n_set(uid, final_update(transaction, workitem, "FEED001")) == 0
+            assert client.n_set(uid, cancellation(transaction, 40.0, "couch fault")) == 0
+            fed = []
+            feeder = threading.Thread(
+                target=lambda: in_gap.wait(10) and fed.append(site.feeder.ensure("FEED001"))
+            )
+            feeder.start()
+            status, _ = client.change_state(
+                uid, "CANCELED", transaction, ReasonForCancellation="couch fault"
+            )
+            feeder.join(10)
+            assert status == 0x0000
+            assert fed == [False]  # it waited, then found the session scheduled again
+            pending = client.worklist("FEED001")
+        assert sorted(step_of(u) for u in pending) == sorted(STEP_ORDER)  # one session
+        assert site.feeder.scheduled == 1

@@ -116,6 +116,10 @@ class SessionFeeder:
 
     def ensure(self, station: str) -> bool:
         """Schedules the station's next session if it has none pending; True if it did."""
+        with self.scheduler.station_lock(station):
+            return self._ensure(station)
+
+    def _ensure(self, station: str) -> bool:
         if not self.feeding or self.pending(station):
             return False
         course = self._courses.get(station)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import logging
+import threading
 from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass, replace
@@ -120,6 +121,20 @@ class Scheduler:
         self.tms_ae_title = tms_ae_title
         self.archive_ae_title = archive_ae_title
         self.station_names = station_names or {}
+        self._station_locks: dict[str, threading.Lock] = {}
+        self._station_locks_guard = threading.Lock()
+
+    def station_lock(self, station: str) -> threading.Lock:
+        """The lock that makes a station's "what comes next" decisions one at a time.
+
+        Ending a step CANCELED and scheduling what follows it (a continuation, the session
+        again) must look atomic to whoever else schedules for the station (the feeder):
+        between the two, the station has no pending UPS, and a next fraction scheduled
+        then for the same patient and day would be merged with the continuation by the
+        device (one session per patient and day) and withheld after either is canceled.
+        """
+        with self._station_locks_guard:
+            return self._station_locks.setdefault(station, threading.Lock())
 
     # -- inputs ------------------------------------------------------------------------------
 

@@ -242,11 +242,15 @@ class TmsServer(ServedAE):
             comment = "Requested SOP Class must be UPS Push (RO-19 3.19.4.1)"
             return status_dataset(0x0118, comment), None
         info = event.action_information or Dataset()
-        if event.action_type == ACTION_CHANGE_STATE:
-            return self._change_state(uid, info)
-        if event.action_type == ACTION_REQUEST_CANCEL:
+        if event.action_type not in (ACTION_CHANGE_STATE, ACTION_REQUEST_CANCEL):
+            comment = "only Change State and Request Cancel"
+            return status_dataset(STATUS_NO_SUCH_ACTION, comment), None
+        # A state change and what the TMS schedules after it are one step for the station's
+        # feeder (Scheduler.station_lock).
+        with self.scheduler.station_lock(self.ups.station_of(uid)):
+            if event.action_type == ACTION_CHANGE_STATE:
+                return self._change_state(uid, info)
             return self._request_cancel(uid, info)
-        return status_dataset(STATUS_NO_SUCH_ACTION, "only Change State and Request Cancel"), None
 
     def _change_state(self, uid: str, info: Dataset) -> tuple[Dataset, Dataset | None]:
         requested = str(info.get("ProcedureStepState", "") or "").strip()

@@ -245,6 +245,16 @@ class UpsStore:
             self.on_state(updated.state)
         return updated
 
+    def station_of(self, sop_instance_uid: str) -> str:
+        """The station code of the session a UPS belongs to ("" if unknown)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT s.station_code FROM ups u JOIN sessions s ON s.session_id = u.session_id "
+                "WHERE u.sop_instance_uid = ?",
+                (sop_instance_uid,),
+            ).fetchone()
+        return str(row[0]) if row else ""
+
     def session(self, session_id: str) -> SessionRecord | None:
         with self._lock:
             row = self._db.execute(
