@@ -148,6 +148,12 @@ def _add_tms(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="schedule the sessions the scenario suite needs (tdw-emu scenarios list)",
     )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="forget the objects, UPS and seeded patients a previous run left in --data-dir "
+        "before starting (with --seed-scenarios: a clean TMS for the next suite run)",
+    )
     p.add_argument("--accept-any-ae", action="store_true", default=None)
     p.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"))
     p.add_argument("--uids", choices=("final", "trial"))
@@ -466,7 +472,7 @@ def _cmd_tms(args: argparse.Namespace) -> int:
 
     from emulator.config import load_yaml_config, merge, site_config
     from emulator.metrics import default_metrics
-    from emulator.reference.site import ReferenceSite
+    from emulator.reference.site import ReferenceSite, forget_site
 
     flags = {
         "data_dir": args.data_dir,
@@ -495,6 +501,9 @@ def _cmd_tms(args: argparse.Namespace) -> int:
     }
     values = merge(load_yaml_config(args.config, "tms"), flags)
     config = site_config(values)
+    if args.fresh:
+        for path in forget_site(config.data_dir):
+            print(f"  forgot {path}", flush=True)
     metrics = default_metrics()
     config.network = dataclasses.replace(
         config.network,
@@ -825,9 +834,16 @@ def _cmd_scenarios(args: argparse.Namespace) -> int:
     import datetime as dt
 
     from emulator.config import network_settings
-    from emulator.conformance.reports import print_summary, suite_ok, write_reports
+    from emulator.conformance.preflight import Preflight
+    from emulator.conformance.reports import (
+        print_summary,
+        suite_ok,
+        write_reports,
+        write_setup_errors,
+    )
     from emulator.conformance.scenarios import ScenarioRunner, SuiteConfig
     from emulator.net.peers import Peer
+    from emulator.profile import load_profile
 
     devices = [Peer.parse(d) for d in args.device] or [
         Peer.parse("TDWEMU1@127.0.0.1:11130"),
@@ -844,12 +860,7 @@ def _cmd_scenarios(args: argparse.Namespace) -> int:
         listen_host=args.listen_host,
     )
     scenarios = load_scenarios(args.only)
-    runner = ScenarioRunner(config)
     started = dt.datetime.now().astimezone()
-    try:
-        results = runner.run(scenarios)
-    finally:
-        runner.close()
     meta = {
         "tool": f"tdw-emu {__version__}",
         "started": started.isoformat(timespec="seconds"),
@@ -860,6 +871,27 @@ def _cmd_scenarios(args: argparse.Namespace) -> int:
         "uids": config.uid_set,
         "tls": "on" if config.network.tls else "off",
     }
+    problems = Preflight(
+        config.tms,
+        config.archive,
+        devices,
+        load_profile(config.edition, config.uid_set),
+        config.network,
+        config.listen_host,
+    ).run(scenarios)
+    if problems:
+        for problem in problems:
+            print(f"setup error: {problem}", file=sys.stderr)
+        paths = write_setup_errors(problems, meta, args.report_dir)
+        print(f"SETUP ERROR: the TMS was not judged ({len(problems)} problem(s)); exit 2")
+        for name, path in paths.items():
+            print(f"{name:8} {path}")
+        return 2
+    runner = ScenarioRunner(config)
+    try:
+        results = runner.run(scenarios)
+    finally:
+        runner.close()
     paths = write_reports(results, runner.recorder, runner.book, meta, args.report_dir)
     print_summary(results)
     for name, path in paths.items():

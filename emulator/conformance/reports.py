@@ -17,6 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from emulator.conformance.preflight import SetupProblem
 from emulator.conformance.rulebook import Finding, RuleBook
 from emulator.conformance.scenarios import ScenarioResult
 from emulator.conformance.traffic import TrafficRecorder
@@ -315,6 +316,43 @@ def write_reports(
     write_junit(results, book, paths["junit"])
     write_html(results, recorder, meta, paths["html"])
     recorder.write_log(paths["traffic"])
+    return paths
+
+
+def write_setup_errors(
+    problems: list[SetupProblem], meta: dict[str, Any], report_dir: Path
+) -> dict[str, Path]:
+    """The reports of a run that pre-flight stopped: every problem is a JUnit ``<error>``
+    (the TMS was not judged, so nothing failed), and no rule was applied."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    paths = {name: report_dir / REPORT_FILES[name] for name in ("json", "junit", "html")}
+    errors = [{"check": p.check, "message": p.message} for p in problems]
+    document = {**meta, "ok": False, "setup_errors": errors, "scenarios": []}
+    paths["json"].write_text(json.dumps(document, indent=2))
+    suites = ET.Element("testsuites", name="tdw-emu conformance")
+    suite = ET.SubElement(suites, "testsuite", name="pre-flight")
+    for problem in problems:
+        case = ET.SubElement(suite, "testcase", classname="pre-flight", name=problem.check)
+        ET.SubElement(case, "error", message=str(problem)[:500]).text = str(problem)
+    for element in (suite, suites):
+        element.set("tests", str(len(problems)))
+        element.set("failures", "0")
+        element.set("errors", str(len(problems)))
+        element.set("time", "0.000")
+    ET.indent(suites)
+    paths["junit"].write_bytes(ET.tostring(suites, encoding="utf-8", xml_declaration=True))
+    rows = "".join(
+        f"<tr><td>{html.escape(p.check)}</td><td>{html.escape(p.message)}</td></tr>"
+        for p in problems
+    )
+    paths["html"].write_text(
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>tdw-emu conformance report</title><style>{_CSS}</style></head><body>"
+        "<h1>tdw-emu conformance report: <span class='fail'>SETUP ERROR</span></h1>"
+        "<p>The suite did not run: the TMS was not judged.</p>"
+        f"<table><tr><th>check</th><th>problem</th></tr>{rows}</table></body></html>",
+        encoding="utf-8",
+    )
     return paths
 
 

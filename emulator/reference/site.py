@@ -41,6 +41,25 @@ class SiteConfig:
     feed: FeedPlan | None = None  # keep these stations supplied as they query (a soak)
 
 
+# What a site keeps under its data directory: the Archive's and the TMS's stores, and the
+# synthetic patients it seeded. Nothing else there is touched by forget_site().
+SITE_PARTS = ("archive", "tms", "seed")
+
+
+def forget_site(data_dir: Path) -> list[Path]:
+    """Removes what a previous site left under ``data_dir`` (objects, UPS, seeded patients),
+    so a re-seeded TMS starts with sessions nobody used: a conformance re-run needs them."""
+    import shutil
+
+    removed = []
+    for part in SITE_PARTS:
+        path = Path(data_dir) / part
+        if path.is_dir():
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
+
+
 class ReferenceSite:
     """The TMS and the Archive, started and stopped together."""
 
