@@ -229,6 +229,19 @@ def never_returned() -> set[str]:
     return {row.keyword for _, row in walk() if row.n_get.lower() == "not allowed"}
 
 
+def n_get_owed() -> set[str]:
+    """Top-level attributes an N-GET response owes when asked for (CC.2.7.3): N-GET return
+    type 1 on the SCP side, of an attribute every UPS holds from its creation (N-CREATE SCP
+    type 1 or 2). Others may be absent from a UPS, and the SCU must cope (CC.2.7.2)."""
+    owed = set()
+    for row in table():
+        scp_get = row.n_get.split("/")[-1].strip()
+        scp_create = row.n_create.split("/")[-1].strip()
+        if scp_get == "1" and scp_create in ("1", "2"):
+            owed.add(row.keyword)
+    return owed
+
+
 def n_set_not_allowed() -> set[str]:
     """Top-level attributes an N-SET may not carry (identity, state, patient)."""
     return {row.keyword for row in table() if row.n_set.lower() == "not allowed"}

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the independent Debian peers the tests run against (DCMTK, dicom3tools,
-# Orthanc, Prometheus, tshark, openssl for the TLS test CA) when any is missing.
+# Orthanc, Prometheus, tshark, openssl for the TLS test CA, chromium to render the HTML
+# conformance report) when any is missing.
 # Only root can; others get a hint.
 set -euo pipefail
-packages=(dcmtk dicom3tools orthanc prometheus tshark openssl socat)
+packages=(dcmtk dicom3tools orthanc prometheus tshark openssl socat chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

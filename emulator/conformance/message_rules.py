@@ -12,6 +12,7 @@ from collections import defaultdict
 from copy import deepcopy
 from dataclasses import dataclass, field
 
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 
 from emulator import ups_attributes
@@ -97,7 +98,9 @@ class TrafficChecker:
 
     def _add(self, rule: str, message: str, attribute: str, where: Message) -> None:
         if rule in self.book:
-            self.findings.append(self.book.finding(rule, message, attribute, _where(where)))
+            self.findings.append(
+                self.book.finding(rule, message, attribute, _where(where), seq=where.seq)
+            )
 
     # -- entry point ---------------------------------------------------------------------------
 
@@ -148,6 +151,8 @@ class TrafficChecker:
                 self._n_action(request, response)
             elif service == "N-SET":
                 self._n_set(request, response)
+            elif service == "N-GET" and request.sop_class_uid in ups_classes:
+                self._n_get(request, response)
             elif service == "C-MOVE" and response.status not in PENDING:
                 self._move(request, response, stored)
         self._appendix_a(messages)
@@ -522,6 +527,31 @@ class TrafficChecker:
         return self.peers.get(message.association, "")
 
     # -- Appendix A on what arrived -------------------------------------------------------------
+
+    def _n_get(self, request: Message, response: Message) -> None:
+        """PS3.4 CC.2.7.3: the selected attributes come back; the Transaction UID never."""
+        if response.status is None or (response.status & 0xF000) not in (0x0000, 0xB000):
+            return
+        returned = response.dataset if response.dataset is not None else Dataset()
+        if "TransactionUID" in returned:
+            self._add(
+                "CC/N-GET-response",
+                "the N-GET response returned the Transaction UID",
+                attribute_label("TransactionUID"),
+                response,
+            )
+        asked = request.command.get("AttributeIdentifierList", "").split()
+        owed = ups_attributes.n_get_owed()
+        for tag in asked:
+            keyword = keyword_for_tag(int(tag, 16)) or ""
+            if keyword not in owed or int(tag, 16) in returned:
+                continue
+            self._add(
+                "CC/N-GET-response",
+                f"the N-GET asked for {keyword} and the response does not hold it",
+                attribute_label(keyword),
+                response,
+            )
 
     def _appendix_a(self, messages: list[Message]) -> None:
         received = [

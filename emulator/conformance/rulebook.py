@@ -25,6 +25,8 @@ class Rule:
     statement: str
     editions: tuple[str, ...] = ()
     peer: str = ""
+    exercised_by: tuple[str, ...] = ()
+    cited: str = ""  # the id as the edition numbers its transaction (RO-58 for RO-17 in TDW-II)
 
     def applies_to(self, edition: str) -> bool:
         return not self.editions or edition in self.editions
@@ -40,6 +42,7 @@ class Finding:
     reference: str
     where: str = ""
     expected: bool = False  # a finding the scenario set out to provoke
+    seq: int | None = None  # the recorded message it was made on, if one
 
     @property
     def fails(self) -> bool:
@@ -59,15 +62,19 @@ class RuleBook:
     @classmethod
     def load(cls, edition: str) -> RuleBook:
         data = load_yaml("rules.yaml")
+        numbers = transaction_numbers(edition)
         rules = {}
         for raw in data["rules"]:
+            cited, reference = _cite(raw["id"], raw["reference"], numbers, edition)
             rule = Rule(
                 raw["id"],
-                raw["reference"],
+                reference,
                 raw["severity"],
                 " ".join(str(raw["statement"]).split()),
                 tuple(raw.get("editions", ())),
                 raw.get("peer", ""),
+                tuple(raw.get("exercised_by", ())),
+                cited,
             )
             if rule.severity not in SEVERITIES:
                 raise ValueError(f"rule {rule.id}: severity {rule.severity!r}")
@@ -83,11 +90,49 @@ class RuleBook:
     def __contains__(self, rule_id: str) -> bool:
         return rule_id in self.rules
 
-    def finding(self, rule_id: str, message: str, attribute: str = "", where: str = "") -> Finding:
+    def cite(self, rule_id: str) -> str:
+        """The id a report shows for a rule: its transaction as this edition numbers it."""
+        rule = self.rules.get(rule_id)
+        return rule.cited if rule else _cite(rule_id, "", transaction_numbers(self.edition), "")[0]
+
+    def finding(
+        self,
+        rule_id: str,
+        message: str,
+        attribute: str = "",
+        where: str = "",
+        seq: int | None = None,
+    ) -> Finding:
         rule = self.rules[rule_id]
         return Finding(
-            rule.id, rule.severity, message, attribute, rule.statement, rule.reference, where
+            rule.cited,
+            rule.severity,
+            message,
+            attribute,
+            rule.statement,
+            rule.reference,
+            where,
+            seq=seq,
         )
+
+
+def transaction_numbers(edition: str) -> dict[str, str]:
+    """RO-17 -> RO-58 and so on, for an edition that renumbers the transactions."""
+    data = load_yaml(f"{edition}.yaml") if edition else {}
+    return {old: str(t["number"]) for old, t in (data.get("transactions") or {}).items()}
+
+
+_EDITION_TITLES = {"tdw-ii": "IHE-RO TDW-II"}
+
+
+def _cite(rule_id: str, reference: str, numbers: dict[str, str], edition: str) -> tuple[str, str]:
+    """The rule id and reference as an edition that renumbers transactions cites them: the
+    new number first, then the 2008 clause the rule comes from, which that edition keeps."""
+    head, sep, tail = rule_id.partition("/")
+    number = numbers.get(head)
+    if not number:
+        return rule_id, reference
+    return f"{number}{sep}{tail}", f"{_EDITION_TITLES.get(edition, edition)} {number} ({reference})"
 
 
 def attribute_label(keyword: str) -> str:

@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from emulator import ups_attributes
+from emulator.conformance.exercise import exercised_rules, traffic_kinds
 from emulator.conformance.message_rules import (
     CheckContext,
     check_traffic,
@@ -70,6 +71,8 @@ class ScenarioResult:
     error: str = ""
     first_seq: int = 0
     last_seq: int = 0
+    # Rules (as cited) the scenario gave nothing to judge: reported skipped, not passed.
+    skipped_rules: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -158,7 +161,7 @@ class ScenarioRunner:
             except SuiteError as exc:
                 result.error = f"suite error: {exc}"
                 result.steps.append(
-                    StepResult(index, step["action"], step.get("rule", ""), False,
+                    StepResult(index, step["action"], self.book.cite(step.get("rule", "")), False,
                                str(step.get("expect", "")), "suite error", 0.0, str(exc))
                 )  # fmt: skip
                 break
@@ -169,7 +172,7 @@ class ScenarioRunner:
                 StepResult(
                     index,
                     step["action"],
-                    step.get("rule", ""),
+                    self.book.cite(step.get("rule", "")),
                     ok,
                     expected,
                     observed,
@@ -189,14 +192,27 @@ class ScenarioRunner:
         result.findings = check_traffic(self.recorder, context, messages=messages)
         if result.error:
             result.findings = []  # the suite was wrong: nothing it saw is held against the TMS
+        provoked = {self.book.cite(r) for r in scenario.expected_findings}
         for finding in result.findings:
-            if finding.rule in scenario.expected_findings:
+            if finding.rule in provoked:
                 finding.expected = True
+        kinds = traffic_kinds(
+            self.recorder,
+            messages,
+            self.profile,
+            (self.config.tms.ae_title, self.config.archive.ae_title),
+        )
+        exercised = exercised_rules(self.book, kinds, (s.get("rule", "") for s in scenario.steps))
+        result.skipped_rules = [
+            rule.cited
+            for rule_id, rule in self.book.rules.items()
+            if rule_id not in exercised and not any(f.rule == rule.cited for f in result.findings)
+        ]
         for step_result, step in zip(result.steps, scenario.steps, strict=False):
             wanted = (step.get("expect") or {}).get("findings")
             if wanted:
                 found = {f.rule for f in result.findings}
-                missing = [r for r in wanted if r not in found]
+                missing = [self.book.cite(r) for r in wanted if self.book.cite(r) not in found]
                 if missing:
                     step_result.ok = False
                     step_result.message += f" expected finding(s) {missing} were not made"

@@ -250,6 +250,12 @@ class TrafficRecorder:
                 if k in command
             },
         )
+        if "AttributeIdentifierList" in command:  # N-GET: which attributes were asked for
+            tags = command.AttributeIdentifierList
+            tags = [tags] if isinstance(tags, int) else list(tags)  # one tag, or MultiValue
+            record.command["AttributeIdentifierList"] = " ".join(
+                f"{int(t) >> 16:04X}{int(t) & 0xFFFF:04X}" for t in tags
+            )
         with self._lock:
             record.seq = len(self.messages) + 1
             self.messages.append(record)

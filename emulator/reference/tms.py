@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
@@ -481,6 +482,13 @@ class TmsServer(ServedAE):
             if element.keyword in hidden or (wanted and element.tag not in wanted):
                 continue
             reply[element.tag] = deepcopy(element)
+        # An attribute every UPS holds is returned when asked for, zero length if it has
+        # no value yet (CC.2.7.3; N-CREATE type 2).
+        owed = ups_attributes.n_get_owed()
+        for tag in wanted:
+            keyword = keyword_for_tag(tag)
+            if keyword in owed and tag not in reply:
+                setattr(reply, keyword, [] if dictionary_VR(tag) == "SQ" else None)
         return status_dataset(0x0000), reply
 
 
