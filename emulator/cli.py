@@ -154,6 +154,12 @@ def _add_tms(sub: argparse._SubParsersAction) -> None:
         help="forget the objects, UPS and seeded patients a previous run left in --data-dir "
         "before starting (with --seed-scenarios: a clean TMS for the next suite run)",
     )
+    p.add_argument(
+        "--load-kit",
+        type=Path,
+        metavar="DIR",
+        help="load a 'tdw-emu scenarios prepare' kit: its patient data, TMS objects and UPS",
+    )
     p.add_argument("--accept-any-ae", action="store_true", default=None)
     p.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"))
     p.add_argument("--uids", choices=("final", "trial"))
@@ -280,6 +286,20 @@ def _add_scenarios(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("scenarios", help="conformance scenarios against a TMS and its Archive")
     actions = p.add_subparsers(dest="scenarios_action", required=True)
     actions.add_parser("list", help="the scenarios, their stations and what they need")
+    prepare = actions.add_parser(
+        "prepare",
+        help="write what a TMS under test must hold: patient data, UPS per station, notes",
+    )
+    prepare.add_argument("--out", type=Path, required=True, help="directory for the kit")
+    prepare.add_argument("--date", help="the day the suite will run, YYYY-MM-DD (default today)")
+    prepare.add_argument("--tms-ae", default="TMS", help="the TMS's AE title (references)")
+    prepare.add_argument("--archive-ae", default="ARCHIVE", help="the Archive's AE title")
+    prepare.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"), default="ihe-ro-2008")
+    prepare.add_argument("--uids", choices=("final", "trial"), default="final")
+    prepare.add_argument(
+        "--seed-size", choices=("standard", "small"), default="standard",
+        help="small: fewer, smaller CT slices (a quick kit)",
+    )  # fmt: skip
     run = actions.add_parser("run", help="run the suite and write the reports")
     run.add_argument("--tms", metavar="AET@HOST:PORT", required=True)
     run.add_argument("--archive", metavar="AET@HOST:PORT", required=True)
@@ -546,6 +566,11 @@ def _cmd_tms(args: argparse.Namespace) -> int:
         for index, station in enumerate(values.get("seed") or [], start=1):
             session_id = site.seed(station, index)
             print(f"  seeded session {session_id} for station {station}: 4 UPS", flush=True)
+        if args.load_kit:
+            from emulator.conformance.vendor_kit import load_kit
+
+            created = load_kit(site, args.load_kit)
+            print(f"  loaded kit {args.load_kit}: {created} UPS", flush=True)
         if values.get("seed_scenarios"):
             seeded = site.seed_scenarios(first_index=len(values.get("seed") or []) + 1)
             print(f"  seeded {len(seeded)} scenario sessions (tdw-emu scenarios list)", flush=True)
@@ -833,6 +858,9 @@ def _cmd_scenarios(args: argparse.Namespace) -> int:
         return 0
     import datetime as dt
 
+    if args.scenarios_action == "prepare":
+        return _prepare_kit(args)
+
     from emulator.config import network_settings
     from emulator.conformance.preflight import Preflight
     from emulator.conformance.reports import (
@@ -897,6 +925,29 @@ def _cmd_scenarios(args: argparse.Namespace) -> int:
     for name, path in paths.items():
         print(f"{name:8} {path}")
     return 0 if suite_ok(results) else 1
+
+
+def _prepare_kit(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from emulator.conformance.vendor_kit import KitRequest, write_kit
+    from emulator.seeding import SOAK_PATIENTS, SeedOptions
+
+    request = KitRequest(
+        out=args.out,
+        day=dt.date.fromisoformat(args.date) if args.date else dt.date.today(),
+        tms_ae_title=args.tms_ae,
+        archive_ae_title=args.archive_ae,
+        edition=args.profile,
+        uid_set=args.uids,
+        seed_options=SOAK_PATIENTS if args.seed_size == "small" else SeedOptions(),
+    )
+    manifest = write_kit(request)
+    for station in manifest["stations"]:
+        ups = sum(len(s["ups"]) for s in station["sessions"])
+        print(f"{station['station']:18} {station['scenario']:32} {ups} UPS")
+    print(f"kit for {manifest['day']} written to {args.out} (see {args.out / 'README.md'})")
+    return 0
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

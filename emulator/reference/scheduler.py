@@ -23,7 +23,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from emulator import ups_attributes
-from emulator.profile import Code, Profile, load_yaml, workitem_codes
+from emulator.profile import Code, Profile, ProfileError, load_yaml, workitem_codes
 from emulator.reference.ups_store import SessionRecord, UpsRecord, UpsStore
 from emulator.store import ObjectStore, StoredInstance
 from emulator.store.admission import admit
@@ -417,16 +417,59 @@ class Scheduler:
         )
 
     def add_created(self, ups: Dataset) -> str:
-        """A UPS another system created (N-CREATE), kept as a session of its own: the
-        station and patient it names, its step from its Scheduled Workitem code."""
+        """A UPS another system created (N-CREATE), kept as a session of its own."""
+        return self.add_created_session([ups])
+
+    def add_created_session(self, members: list[Dataset]) -> str:
+        """UPS another system created, kept as one session: the station and patient they
+        name, each step from its Scheduled Workitem code, and what a continuation needs
+        (the RT Plan an input references, the fraction and delivery type the Scheduled
+        Processing Parameters carry), so a canceled delivery is continued as for a
+        session this TMS scheduled itself."""
         from emulator.performer.actors import step_of
 
-        items = ups.get("ScheduledStationNameCodeSequence") or []
+        first = members[0]
+        items = first.get("ScheduledStationNameCodeSequence") or []
         station = str(items[0].get("CodeValue", "")) if items else ""
-        session_id = str(generate_uid())
-        record = SessionRecord(session_id, station, str(ups.get("PatientID", "")), "", 0, "")
-        self.ups.add_session(record, [(step_of(ups) or "created", ups)])
-        return session_id
+        plan_uid = next(
+            (
+                ref.sop_instance_uid
+                for ups in members
+                for ref in references_in(ups.get("InputInformationSequence") or [])
+                if ref.sop_class_uid == self.profile.sop_classes["rt_plan"]
+            ),
+            "",
+        )
+        fraction = self._parameter(members, "current_fraction_number")
+        delivery_type = self._parameter(members, "treatment_delivery_type")
+        record = SessionRecord(
+            str(generate_uid()),
+            station,
+            str(first.get("PatientID", "")),
+            plan_uid,
+            int(fraction) if str(fraction).isdigit() else 1,
+            str(delivery_type or "TREATMENT"),
+        )
+        self.ups.add_session(record, [(step_of(u) or "created", u) for u in members])
+        return record.session_id
+
+    def _parameter(self, members: list[Dataset], name: str) -> str:
+        """A Scheduled Processing Parameter's text or number, by the edition's concept."""
+        try:
+            concept = self.profile.concept(name)
+        except ProfileError:  # the edition does not schedule this parameter
+            return ""
+        for ups in members:
+            for item in ups.get("ScheduledProcessingParametersSequence") or []:
+                names = item.get("ConceptNameCodeSequence") or []
+                if not names or str(names[0].get("CodeValue", "")) != concept.value:
+                    continue
+                if "TextValue" in item:
+                    return str(item.TextValue)
+                measured = item.get("MeasuredValueSequence") or []
+                if measured:
+                    return str(int(float(measured[0].NumericValue)))
+        return ""
 
     # -- after a canceled step -------------------------------------------------------------
 
