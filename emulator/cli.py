@@ -851,6 +851,8 @@ def _cmd_scenarios(args: argparse.Namespace) -> int:
     if args.scenarios_action == "list":
         for scenario in load_scenarios():
             missing = ", its RT Plan missing from the Archive" if scenario.inputs_missing else ""
+            if scenario.editions:
+                missing += f" ({', '.join(scenario.editions)} only)"
             print(
                 f"{scenario.name:32} station {scenario.station:18} "
                 f"{scenario.sessions} session(s) today{missing}\n    {scenario.title}"
@@ -887,7 +889,7 @@ def _cmd_scenarios(args: argparse.Namespace) -> int:
         network=network_settings(_tls_values(args)),
         listen_host=args.listen_host,
     )
-    scenarios = load_scenarios(args.only)
+    scenarios = load_scenarios(args.only, args.profile)
     started = dt.datetime.now().astimezone()
     meta = {
         "tool": f"tdw-emu {__version__}",

@@ -177,7 +177,12 @@ def test_grouped_findings_failing_first_skipped_rules_and_the_rendered_timeline(
 
 
 def test_a_tdw_ii_run_cites_ro_58_to_ro_65(tmp_path, capsys):
-    scenarios = ("normal-fraction", "interruption-continuation", "claim-in-progress")
+    scenarios = (
+        "normal-fraction",
+        "interruption-continuation",
+        "dynamic-inputs-after-claim",
+        "claim-in-progress",
+    )
     code, report = _judge(tmp_path, "tdw-ii", scenarios, plant=False)
     out = capsys.readouterr().out
     assert code == 0, out
@@ -190,4 +195,7 @@ def test_a_tdw_ii_run_cites_ro_58_to_ro_65(tmp_path, capsys):
     data = json.loads((report / "conformance.json").read_text())
     steps = [s["rule"] for sc in data["scenarios"] for s in sc["steps"]]
     assert "RO-58/Note-5-continuation" in steps and "RO-65/Canceled-reply" in steps
-    assert "RO-58/Response-count" in out or "PASS: 3 of 3" in out
+    after_claim = next(s for s in data["scenarios"] if s["name"] == "dynamic-inputs-after-claim")
+    retrieve = next(s for s in after_claim["steps"] if s["action"] == "retrieve")
+    assert retrieve["rule"] == "RO-61/Move-status" and retrieve["ok"], retrieve
+    assert "PASS: 4 of 4" in out

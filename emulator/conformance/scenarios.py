@@ -30,8 +30,10 @@ from emulator.conformance.message_rules import (
 from emulator.conformance.rulebook import Finding, RuleBook
 from emulator.conformance.suite import Scenario
 from emulator.conformance.traffic import TrafficRecorder
+from emulator.net import scu
 from emulator.net.ae_factory import NetworkSettings
 from emulator.net.peers import Peer
+from emulator.net.receiver import StorageReceiver
 from emulator.net.scu import DimseError
 from emulator.net.ups_scu import UpsConnection
 from emulator.performer import actors
@@ -46,6 +48,7 @@ from emulator.performer.workflow import (
 )
 from emulator.profile import Profile, load_profile
 from emulator.synth.plan_access import specified_metersets
+from emulator.ups_references import references_in
 
 SUCCESS = "success"
 
@@ -351,6 +354,48 @@ class ScenarioRunner:
             state.started.setdefault(step["step"], dt.datetime.now().replace(microsecond=0))
         ok, wanted, observed = self._judge_status(expect, status)
         return ok, wanted, observed, ""
+
+    def _do_retrieve(self, state: _ScenarioState, step: dict, expect: dict):
+        """C-MOVE of what the UPS's inputs hold at ``source`` to the first device, whenever
+        the scenario says (TDW-II lets RO-61 follow the RO-60 claim)."""
+        ups = self._ups_of(state, step)
+        source = self.config.tms if step.get("source", "tms") == "tms" else self.config.archive
+        refs = [
+            r
+            for r in references_in(ups.get("InputInformationSequence") or [])
+            if r.retrieve_ae_title == source.ae_title
+        ]
+        if not refs:
+            raise StepFailed(f"the {step['step']} UPS names no input at {source.ae_title}")
+        device = self.config.devices[0]
+        receiver = StorageReceiver(
+            state.root / f"retrieve-{len(state.outcomes)}",
+            device.ae_title,
+            self.profile.sop_classes.archive_storage_uids(),
+            None,
+            self.config.listen_host or device.host,
+            device.port,
+            self.network,
+        )
+        status, completed = None, 0
+        with receiver:
+            for ref in refs:
+                ident = Dataset()
+                ident.QueryRetrieveLevel = "IMAGE"
+                ident.StudyInstanceUID = ref.study_instance_uid
+                ident.SeriesInstanceUID = ref.series_instance_uid
+                ident.SOPInstanceUID = ref.sop_instance_uid
+                try:
+                    result = scu.move(device.ae_title, source, ident, device.ae_title, self.network)
+                except DimseError as exc:
+                    status = exc.status
+                    break
+                status, completed = result.status, completed + result.completed
+        ok, wanted, observed = self._judge_status(expect, status)
+        if "completed" in expect:
+            wanted += f", {expect['completed']} completed"
+            ok = ok and completed >= int(expect["completed"])
+        return ok, wanted, f"{observed}, {completed} completed", ""
 
     def _do_progress(self, state: _ScenarioState, step: dict, expect: dict):
         ups = self._ups_of(state, step)

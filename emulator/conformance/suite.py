@@ -22,10 +22,15 @@ class Scenario:
     steps: list[dict[str, Any]]
     inputs_missing: bool = False
     expected_findings: tuple[str, ...] = ()
+    editions: tuple[str, ...] = ()  # empty: every edition
+
+    def applies_to(self, edition: str) -> bool:
+        return not self.editions or edition in self.editions
 
 
-def load_scenarios(only: list[str] | None = None) -> list[Scenario]:
-    """The suite, or the named scenarios of it; an unknown name is an error."""
+def load_scenarios(only: list[str] | None = None, edition: str | None = None) -> list[Scenario]:
+    """The suite (for ``edition``, when given), or the named scenarios of it; an unknown
+    name, or one the edition does not run, is an error."""
     data = load_yaml("scenarios.yaml")["scenarios"]
     suite = [
         Scenario(
@@ -37,9 +42,12 @@ def load_scenarios(only: list[str] | None = None) -> list[Scenario]:
             list(s["steps"]),
             bool(s.get("inputs_missing", False)),
             tuple(s.get("expected_findings", ())),
+            tuple(s.get("editions", ())),
         )
         for s in data
     ]
+    if edition:
+        suite = [s for s in suite if s.applies_to(edition)]
     if only:
         names = {s.name for s in suite}
         unknown = [n for n in only if n not in names]

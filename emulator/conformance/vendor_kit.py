@@ -69,7 +69,7 @@ def plan_constraints() -> dict:
 
 def write_kit(request: KitRequest, scenarios: list[Scenario] | None = None) -> dict:
     """Writes the kit under ``request.out``; returns its manifest."""
-    scenarios = scenarios or load_scenarios()
+    scenarios = scenarios or load_scenarios(edition=request.edition)
     out = request.out
     out.mkdir(parents=True, exist_ok=True)
     for part in ("archive", "withheld", "tms", "schedule"):

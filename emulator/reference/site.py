@@ -144,7 +144,7 @@ class ReferenceSite:
         Archive's index after scheduling (the file is kept), as if it had been deleted.
         """
         seeded, index = [], first_index
-        for scenario in load_scenarios():
+        for scenario in load_scenarios(edition=self.config.edition):
             for _ in range(scenario.sessions):
                 session_id = self.seed(scenario.station, index)
                 if scenario.inputs_missing:
