@@ -199,3 +199,14 @@ def test_a_tdw_ii_run_cites_ro_58_to_ro_65(tmp_path, capsys):
     retrieve = next(s for s in after_claim["steps"] if s["action"] == "retrieve")
     assert retrieve["rule"] == "RO-61/Move-status" and retrieve["ok"], retrieve
     assert "PASS: 4 of 4" in out
+
+
+def test_citations_name_clauses_never_files():
+    """A vendor reads 'PS3.4 Table CC.1.1-2', not this project's file names."""
+    from emulator.conformance.rulebook import RuleBook
+
+    for edition in ("ihe-ro-2008", "tdw-ii"):
+        for rule in RuleBook.load(edition).rules.values():
+            text = f"{rule.reference} {rule.statement}"
+            assert not any(part in text for part in (".yaml", ".md", ".py", "profiles/")), rule
+            assert rule.reference.split()[0] in ("IHE-RO", "PS3.4"), rule

@@ -36,8 +36,9 @@ from emulator.ups_references import InstanceReference, references_in
 
 MOVE_DESTINATION_UNKNOWN = 0xA801  # PS3.4 Table C.4-2
 RESEED_HINT = (
-    "schedule them again (reference TMS: restart it with --fresh --seed-scenarios; "
-    "see docs/conformance.md, 'Running the suite again')"
+    "schedule them again (a newly prepared kit: tdw-emu scenarios prepare; the reference "
+    "TMS: restart it with --fresh --seed-scenarios); see docs/conformance.md, "
+    "'Running the suite again'"
 )
 
 
