@@ -278,6 +278,18 @@ class Metrics:
             ["ae"],
             registry=r,
         )
+        self.ups_events = Counter(
+            "tdw_ups_events",
+            "UPS Event N-EVENT-REPORTs sent to subscribers, by event and outcome",
+            ["ae", "event", "outcome"],
+            registry=r,
+        )
+        self.ups_events_owed = Gauge(
+            "tdw_ups_events_owed",
+            "UPS events made and not yet delivered to their subscriber (kept across restarts)",
+            ["ae"],
+            registry=r,
+        )
         self._workitems = _WorkitemCollector()
         r.register(self._workitems)
         self.latencies = LatencySamples()
@@ -313,6 +325,11 @@ class Metrics:
         if profile in ("performer", "tms"):
             for state in spec["ups_states"]:
                 self.ups_transitions.labels(ae, state)
+        if profile == "tms":
+            for event in spec["ups_events"]:
+                for outcome in spec["ups_event_outcomes"]:
+                    self.ups_events.labels(ae, event, outcome)
+            self.ups_events_owed.labels(ae)
         if profile == "performer":
             for outcome in spec["session_outcomes"]:
                 self.sessions.labels(ae, outcome)
@@ -502,6 +519,14 @@ class ActorMetrics:
 
     def session(self, outcome: str) -> None:
         self.metrics.sessions.labels(self.ae, outcome).inc()
+
+    def ups_event(self, event_name: str, delivered: bool) -> None:
+        label = event_name.lower().replace(" ", "_")
+        outcome = "delivered" if delivered else "retried"
+        self.metrics.ups_events.labels(self.ae, label, outcome).inc()
+
+    def set_events_owed(self, count: int) -> None:
+        self.metrics.ups_events_owed.labels(self.ae).set(count)
 
     def beam(self, termination: str, meterset: float) -> None:
         self.metrics.beams.labels(self.ae, termination.lower()).inc()

@@ -401,6 +401,9 @@ def test_request_cancel(make_site):
         assert tms.request_cancel(ups.SOPInstanceUID) == 0xC311
         claimed = second["121726"].SOPInstanceUID
         assert tms.change_state(claimed, "IN PROGRESS", str(generate_uid()))[0] == 0x0000
+        # Nobody subscribed to it: the performer cannot be told (PS3.4 CC.2.2.3).
+        assert tms.request_cancel(claimed) == 0xC312
+        assert tms.subscribe(claimed, "DEVICE") == 0x0000
         assert tms.request_cancel(claimed) == 0x0000  # recorded; the performer decides
         assert tms.n_get(claimed)[1].ProcedureStepState == "IN PROGRESS"
 

@@ -14,6 +14,8 @@ from pynetdicom import AE, build_context
 
 PUSH = {"final": "1.2.840.10008.5.1.4.34.6.1", "trial": "1.2.840.10008.5.1.4.34.4.1"}
 PULL = {"final": "1.2.840.10008.5.1.4.34.6.3", "trial": "1.2.840.10008.5.1.4.34.4.3"}
+WATCH = {"final": "1.2.840.10008.5.1.4.34.6.2", "trial": "1.2.840.10008.5.1.4.34.4.2"}
+GLOBAL_SUBSCRIPTION = "1.2.840.10008.5.1.4.34.5"  # PS3.4 CC.2.3.1 well-known instance
 RO17_KEYS = [
     "SpecificCharacterSet",
     "SOPClassUID",
@@ -40,9 +42,9 @@ class UpsClient:
         uids: str = "final",
     ) -> None:
         self.ae = AE(ae_title=calling)
-        self.ae.requested_contexts = [build_context(PULL[uids])]
+        self.ae.requested_contexts = [build_context(PULL[uids]), build_context(WATCH[uids])]
         self.ae.dimse_timeout = 30
-        self.push, self.pull = PUSH[uids], PULL[uids]
+        self.push, self.pull, self.watch = PUSH[uids], PULL[uids], WATCH[uids]
         self.assoc = self.ae.associate(host, port, ae_title=called)
         self.last_error_comment = ""
         assert self.assoc.is_established, "association with the TMS failed"
@@ -110,6 +112,20 @@ class UpsClient:
             info = Dataset()
             info.ReasonForCancellation = reason
         status, _ = self.assoc.send_n_action(info, 2, self.push, uid)
+        return status.Status
+
+    def subscribe(self, uid: str, receiving_ae: str, deletion_lock: bool = False) -> int:
+        """UPS Watch N-ACTION 3 (PS3.4 CC.2.3.1) on one UPS or GLOBAL_SUBSCRIPTION."""
+        info = Dataset()
+        info.ReceivingAE = receiving_ae
+        info.DeletionLock = "TRUE" if deletion_lock else "FALSE"
+        status, _ = self.assoc.send_n_action(info, 3, self.watch, uid)
+        return status.Status
+
+    def unsubscribe(self, uid: str, receiving_ae: str) -> int:
+        info = Dataset()
+        info.ReceivingAE = receiving_ae
+        status, _ = self.assoc.send_n_action(info, 4, self.watch, uid)
         return status.Status
 
     def n_set(self, uid: str, modifications: Dataset) -> int:

@@ -28,7 +28,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from emulator import ups_attributes
+from emulator import ups_attributes, ups_events
 from emulator.metrics import Metrics, default_metrics
 from emulator.net.ae_factory import NetworkSettings, make_ae
 from emulator.net.peers import Peer, PeerDirectory, calling_allow_list
@@ -37,6 +37,7 @@ from emulator.net.storage_scp import status_dataset
 from emulator.net.uid_registry import register_uid_set
 from emulator.profile import DEFAULT_EDITION, DEFAULT_UID_SET, load_profile
 from emulator.reference import ups_rules
+from emulator.reference.event_dispatch import EventDispatcher
 from emulator.reference.matching import condition, element_text, ensure_readable
 from emulator.reference.qr_query import StudyRootQuery
 from emulator.reference.qr_scp import QueryRetrieveSCP
@@ -48,6 +49,7 @@ from emulator.reference.ups_store import (
     UpsStore,
     now_dt,
 )
+from emulator.reference.ups_watch import UpsWatch
 from emulator.store import ObjectStore
 
 LOG = logging.getLogger("tdw.tms")
@@ -121,6 +123,22 @@ class TmsServer(ServedAE):
             archive_ae_title,
             station_names,
         )
+        # UPS Watch SCP and UPS Event SCU (PS3.4 CC.2.3, CC.2.4): subscriptions and owed
+        # events in the UPS database, sent by their own thread.
+        self.watch = UpsWatch(
+            self.ups, lambda ae: self.peers.get(ae) is not None, on_owed=self._events_owed
+        )
+        self.events = EventDispatcher(
+            self.watch,
+            config.ae_title,
+            self.peers.get,
+            self.profile.sop_classes,
+            config.network,
+            on_sent=lambda event_type, ok: self.metrics.ups_event(
+                ups_events.event_name(event_type), ok
+            ),
+            on_owed=self.metrics.set_events_owed,
+        )
         self.continuations: list[str] = []
         # Told the station of every worklist query (a soak's feeder); never blocks.
         self.on_worklist_query: Callable[[str], None] | None = None
@@ -131,7 +149,8 @@ class TmsServer(ServedAE):
         uids = self.profile.sop_classes
         ae = make_ae(self.config.ae_title, self.config.network, self.config.calling_allow_list())
         ae.add_supported_context(Verification)
-        classes = ["ups_push", "ups_pull"] + (["ups_query"] if "ups_query" in uids.uids else [])
+        classes = ["ups_push", "ups_pull", "ups_watch"]
+        classes += ["ups_query"] if "ups_query" in uids.uids else []
         for name in classes:
             ae.add_supported_context(uids[name])
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
@@ -145,6 +164,25 @@ class TmsServer(ServedAE):
             (evt.EVT_N_CREATE, self._on_n_create),
         ]
         return ae, handlers
+
+    def start(self) -> tuple[str, int]:
+        """Listens, then tells every subscriber it is back (its subscriptions kept) and
+        sends what it still owed them from before a stop or a crash."""
+        address = super().start()
+        self.watch.scp_status("RESTARTED", "WARM START")
+        self.events.start()
+        return address
+
+    def stop(self) -> None:
+        try:
+            if self._server is not None:  # listening: subscribers are told it goes
+                self.watch.scp_status("GOING DOWN", "WARM START")
+            self.events.stop()
+        finally:
+            super().stop()
+
+    def _events_owed(self) -> None:
+        self.events.wake()
 
     def close_resources(self) -> None:
         self.metrics_registry.forget_workitems(self.config.ae_title)
@@ -239,6 +277,8 @@ class TmsServer(ServedAE):
 
     def _on_n_action(self, event: evt.Event) -> tuple[Dataset | int, Dataset | None]:
         uid = str(event.request.RequestedSOPInstanceUID)
+        if event.request.RequestedSOPClassUID == self.profile.sop_classes["ups_watch"]:
+            return self._watch_action(event, uid), None
         if event.request.RequestedSOPClassUID != self.profile.sop_classes["ups_push"]:
             comment = "Requested SOP Class must be UPS Push (RO-19 3.19.4.1)"
             return status_dataset(0x0118, comment), None
@@ -251,7 +291,26 @@ class TmsServer(ServedAE):
         with self.scheduler.station_lock(self.ups.station_of(uid)):
             if event.action_type == ACTION_CHANGE_STATE:
                 return self._change_state(uid, info)
-            return self._request_cancel(uid, info)
+            requester = str(event.assoc.requestor.ae_title).strip()
+            return self._request_cancel(uid, info, requester)
+
+    def _watch_action(self, event: evt.Event, uid: str) -> Dataset:
+        """N-ACTION on UPS Watch (PS3.4 CC.2.3): subscribe, unsubscribe, suspend global."""
+        action = ups_events.watch_action(int(event.action_type or 0))
+        info = event.action_information or Dataset()
+        caller = str(event.assoc.requestor.ae_title).strip()
+        receiver = str(info.get("ReceivingAE", "") or caller).strip()
+        if action == "subscribe":
+            lock = str(info.get("DeletionLock", "FALSE") or "FALSE").upper() == "TRUE"
+            status = self.watch.subscribe(receiver, uid, lock)
+        elif action == "unsubscribe":
+            status = self.watch.unsubscribe(receiver, uid)
+        elif action == "suspend_global":
+            status = self.watch.suspend_global(receiver, uid)
+        else:
+            return status_dataset(STATUS_NO_SUCH_ACTION, "UPS Watch: action types 3, 4, 5")
+        LOG.info("UPS Watch %s %s for %s: 0x%04X", action, uid, receiver, status)
+        return status_dataset(status)
 
     def _change_state(self, uid: str, info: Dataset) -> tuple[Dataset, Dataset | None]:
         requested = str(info.get("ProcedureStepState", "") or "").strip()
@@ -319,7 +378,9 @@ class TmsServer(ServedAE):
                 return True
             return False
 
-    def _request_cancel(self, uid: str, info: Dataset) -> tuple[Dataset, Dataset | None]:
+    def _request_cancel(
+        self, uid: str, info: Dataset, requester: str = ""
+    ) -> tuple[Dataset, Dataset | None]:
         outcome: dict = {}
 
         def decide(current: UpsRecord | None) -> UpsRecord | None:
@@ -329,6 +390,10 @@ class TmsServer(ServedAE):
             decision = ups_rules.request_cancel(current.state)
             outcome["status"] = decision.status
             if decision.status != 0:
+                return None
+            if decision.cancel_requested and not self.watch.subscribers(uid):
+                outcome["status"] = ups_rules.ups_rules()["request_cancel"]["unreachable_performer"]
+                outcome["comment"] = "no AE is subscribed to this UPS: nobody can be told"
                 return None
             after = deepcopy(current.dataset)
             state = current.state
@@ -346,13 +411,14 @@ class TmsServer(ServedAE):
                 current.transaction_uid,
                 decision.cancel_requested,
                 after,
+                context={"requesting_ae": requester, "request": info},
             )
 
         updated = self.ups.transition(uid, decide)
         status = int(outcome["status"])
         if updated is not None and updated.state == "CANCELED":
             self._after_canceled(updated, performed=False)
-        return status_dataset(status), None
+        return status_dataset(status, outcome.get("comment", "")), None
 
     def _after_canceled(self, canceled: UpsRecord, performed: bool) -> None:
         """What becomes of a session once one of its steps ended CANCELED (docs/tms.md).

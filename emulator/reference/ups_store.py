@@ -11,16 +11,20 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from emulator.store.sqlite import open_database
+
+T = TypeVar("T")
 
 # UPS keyword -> (column, VR) for the keys C-FIND matches on.
 UPS_COLUMNS: dict[str, tuple[str, str]] = {
@@ -104,6 +108,9 @@ class UpsRecord:
     transaction_uid: str
     cancel_requested: bool
     dataset: Dataset
+    # What the change that made this record knew and the UPS does not keep (who asked for
+    # a cancel, and with what): read by the change hooks, never stored.
+    context: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass
@@ -117,6 +124,9 @@ class SessionRecord:
     continues_session: str = ""
     delivered: dict[int, float] = field(default_factory=dict)
     note: str = ""
+
+
+ChangeHook = Callable[[sqlite3.Connection, "UpsRecord | None", "UpsRecord"], None]
 
 
 def _code_of(ds: Dataset, keyword: str) -> tuple[str, str]:
@@ -134,6 +144,36 @@ class UpsStore:
         self._db = open_database(path, _SCHEMA)
         # Told the new state of every UPS created or moved, after the commit (metrics).
         self.on_state = on_state or (lambda state: None)
+        # Called inside the transaction of every UPS created (before None) or changed, so
+        # what they write (the events owed to subscribers) commits with the change or not
+        # at all: a crash cannot keep one and lose the other.
+        self.change_hooks: list[ChangeHook] = []
+
+    def add_schema(self, schema: str) -> None:
+        """Tables another part of the TMS keeps in this database, for its change hooks."""
+        with self._lock:
+            self._db.executescript(schema)
+
+    def in_transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Runs ``work`` in one transaction under the store's lock."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(self._db)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return result
+
+    def query(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Runs a read under the store's lock, inside a transaction if one is open."""
+        with self._lock:
+            return work(self._db)
+
+    def _changed(self, before: UpsRecord | None, after: UpsRecord) -> None:
+        for hook in self.change_hooks:
+            hook(self._db, before, after)
 
     def close(self) -> None:
         with self._lock:
@@ -173,6 +213,11 @@ class UpsStore:
                         f"INSERT INTO ups ({', '.join(columns)}) "
                         f"VALUES ({', '.join('?' * len(columns))})",
                         [session.session_id, step, encode_dataset(ds), stamp, *values.values()],
+                    )
+                    state = str(ds.get("ProcedureStepState", "SCHEDULED"))
+                    uid = str(ds.SOPInstanceUID)
+                    self._changed(
+                        None, UpsRecord(uid, session.session_id, step, state, "", False, ds)
                     )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -237,6 +282,7 @@ class UpsStore:
                             sop_instance_uid,
                         ],
                     )
+                    self._changed(current, updated)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
