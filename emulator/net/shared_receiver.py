@@ -20,6 +20,12 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 
 from emulator.net.ae_factory import NetworkSettings, make_ae
+from emulator.net.event_scp import (
+    EventCallback,
+    UpsEventNotice,
+    add_event_context,
+    event_report_handler,
+)
 from emulator.net.peers import validate_ae_title
 from emulator.net.rejection import CALLED_NOT_RECOGNISED, CALLING_NOT_RECOGNISED, reject
 from emulator.net.served_ae import ServedAE
@@ -33,6 +39,7 @@ SHARED_AE_TITLE = "TDWFLEET"
 class _Route:
     store: ObjectStore
     allowed_callers: frozenset[str]
+    on_ups_event: EventCallback | None = None
 
 
 class SharedStorageReceiver(ServedAE):
@@ -45,8 +52,11 @@ class SharedStorageReceiver(ServedAE):
         port: int = 0,
         settings: NetworkSettings | None = None,
         limits: AdmissionLimits | None = None,
+        event_class: str = "",
     ) -> None:
+        """``event_class``: the UPS Event SOP Class, to route N-EVENT-REPORTs too."""
         super().__init__()
+        self.event_class = event_class
         self.sop_classes = sop_classes
         self.host = host
         self.port = port
@@ -55,8 +65,15 @@ class SharedStorageReceiver(ServedAE):
         self._routes: dict[str, _Route] = {}
         self._lock = threading.Lock()
 
-    def attach(self, ae_title: str, data_dir: Path, allowed_callers: list[str]) -> ReceiverInbox:
-        """Routes associations called ``ae_title`` into a store at ``data_dir``."""
+    def attach(
+        self,
+        ae_title: str,
+        data_dir: Path,
+        allowed_callers: list[str],
+        on_ups_event: EventCallback | None = None,
+    ) -> ReceiverInbox:
+        """Routes associations called ``ae_title`` into a store at ``data_dir`` (and its UPS
+        events to ``on_ups_event``)."""
         title = validate_ae_title(ae_title)
         callers = frozenset(validate_ae_title(c) for c in allowed_callers)
         if not callers:
@@ -64,7 +81,7 @@ class SharedStorageReceiver(ServedAE):
         with self._lock:
             if title in self._routes:
                 raise ValueError(f"{title} is already attached to this receiver")
-            route = _Route(ObjectStore(Path(data_dir)), callers)
+            route = _Route(ObjectStore(Path(data_dir)), callers, on_ups_event)
             self._routes[title] = route
         return ReceiverInbox(self, title, route.store)
 
@@ -101,11 +118,21 @@ class SharedStorageReceiver(ServedAE):
             return status_dataset(0xA700, "the device has stopped")
         return store_event(event, route.store, self.limits)
 
+    def _ups_event(self, notice: UpsEventNotice) -> None:
+        with self._lock:
+            route = self._routes.get(notice.to_ae)
+        if route is not None and route.on_ups_event is not None:
+            route.on_ups_event(notice)
+
     def build(self) -> tuple[AE, list]:
         ae = make_ae(SHARED_AE_TITLE, self.settings)
         ae.require_called_aet = False  # the router checks it against the attached titles
         add_storage_contexts(ae, self.sop_classes)
-        return ae, [(evt.EVT_REQUESTED, self._route), (evt.EVT_C_STORE, self._store)]
+        handlers = [(evt.EVT_REQUESTED, self._route), (evt.EVT_C_STORE, self._store)]
+        if self.event_class:
+            add_event_context(ae, self.event_class)
+            handlers.append((evt.EVT_N_EVENT_REPORT, event_report_handler(self._ups_event)))
+        return ae, handlers
 
     def close_resources(self) -> None:
         for title in self.attached:

@@ -24,6 +24,7 @@ from emulator.net.scu import DimseError
 from emulator.profile import Profile
 
 ACTION_CHANGE_STATE = 1
+ACTION_REQUEST_CANCEL = 2
 
 
 @dataclass(frozen=True)
@@ -45,11 +46,14 @@ class UpsConnection:
         self.settings = settings or NetworkSettings()
         self.push = profile.sop_classes["ups_push"]
         self.pull = profile.sop_classes["ups_pull"]
+        self.watch = profile.sop_classes["ups_watch"]
         self.assoc: Association | None = None
 
     def __enter__(self) -> UpsConnection:
         ae = make_ae(self.calling_ae, self.settings)
-        ae.requested_contexts = [build_context(self.pull)]
+        # UPS Watch too (subscriptions, PS3.4 CC.2.3): a TMS without it rejects that
+        # context only, and the association still serves the workflow.
+        ae.requested_contexts = [build_context(self.pull), build_context(self.watch)]
         self.assoc = ae.associate(
             self.tms.host,
             self.tms.port,
@@ -102,6 +106,28 @@ class UpsConnection:
             info, ACTION_CHANGE_STATE, self.push, uid, meta_uid=self.pull
         )
         code = self._check(status, f"N-ACTION {state}")
+        return Reply(code, reply, str(status.get("ErrorComment", "") or ""))
+
+    def watch_action(self, uid: str, action_type: int, receiving_ae: str) -> int:
+        """UPS Watch N-ACTION (3 subscribe, 4 unsubscribe) on one UPS or a well-known global
+        instance, with events to ``receiving_ae`` and no deletion lock."""
+        assoc = self._established()
+        if not any(c.abstract_syntax == self.watch for c in assoc.accepted_contexts):
+            raise DimseError(f"TMS {self.tms} does not accept UPS Watch", 0x0122)
+        info = Dataset()
+        info.ReceivingAE = receiving_ae
+        if action_type == 3:
+            info.DeletionLock = "FALSE"
+        status, _ = assoc.send_n_action(info, action_type, self.watch, uid)
+        return self._check(status, f"UPS Watch N-ACTION {action_type}")
+
+    def request_cancel(self, uid: str, info: Dataset) -> Reply:
+        """N-ACTION Request Cancel (action type 2, PS3.4 CC.2.2): a request to the
+        performer, through the TMS; the UPS stays as it is until the performer acts."""
+        status, reply = self._established().send_n_action(
+            info, ACTION_REQUEST_CANCEL, self.push, uid, meta_uid=self.pull
+        )
+        code = self._check(status, "N-ACTION Request Cancel")
         return Reply(code, reply, str(status.get("ErrorComment", "") or ""))
 
     def n_set(self, uid: str, modifications: Dataset) -> int:

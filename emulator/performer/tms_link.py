@@ -26,6 +26,7 @@ from typing import TypeVar
 
 from pydicom.dataset import Dataset
 
+from emulator import ups_events
 from emulator.net.ae_factory import NetworkSettings
 from emulator.net.peers import Peer
 from emulator.net.scu import DimseError
@@ -120,6 +121,15 @@ class TmsLink:
 
     def n_get(self, uid: str, keywords: list[str]) -> Reply:
         return self._exchange(f"N-GET {uid}", lambda c: c.n_get(uid, keywords))
+
+    def watch(self, uid: str, subscribe: bool, receiving_ae: str) -> int:
+        """Subscribes ``receiving_ae`` to a UPS's events, or unsubscribes it (CC.2.3)."""
+        action = ups_events.SUBSCRIBE if subscribe else ups_events.UNSUBSCRIBE
+        return self._exchange(
+            f"UPS Watch {'subscribe' if subscribe else 'unsubscribe'} {uid}",
+            lambda c: c.watch_action(uid, action, receiving_ae),
+            patient=False,
+        )
 
     def claim(self, uid: str, transaction_uid: str, probe: Dataset) -> Reply:
         """RO-19 N-ACTION IN PROGRESS. If the TMS had to be reached again and answers C302,

@@ -36,6 +36,7 @@ from emulator.net.scu import DimseError
 from emulator.net.shared_receiver import ReceiverInbox, SharedStorageReceiver
 from emulator.net.uid_registry import register_uid_set
 from emulator.performer import actors, safety
+from emulator.performer.cancel_requests import CancelRequests
 from emulator.performer.claim import ClaimedUps
 from emulator.performer.delivery import (
     BeamTask,
@@ -89,6 +90,9 @@ class DeviceConfig:
     # How long one exchange with the TMS keeps being retried while the TMS cannot be
     # reached (a restart, a network outage) before the device gives up on it for now.
     tms_retry_window: float = 120.0
+    # Subscribe to each claimed UPS (UPS Watch) so a Cancel Requested from the TMS reaches
+    # the beam; off, the device neither subscribes nor hears of cancel requests.
+    watch_claimed_ups: bool = True
     # A rig's overrides of the controller's timing budget (hil/PROTOCOL.md, Timing).
     device_timing: dict[str, float] = field(default_factory=dict)
 
@@ -221,8 +225,10 @@ class PerformingDevice:
         self.on_beam_start = on_beam_start
         callers = [config.tms.ae_title, config.archive.ae_title]
         store_dir = Path(config.data_dir) / "store"
+        # The beam hold goes to self.device, opened below.
+        self.cancel_requests = CancelRequests(lambda reason: self.device.interrupt(reason))
         self.receiver: StorageReceiver | ReceiverInbox = (
-            inbox.attach(config.ae_title, store_dir, callers)
+            inbox.attach(config.ae_title, store_dir, callers, self.cancel_requests.on_event)
             if inbox is not None
             else StorageReceiver(
                 store_dir,
@@ -232,6 +238,7 @@ class PerformingDevice:
                 config.listen_host,
                 config.listen_port,
                 config.network,
+                events=(self.uids["ups_event"], self.cancel_requests.on_event),
             )
         )
         self.clock = Clock(config.time_scale)
@@ -419,22 +426,49 @@ class PerformingDevice:
         if claim is None:
             return outcome
         session = self._session(ups)
+        watching = self._watch(uid, subscribe=True)
         try:
-            claim.begin()
-            first_beam = None
-            if step == "delivery":
-                first_beam = int(inputs.instruction.BeamTaskSequence[0].ReferencedBeamNumber)
-            self._progress(claim, 0.0, first_beam)
-            percent = self._do(claim, inputs, session, outcome)
-            self._progress(claim, percent, None)
-            claim.results_kept()
-            claim.end_as("COMPLETED", percent=percent)
+            with self.cancel_requests.performing(uid):
+                claim.begin()
+                first_beam = None
+                if step == "delivery":
+                    first_beam = int(inputs.instruction.BeamTaskSequence[0].ReferencedBeamNumber)
+                self._progress(claim, 0.0, first_beam)
+                percent = self._do(claim, inputs, session, outcome)
+                self._honour_cancel_request(claim, percent)
+                self._progress(claim, percent, None)
+                claim.results_kept()
+                claim.end_as("COMPLETED", percent=percent)
         except _Cancel as cancel:
             self._cancel_claim(claim, cancel)
         except (DeviceError, DimseError, ValueError) as exc:
             self.metrics.fault("dimse_error" if isinstance(exc, DimseError) else "device_error")
             self._cancel_claim(claim, _Cancel(f"{type(exc).__name__}: {exc}"))
-        return self._finish(claim, outcome)
+        finished = self._finish(claim, outcome)
+        if watching:
+            self._watch(uid, subscribe=False)
+        self.cancel_requests.forget(uid)
+        return finished
+
+    def _watch(self, uid: str, subscribe: bool) -> bool:
+        """Subscribes this device to a claimed UPS (or unsubscribes it), so a Cancel
+        Requested reaches it; a TMS without UPS Watch only costs the device that."""
+        if not self.config.watch_claimed_ups:
+            return False
+        try:
+            status = self.tms.watch(uid, subscribe, self.config.ae_title)
+        except (TmsUnavailable, DimseError) as exc:
+            LOG.warning("UPS %s: UPS Watch not available (%s): no cancel requests", uid, exc)
+            return False
+        if status != 0x0000:
+            LOG.warning("UPS %s: UPS Watch answered 0x%04X: no cancel requests", uid, status)
+        return status == 0x0000
+
+    def _honour_cancel_request(self, claim: ClaimedUps, percent: float) -> None:
+        """A cancel request heard while a step ran ends it CANCELED, with what it stored."""
+        reason = self.cancel_requests.requested(claim.uid)
+        if reason:
+            raise _Cancel(reason, percent, list(claim.stored or []), cause="tms_request")
 
     def _inputs(self, step: str, ups: Dataset) -> tuple[_Inputs, list[str]]:
         """What the UPS needs, retrieved and checked; the problems that forbid a claim."""
@@ -807,6 +841,9 @@ class PerformingDevice:
         done: dict[int, float] = {}
 
         def beam_started(task: BeamTask) -> None:
+            reason = self.cancel_requests.requested(claim.uid)
+            if reason:  # asked between beams: no further beam is started
+                raise _Cancel(reason, cause="tms_request")
             percent = sum(done.values()) / planned * 100 if planned else 0.0
             self._progress(claim, percent, task.program.beam_number)
             if self.on_beam_start:
@@ -878,6 +915,8 @@ class PerformingDevice:
             )
             if result.beams and result.beams[-1].termination_code == "LINK":
                 cause = "device_error"  # the link to the controller, not an interlock
+            elif result.termination == "OPERATOR" and self.cancel_requests.requested(claim.uid):
+                cause = "tms_request"  # the beam hold was the TMS's cancel request
             raise _Cancel(
                 f"{result.termination} termination: {result.reason or 'beam hold'}",
                 percent,

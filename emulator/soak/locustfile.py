@@ -110,7 +110,11 @@ class LocustFleet:
         )
         profile = load_profile(options.tdw_profile, "final")
         self.receiver = SharedStorageReceiver(
-            profile.sop_classes.archive_storage_uids(), host, int(port or 0), self.network
+            profile.sop_classes.archive_storage_uids(),
+            host,
+            int(port or 0),
+            self.network,
+            event_class=profile.sop_classes["ups_event"],
         )
         self.receiver.start()
         self.tally = Tally()

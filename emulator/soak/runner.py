@@ -245,6 +245,7 @@ class SoakRun:
             cfg.listen_host,
             cfg.listen_port,
             self.network,
+            event_class=profile.sop_classes["ups_event"],
         )
         self.receiver.start()
         for member in self.fleet:

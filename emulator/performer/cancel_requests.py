@@ -1,0 +1,65 @@
+"""Cancel requests a device hears of while it performs a UPS (PS3.4 CC.2.4 event type 2).
+
+A therapist stops a treatment from the TMS: the TMS sends the performer (a subscriber of
+the UPS) a UPS Cancel Requested. The device does not cancel mid-air: a beam that is on is
+held through the device layer (an operator beam hold, so the machine's own count ends the
+beam), and the workflow then stores the record of what was delivered and cancels the UPS
+with the reason and a CID 9300 code, so the TMS can schedule the continuation. A request
+that comes between beams or during a positioning step is honoured at the next safe point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+
+from emulator import ups_events
+from emulator.net.event_scp import UpsEventNotice
+
+LOG = logging.getLogger("tdw.device")
+
+
+class CancelRequests:
+    """What the TMS asked to cancel, and the hold of the beam of the UPS being performed."""
+
+    def __init__(self, hold_beam: Callable[[str], None]) -> None:
+        self.hold_beam = hold_beam
+        self._requests: dict[str, str] = {}
+        self._performing: str | None = None
+        self._lock = threading.Lock()
+
+    def on_event(self, notice: UpsEventNotice) -> None:
+        """The receiver's callback for every UPS event addressed to this device."""
+        if notice.event_type != ups_events.CANCEL_REQUESTED:
+            return
+        requester = str(notice.info.get("RequestingAE", "") or notice.from_ae)
+        reason = str(notice.info.get("ReasonForCancellation", "") or "no reason given")
+        text = f"cancel requested by {requester}: {reason}"
+        with self._lock:
+            self._requests[notice.ups_uid] = text
+            active = self._performing == notice.ups_uid
+        LOG.warning("UPS %s: %s", notice.ups_uid, text)
+        if active:
+            self.hold_beam(text)
+
+    @contextlib.contextmanager
+    def performing(self, uid: str) -> Iterator[None]:
+        """While the device performs ``uid``, a cancel request for it holds the beam."""
+        with self._lock:
+            self._performing = uid
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._performing = None
+
+    def requested(self, uid: str) -> str | None:
+        """Why the TMS asked to cancel ``uid``, if it did."""
+        with self._lock:
+            return self._requests.get(uid)
+
+    def forget(self, uid: str) -> None:
+        with self._lock:
+            self._requests.pop(uid, None)
