@@ -13,6 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from emulator import __version__
+from emulator.cli_events import (
+    CONSOLE_ACTIONS,
+    add_console_flags,
+    add_watch,
+    cmd_tms_console,
+    cmd_watch,
+)
 
 if TYPE_CHECKING:  # the soak modules are imported only by the soak command
     from emulator.soak.verdict import Verdict
@@ -125,7 +132,13 @@ def _add_tms(sub: argparse._SubParsersAction) -> None:
         "tms",
         help="run the reference TMS with its Archive (serve), or schedule fractions (schedule)",
     )
-    p.add_argument("action", nargs="?", choices=("serve", "schedule"), default="serve")
+    p.add_argument(
+        "action",
+        nargs="?",
+        choices=("serve", "schedule", *CONSOLE_ACTIONS),
+        default="serve",
+        help="serve (default); schedule fractions; cancel a UPS or list them on a running TMS",
+    )
     p.add_argument("--config", type=Path, help="YAML file (key 'tms'); flags override it")
     p.add_argument("--data-dir", type=Path)
     p.add_argument("--ae-title")
@@ -194,9 +207,10 @@ def _add_tms(sub: argparse._SubParsersAction) -> None:
     _add_metrics_flags(p)
     _add_tls_flags(p)
     _add_admission_flags(p)
+    add_console_flags(p)
     g = p.add_argument_group("schedule")
     g.add_argument("--plan-uid", help="RT Plan SOP Instance UID held by the Archive")
-    g.add_argument("--station", help="station code for the scheduled sessions")
+    g.add_argument("--station", help="station code for the scheduled sessions (list: only its UPS)")
     g.add_argument("--fractions", type=int, default=1, help="how many sessions, one per weekday")
     g.add_argument("--first-fraction", type=int, default=1)
     g.add_argument("--start", help="first session start, YYYYMMDDHHMM (default: now)")
@@ -419,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scenarios(sub)
     _add_validate(sub)
     _add_soak(sub)
+    add_watch(sub, _add_tls_flags)
     sub.add_parser(
         "locustfile", help="print the packaged locustfile's path, for locust -f on any machine"
     )
@@ -489,6 +504,9 @@ def _cmd_archive(args: argparse.Namespace) -> int:
 
 def _cmd_tms(args: argparse.Namespace) -> int:
     import datetime as dt
+
+    if args.action in CONSOLE_ACTIONS:
+        return cmd_tms_console(args, _tls_values(args))
 
     from emulator.config import load_yaml_config, merge, site_config
     from emulator.metrics import default_metrics
@@ -998,6 +1016,7 @@ COMMANDS = {
     "validate": _cmd_validate,
     "soak": _cmd_soak,
     "locustfile": _cmd_locustfile,
+    "watch": lambda args: cmd_watch(args, _tls_values(args)),
 }
 
 

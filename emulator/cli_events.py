@@ -1,0 +1,132 @@
+"""The command line of the event-driven workflow: ``tdw-emu watch`` and the operator's
+``tdw-emu tms cancel`` and ``tdw-emu tms list`` (kept apart from ``cli.py``, which wires
+them in)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from emulator.config import network_settings
+from emulator.net.peers import Peer
+from emulator.net.scu import DimseError
+from emulator.profile import load_profile
+
+OPERATOR_AE = "OPERATOR"
+CONSOLE_ACTIONS = ("cancel", "list")
+
+
+def add_console_flags(p: argparse.ArgumentParser) -> None:
+    """``tdw-emu tms cancel UID`` and ``tdw-emu tms list``: a running TMS, over DICOM."""
+    p.add_argument("uid", nargs="?", help="cancel: the UPS SOP Instance UID")
+    g = p.add_argument_group("operator console (cancel, list)")
+    g.add_argument("--tms", metavar="AET@HOST:PORT", help="the running TMS to talk to")
+    g.add_argument("--calling-ae", default=OPERATOR_AE, help="this console's AE title")
+    g.add_argument("--reason", default="canceled by the operator", help="cancel: why")
+
+
+def cmd_tms_console(args: argparse.Namespace, tls: dict) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from emulator.reference.console import list_ups, request_cancel
+
+    if not args.tms:
+        raise ValueError(f"tms {args.action} needs --tms AET@HOST:PORT")
+    tms = Peer.parse(args.tms)
+    profile = load_profile(args.profile or "ihe-ro-2008", args.uids or "final")
+    network = network_settings(tls)
+    try:
+        if args.action == "cancel":
+            if not args.uid:
+                raise ValueError("tms cancel needs the UPS SOP Instance UID")
+            status, comment = request_cancel(
+                tms, args.calling_ae, args.uid, args.reason, profile, network
+            )
+            print(f"Request Cancel {args.uid}: 0x{status:04X} {comment}".rstrip())
+            return 0 if status == 0x0000 or status & 0xF000 == 0xB000 else 1
+        found = list_ups(tms, args.calling_ae, profile, args.station or "", network)
+    except DimseError as exc:
+        print(f"tdw-emu tms {args.action}: {exc}", file=sys.stderr)
+        return 1
+    table = Table(title=f"UPS at {tms}")
+    for column in ("SOP Instance UID", "station", "label", "state", "patient"):
+        table.add_column(column)
+    for ups in found:
+        station = (ups.get("ScheduledStationNameCodeSequence") or [None])[0]
+        table.add_row(
+            str(ups.get("SOPInstanceUID", "")),
+            str(station.CodeValue) if station is not None else "",
+            str(ups.get("ProcedureStepLabel", "")),
+            str(ups.get("ProcedureStepState", "")),
+            str(ups.get("PatientID", "")),
+        )
+    Console().print(table)
+    return 0
+
+
+def add_watch(sub: argparse._SubParsersAction, add_tls_flags) -> None:
+    p = sub.add_parser(
+        "watch", help="subscribe to a TMS's UPS events and print them as they come (a PPVS)"
+    )
+    p.add_argument("--tms", metavar="AET@HOST:PORT", required=True)
+    p.add_argument(
+        "--listen",
+        metavar="AET@HOST:PORT",
+        default="TDWWATCH@127.0.0.1:11140",
+        help="this watcher's AE title and where the TMS sends events (the TMS must know it "
+        "as a peer); default TDWWATCH@127.0.0.1:11140",
+    )
+    p.add_argument("--listen-host", help="address to bind, when not the --listen host")
+    p.add_argument("--ups", default="", help="one UPS SOP Instance UID (default: all, global)")
+    p.add_argument("--json", action="store_true", help="one JSON object per event and line")
+    p.add_argument(
+        "--until",
+        metavar="KEY=VALUE[,...]",
+        help="stop once an event matches, e.g. event=ups_state_report,state=COMPLETED "
+        "(keys: event, state, ups, type)",
+    )
+    p.add_argument("--count", type=int, default=1, help="how many matching events (default 1)")
+    p.add_argument("--timeout", type=float, help="give up after this many seconds (exit 1)")
+    p.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"), default="ihe-ro-2008")
+    p.add_argument("--uids", choices=("final", "trial"), default="final")
+    add_tls_flags(p)
+
+
+def cmd_watch(args: argparse.Namespace, tls: dict) -> int:
+    from rich.console import Console
+
+    from emulator.watcher import Condition, WatchConfig, Watcher, json_line
+
+    config = WatchConfig(
+        tms=Peer.parse(args.tms),
+        listen=Peer.parse(args.listen),
+        profile=load_profile(args.profile, args.uids),
+        network=network_settings(tls),
+        ups=args.ups,
+        until=Condition.parse(args.until) if args.until else None,
+        count=args.count,
+        timeout_s=args.timeout,
+        listen_host=args.listen_host,
+    )
+    console = Console()
+
+    def show(row: dict) -> None:
+        if args.json:
+            print(json_line(row), flush=True)
+            return
+        detail = " ".join(
+            f"{k}={v}" for k, v in row.items() if k not in ("time", "type", "event", "ups")
+        )
+        console.print(f"{row['time'][11:]}  {row['event']:<22} {row['ups']}  {detail}")
+
+    try:
+        code = Watcher(config).run(show)
+    except DimseError as exc:
+        print(f"tdw-emu watch: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    if code == 1:
+        print("tdw-emu watch: timed out before the --until condition", file=sys.stderr)
+    return code
