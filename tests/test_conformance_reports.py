@@ -181,6 +181,7 @@ def test_a_tdw_ii_run_cites_ro_58_to_ro_65(tmp_path, capsys):
         "normal-fraction",
         "interruption-continuation",
         "dynamic-inputs-after-claim",
+        "events-cancel-requested",
         "claim-in-progress",
     )
     code, report = _judge(tmp_path, "tdw-ii", scenarios, plant=False)
@@ -198,7 +199,7 @@ def test_a_tdw_ii_run_cites_ro_58_to_ro_65(tmp_path, capsys):
     after_claim = next(s for s in data["scenarios"] if s["name"] == "dynamic-inputs-after-claim")
     retrieve = next(s for s in after_claim["steps"] if s["action"] == "retrieve")
     assert retrieve["rule"] == "RO-61/Move-status" and retrieve["ok"], retrieve
-    assert "PASS: 4 of 4" in out
+    assert "PASS: 5 of 5" in out
 
 
 def test_citations_name_clauses_never_files():

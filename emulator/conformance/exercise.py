@@ -39,9 +39,17 @@ def traffic_kinds(
     ups_classes = {uids["ups_push"], uids["ups_pull"]}
     kinds: set[str] = set()
     steps: dict[str, str] = {}
+    subscribed = False
     for request, response in recorder.exchanges(messages):
         if request.direction == "received":
+            if request.name == "N-EVENT-REPORT-RQ":
+                kinds.add("event")
             continue
+        if request.name == "N-ACTION-RQ" and request.sop_class_uid == uids["ups_watch"]:
+            subscribed = subscribed or (_ok(response.status) and request.action_type == 3)
+            continue
+        if request.name == "N-ACTION-RQ" and subscribed and _ok(response.status):
+            kinds.add("watched-change" if request.action_type == 1 else "watched-cancel-request")
         service = request.name[:-3]
         ups = request.sop_class_uid in ups_classes
         if ups:

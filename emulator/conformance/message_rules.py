@@ -16,6 +16,7 @@ from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 
 from emulator import ups_attributes
+from emulator.conformance.event_rules import check_events
 from emulator.conformance.object_rules import appendix_a_findings, parents_along, wrap
 from emulator.conformance.rulebook import Finding, RuleBook, attribute_label
 from emulator.conformance.traffic import Message, TrafficRecorder
@@ -571,4 +572,7 @@ def check_traffic(
 ) -> list[Finding]:
     """Every message rule over the recorded messages (all of them by default)."""
     peers = {n: a.peer_ae for n, a in recorder.associations.items()}
-    return TrafficChecker(context, peers).check(recorder, messages)
+    findings = TrafficChecker(context, peers).check(recorder, messages)
+    chosen = recorder.since(0) if messages is None else messages
+    watch = context.profile.sop_classes["ups_watch"]
+    return findings + check_events(recorder, chosen, context.book, watch)

@@ -8,7 +8,9 @@ TMS fails either a stated expectation or a named rule, and every failure cites t
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import queue
 import tempfile
 import threading
 import time
@@ -20,7 +22,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from emulator import ups_attributes
+from emulator import ups_attributes, ups_events
 from emulator.conformance.exercise import exercised_rules, traffic_kinds
 from emulator.conformance.message_rules import (
     CheckContext,
@@ -32,6 +34,7 @@ from emulator.conformance.suite import Scenario
 from emulator.conformance.traffic import TrafficRecorder
 from emulator.net import scu
 from emulator.net.ae_factory import NetworkSettings
+from emulator.net.event_scp import EventReceiver, UpsEventNotice
 from emulator.net.peers import Peer
 from emulator.net.receiver import StorageReceiver
 from emulator.net.scu import DimseError
@@ -51,6 +54,13 @@ from emulator.synth.plan_access import specified_metersets
 from emulator.ups_references import references_in
 
 SUCCESS = "success"
+# Scenario names of the UPS Event types (profiles/ups_events.yaml).
+EVENT_TYPES = {
+    "state_report": ups_events.STATE_REPORT,
+    "cancel_requested": ups_events.CANCEL_REQUESTED,
+    "progress_report": ups_events.PROGRESS_REPORT,
+    "scp_status_change": ups_events.SCP_STATUS_CHANGE,
+}
 
 
 @dataclass
@@ -185,6 +195,7 @@ class ScenarioRunner:
             )
             if not ok and step["action"] in ("query", "claim") and not state.ups:
                 break  # nothing further can be addressed
+        state.close()
         self.recorder.label = ""
         time.sleep(0.05)  # let the last association-release events land
         result.last_seq = self.recorder.last_seq
@@ -397,6 +408,75 @@ class ScenarioRunner:
             ok = ok and completed >= int(expect["completed"])
         return ok, wanted, f"{observed}, {completed} completed", ""
 
+    def _do_subscribe(self, state: _ScenarioState, step: dict, expect: dict):
+        """UPS Watch subscribe (CC.2.3.1) of the first device's AE to the ``step`` UPS (or
+        globally), its events received by an Event SCP at the device's address."""
+        device = self.config.devices[0]
+        if state.event_receiver is None:
+            state.event_receiver = EventReceiver(
+                device.ae_title,
+                self.profile.sop_classes["ups_event"],
+                state.events.put,
+                [self.config.tms.ae_title],
+                self.config.listen_host or device.host,
+                device.port,
+                self.network,
+            )
+            state.event_receiver.start()
+        target = self._watch_target(state, step)
+        with self._connection() as tms:
+            status = tms.watch_action(target, ups_events.SUBSCRIBE, device.ae_title)
+        ok, wanted, observed = self._judge_status(expect, status)
+        return ok, wanted, observed, ""
+
+    def _do_unsubscribe(self, state: _ScenarioState, step: dict, expect: dict):
+        target = self._watch_target(state, step)
+        with self._connection() as tms:
+            status = tms.watch_action(
+                target, ups_events.UNSUBSCRIBE, self.config.devices[0].ae_title
+            )
+        ok, wanted, observed = self._judge_status(expect, status)
+        return ok, wanted, observed, ""
+
+    def _watch_target(self, state: _ScenarioState, step: dict) -> str:
+        if step.get("step"):
+            return str(self._ups_of(state, step).SOPInstanceUID)
+        return ups_events.global_instances()[0]
+
+    def _do_request_cancel(self, state: _ScenarioState, step: dict, expect: dict):
+        """N-ACTION Request Cancel (CC.2.2) from the second device's AE, as an operator
+        console would send it while the first device performs the UPS."""
+        ups = self._ups_of(state, step)
+        info = Dataset()
+        info.ReasonForCancellation = str(step.get("reason", "requested by the scenario"))
+        with self._connection(device=1) as tms:
+            reply = tms.request_cancel(str(ups.SOPInstanceUID), info)
+        ok, wanted, observed = self._judge_status(expect, reply.status)
+        return ok, wanted, observed, reply.comment
+
+    def _do_expect_event(self, state: _ScenarioState, step: dict, expect: dict):
+        """Waits up to ``within_s`` for an event of ``event`` (a Table CC.2.4-1 type name)
+        about the ``step`` UPS (and reporting ``state``, for a State Report)."""
+        wanted_type = EVENT_TYPES[str(expect["event"])]
+        uid = str(self._ups_of(state, step).SOPInstanceUID) if step.get("step") else ""
+        wanted_state = expect.get("state")
+        deadline = time.monotonic() + float(expect.get("within_s", 5.0))
+        described = f"{expect['event']}" + (f" {wanted_state}" if wanted_state else "")
+        while True:
+            for notice in state.seen_events:
+                if notice.event_type != wanted_type or (uid and notice.ups_uid != uid):
+                    continue
+                if wanted_state and notice.info.get("ProcedureStepState") != wanted_state:
+                    continue
+                state.seen_events.remove(notice)
+                return True, described, f"{described} received", ""
+            left = deadline - time.monotonic()
+            if left <= 0:
+                got = ", ".join(ups_events.event_name(n.event_type) for n in state.seen_events)
+                return False, described, f"not received (others: {got or 'none'})", ""
+            with contextlib.suppress(queue.Empty):
+                state.seen_events.append(state.events.get(timeout=min(left, 0.2)))
+
     def _do_progress(self, state: _ScenarioState, step: dict, expect: dict):
         ups = self._ups_of(state, step)
         ds = progress_dataset(
@@ -583,6 +663,14 @@ class _ScenarioState:
         self.sent: dict[str, list[Dataset]] = {}  # accepted N-SETs per UPS, in order
         self.outcomes: list[UpsOutcome] = []
         self.plans: dict[str, Dataset] = {}
+        self.events: queue.Queue[UpsEventNotice] = queue.Queue()
+        self.seen_events: list[UpsEventNotice] = []
+        self.event_receiver: EventReceiver | None = None
+
+    def close(self) -> None:
+        if self.event_receiver is not None:
+            self.event_receiver.stop()
+            self.event_receiver = None
 
     def remember(self, worklist: list[Dataset]) -> None:
         for ups in worklist:

@@ -250,6 +250,8 @@ class TrafficRecorder:
                 if k in command
             },
         )
+        if "EventTypeID" in command:  # N-EVENT-REPORT
+            record.command["EventTypeID"] = str(int(command.EventTypeID))
         if "AttributeIdentifierList" in command:  # N-GET: which attributes were asked for
             tags = command.AttributeIdentifierList
             tags = [tags] if isinstance(tags, int) else list(tags)  # one tag, or MultiValue
