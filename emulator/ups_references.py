@@ -21,6 +21,16 @@ class InstanceReference:
     sop_instance_uid: str
     retrieve_ae_title: str
 
+    def move_identifier(self) -> Dataset:
+        """A Study Root C-MOVE identifier for this one instance, with the unique keys of
+        every level above IMAGE (the hierarchical form every SCP supports, PS3.4 C.4.2.2.1)."""
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "IMAGE"
+        ident.StudyInstanceUID = self.study_instance_uid
+        ident.SeriesInstanceUID = self.series_instance_uid
+        ident.SOPInstanceUID = self.sop_instance_uid
+        return ident
+
 
 def reference_item(refs: list[InstanceReference], style: str) -> Dataset:
     """One Input/Output Information item for instances of one series."""

@@ -97,7 +97,9 @@ def test_a_cancel_requested_from_the_tms_holds_beam_2_and_is_continued(tmp_path)
         runner.join(120)
         assert not runner.is_alive()
         assert ended["event"].termination.value == "OPERATOR"
-        assert ended["at"] - asked < 1.0, ended["at"] - asked
+        held_s = ended["at"] - asked
+        print(f"beam 2 held {held_s * 1000:.0f} ms after tdw-emu tms cancel was issued")
+        assert held_s < 1.0, held_s
         delivery = next(o for o in outcomes if o.step == "delivery")
         assert delivery.state == "CANCELED"
         assert "cancel requested by OPERATOR: patient moved" in delivery.reason

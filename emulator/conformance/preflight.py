@@ -184,11 +184,7 @@ class Preflight:
         return problems
 
     def _move_one(self, source: Peer, ref: InstanceReference, device: Peer) -> SetupProblem | None:
-        ident = Dataset()
-        ident.QueryRetrieveLevel = "IMAGE"
-        ident.StudyInstanceUID = ref.study_instance_uid
-        ident.SeriesInstanceUID = ref.series_instance_uid
-        ident.SOPInstanceUID = ref.sop_instance_uid
+        ident = ref.move_identifier()
         try:
             result = move(device.ae_title, source, ident, device.ae_title, self.network)
         except (DimseError, OSError, RuntimeError) as exc:

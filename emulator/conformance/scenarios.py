@@ -391,11 +391,7 @@ class ScenarioRunner:
         status, completed = None, 0
         with receiver:
             for ref in refs:
-                ident = Dataset()
-                ident.QueryRetrieveLevel = "IMAGE"
-                ident.StudyInstanceUID = ref.study_instance_uid
-                ident.SeriesInstanceUID = ref.series_instance_uid
-                ident.SOPInstanceUID = ref.sop_instance_uid
+                ident = ref.move_identifier()
                 try:
                     result = scu.move(device.ae_title, source, ident, device.ae_title, self.network)
                 except DimseError as exc:
