@@ -256,3 +256,40 @@ def test_the_event_table_is_pydicom_s_dictionary():
     assert ups_events.problems(ups_events.CANCEL_REQUESTED, Dataset()) == [
         "RequestingAE missing from UPS Cancel Requested"
     ]
+
+
+def test_a_subscriber_that_never_answers_delays_no_other(tmp_path):
+    """A hostile subscriber accepts the association and sits on every N-EVENT-REPORT: the
+    other subscriber still gets its events at once (each has its own sender)."""
+    from pynetdicom import AE, evt
+
+    slow, fast = Peer("SLOW", "127.0.0.1", free_port()), Peer("FAST", "127.0.0.1", free_port())
+    site, tms, _ = _tms(tmp_path, slow, fast)
+    release = threading.Event()
+    stuck = AE(ae_title="SLOW")
+    stuck.add_supported_context(load_sop_classes()["ups_event"])
+    stuck_server = stuck.start_server(
+        ("127.0.0.1", slow.port),
+        block=False,
+        evt_handlers=[(evt.EVT_N_EVENT_REPORT, lambda event: (release.wait(30), (0, None))[1])],
+    )
+    received: queue.Queue[UpsEventNotice] = queue.Queue()
+    receiver = EventReceiver(fast.ae_title, load_sop_classes()["ups_event"], received.put,
+                             ["TMS"], port=fast.port)  # fmt: skip
+    receiver.start()
+    try:
+        with UpsClient(tms.host, tms.port, "TMS", "OPERATOR") as client:
+            uid = str(client.worklist(STATION)[0].SOPInstanceUID)
+            assert client.subscribe(uid, slow.ae_title) == 0x0000
+            time.sleep(0.5)  # the slow one's sender is now stuck in its first report
+            assert client.subscribe(uid, fast.ae_title) == 0x0000
+            first = received.get(timeout=3)
+            assert first.ups_uid == uid and first.event_type == ups_events.STATE_REPORT
+            assert client.change_state(uid, "IN PROGRESS", "1.2.826.0.1.3680043.8.498.2")[0] == 0
+            update = received.get(timeout=3)
+            assert str(update.info.ProcedureStepState) == "IN PROGRESS"
+    finally:
+        release.set()
+        receiver.stop()
+        stuck_server.shutdown()
+        site.stop()

@@ -1,8 +1,9 @@
 """Delivers the N-EVENT-REPORTs the reference TMS owes its UPS subscribers (PS3.4 CC.2.4).
 
-One thread reads the durable event log (``UpsWatch``), oldest first, and sends each
-subscriber its events in order over one association per AE and round (UPS Event SOP
-Class, Affected SOP Class UPS Push, as for every UPS instance). A subscriber that cannot
+One thread reads the durable event log (``UpsWatch``), oldest first, and hands each
+subscriber's events, in order, to a sender thread of that subscriber's own, which sends
+them over one association (UPS Event SOP Class, Affected SOP Class UPS Push, as for every
+UPS instance): a subscriber that accepts and never answers delays only itself. A subscriber that cannot
 be reached keeps its events: they are tried again with a doubling pause, and events for
 one AE are never sent out of order. Delivery is at least once: an event whose response
 was lost is sent again.
@@ -10,9 +11,11 @@ was lost is sent again.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 
 from pynetdicom.presentation import build_context
@@ -27,6 +30,8 @@ from emulator.reference.ups_watch import OwedEvent, UpsWatch
 LOG = logging.getLogger("tdw.tms.events")
 IDLE_POLL_S = 1.0  # a retry that falls due is noticed within this
 MAX_RETRY_S = 30.0
+MAX_SENDERS = 16  # subscribers being sent to at once
+EVENT_DIMSE_TIMEOUT_S = 10.0
 
 
 class EventDispatcher:
@@ -44,11 +49,17 @@ class EventDispatcher:
         self.ae_title = ae_title
         self.peers = peers
         self.sop_classes = sop_classes
-        self.settings = settings
         # Told (event type, delivered) after each attempt: the TMS's metrics.
         self.on_sent = on_sent or (lambda event_type, ok: None)
         # Told after each round how many events are still owed (a gauge).
         self.on_owed = on_owed or (lambda count: None)
+        # A subscriber that never answers must not hold the TMS's other subscribers up
+        # for pynetdicom's default minute per message.
+        self.settings = dataclasses.replace(
+            settings, dimse_timeout=min(settings.dimse_timeout, EVENT_DIMSE_TIMEOUT_S)
+        )
+        self._senders: dict[str, threading.Thread] = {}
+        self._senders_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._rng = random.Random()
@@ -71,6 +82,7 @@ class EventDispatcher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(drain_s + 5.0)
+        self.join_senders(drain_s)
 
     def _run(self) -> None:
         while True:
@@ -86,14 +98,44 @@ class EventDispatcher:
             self._wake.wait(IDLE_POLL_S)
 
     def deliver_due(self) -> int:
-        """One round: every due event, per AE in order; returns how many were delivered."""
+        """One round: the due events of each subscriber, in order, each subscriber on a
+        delivery thread of its own (at most ``MAX_SENDERS`` at once), so one that accepts
+        an association and never answers holds up nobody but itself. Returns how many
+        subscribers got a sender this round."""
         by_ae: dict[str, list[OwedEvent]] = {}
         for event in self.watch.due():
             by_ae.setdefault(event.ae_title, []).append(event)
-        delivered = 0
+        started = 0
         for ae_title, events in by_ae.items():
-            delivered += self._deliver(ae_title, events)
-        return delivered
+            with self._senders_lock:
+                if ae_title in self._senders or len(self._senders) >= MAX_SENDERS:
+                    continue  # busy with its earlier events, or no slot: next round
+                sender = threading.Thread(
+                    target=self._send, args=(ae_title, events), name=f"tms-events-{ae_title}"
+                )
+                self._senders[ae_title] = sender
+            sender.start()
+            started += 1
+        return started
+
+    def _send(self, ae_title: str, events: list[OwedEvent]) -> None:
+        try:
+            self._deliver(ae_title, events)
+        except Exception:  # the events stay owed
+            LOG.exception("events for %s not delivered", ae_title)
+        finally:
+            with self._senders_lock:
+                self._senders.pop(ae_title, None)
+            self._wake.set()  # what came meanwhile for this AE is due now
+
+    def join_senders(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._senders_lock:
+                senders = list(self._senders.values())
+            if not senders or time.monotonic() >= deadline:
+                return
+            senders[0].join(max(deadline - time.monotonic(), 0.0))
 
     def _deliver(self, ae_title: str, events: list[OwedEvent]) -> int:
         peer = self.peers(ae_title)
