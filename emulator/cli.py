@@ -358,6 +358,11 @@ def _add_soak(sub: argparse._SubParsersAction) -> None:
         help="one port where every device receives, by its AE title (0: free)",
     )
     p.add_argument(
+        "--no-watch",
+        action="store_true",
+        help="devices do not subscribe to the UPS they claim (no UPS event traffic)",
+    )
+    p.add_argument(
         "--spawn-rate",
         type=float,
         help="devices started a second (default: the fleet spread over about one session)",
@@ -704,6 +709,7 @@ def _cmd_soak(args: argparse.Namespace) -> int:
         listen_host=args.listen_host,
         listen_port=args.listen_port,
         spawn_rate=args.spawn_rate,
+        watch_claimed_ups=not args.no_watch,
         max_associations=args.max_associations,
         station_prefix=args.station_prefix,
         edition=args.profile,

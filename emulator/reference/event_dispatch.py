@@ -3,10 +3,10 @@
 One thread reads the durable event log (``UpsWatch``), oldest first, and hands each
 subscriber's events, in order, to a sender thread of that subscriber's own, which sends
 them over one association (UPS Event SOP Class, Affected SOP Class UPS Push, as for every
-UPS instance): a subscriber that accepts and never answers delays only itself. A subscriber that cannot
-be reached keeps its events: they are tried again with a doubling pause, and events for
-one AE are never sent out of order. Delivery is at least once: an event whose response
-was lost is sent again.
+UPS instance): a subscriber that accepts and never answers delays only itself. A
+subscriber that cannot be reached keeps its events: they are tried again with a doubling
+pause, and events for one AE are never sent out of order. Delivery is at least once: an
+event whose response was lost is sent again.
 """
 
 from __future__ import annotations

@@ -76,6 +76,9 @@ class SoakConfig:
     max_associations: int | None = None
     # The fleet members this process runs (a worker's share); None: the whole fleet.
     members: list[FleetMember] | None = None
+    # Each device subscribes to the UPS it claims (UPS Watch) and gets its events, as a
+    # device that honours cancel requests does; off, a fleet without event traffic.
+    watch_claimed_ups: bool = True
 
     @property
     def drain_limit_s(self) -> float:
@@ -264,6 +267,7 @@ class SoakRun:
                     time_scale=cfg.time_scale,
                     device=cfg.device,
                     network=self.network,
+                    watch_claimed_ups=cfg.watch_claimed_ups,
                 ),
                 on_beam_start=self._fault_injector(member, rng) if cfg.fault_rate else None,
                 metrics=self.metrics,
