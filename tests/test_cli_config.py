@@ -196,7 +196,8 @@ def test_run_command_against_a_tms_process(tmp_path, archive_process_factory):
     assert report["ok"] and report["sessions"] == 2
     assert report["findings"] == []  # the reference TMS breaks no conformance rule
     traffic = (tmp_path / "report" / "dimse-traffic.jsonl").read_text().splitlines()
-    assert sum('"N-ACTION-RSP"' in line for line in traffic) == 8 * 2  # claim + final each
+    # Claim and final state of each UPS, and the UPS Watch subscribe and unsubscribe around.
+    assert sum('"N-ACTION-RSP"' in line for line in traffic) == 8 * 4
     states = [o["state"] for o in report["outcomes"]]
     assert states == ["COMPLETED"] * 3 + ["CANCELED"] + ["COMPLETED"] * 4
     delivered: dict[str, float] = {}

@@ -107,11 +107,12 @@ def test_a_completed_session_is_counted_on_both_sides(lab):
     assert [o.state for o in outcomes] == ["COMPLETED"] * 4
     s = scrape(server.url)
     dev = {"ae": "DEV1", "actor": "performer", "role": "scu"}
-    # RO-19 claims and RO-25 completions: two N-ACTIONs per UPS, all Success.
-    assert value(s, "tdw_dimse_requests_total", **dev, operation="N-ACTION", status="success") == 8
+    # RO-19 claims and RO-25 completions, and the UPS Watch subscribe and unsubscribe
+    # around each claim: four N-ACTIONs per UPS, all Success.
+    assert value(s, "tdw_dimse_requests_total", **dev, operation="N-ACTION", status="success") == 16
     assert value(s, "tdw_dimse_requests_total", **dev, operation="C-FIND", status="success") == 1
     tms = {"ae": "TMS", "actor": "tms", "role": "scp"}
-    assert value(s, "tdw_dimse_requests_total", **tms, operation="N-ACTION", status="success") == 8
+    assert value(s, "tdw_dimse_requests_total", **tms, operation="N-ACTION", status="success") == 16
     n_sets = value(s, "tdw_dimse_requests_total", **dev, operation="N-SET", status="success")
     assert n_sets == value(
         s, "tdw_dimse_requests_total", **tms, operation="N-SET", status="success"
@@ -127,7 +128,7 @@ def test_a_completed_session_is_counted_on_both_sides(lab):
     assert value(s, "tdw_associations_total", ae="DEV1", role="requestor", event="released") >= 4
     assert value(s, "tdw_results_backlog", ae="DEV1") == 0
     percentiles = device.metrics.metrics.latencies.percentiles()
-    assert percentiles["N-ACTION"]["count"] == 8 and percentiles["all"]["p99_ms"] > 0
+    assert percentiles["N-ACTION"]["count"] == 16 and percentiles["all"]["p99_ms"] > 0
 
 
 def test_an_interlock_is_counted_and_the_meterset_is_what_was_delivered(lab):

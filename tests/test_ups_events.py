@@ -154,8 +154,10 @@ def test_watch_sees_every_state_change_of_a_session_in_order(tmp_path):
         device = _pds(tmp_path, pds_peer, tms, archive, 0.0)
         outcomes = device.run_once()
         assert [o.state for o in outcomes] == ["COMPLETED"] * 4
-        out, err = watch.communicate(timeout=120)
-        out = first + out
+        # Not communicate(): it reads the pipes' raw descriptors and would lose what
+        # readline() above already buffered. The output is small: no pipe fills up.
+        watch.wait(timeout=120)
+        out, err = first + watch.stdout.read(), watch.stderr.read()
     finally:
         if device is not None:
             device.stop()
