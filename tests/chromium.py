@@ -7,9 +7,12 @@ and a screenshot kept as an artifact; not by searching its source text.
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
+import os
 import re
+import signal
 import subprocess
 import tempfile
 import time
@@ -23,7 +26,10 @@ CHROMIUM = "/usr/bin/chromium"
 
 class HeadlessChromium:
     def __init__(self, width: int = 1400, height: int = 1000) -> None:
-        self._profile = tempfile.TemporaryDirectory(prefix="tdw-chromium-")
+        # Chromium's helper processes may still write to the profile as it is removed.
+        self._profile = tempfile.TemporaryDirectory(
+            prefix="tdw-chromium-", ignore_cleanup_errors=True
+        )
         self.process = subprocess.Popen(
             [
                 CHROMIUM,
@@ -40,6 +46,7 @@ class HeadlessChromium:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # its own process group: closed with all its helpers
         )
         port = self._devtools_port()
         targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list").read())
@@ -97,11 +104,14 @@ class HeadlessChromium:
         try:
             self.ws.close()
         finally:
-            self.process.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
             self._profile.cleanup()
 
     def __enter__(self) -> HeadlessChromium:
