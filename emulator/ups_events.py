@@ -31,10 +31,6 @@ def _data() -> dict:
     return load_yaml("ups_events.yaml")
 
 
-def reference() -> str:
-    return str(_data()["reference"])
-
-
 def event_name(event_type: int) -> str:
     event = _data()["events"].get(int(event_type))
     return str(event["name"]) if event else f"event type {event_type}"

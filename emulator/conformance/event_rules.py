@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from emulator import ups_events
 from emulator.conformance.rulebook import Finding, RuleBook, attribute_label
 from emulator.conformance.traffic import Message, TrafficRecorder
-
-CHANGE_STATE, REQUEST_CANCEL = 1, 2
+from emulator.net.ups_scu import ACTION_CHANGE_STATE, ACTION_REQUEST_CANCEL
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ class EventChecker:
                 continue
             is_watched = uid in watched or any(g in watched for g in self.global_uids)
             info = request.dataset
-            if request.action_type == CHANGE_STATE and ok and info is not None:
+            if request.action_type == ACTION_CHANGE_STATE and ok and info is not None:
                 state = str(info.get("ProcedureStepState", ""))
                 if state == "IN PROGRESS":
                     in_progress.add(uid)
@@ -82,7 +81,12 @@ class EventChecker:
                     in_progress.discard(uid)
                 if is_watched:
                     self._expect(events, ups_events.STATE_REPORT, uid, state, response)
-            elif request.action_type == REQUEST_CANCEL and ok and is_watched and uid in in_progress:
+            elif (
+                request.action_type == ACTION_REQUEST_CANCEL
+                and ok
+                and is_watched
+                and uid in in_progress
+            ):
                 self._expect(events, ups_events.CANCEL_REQUESTED, uid, "", response)
         return self.findings
 

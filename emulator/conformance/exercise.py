@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from emulator import ups_events
 from emulator.conformance.message_rules import PENDING
 from emulator.conformance.rulebook import RuleBook
 from emulator.conformance.traffic import Message, TrafficRecorder
+from emulator.net.ups_scu import ACTION_CHANGE_STATE
 from emulator.performer.actors import step_of
 from emulator.profile import Profile
-
-_CHANGE_STATE = 1  # N-ACTION Action Type ID of Change UPS State (PS3.4 CC.2.1)
 
 
 def _ok(status: int | None) -> bool:
@@ -46,10 +46,13 @@ def traffic_kinds(
                 kinds.add("event")
             continue
         if request.name == "N-ACTION-RQ" and request.sop_class_uid == uids["ups_watch"]:
-            subscribed = subscribed or (_ok(response.status) and request.action_type == 3)
+            subscribed = subscribed or (
+                _ok(response.status) and request.action_type == ups_events.SUBSCRIBE
+            )
             continue
         if request.name == "N-ACTION-RQ" and subscribed and _ok(response.status):
-            kinds.add("watched-change" if request.action_type == 1 else "watched-cancel-request")
+            changed = request.action_type == ACTION_CHANGE_STATE
+            kinds.add("watched-change" if changed else "watched-cancel-request")
         service = request.name[:-3]
         ups = request.sop_class_uid in ups_classes
         if ups:
@@ -66,7 +69,7 @@ def traffic_kinds(
         elif service == "N-ACTION" and ups:
             kinds.add("n-action")
             info = request.dataset
-            if request.action_type != _CHANGE_STATE or info is None:
+            if request.action_type != ACTION_CHANGE_STATE or info is None:
                 continue
             state = str(info.get("ProcedureStepState", ""))
             if state == "IN PROGRESS":
