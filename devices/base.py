@@ -11,6 +11,10 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from devices.geometry import Volume
 
 
 class DeviceError(RuntimeError):
@@ -38,6 +42,8 @@ class Capabilities:
     gantry_speed_deg_s: float
     couch_speed_mm_s: float
     couch_limits_mm: float
+    # 0 for a couch that only translates: the PPS then measures no rotation it cannot fix.
+    couch_rotation_limits_deg: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -247,6 +253,14 @@ class Device(ABC):
     @abstractmethod
     def acquire(self, kind: str) -> ImageSet:
         """Triggers an imaging acquisition (e.g. 'CBCT') and returns the images."""
+
+    def place_patient(self, anatomy: Volume) -> None:
+        """Tells a simulator whose anatomy lies on the couch (the planning CT's patient).
+
+        A real machine images the real patient, so a real backend ignores this; a simulator
+        without it would image something other than the patient the PPS registers against.
+        """
+        return None
 
     def axes(self) -> AxisState:
         """The controller's report of where its axes are."""

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from devices.base import MetersetTick
+from devices.geometry import rigid_parameters
 from emulator.net.peers import Peer
 from emulator.performer.workflow import DeviceConfig, PerformingDevice
 from emulator.reference.site import ReferenceSite, SiteConfig
@@ -17,6 +18,7 @@ from hil.faults import ControlChannel, Faults, send_fault
 from tests.conftest import free_port
 
 SMALL = SeedOptions(slices=6, rows=48, beams=3, dynamic_beams=1, control_points=8)
+BENCH_PHANTOM = SeedOptions(beams=3, dynamic_beams=1, control_points=8)
 
 
 def start_controller(kind: str, time_scale: float = 0.0):
@@ -40,7 +42,7 @@ def start_controller(kind: str, time_scale: float = 0.0):
 def bench(tmp_path):
     started = []
 
-    def make(device_spec: str, kind: str = "tdd"):
+    def make(device_spec: str, kind: str = "tdd", seed_options: SeedOptions = SMALL):
         ae_title = kind.upper() + "1"
         port = free_port()
         site = ReferenceSite(
@@ -48,7 +50,7 @@ def bench(tmp_path):
                 data_dir=tmp_path / f"site{len(started)}",
                 tms_port=0,
                 archive_port=0,
-                seed_options=SMALL,
+                seed_options=seed_options,
                 peers=[Peer(ae_title, "127.0.0.1", port)],
             )
         )
@@ -248,12 +250,24 @@ def test_third_party_backends_register_by_name():
 def test_pds_over_tcp_images_moves_the_couch_and_verifies_axes(bench):
     """Imaging, couch moves and axis reports cross the link too, not only beams."""
     spec, sim, _ = start_controller("tcp")
-    _site, device = bench(spec, kind="pds")
+    # A bench rig images its phantom: the planning CT is that phantom's (default geometry).
+    _site, device = bench(spec, kind="pds", seed_options=BENCH_PHANTOM)
+    setup = sim.linac.imager.pose.copy()
     outcomes = device.run_once()
     state = device.device.axes()
     assert [o.state for o in outcomes] == ["COMPLETED"] * 4
-    assert len(outcomes[0].stored) == 16  # CBCT slices that crossed the link as IMAGES
-    assert abs(sim.linac.couch.lateral + 3.0) < 0.5  # moved against the setup error
+    slices = sim.linac.profile["imaging"]["CBCT"]["slices"]
+    assert len(outcomes[0].stored) == slices  # CBCT slices that crossed the link as IMAGES
+    # Every axis was off before; the couch, driven over the link, corrected all six to
+    # AAPM TG-142's stereotactic tolerances (1 mm, and 0.5 degree for couch rotation).
+    translation, rotation = rigid_parameters(setup)
+    assert min(abs(t) for t in translation) >= 1.0 and min(abs(r) for r in rotation) >= 0.5
+    left_translation, left_rotation = rigid_parameters(sim.linac.imager.pose)
+    assert max(abs(t) for t in left_translation) < 1.0, left_translation
+    assert max(abs(r) for r in left_rotation) < 0.5, left_rotation
+    couch = sim.linac.couch
+    moved = (couch.lateral, couch.vertical, couch.longitudinal)
+    assert moved == pytest.approx([-t for t in translation], abs=1.0)
     assert state.gantry_angle == sim.linac.axes().gantry_angle
 
 

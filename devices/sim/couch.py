@@ -12,8 +12,6 @@ from typing import Any
 from devices.base import (
     BeamProgram,
     Capabilities,
-    CouchCorrection,
-    CouchPosition,
     DeliveryEvent,
     DeviceError,
     Identity,
@@ -44,15 +42,8 @@ class SimulatedCouch(SimulatedLinac):
             0.0,
             float(axes["couch_speed_mm_s"]),
             float(axes["couch_limits_mm"]),
+            float(axes["rotation_limits_deg"]),
         )
-
-    def move_couch(self, correction: CouchCorrection) -> CouchPosition:
-        limit = float(self.profile["axes"]["rotation_limits_deg"])
-        if any(abs(r) > limit for r in correction.rotation):
-            raise DeviceError(f"couch rotation beyond ±{limit} degrees")
-        turn = max(abs(r) for r in correction.rotation)
-        self.clock.sleep(turn / float(self.profile["axes"]["rotation_speed_deg_s"]))
-        return super().move_couch(correction)
 
     def load_beam(self, beam: BeamProgram) -> None:
         raise DeviceError("a positioning couch delivers no beams")

@@ -13,7 +13,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from devices.base import (
@@ -33,6 +32,8 @@ from devices.base import (
     Termination,
 )
 from devices.clock import Clock
+from devices.geometry import Volume
+from devices.sim.imager import SimulatedImager
 
 
 def load_machine_profile(name_or_path: str = "linac") -> dict[str, Any]:
@@ -69,7 +70,7 @@ class SimulatedLinac(Device):
         self._connected = False
         self.couch = CouchPosition()
         self._axes = AxisState(0.0, 0.0, (0.0, 0.0, 0.0, 0.0), (), (0.0, 0.0, 0.0))
-        self.setup_error = tuple(profile.get("imaging", {}).get("setup_error_mm", (0, 0, 0)))
+        self.imager = SimulatedImager(profile)
 
     def connect(self) -> None:
         self._connected = True
@@ -93,6 +94,7 @@ class SimulatedLinac(Device):
             gantry_speed_deg_s=float(p["axes"]["gantry_speed_deg_s"]),
             couch_speed_mm_s=float(p["axes"]["couch_speed_mm_s"]),
             couch_limits_mm=float(p["axes"]["couch_limits_mm"]),
+            couch_rotation_limits_deg=float(p["axes"].get("rotation_limits_deg", 0.0)),
         )
 
     def _require_connected(self) -> None:
@@ -187,42 +189,37 @@ class SimulatedLinac(Device):
         self.clock.wake()
 
     def move_couch(self, correction: CouchCorrection) -> CouchPosition:
+        """Translates and, within its rotation limits, rotates the patient about isocentre."""
         self._require_connected()
         caps = self.capabilities()
         if any(abs(t) > caps.couch_limits_mm for t in correction.translation):
             raise DeviceError("couch correction exceeds the couch limits")
+        if any(abs(r) > caps.couch_rotation_limits_deg for r in correction.rotation):
+            raise DeviceError(f"couch rotation beyond ±{caps.couch_rotation_limits_deg} degrees")
         distance = max(abs(t) for t in correction.translation)
-        self.clock.sleep(distance / caps.couch_speed_mm_s)
+        turn = max(abs(r) for r in correction.rotation)
+        speed = float(self.profile["axes"].get("rotation_speed_deg_s", 1.0))
+        self.clock.sleep(distance / caps.couch_speed_mm_s + turn / speed)
         self.couch.lateral += correction.translation[0]
         self.couch.longitudinal += correction.translation[2]
         self.couch.vertical += correction.translation[1]
         self.couch.rotation = tuple(
             a + b for a, b in zip(self.couch.rotation, correction.rotation, strict=True)
         )
-        self.setup_error = tuple(
-            e + t for e, t in zip(self.setup_error, correction.translation, strict=True)
-        )
+        self.imager.move(correction)
         return self.couch
 
+    def place_patient(self, anatomy: Volume) -> None:
+        self.imager.anatomy = anatomy
+
     def acquire(self, kind: str) -> ImageSet:
-        """A CBCT of an elliptical water phantom lying with the current setup error."""
+        """A CBCT of the placed patient (or the bench phantom) lying with the current pose."""
         self._require_connected()
-        spec = self.profile["imaging"].get(kind)
-        if spec is None:
+        if kind not in self.imager.specs:
             raise DeviceError(f"imaging kind {kind!r} is not available")
-        rows, slices = int(spec["rows"]), int(spec["slices"])
-        spacing, dz = float(spec["pixel_spacing"]), float(spec["slice_spacing"])
-        axis = (np.arange(rows) - (rows - 1) / 2) * spacing
-        zs = (np.arange(slices) - (slices - 1) / 2) * dz
-        ex, ey, _ = self.setup_error
-        half = rows * spacing / 2
-        a, b = 0.8 * half, 0.55 * half
-        y, x = np.meshgrid(axis, axis, indexing="ij")
-        body = ((x - ex) / a) ** 2 + ((y - ey) / b) ** 2 <= 1.0
-        volume = [np.where(body, 1024 + 40, 24).astype(np.uint16) for _ in zs]
+        images = self.imager.acquire(kind)
         self.clock.sleep(60.0)  # one gantry rotation
-        origin = (float(axis[0]), float(axis[0]), float(zs[0]))
-        return ImageSet(kind, volume, spacing, dz, origin)
+        return images
 
 
 def make_simulated_device(rest: str, clock: Clock, options: dict) -> Device:

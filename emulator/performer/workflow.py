@@ -55,7 +55,12 @@ from emulator.performer.outbox import (
 from emulator.performer.tms_link import Backoff, TmsLink, TmsUnavailable
 from emulator.profile import Profile, load_profile
 from emulator.results.acquisition import build_cbct_series
-from emulator.results.registration import build_registration, rigid_translation
+from emulator.results.registration import build_registration
+from emulator.results.rigid_registration import (
+    RegistrationError,
+    register_rigid,
+    volume_from_images,
+)
 from emulator.results.study_identity import result_identity
 from emulator.results.treatment_record import (
     DeliveredBeam,
@@ -119,14 +124,17 @@ class UpsOutcome:
 class _SessionState:
     planning_ct: list[Dataset] = field(default_factory=list)
     cbct: list[Dataset] = field(default_factory=list)
-    translation: tuple[float, float, float] | None = None
+    correction: CouchCorrection | None = None  # what the registration measured
 
     def journal_state(self) -> dict:
         """UIDs and numbers only: the images themselves are in the device's store."""
+        correction = self.correction
         return {
             "planning_ct": [str(ds.SOPInstanceUID) for ds in self.planning_ct],
             "cbct": [str(ds.SOPInstanceUID) for ds in self.cbct],
-            "translation": list(self.translation) if self.translation else None,
+            "correction": (
+                [list(correction.translation), list(correction.rotation)] if correction else None
+            ),
         }
 
     @classmethod
@@ -138,11 +146,11 @@ class _SessionState:
             found = [store.get(uid) for uid in uids]
             return [store.read(i) for i in found] if all(found) else []
 
-        translation = state.get("translation")
+        correction = state.get("correction")
         return cls(
             images(state.get("planning_ct", [])),
             images(state.get("cbct", [])),
-            tuple(translation) if translation else None,
+            CouchCorrection(tuple(correction[0]), tuple(correction[1])) if correction else None,
         )
 
 
@@ -803,6 +811,7 @@ class PerformingDevice:
                 key=lambda ds: float(ds.ImagePositionPatient[2]),
             )
             ctx = result_identity(ups, session.planning_ct)
+            self.device.place_patient(volume_from_images(session.planning_ct))
             session.cbct = build_cbct_series(ctx, self.device.acquire("CBCT"), self.uids, station)
             claim.stored = self._store(session.cbct, "RO-22", claim.uid)
             self._session_done(ups, session)
@@ -812,25 +821,31 @@ class PerformingDevice:
                 raise _Cancel(
                     "RO-23: no acquisition in this session to register", cause="refused_input"
                 )
-            translation = rigid_translation(session.planning_ct, session.cbct)
+            try:
+                measured = register_rigid(
+                    volume_from_images(session.planning_ct),
+                    volume_from_images(session.cbct),
+                    rotations=self.device.capabilities().couch_rotation_limits_deg > 0,
+                )
+            except RegistrationError as error:
+                raise _Cancel(f"RO-23: {error}", cause="refused_input") from error
             ctx = result_identity(ups, session.planning_ct)
             registration = build_registration(
-                ctx, session.planning_ct, session.cbct, translation, self.uids, station
+                ctx, session.planning_ct, session.cbct, measured.matrix, self.uids, station
             )
             claim.stored = self._store([registration], "RO-23", claim.uid)
-            session.translation = translation
+            session.correction = CouchCorrection(*measured.correction)
             self._session_done(ups, session)
             return 100.0
         if claim.step == "adjustment":
-            if session.translation is None:
+            if session.correction is None:
                 # Moving the couch by nothing would leave the patient where the CBCT showed
                 # them to be off: no correction known, no adjustment.
                 raise _Cancel(
                     "no registration in this session: the couch correction is unknown",
                     cause="refused_input",
                 )
-            shift = session.translation
-            self.device.move_couch(CouchCorrection(translation=tuple(-s for s in shift)))
+            self.device.move_couch(session.correction)
             return 100.0
         return self._deliver(claim, inputs, outcome)
 

@@ -1,9 +1,7 @@
 """Position registration results (RO-23): a RIGID Spatial Registration.
 
-The translation is measured, not assumed: it is the difference of the body centroids of
-the planning CT and the CBCT (both isocentric, same axes), which is what a rigid
-registration of a phantom converges to in x and y. The phantom is uniform along z, so z is
-not observable and is left at 0.
+It stores the transform :mod:`emulator.results.rigid_registration` measured, in all six
+degrees of freedom, never an assumed one.
 """
 
 from __future__ import annotations
@@ -27,52 +25,25 @@ from emulator.synth.common import (
     tm,
 )
 
-BODY_THRESHOLD_HU = -300.0
 
-
-def body_centroid(images: list[Dataset]) -> np.ndarray:
-    """Mean (x, y) position of voxels above the body threshold, in patient coordinates."""
-    total, weight = np.zeros(2), 0
-    for ds in images:
-        hu = ds.pixel_array * float(ds.get("RescaleSlope", 1)) + float(
-            ds.get("RescaleIntercept", 0)
-        )
-        rows, cols = np.nonzero(hu > BODY_THRESHOLD_HU)
-        if rows.size == 0:
-            continue
-        x0, y0 = float(ds.ImagePositionPatient[0]), float(ds.ImagePositionPatient[1])
-        dy, dx = (float(v) for v in ds.PixelSpacing)
-        total += [x0 + cols.mean() * dx, y0 + rows.mean() * dy]
-        weight += 1
-    if weight == 0:
-        raise ValueError("no body voxels found: cannot register")
-    return total / weight
-
-
-def rigid_translation(
-    planning_ct: list[Dataset], cbct: list[Dataset]
-) -> tuple[float, float, float]:
-    """Where the patient lies relative to the plan (mm); the couch moves by its negative."""
-    shift = body_centroid(cbct) - body_centroid(planning_ct)
-    return (round(float(shift[0]), 2), round(float(shift[1]), 2), 0.0)
-
-
-def _matrix(translation: tuple[float, float, float]) -> list[float]:
-    m = np.eye(4)
-    m[:3, 3] = translation
-    return [round(float(v), 4) for v in m.flatten()]
+def _flat(matrix: np.ndarray) -> list[float]:
+    return [round(float(v), 6) for v in matrix.flatten()]
 
 
 def build_registration(
     ctx: PatientContext,
     planning_ct: list[Dataset],
     cbct: list[Dataset],
-    translation: tuple[float, float, float],
+    cbct_to_planning: np.ndarray,
     uids: SopClasses,
     station: str,
     moment: dt.datetime | None = None,
 ) -> Dataset:
-    """Registers the CBCT frame to the planning frame (the Registered Frame of Reference)."""
+    """Registers the CBCT frame to the planning frame (the Registered Frame of Reference).
+
+    ``cbct_to_planning`` is the measured 4x4 rigid transform; PS3.3 C.20.2.1.1 has the
+    matrix map the Referenced frame (the CBCT's) into the Registered one (the plan's).
+    """
     moment = moment or dt.datetime.now().replace(microsecond=0)
     ds = new_dataset(uids["spatial_registration"])
     ctx.apply_patient_study(ds)
@@ -105,10 +76,9 @@ def build_registration(
         return entry
 
     # Item 1: the Registered Frame of Reference itself (identity); item 2: CBCT -> planning.
-    inverse = tuple(-t for t in translation)
     ds.RegistrationSequence = sequence(
-        item(planning_ct[0].FrameOfReferenceUID, planning_ct, _matrix((0.0, 0.0, 0.0)), "identity"),
-        item(cbct[0].FrameOfReferenceUID, cbct, _matrix(inverse), "image_content"),
+        item(planning_ct[0].FrameOfReferenceUID, planning_ct, _flat(np.eye(4)), "identity"),
+        item(cbct[0].FrameOfReferenceUID, cbct, _flat(cbct_to_planning), "image_content"),
     )
     # Common Instance Reference: the images, by study and series.
     by_study: dict[str, dict[str, list[Dataset]]] = {}

@@ -28,6 +28,10 @@ class PhantomGeometry:
     spine_radius: float = 15.0
     ptv_radius: float = 30.0
     ptv_centre_y: float = -20.0
+    # Vertebrae and the discs between them: the one structure that repeats along z, so a
+    # CBCT shows where along the patient it was taken (registration needs every axis).
+    vertebra_pitch: float = 27.0
+    disc_thickness: float = 7.0
 
     def __post_init__(self) -> None:
         if self.rows < 16 or self.columns < 16:
@@ -47,7 +51,14 @@ class PhantomGeometry:
 
             for name in ("body_semi_axes", "lung_centres_x", "lung_semi_axes"):
                 object.__setattr__(self, name, scaled(*getattr(self, name)))
-            for name in ("spine_centre_y", "spine_radius", "ptv_radius", "ptv_centre_y"):
+            for name in (
+                "spine_centre_y",
+                "spine_radius",
+                "ptv_radius",
+                "ptv_centre_y",
+                "vertebra_pitch",
+                "disc_thickness",
+            ):
                 object.__setattr__(self, name, scaled(getattr(self, name))[0])
 
     @property
@@ -72,8 +83,12 @@ class PhantomGeometry:
         dz = z - self.isocenter[2]
         return math.sqrt(self.ptv_radius**2 - dz**2) if abs(dz) < self.ptv_radius else 0.0
 
+    def is_disc(self, z: float) -> bool:
+        """Whether the spine at ``z`` is an intervertebral disc rather than bone."""
+        return (z + self.disc_thickness / 2) % self.vertebra_pitch < self.disc_thickness
+
     def hounsfield_slice(self, index: int) -> np.ndarray:
-        """One axial slice in HU: air, soft tissue body, lungs, spine, denser PTV."""
+        """One axial slice in HU: air, soft tissue body, lungs, vertebra or disc, denser PTV."""
         xs = self.origin_x + np.arange(self.columns) * self.pixel_spacing
         ys = self.origin_y + np.arange(self.rows) * self.pixel_spacing
         x, y = np.meshgrid(xs, ys)
@@ -84,7 +99,8 @@ class PhantomGeometry:
         la, lb = self.lung_semi_axes
         for cx in self.lung_centres_x:
             hu[((x - cx) / la) ** 2 + (y / lb) ** 2 <= 1.0] = -750.0
-        hu[(x**2 + (y - self.spine_centre_y) ** 2) <= self.spine_radius**2] = 700.0
+        spine = (x**2 + (y - self.spine_centre_y) ** 2) <= self.spine_radius**2
+        hu[spine] = 100.0 if self.is_disc(self.slice_z(index)) else 700.0
         r = self.ptv_radius_at(self.slice_z(index))
         if r > 0:
             hu[(x**2 + (y - self.ptv_centre_y) ** 2) <= r**2] = 60.0
