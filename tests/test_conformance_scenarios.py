@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -215,6 +217,168 @@ def _plan_in_other_frame(site: ReferenceSite) -> None:
     site.archive.qr.on_move = on_move
 
 
+class _EventWithIdentifier:
+    """A C-FIND event whose identifier the mutant rewrote; everything else passes through."""
+
+    def __init__(self, event, identifier: Dataset) -> None:
+        self._event = event
+        self.identifier = identifier
+
+    def __getattr__(self, name: str):
+        return getattr(self._event, name)
+
+
+def _ignores_state_key(site: ReferenceSite) -> None:
+    original = site.tms._on_find
+
+    def on_find(event):
+        if event.context.abstract_syntax != site.tms.profile.sop_classes["ups_pull"]:
+            yield from original(event)
+            return
+        identifier = event.identifier
+        identifier.ProcedureStepState = ""  # every state matches, SCHEDULED or not
+        yield from original(_EventWithIdentifier(event, identifier))
+
+    site.tms._on_find = on_find
+
+
+def _state_of(site: ReferenceSite, uid: str) -> str:
+    record = site.tms.ups.get(uid)
+    return record.state if record is not None else ""
+
+
+def _success_reply(state: str) -> tuple[Dataset, Dataset]:
+    status, reply = Dataset(), Dataset()
+    status.Status = 0x0000
+    reply.ProcedureStepState = state
+    return status, reply
+
+
+def _cancel_leaves_in_progress(site: ReferenceSite) -> None:
+    original = site.tms._change_state
+
+    def change_state(uid: str, info: Dataset):
+        if info.get("ProcedureStepState") == "CANCELED" and _state_of(site, uid) == "IN PROGRESS":
+            return _success_reply("CANCELED")  # says CANCELED, keeps it IN PROGRESS
+        return original(uid, info)
+
+    site.tms._change_state = change_state
+
+
+def _no_dynamic_inputs(site: ReferenceSite) -> None:
+    def on_move(event):
+        yield 0  # no sub-operations: the RT Beams Delivery Instruction never leaves
+        yield 0x0000, None
+
+    site.tms.qr.on_move = on_move
+
+
+def _grants_second_claim(site: ReferenceSite) -> None:
+    original = site.tms._change_state
+
+    def change_state(uid: str, info: Dataset):
+        if (
+            info.get("ProcedureStepState") == "IN PROGRESS"
+            and _state_of(site, uid) == "IN PROGRESS"
+        ):
+            return _success_reply("IN PROGRESS")
+        return original(uid, info)
+
+    site.tms._change_state = change_state
+
+
+def _completes_without_final_state(site: ReferenceSite) -> None:
+    original = site.tms._change_state
+
+    def change_state(uid: str, info: Dataset):
+        status, reply = original(uid, info)
+        if status.Status != 0xC304 or info.get("ProcedureStepState") != "COMPLETED":
+            return status, reply
+
+        def complete(current):
+            current.dataset.ProcedureStepState = "COMPLETED"
+            return replace(current, state="COMPLETED")
+
+        site.tms.ups.transition(uid, complete)
+        return _success_reply("COMPLETED")
+
+    site.tms._change_state = change_state
+
+
+def _n_set_while_scheduled(site: ReferenceSite) -> None:
+    original = site.tms._on_n_set
+
+    def on_n_set(event):
+        if _state_of(site, str(event.request.RequestedSOPInstanceUID)) == "SCHEDULED":
+            status = Dataset()
+            status.Status = 0x0000
+            return status, None
+        return original(event)
+
+    site.tms._on_n_set = on_n_set
+
+
+def _transaction_bound_to_association(site: ReferenceSite) -> None:
+    """Accepts an N-SET only on the association that claimed: a retry after an abort fails."""
+    on_n_action, on_n_set = site.tms._on_n_action, site.tms._on_n_set
+    claimed_on: dict[str, int] = {}
+
+    def n_action(event):
+        status, reply = on_n_action(event)
+        if reply is not None and reply.get("ProcedureStepState") == "IN PROGRESS":
+            claimed_on[str(event.request.RequestedSOPInstanceUID)] = id(event.assoc)
+        return status, reply
+
+    def n_set(event):
+        uid = str(event.request.RequestedSOPInstanceUID)
+        if claimed_on.get(uid, id(event.assoc)) != id(event.assoc):
+            status = Dataset()
+            status.Status = 0xC301
+            return status, None
+        return on_n_set(event)
+
+    site.tms._on_n_action, site.tms._on_n_set = n_action, n_set
+
+
+def _slow_worklist(site: ReferenceSite) -> None:
+    original = site.tms._on_find
+
+    def on_find(event):
+        time.sleep(2.5)  # longer than RO-17/Responsive allows a query to take
+        yield from original(event)
+
+    site.tms._on_find = on_find
+
+
+def _loser_gets_c300(site: ReferenceSite) -> None:
+    original = site.tms._change_state
+
+    def change_state(uid: str, info: Dataset):
+        status, reply = original(uid, info)
+        if status.Status == 0xC302:
+            status.Status = 0xC300  # "invalid state" instead of "already IN PROGRESS"
+        return status, reply
+
+    site.tms._change_state = change_state
+
+
+def _drops_plan_from_inputs(site: ReferenceSite) -> None:
+    original = site.tms._on_find
+    plan_class = site.tms.profile.sop_classes["rt_plan"]
+
+    def on_find(event):
+        for status, ds in original(event):
+            if ds is not None and "InputInformationSequence" in ds:
+                ds.InputInformationSequence = [
+                    item
+                    for item in ds.InputInformationSequence
+                    if item.ReferencedSOPSequence[0].ReferencedSOPClassUID != plan_class
+                ]
+            yield status, ds
+
+    site.tms._on_find = on_find
+
+
 MUTANTS = {
     "returns-three-ups": (_three_ups, "normal-fraction", "RO-17/Response-count"),
     "skips-transaction-uid-check": (
@@ -238,12 +402,46 @@ MUTANTS = {
         "normal-fraction",
         "Appendix-A/A.1-Frame-of-Reference",
     ),
+    "ignores-the-state-key": (_ignores_state_key, "pps-tdd-split", "RO-17/Note-1"),
+    "cancel-leaves-in-progress": (
+        _cancel_leaves_in_progress,
+        "operator-cancel-before-beam-on",
+        "RO-25/Canceled-reply",
+    ),
+    # Under TDW-II a rule is cited by its TDW-II transaction number (RO-20 is RO-61 there).
+    "no-dynamic-inputs": (_no_dynamic_inputs, "dynamic-inputs-after-claim", "RO-61/Move-status"),
+    "grants-a-second-claim": (_grants_second_claim, "claim-in-progress", "CC/State-table"),
+    "completes-without-final-state": (
+        _completes_without_final_state,
+        "completed-without-final-state",
+        "CC/State-table",
+    ),
+    "n-set-while-scheduled": (_n_set_while_scheduled, "n-set-while-scheduled", "CC/State-table"),
+    "transaction-bound-to-association": (
+        _transaction_bound_to_association,
+        "abort-during-n-set",
+        "CC/Retry-after-abort",
+    ),
+    "slow-worklist": (_slow_worklist, "long-beam-while-querying", "RO-17/Responsive"),
+    "race-loser-gets-c300": (_loser_gets_c300, "race-for-ups", "CC/State-table"),
+    "drops-plan-from-inputs": (_drops_plan_from_inputs, "inputs-missing", "RO-17/Note-8"),
 }
+
+# Scenarios that exist only in some editions: their mutant runs under that edition.
+EDITION_OF = {"dynamic-inputs-after-claim": "tdw-ii"}
+
+
+def test_every_scenario_of_every_edition_has_a_mutant_that_fails_it():
+    scenarios = {
+        s.name for edition in ("ihe-ro-2008", "tdw-ii") for s in load_scenarios(edition=edition)
+    }
+    assert scenarios == {scenario for _, scenario, _ in MUTANTS.values()}
 
 
 @pytest.mark.parametrize("mutant", sorted(MUTANTS))
 def test_each_mutant_tms_fails_and_the_broken_rule_is_named(mutant, tmp_path, capsys):
     breaks, scenario_name, rule = MUTANTS[mutant]
+    edition = EDITION_OF.get(scenario_name, "ihe-ro-2008")
     devices = _devices()
     config = SiteConfig(
         data_dir=tmp_path / "site",
@@ -251,9 +449,10 @@ def test_each_mutant_tms_fails_and_the_broken_rule_is_named(mutant, tmp_path, ca
         archive_port=0,
         peers=devices,
         seed_options=SMALL,
+        edition=edition,
     )
     site = ReferenceSite(config)
-    scenario = next(s for s in load_scenarios() if s.name == scenario_name)
+    scenario = next(s for s in load_scenarios(edition=edition) if s.name == scenario_name)
     site.seed(scenario.station, 1)
     breaks(site)
     addresses = site.start()
@@ -261,13 +460,15 @@ def test_each_mutant_tms_fails_and_the_broken_rule_is_named(mutant, tmp_path, ca
         tms = Peer("TMS", "127.0.0.1", addresses["TMS"][1])
         archive = Peer("ARCHIVE", "127.0.0.1", addresses["ARCHIVE"][1])
         report = tmp_path / "report"
-        code = _run_cli(tms, archive, devices, report, "--only", scenario_name)
+        code = _run_cli(
+            tms, archive, devices, report, "--only", scenario_name, "--profile", edition
+        )
     finally:
         site.stop()
     out = capsys.readouterr().out
     assert code == 1, out
     assert "FAIL: 0 of 1 scenarios passed" in out
-    assert rule in out
+    assert rule in out, out
     junit = ET.parse(report / "conformance-junit.xml").getroot()
     failures = " ".join(
         (f.get("message") or "") + (f.text or "") for f in junit.findall(".//failure")
