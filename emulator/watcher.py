@@ -21,6 +21,7 @@ from emulator.net.ae_factory import NetworkSettings
 from emulator.net.event_scp import EventReceiver, UpsEventNotice
 from emulator.net.peers import Peer
 from emulator.net.scu import DimseError
+from emulator.net.uid_registry import register_uid_set
 from emulator.net.ups_scu import UpsConnection
 from emulator.profile import Profile
 
@@ -94,6 +95,9 @@ class Watcher:
     def __init__(self, config: WatchConfig) -> None:
         self.config = config
         self._events: queue.Queue[UpsEventNotice] = queue.Queue()
+        # Trial UIDs are unknown to pynetdicom: without this an event naming the UPS Push -
+        # Trial class is aborted on arrival ("no supported service class").
+        register_uid_set(config.profile.sop_classes)
         self.receiver = EventReceiver(
             config.listen.ae_title,
             config.profile.sop_classes["ups_event"],
