@@ -412,6 +412,23 @@ def _add_soak(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=1, help="random seed of the fault injection")
     p.add_argument("--data-dir", type=Path, help="keep the run's data here (default: temp)")
     p.add_argument("--json", type=Path, default=Path("soak-verdict.json"), help="verdict file")
+    limits = p.add_argument_group(
+        "limits", "the verdict fails when the run goes beyond one (default: not judged)"
+    )
+    limits.add_argument(
+        "--max-p95-ms", type=float, help="95th percentile of every DIMSE operation, ms"
+    )
+    limits.add_argument(
+        "--max-p99-ms", type=float, help="99th percentile of every DIMSE operation, ms"
+    )
+    limits.add_argument(
+        "--max-rss-growth-mib", type=float, help="resident memory growth after the warm-up, MiB"
+    )
+    limits.add_argument(
+        "--max-rss-growth-mib-per-hour",
+        type=float,
+        help="the same per hour; judged on runs of 10 minutes or more after the warm-up",
+    )
     _add_metrics_flags(p)
     _add_tls_flags(p)
 
@@ -694,6 +711,7 @@ def _cmd_soak(args: argparse.Namespace) -> int:
     from emulator.soak.fleet import parse_mix
     from emulator.soak.processes import FleetEndpoints, ProcessFleet
     from emulator.soak.runner import SoakConfig
+    from emulator.soak.verdict import SoakLimits
 
     if args.tms and not args.archive:
         raise ValueError("--tms needs --archive")
@@ -718,6 +736,12 @@ def _cmd_soak(args: argparse.Namespace) -> int:
         drain_s=args.drain,
         seed=args.seed,
         network=network_settings(_tls_values(args)),
+        limits=SoakLimits(
+            p95_ms=args.max_p95_ms,
+            p99_ms=args.max_p99_ms,
+            rss_growth_mib=args.max_rss_growth_mib,
+            rss_growth_mib_per_hour=args.max_rss_growth_mib_per_hour,
+        ),
     )
     if not args.verbose:
         # An interruption is expected here (--fault-rate) and the verdict counts it; a
@@ -725,6 +749,7 @@ def _cmd_soak(args: argparse.Namespace) -> int:
         logging.getLogger("tdw.device").setLevel(logging.ERROR)
     workers = (os.cpu_count() or 1) if args.workers is None else args.workers
     console = Console()
+    console.print(_tls_banner(config.network))
     values = {"metrics_port": args.metrics_port, "metrics_host": args.metrics_host}
     if args.locust:
         from emulator.soak import locustfile_path

@@ -105,7 +105,7 @@ class LatencySamples:
         self,
         group: str = "performer",
         role: str = "scu",
-        quantiles: tuple[float, ...] = (50, 90, 99),
+        quantiles: tuple[float, ...] = (50, 90, 95, 99),
     ) -> dict:
         """{operation: {"count": n, "p50_ms": ..., ...}} over this group's requests, and "all"."""
         with self._lock:

@@ -10,7 +10,7 @@ from pydicom.dataset import Dataset
 from emulator.metrics import Metrics
 from emulator.soak.fleet import FleetError, parse_mix, plan_fleet
 from emulator.soak.runner import SoakConfig, SoakRun
-from emulator.soak.verdict import DeliveryRecord, audit_records
+from emulator.soak.verdict import DeliveryRecord, SoakLimits, audit_records, judge_limits
 from tests.conftest import start_cli_process
 
 
@@ -73,8 +73,14 @@ def test_embedded_soak_with_interlocks_loses_nothing(tmp_path):
     assert records["lost_records"] == records["lost_beams"] == records["mismatched_beams"] == 0
     assert records["records_in_archive"] == records["records_stored"]
     assert verdict.tms.get("in_progress", 0) == 0
-    assert verdict.latency_ms["N-ACTION"]["count"] > 0
-    assert verdict.memory["rss_end_mib"] > 0
+    # A completed session claimed and ended at least one UPS: two N-ACTIONs at least.
+    assert verdict.latency_ms["N-ACTION"]["count"] >= 2 * verdict.sessions["completed"]
+    memory = verdict.memory
+    assert memory["rss_start_mib"] <= memory["rss_peak_mib"]
+    assert memory["rss_end_mib"] <= memory["rss_peak_mib"]
+    assert memory["growth_mib"] == pytest.approx(
+        memory["rss_end_mib"] - memory["rss_after_warmup_mib"], abs=0.2
+    )
 
 
 class ForgetfulArchiveSoak(SoakRun):
@@ -103,27 +109,62 @@ def test_a_lost_record_fails_the_verdict(tmp_path):
     assert any("records" in p and "lost" in p for p in verdict.problems)
 
 
-def test_soak_command_writes_the_verdict(tmp_path):
+def _soak_cli(tmp_path, *limits: str, ready: str) -> tuple[int, dict, list[str]]:
     out = tmp_path / "verdict.json"
     proc = start_cli_process(
-        "soak",
-        "--embedded",
-        "--devices",
-        "2",
-        "--duration",
-        "6s",
-        "--json",
-        str(out),
-        ready="PASS",
-        timeout=180,
-    )
+        "soak", "--embedded", "--devices", "2", "--duration", "6s", "--json", str(out),
+        *limits, ready=ready, timeout=180,
+    )  # fmt: skip
     proc.process.wait(timeout=60)
-    assert proc.process.returncode == 0, "\n".join(proc.output)
-    verdict = json.loads(out.read_text())
+    return proc.process.returncode, json.loads(out.read_text()), proc.output
+
+
+def test_soak_command_writes_the_verdict_and_judges_its_limits(tmp_path):
+    # Limits a loopback soak at time scale 0.02 keeps with room to spare: a DIMSE exchange
+    # on 127.0.0.1 takes milliseconds, 2 devices allocate a few MiB.
+    code, verdict, output = _soak_cli(
+        tmp_path, "--max-p95-ms", "2000", "--max-p99-ms", "5000", "--max-rss-growth-mib", "512",
+        ready="PASS",
+    )  # fmt: skip
+    assert code == 0, "\n".join(output)
     assert verdict["ok"] and verdict["devices"] == 2
     assert verdict["records"]["lost_records"] == 0
     assert verdict["sessions"]["completed"] >= 2
-    assert any("soak verdict" in line for line in proc.output)
+    assert verdict["limits"] == {"p95_ms": 2000, "p99_ms": 5000, "rss_growth_mib": 512}
+    every = verdict["latency_ms"]["all"]
+    assert 0 < every["p50_ms"] <= every["p95_ms"] <= every["p99_ms"] <= 5000
+    # A 6 s run says how much memory grew, but draws no hourly rate from it.
+    assert verdict["memory"]["growth_mib_per_hour"] is None
+    assert verdict["memory"]["window_s"] < 600
+    assert any("soak verdict" in line for line in output)
+
+
+def test_a_soak_over_its_limits_fails_and_names_each(tmp_path):
+    code, verdict, output = _soak_cli(
+        tmp_path, "--max-p99-ms", "0.001", "--max-rss-growth-mib-per-hour", "10", ready="FAIL"
+    )
+    assert code == 1, "\n".join(output)
+    assert not verdict["ok"]
+    over = [p for p in verdict["problems"] if "p99 latency" in p and "over the limit 0.001 ms" in p]
+    assert {p.split()[0] for p in over} >= {"all", "C-FIND", "N-ACTION"}, verdict["problems"]
+    assert any("memory growth per hour not judged" in p for p in verdict["problems"])
+    # Nothing else went wrong: the run itself lost nothing.
+    assert verdict["records"]["lost_records"] == 0 and verdict["sessions"]["completed"] >= 2
+
+
+def test_limits_are_judged_against_the_measured_figures():
+    latency = {"N-SET": {"count": 10, "p95_ms": 12.0, "p99_ms": 30.0}}
+    memory = {"growth_mib": 40.0, "growth_mib_per_hour": 80.0, "window_s": 1800.0}
+    assert judge_limits(SoakLimits(p95_ms=12.0, p99_ms=30.0), latency, memory) == []
+    assert judge_limits(SoakLimits(p95_ms=11.9), latency, memory) == [
+        "N-SET p95 latency 12.0 ms is over the limit 11.9 ms"
+    ]
+    assert judge_limits(
+        SoakLimits(rss_growth_mib=39.0, rss_growth_mib_per_hour=79.0), latency, memory
+    ) == [
+        "resident memory grew 40.0 MiB after the warm-up, over the limit 39 MiB",
+        "resident memory grew 80.0 MiB/h, over the limit 79 MiB/h",
+    ]
 
 
 def test_soak_against_an_external_tms_confirms_records_at_its_archive(tmp_path):

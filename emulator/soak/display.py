@@ -110,14 +110,19 @@ def verdict_tables(verdict: Verdict) -> list[Table]:
         ("beams recorded with another meterset", str(r["mismatched_beams"])),
         (
             "memory after warm-up -> end",
-            f"{m['rss_after_warmup_mib']} -> {m['rss_end_mib']} MiB "
-            f"({m['growth_mib']:+} MiB, {m['growth_mib_per_hour']:+} MiB/h)",
+            f"{m['rss_after_warmup_mib']} -> {m['rss_end_mib']} MiB ({m['growth_mib']:+} MiB, "
+            + (
+                f"{m['growth_mib_per_hour']:+} MiB/h)"
+                if m.get("growth_mib_per_hour") is not None
+                else f"per hour: not from {m.get('window_s', 0):.0f} s)"
+            ),
         ),
+        *((f"limit {name}", f"{value:g}") for name, value in verdict.limits.items()),
     ]
     for name, value in rows:
         summary.add_row(name, value)
     latency = Table(title="DIMSE latency at the devices (request to final response)")
-    for column in ("operation", "count", "p50 ms", "p90 ms", "p99 ms"):
+    for column in ("operation", "count", "p50 ms", "p90 ms", "p95 ms", "p99 ms"):
         latency.add_column(column, justify="right")
     for op, figures in verdict.latency_ms.items():
         latency.add_row(
@@ -125,6 +130,7 @@ def verdict_tables(verdict: Verdict) -> list[Table]:
             str(figures["count"]),
             f"{figures['p50_ms']:.2f}",
             f"{figures['p90_ms']:.2f}",
+            f"{figures.get('p95_ms', 0):.2f}",
             f"{figures['p99_ms']:.2f}",
         )
     return [summary, latency]

@@ -30,7 +30,7 @@ from emulator.net.ports import free_port
 from emulator.soak.fleet import FleetMember, plan_fleet
 from emulator.soak.runner import Progress, SoakConfig
 from emulator.soak.tms_process import ReferenceTmsProcess
-from emulator.soak.verdict import Tally, Verdict, judge, sum_audits
+from emulator.soak.verdict import SoakLimits, Tally, Verdict, judge, judge_limits, sum_audits
 from emulator.soak.worker import spec_config, write_json
 
 GRACE_S = 120.0  # past duration and drain, before a silent worker is judged stuck
@@ -190,13 +190,19 @@ class ProcessFleet:
                 continue
             parts.append(result)
         tms = self.tms.ups_counts() if self.tms is not None else {}
-        return merge_verdicts(parts, self.fleet, tms, problems)
+        return merge_verdicts(parts, self.fleet, tms, problems, self.config.limits)
 
 
 def merge_verdicts(
-    parts: list[dict], fleet: list[FleetMember], tms: dict[str, int], problems: list[str]
+    parts: list[dict],
+    fleet: list[FleetMember],
+    tms: dict[str, int],
+    problems: list[str],
+    limits: SoakLimits | None = None,
 ) -> Verdict:
-    """The workers' partial verdicts as one, judged again over the sums."""
+    """The workers' partial verdicts as one, judged again over the sums (and the limits
+    over the merged percentiles and the summed memory)."""
+    limits = limits or SoakLimits()
     sessions, deliveries, errors = Counter(), Counter(), Counter()
     latencies = LatencySamples(size=10**9)
     for part in parts:
@@ -218,8 +224,13 @@ def merge_verdicts(
         "rss_end_mib",
         "rss_peak_mib",
         "growth_mib",
-        "growth_mib_per_hour",
     )
+    memory = {"workers": len(parts), "warmup_s": parts[0]["memory"]["warmup_s"] if parts else 0}
+    memory |= {k: round(sum(p["memory"][k] for p in parts), 1) for k in memory_keys}
+    rates = [p["memory"].get("growth_mib_per_hour") for p in parts]
+    memory["growth_mib_per_hour"] = round(sum(rates), 1) if rates and None not in rates else None
+    memory["window_s"] = min((p["memory"].get("window_s", 0.0) for p in parts), default=0.0)
+    latency_ms = latencies.percentiles()
     return Verdict(
         devices=len(fleet),
         mix=dict(Counter(m.kind for m in fleet)),
@@ -230,14 +241,18 @@ def merge_verdicts(
         deliveries=dict(deliveries),
         continuations_completed=sum(part["continuations_completed"] for part in parts),
         records=audit,
-        latency_ms=latencies.percentiles(),
-        memory={"workers": len(parts), "warmup_s": parts[0]["memory"]["warmup_s"] if parts else 0}
-        | {k: round(sum(p["memory"][k] for p in parts), 1) for k in memory_keys},
+        latency_ms=latency_ms,
+        memory=memory,
         tms=tms,
         errors=dict(errors),
-        problems=[*problems, *judge(tally, audit, tms, interrupted_left)],
+        problems=[
+            *problems,
+            *judge(tally, audit, tms, interrupted_left),
+            *judge_limits(limits, latency_ms, memory),
+        ],
         retried_rounds=sum(part["retried_rounds"] for part in parts),
         interrupted_left=interrupted_left,
+        limits=limits.as_json(),
     )
 
 

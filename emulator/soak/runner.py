@@ -41,7 +41,15 @@ from emulator.reference.feeder import FeedPlan
 from emulator.reference.site import ReferenceSite, SiteConfig
 from emulator.seeding import SOAK_PATIENTS, SeedOptions
 from emulator.soak.fleet import FleetMember, plan_fleet
-from emulator.soak.verdict import MemoryWatch, Tally, Verdict, audit_records, judge
+from emulator.soak.verdict import (
+    MemoryWatch,
+    SoakLimits,
+    Tally,
+    Verdict,
+    audit_records,
+    judge,
+    judge_limits,
+)
 
 PLACEHOLDER = Peer("TMS", "127.0.0.1", 104)
 SESSION_S = 120.0  # about one PDS session at real pace, in device seconds
@@ -79,6 +87,8 @@ class SoakConfig:
     # Each device subscribes to the UPS it claims (UPS Watch) and gets its events, as a
     # device that honours cancel requests does; off, a fleet without event traffic.
     watch_claimed_ups: bool = True
+    # Latency and memory limits the verdict judges (tdw-emu soak --max-p99-ms and friends).
+    limits: SoakLimits = field(default_factory=SoakLimits)
 
     @property
     def drain_limit_s(self) -> float:
@@ -438,6 +448,7 @@ class SoakRun:
             latency_ms=self.metrics.latencies.percentiles(),
             tms=self.site.tms.ups.count_by_state() if self.site is not None else {},
             stuck=stuck,
+            limits=self.config.limits,
         )
         return draw_verdict(facts, records)
 
@@ -473,6 +484,7 @@ class RunFacts:
     latency_ms: dict
     tms: dict
     stuck: list[str] = field(default_factory=list)
+    limits: SoakLimits = field(default_factory=SoakLimits)
 
 
 def draw_verdict(facts: RunFacts, records: dict) -> Verdict:
@@ -486,6 +498,7 @@ def draw_verdict(facts: RunFacts, records: dict) -> Verdict:
     )
     interrupted_left = max(interrupted - continued, 0)
     problems = judge(tally, records, facts.tms, interrupted_left)
+    problems += judge_limits(facts.limits, facts.latency_ms, facts.memory)
     if facts.stuck:
         problems.append(f"still busy after the drain: {', '.join(facts.stuck)}")
     completed = tally.sessions.get("completed", 0)
@@ -511,4 +524,5 @@ def draw_verdict(facts: RunFacts, records: dict) -> Verdict:
         problems=problems,
         retried_rounds=sum(tally.transients.values()),
         interrupted_left=interrupted_left,
+        limits=facts.limits.as_json(),
     )

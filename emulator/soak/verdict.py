@@ -189,6 +189,7 @@ class Verdict:
     # Worklist rounds in which the TMS could not be reached and was asked again later.
     retried_rounds: int = 0
     interrupted_left: int = 0  # interrupted deliveries without a completed continuation
+    limits: dict = field(default_factory=dict)  # SoakLimits.as_json(): what was judged
 
     @property
     def ok(self) -> bool:
@@ -233,6 +234,64 @@ def judge(
     return problems
 
 
+# An hourly growth rate drawn from less than this many seconds after warm-up is noise (a
+# few MiB of allocator slack in 10 s reads as hundreds of MiB an hour): not reported, and
+# not judged; the growth itself (MiB) still is.
+MIN_GROWTH_WINDOW_S = 600.0
+
+
+@dataclass(frozen=True)
+class SoakLimits:
+    """What a soak must stay within, from the command line; None: not judged.
+
+    Latency limits apply to every DIMSE operation the devices requested (and to "all");
+    memory limits to the resident set after the warm-up.
+    """
+
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    rss_growth_mib: float | None = None
+    rss_growth_mib_per_hour: float | None = None
+
+    def as_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def judge_limits(limits: SoakLimits, latency_ms: dict, memory: dict) -> list[str]:
+    """Each limit the run went beyond, with the measured figure; or why one was not judged
+    (as a problem: a limit asked for and not judged is not a pass)."""
+    problems = []
+    for quantile, limit in (("p95", limits.p95_ms), ("p99", limits.p99_ms)):
+        if limit is None:
+            continue
+        for operation, figures in latency_ms.items():
+            value = figures.get(f"{quantile}_ms")
+            if value is not None and value > limit:
+                problems.append(
+                    f"{operation} {quantile} latency {value:.1f} ms is over the limit {limit:g} ms"
+                )
+    growth = memory.get("growth_mib")
+    if limits.rss_growth_mib is not None and growth is not None and growth > limits.rss_growth_mib:
+        problems.append(
+            f"resident memory grew {growth:.1f} MiB after the warm-up, over the limit "
+            f"{limits.rss_growth_mib:g} MiB"
+        )
+    if limits.rss_growth_mib_per_hour is not None:
+        rate = memory.get("growth_mib_per_hour")
+        if rate is None:
+            problems.append(
+                f"memory growth per hour not judged: {memory.get('window_s', 0):.0f} s after "
+                f"the warm-up, {MIN_GROWTH_WINDOW_S:.0f} s needed (run longer, or limit "
+                "--max-rss-growth-mib instead)"
+            )
+        elif rate > limits.rss_growth_mib_per_hour:
+            problems.append(
+                f"resident memory grew {rate:.1f} MiB/h, over the limit "
+                f"{limits.rss_growth_mib_per_hour:g} MiB/h"
+            )
+    return problems
+
+
 class MemoryWatch:
     """Resident memory at start, after warm-up, and at the end (the growth is end - warm)."""
 
@@ -253,14 +312,18 @@ class MemoryWatch:
     def summary(self) -> dict:
         end = self.sample()
         warm = self.warm_bytes if self.warm_bytes is not None else self.start_bytes
-        hours = max(time.monotonic() - self.started - self.warmup_s, 1.0) / 3600
+        window = max(time.monotonic() - self.started - self.warmup_s, 0.0)
         mib = 1024 * 1024
+        per_hour = None
+        if window >= MIN_GROWTH_WINDOW_S:
+            per_hour = round((end - warm) / mib / (window / 3600), 1)
         return {
             "rss_start_mib": round(self.start_bytes / mib, 1),
             "rss_after_warmup_mib": round(warm / mib, 1),
             "rss_end_mib": round(end / mib, 1),
             "rss_peak_mib": round(self.peak_bytes / mib, 1),
             "growth_mib": round((end - warm) / mib, 1),
-            "growth_mib_per_hour": round((end - warm) / mib / hours, 1),
+            "growth_mib_per_hour": per_hour,
+            "window_s": round(window, 1),
             "warmup_s": self.warmup_s,
         }
