@@ -10,10 +10,13 @@ import os
 import re
 import shutil
 import subprocess
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom import config as pydicom_config
 
 from emulator.cli_process import CliProcess, printed_metrics_urls, start_cli
@@ -97,6 +100,29 @@ def start_cli_process(
     Every 'AE listening on HOST:PORT' line seen before it is kept in ``addresses``.
     """
     return start_cli([*command_name.split(), *args], ready=ready, timeout=timeout, cwd=REPO)
+
+
+def wait_until(condition, timeout: float = 10.0, what: str = "the condition") -> None:
+    """Polls ``condition`` until it is true; fails the test at the deadline.
+
+    A test that must show something did *not* happen waits for what marks the end of the
+    window (the peer closed the association, the file was fsynced), never a fixed sleep.
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout} s")
+        time.sleep(0.02)
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of a Prometheus exposition, keyed by (name, labels)."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def printed_metrics_url(output: list[str]) -> str:

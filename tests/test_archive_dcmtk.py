@@ -205,7 +205,7 @@ def test_movescu_to_unknown_destination_fails(archive, patient):
         archive.host,
         str(archive.port),
     )
-    assert (
-        "a801" in (result.stdout + result.stderr).lower()
-        or "destination" in (result.stdout + result.stderr).lower()
-    )
+    # movescu names the status DCMTK decoded: A801, Refused: Move Destination unknown
+    # (PS3.4 C.4.2.1.5), and exits with its "C-MOVE failed" code (EXITCODE_CMOVE_ERROR, 69).
+    assert "refused: movedestinationunknown" in result.stderr.lower(), result.stderr
+    assert result.returncode == 69, result.returncode

@@ -27,6 +27,7 @@ from emulator.net.ups_scu import UpsConnection
 from emulator.profile import load_profile
 from emulator.reference.archive import ArchiveConfig, ArchiveServer
 from emulator.reference.qr_query import QueryError, StudyRootQuery
+from emulator.reference.site import ReferenceSite, SiteConfig
 from emulator.reference.tms import TmsConfig, TmsServer
 from emulator.seeding import SeedOptions, synthetic_patient
 from emulator.store import AdmissionError, admit
@@ -234,10 +235,25 @@ def _fuzz_tms(tmp_path_factory, archive) -> TmsServer:
 
 
 @pytest.fixture(scope="module")
-def tms(tmp_path_factory, archive):
-    server = _fuzz_tms(tmp_path_factory, archive)
-    yield server
-    server.close_resources()
+def tms(tmp_path_factory):
+    """A TMS holding one scheduled session (four UPS), so a query has something to match."""
+    site = ReferenceSite(
+        SiteConfig(
+            data_dir=tmp_path_factory.mktemp("fuzz-site"),
+            tms_port=0,
+            archive_port=0,
+            seed_options=SeedOptions(slices=3, rows=16, beams=1, dynamic_beams=0),
+        )
+    )
+    site.seed("LINAC1", 1)
+    yield site.tms
+    site.tms.close_resources()
+    site.archive.close_resources()
+
+
+def _plain(value: str) -> bool:
+    """A single value matched exactly (no wildcard, range, list or escape)."""
+    return bool(value) and not any(c in value for c in "*?\\-^") and value.isprintable()
 
 
 @FUZZ
@@ -250,9 +266,17 @@ def test_cfind_identifiers_get_matches_or_a_typed_refusal(archive, tms, pairs):
         assert exc.status & 0xF000 in (0xA000, 0xC000)
     try:
         where, params = tms._ups_query(identifier)
-        tms.ups.select(where, params)
-    except ValueError:
-        pass  # refused with 0xC000 and the reason (TmsServer._on_find)
+        records = tms.ups.select(where, params)
+    except ValueError as exc:
+        # TmsServer._on_find answers this with 0xC000 (0xA900 for a mismatch) and the text.
+        assert str(exc).strip(), "a refusal must say why"
+        return
+    if all(value == "" for _, value in pairs):
+        assert len(records) == 4  # universal matching: the whole session
+    plain = {k: v for k, v in pairs if k == "ProcedureStepState" and _plain(v)}
+    for record in records:
+        for keyword, value in plain.items():
+            assert record.state == value, (keyword, value, record.state)
 
 
 @pytest.fixture(scope="module")

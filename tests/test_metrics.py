@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import urllib.request
-
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from emulator.metrics import Metrics
 from emulator.net.ae_factory import NetworkSettings
@@ -13,20 +10,10 @@ from emulator.net.peers import Peer
 from emulator.performer.workflow import DeviceConfig, PerformingDevice
 from emulator.reference.site import ReferenceSite, SiteConfig
 from emulator.seeding import SeedOptions
-from tests.conftest import free_port, printed_metrics_url, start_cli_process
+from tests.conftest import free_port, printed_metrics_url, scrape, start_cli_process
 from tests.test_hil import start_controller
 
 SMALL = SeedOptions(slices=6, rows=48, beams=3, dynamic_beams=1, control_points=8)
-
-
-def scrape(url: str) -> dict[tuple[str, frozenset], float]:
-    """Every sample of the exposition, keyed by (name, labels)."""
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def value(samples: dict, name: str, **labels: str) -> float:

@@ -6,7 +6,6 @@ import contextlib
 import socket
 import struct
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,14 @@ from pydicom.uid import generate_uid
 from emulator.conformance.iod_table import check_iod
 from emulator.profile import load_sop_classes
 from emulator.ups_references import references_in
-from tests.conftest import DCMTK_ENV, dciodvfy_errors, dcmtk
+from tests.conftest import (
+    DCMTK_ENV,
+    dciodvfy_errors,
+    dcmtk,
+    printed_metrics_url,
+    scrape,
+    wait_until,
+)
 from tests.ups_client import UpsClient, cancellation, progress
 
 ENV = DCMTK_ENV
@@ -41,9 +47,20 @@ def tms(tmp_path, storescp, archive_process_factory):
         "MOVESCU",
         "--seed",
         "LINAC1",
+        "--metrics-port",
+        "0",
         command="tms",
         ready="ready",
     )
+
+
+def _tms_associations(tms, how: str) -> float:
+    samples = scrape(printed_metrics_url(tms.output))
+    key = (
+        "tdw_associations_total",
+        frozenset({"ae": "TMS", "role": "acceptor", "event": how}.items()),
+    )
+    return samples.get(key, 0.0)
 
 
 def test_every_input_retrieved_by_dcmtk_from_the_ae_it_names(tms, storescp):
@@ -156,7 +173,8 @@ def test_association_aborted_mid_n_set(tms):
     update.ProcedureStepProgressInformationSequence[0].ProcedureStepProgressDescription = "x" * 900
     with contextlib.suppress(AttributeError, OSError):
         doomed.n_set(uid, update)  # the SCU sees no response: that is the point
-    time.sleep(0.3)
+    # The TMS has finished with the dropped association (nothing more can arrive on it).
+    wait_until(lambda: _tms_associations(tms, "aborted") >= 1, 10, "the TMS seeing the reset")
     with UpsClient(host, port, "TMS", "DEVICE") as client:
         status, ups = client.n_get(uid)
         assert status == 0 and ups.ProcedureStepState == "IN PROGRESS"

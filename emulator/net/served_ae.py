@@ -43,6 +43,13 @@ class ServedAE(ABC):
             raise RuntimeError(f"{type(self).__name__} is not started")
         return self._server.server_address[:2]
 
+    @property
+    def open_associations(self) -> int:
+        """Associations in progress now: a console, and a test waiting for a peer's end."""
+        if self._server is None:
+            return 0
+        return sum(1 for a in self._server.active_associations if a.is_alive())
+
     def stop_listening(self) -> None:
         """Closes the port but keeps the store open: an outage, which ``start()`` ends."""
         if self._server is not None:
