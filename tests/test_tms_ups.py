@@ -207,8 +207,10 @@ def test_state_table_row(make_site, state, request_state, uid_kind, expected):
             assert tms.n_set(uid, cancellation(transaction, 40.0, "test")) == 0x0000
         status, reply = tms.change_state(uid, request_state, sent, **reason)
         assert status == expected, f"{state} + {request_state} ({uid_kind})"
-        if status in (0x0000, 0xB304, 0xB306):
-            assert reply.ProcedureStepState in (request_state, state)
+        if status == 0x0000:  # the reply carries the state the UPS went to
+            assert reply.ProcedureStepState == request_state
+        elif status in (0xB304, 0xB306):  # already there: the reply says where it is
+            assert reply.ProcedureStepState == state
         status, current = tms.n_get(uid, [0x00741000])
         after = {0x0000: request_state}.get(expected, state)
         assert current.ProcedureStepState == after
@@ -625,3 +627,120 @@ def test_an_oversized_n_set_is_refused_and_nothing_is_stored(make_site):
     stored = site.tms.ups.get(str(ups.SOPInstanceUID)).dataset
     assert 0x00091011 not in stored
     assert "ProcedureStepProgressInformationSequence" not in stored
+
+
+# PS3.4 Table CC.2.5-3, as the standard states it, written out here independently of
+# profiles/ups_attributes.yaml so that a wrong table fails a test (mutation testing).
+# Final State Code P (COMPLETED) and X (CANCELED): paths into the N-SET body; R: in the UPS.
+COMPLETED_REQUIRES = [
+    "UnifiedProcedureStepPerformedProcedureSequence",
+    "UnifiedProcedureStepPerformedProcedureSequence>PerformedStationNameCodeSequence",
+    "UnifiedProcedureStepPerformedProcedureSequence>PerformedProcedureStepStartDateTime",
+    "UnifiedProcedureStepPerformedProcedureSequence>PerformedWorkitemCodeSequence",
+    "UnifiedProcedureStepPerformedProcedureSequence>PerformedProcedureStepEndDateTime",
+    "UnifiedProcedureStepPerformedProcedureSequence>OutputInformationSequence",
+]
+CANCELED_REQUIRES = [
+    "ProcedureStepProgressInformationSequence",
+    "ProcedureStepProgressInformationSequence>ProcedureStepCancellationDateTime",
+    "ProcedureStepProgressInformationSequence>ProcedureStepDiscontinuationReasonCodeSequence",
+]
+BOTH_REQUIRE = [  # R: the scheduler set them at N-CREATE; a UPS without one cannot end
+    "ScheduledProcedureStepPriority",
+    "ScheduledProcedureStepModificationDateTime",
+    "ProcedureStepLabel",
+    "ScheduledProcedureStepStartDateTime",
+    "InputReadinessState",
+]
+# N-SET type "Not allowed": an N-SET carrying one is refused (0x0106) and changes nothing.
+N_SET_NOT_ALLOWED = {
+    "SOPClassUID": "1.2.840.10008.5.1.4.34.6.1",
+    "SOPInstanceUID": "1.2.3.4",
+    "PatientName": "Other^Patient",
+    "PatientID": "OTHER",
+    "IssuerOfPatientID": "ELSEWHERE",
+    "PatientBirthDate": "19700101",
+    "PatientSex": "O",
+    "AdmissionID": "A1",
+    "AdmittingDiagnosesDescription": "x",
+    "ProcedureStepState": "COMPLETED",
+}
+
+
+def _without(body: Dataset, path: str) -> Dataset:
+    """``body`` less the attribute at ``path`` (in the first item of each sequence)."""
+    *parents, keyword = path.split(">")
+    node = body
+    for parent in parents:
+        node = node[parent].value[0]
+    delattr(node, keyword)
+    return body
+
+
+def _claimed(tms) -> tuple[Dataset, str]:
+    ups = _registration(tms)
+    transaction = str(generate_uid())
+    assert tms.change_state(ups.SOPInstanceUID, "IN PROGRESS", transaction)[0] == 0
+    return ups, transaction
+
+
+@pytest.mark.parametrize("path", COMPLETED_REQUIRES)
+def test_completed_needs_every_final_state_p_attribute(make_site, path):
+    site, _ = make_site()
+    with client(site) as tms:
+        ups, transaction = _claimed(tms)
+        update = final_update(transaction, ups.ScheduledWorkitemCodeSequence[0], "LINAC1")
+        if ">" not in path:
+            update = Dataset()  # no Performed Procedure Sequence at all: no RO-21
+        else:
+            assert tms.n_set(ups.SOPInstanceUID, _without(update, path)) == 0x0000
+        status, _ = tms.change_state(ups.SOPInstanceUID, "COMPLETED", transaction)
+        assert status == 0xC304, path
+        assert path.split(">")[-1] in tms.last_error_comment, tms.last_error_comment
+        _, current = tms.n_get(ups.SOPInstanceUID, [0x00741000])
+        assert current.ProcedureStepState == "IN PROGRESS"
+
+
+@pytest.mark.parametrize("path", CANCELED_REQUIRES)
+def test_canceled_needs_every_final_state_x_attribute(make_site, path):
+    site, _ = make_site()
+    with client(site) as tms:
+        ups, transaction = _claimed(tms)
+        if ">" in path:
+            body = _without(cancellation(transaction, 40.0, "couch fault"), path)
+            assert tms.n_set(ups.SOPInstanceUID, body) == 0x0000
+        status, _ = tms.change_state(ups.SOPInstanceUID, "CANCELED", transaction)
+        assert status == 0xC304, path
+        assert path.split(">")[-1] in tms.last_error_comment, tms.last_error_comment
+
+
+@pytest.mark.parametrize("keyword", BOTH_REQUIRE)
+def test_both_final_states_need_every_r_attribute(make_site, keyword):
+    site, _ = make_site()
+    with client(site) as tms:
+        ups, transaction = _claimed(tms)
+        update = final_update(transaction, ups.ScheduledWorkitemCodeSequence[0], "LINAC1")
+        assert tms.n_set(ups.SOPInstanceUID, update) == 0x0000
+
+        def drop(current):
+            delattr(current.dataset, keyword)
+            return current
+
+        site.tms.ups.transition(str(ups.SOPInstanceUID), drop)
+        status, _ = tms.change_state(ups.SOPInstanceUID, "COMPLETED", transaction)
+        assert status == 0xC304, keyword
+        assert keyword in tms.last_error_comment, tms.last_error_comment
+
+
+@pytest.mark.parametrize("keyword", sorted(N_SET_NOT_ALLOWED))
+def test_an_n_set_of_a_not_allowed_attribute_is_refused(make_site, keyword):
+    site, _ = make_site()
+    with client(site) as tms:
+        ups, transaction = _claimed(tms)
+        body = progress(transaction, 10.0)
+        setattr(body, keyword, N_SET_NOT_ALLOWED[keyword])
+        assert tms.n_set(ups.SOPInstanceUID, body) == 0x0106, keyword
+        status, current = tms.n_get(ups.SOPInstanceUID, [0x00741000, 0x00100020, 0x00741002])
+        assert status == 0x0000
+        assert (current.ProcedureStepState, current.PatientID) == ("IN PROGRESS", ups.PatientID)
+        assert not current.get("ProcedureStepProgressInformationSequence")  # nothing was set
