@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -107,28 +108,25 @@ def test_archive_command_serves_from_a_yaml_config(tmp_path, archive_process_fac
     assert any("accepted callers: any" in line for line in proc.output)
 
 
-def test_demo_command_runs_end_to_end(tmp_path):
+def test_demo_command_runs_end_to_end_at_its_own_pace(tmp_path):
+    """As `make demo` runs it: no --time-scale, so the demo's default pace (0.02) holds.
+    Two sessions each turn the gantry once for a CBCT (60 s of machine time): at that pace
+    the run cannot take less than 2 x 60 x 0.02 s, and a demo that ran at full speed
+    (scale 0) would."""
+    started = time.monotonic()
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "emulator.cli",
-            "demo",
-            "--data-dir",
-            str(tmp_path),
-            "--interrupt",
-            "2:40",
-            "--time-scale",
-            "0",
-        ],
+        [sys.executable, "-m", "emulator.cli", "demo", "--data-dir", str(tmp_path),
+         "--interrupt", "2:40"],
         capture_output=True,
         text=True,
         cwd=REPO,
         timeout=300,
-    )
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stdout + result.stderr
     assert "CONTINUATION delivered the rest" in result.stdout
     assert "MACHINE" in result.stdout and "RTRECORD" in result.stdout
+    assert elapsed >= 2 * 60 * 0.02, elapsed
 
 
 def test_run_command_against_a_tms_process(tmp_path, archive_process_factory):

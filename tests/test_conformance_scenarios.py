@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
@@ -530,3 +531,63 @@ def test_a_request_the_suite_built_wrong_is_a_suite_error_not_a_tms_finding(
     errors = [e.get("message", "") for e in junit.findall(".//error")]
     assert any("suite error" in e for e in errors), errors
     assert junit.get("errors") == "1"  # the root's count, as CI systems read it
+
+
+def test_scenarios_list_prints_every_scenario_as_the_table_has_it(capsys):
+    table = yaml.safe_load(
+        (Path(__file__).parent.parent / "profiles" / "scenarios.yaml").read_text()
+    )["scenarios"]
+    assert main(["scenarios", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 * len(table)
+    for scenario, (head, title) in zip(
+        table, zip(lines[::2], lines[1::2], strict=True), strict=True
+    ):
+        name, _, station, sessions, *rest = head.split()
+        assert (name, station, int(sessions)) == (
+            scenario["name"],
+            scenario["station"],
+            scenario["sessions"],
+        )
+        assert title.strip() == scenario["title"]
+        only = " ".join(rest)
+        assert ("tdw-ii only" in only) == (scenario.get("editions") == ["tdw-ii"]), head
+        assert ("RT Plan missing" in only) == bool(scenario.get("inputs_missing")), head
+
+
+def test_the_whole_suite_under_tdw_ii_with_trial_uids(tmp_path, capsys):
+    """The TDW-II edition (RO-58..RO-65 numbering, its own scenario) and the trial UIDs of
+    the draft supplement: the reference site passes every scenario, and the reports cite
+    rules by their TDW-II transaction numbers."""
+    devices = _devices()
+    site = ReferenceSite(
+        SiteConfig(
+            data_dir=tmp_path / "site",
+            tms_port=0,
+            archive_port=0,
+            peers=devices,
+            seed_options=SMALL,
+            edition="tdw-ii",
+            uid_set="trial",
+        )
+    )
+    site.seed_scenarios()
+    addresses = site.start()
+    try:
+        tms = Peer("TMS", "127.0.0.1", addresses["TMS"][1])
+        archive = Peer("ARCHIVE", "127.0.0.1", addresses["ARCHIVE"][1])
+        report = tmp_path / "report"
+        code = _run_cli(tms, archive, devices, report, "--profile", "tdw-ii", "--uids", "trial")
+    finally:
+        site.stop()
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data = json.loads((report / "conformance.json").read_text())
+    names = [s["name"] for s in data["scenarios"]]
+    assert sorted(names) == sorted(s.name for s in load_scenarios(edition="tdw-ii"))
+    assert "dynamic-inputs-after-claim" in names and all(s["ok"] for s in data["scenarios"])
+    cited = {step["rule"] for s in data["scenarios"] for step in s["steps"]}
+    assert "RO-58/Response-count" in cited and not any(r.startswith("RO-17/") for r in cited)
+    traffic = (report / "dimse-traffic.jsonl").read_text()
+    assert "1.2.840.10008.5.1.4.34.4.3" in traffic  # UPS Pull, trial (not final .6.3)
+    assert "1.2.840.10008.5.1.4.34.6.3" not in traffic

@@ -271,3 +271,77 @@ def test_scenarios_judge_a_tls_only_tms_with_its_own_ae_titles(tmp_path, pki):
     assert data["ok"] and data["tls"] == "on"
     assert [s["name"] for s in data["scenarios"]] == ["normal-fraction", "pps-tdd-split"]
     assert all(s["ok"] for s in data["scenarios"])
+
+
+def _tls_flags(pki: Path, name: str) -> list[str]:
+    return [
+        "--tls-cert", str(pki / f"{name}.pem"),
+        "--tls-key", str(pki / f"{name}.key"),
+        "--tls-ca", str(pki / "ca.pem"),
+    ]  # fmt: skip
+
+
+def _echo(pki: Path, port: int, *tls_args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [dcmtk("echoscu"), "-aet", "PDS1", "-aec", "TMS", *tls_args, "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        env=DCMTK_ENV,
+        timeout=30,
+    )
+
+
+def test_tms_and_run_commands_over_tls_and_a_tms_without_client_auth(tmp_path, pki):
+    """`tdw-emu tms` with TLS and --tls-no-client-auth; `tdw-emu run` performs a whole
+    session over TLS against it; DCMTK shows what the TMS accepts: TLS without a client
+    certificate (as configured), never plain TCP."""
+    device_port = free_port()
+    site = start_cli_process(
+        "tms",
+        "--data-dir", str(tmp_path / "site"), "--port", "0", "--archive-port", "0",
+        "--peer", f"PDS1@127.0.0.1:{device_port}", "--seed", "LINAC1",
+        *_tls_flags(pki, "site"), "--tls-no-client-auth",
+        ready="ready",
+    )  # fmt: skip
+    try:
+        assert "  TLS on (1.2 or later), client certificate not required" in site.output
+        tms_port = site.addresses["TMS"][1]
+        archive_port = site.addresses["ARCHIVE"][1]
+        anonymous = _echo(pki, tms_port, "+tla", "+cf", str(pki / "ca.pem"))
+        assert anonymous.returncode == 0, anonymous.stdout + anonymous.stderr
+        plain = _echo(pki, tms_port)
+        assert plain.returncode != 0, plain.stdout
+        run = subprocess.run(
+            [
+                sys.executable, "-m", "emulator.cli", "run",
+                "--kind", "pds", "--station", "LINAC1", "--ae-title", "PDS1",
+                "--tms", f"TMS@127.0.0.1:{tms_port}",
+                "--archive", f"ARCHIVE@127.0.0.1:{archive_port}",
+                "--listen-port", str(device_port), "--data-dir", str(tmp_path / "device"),
+                *_tls_flags(pki, "device"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )  # fmt: skip
+    finally:
+        site.stop()
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("COMPLETED") == 4, run.stdout
+
+
+def test_soak_over_tls(tmp_path, pki):
+    """Every association of an embedded soak (devices, TMS, Archive, C-MOVE back to the
+    devices) speaks TLS with client certificates, and the run loses nothing."""
+    out = tmp_path / "verdict.json"
+    proc = start_cli_process(
+        "soak", "--embedded", "--devices", "2", "--duration", "5s", "--workers", "0",
+        "--json", str(out), *_tls_flags(pki, "site"),
+        ready="PASS", timeout=180,
+    )  # fmt: skip
+    proc.process.wait(timeout=60)
+    assert proc.process.returncode == 0, "\n".join(proc.output)
+    assert "TLS on (1.2 or later), client certificate required" in proc.output
+    verdict = json.loads(out.read_text())
+    assert verdict["ok"] and verdict["sessions"]["completed"] >= 2
+    assert verdict["records"]["lost_records"] == 0
