@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from emulator.profile import ProfileError, load_profile, load_sop_classes, workitem_codes
 
@@ -109,3 +110,37 @@ def test_no_edition_literal_outside_profiles():
         if pattern.search(line)
     ]
     assert offenders == []
+
+
+# A rule id as a whole string literal in the conformance checks' code.
+RULE_LITERAL = re.compile(r'"((?:RO-\d+|CC|Appendix-A)/[^"\s]+)"')
+
+
+def _named_in(node) -> set[str]:
+    """Rule ids a YAML structure names: values of ``rule`` keys, ``findings`` lists."""
+    if isinstance(node, dict):
+        names = {node["rule"]} if isinstance(node.get("rule"), str) else set()
+        for key in ("findings", "expected_findings"):
+            names |= set(node.get(key) or [])
+        return names.union(*(_named_in(v) for k, v in node.items() if k != "rule"))
+    if isinstance(node, list):
+        return set().union(*(_named_in(v) for v in node))
+    return set()
+
+
+def test_every_rule_named_anywhere_is_in_the_rule_table_and_none_is_dead():
+    """A check (code), a scenario step or a table entry that names a rule the table lacks
+    would fail mid-run with a KeyError (RuleBook.finding); a rule nobody names is judged by
+    nothing. Both are table errors."""
+    root = Path(__file__).resolve().parent.parent
+    table = yaml.safe_load((root / "profiles" / "rules.yaml").read_text(encoding="utf-8"))
+    listed = [rule["id"] for rule in table["rules"]]
+    assert len(listed) == len(set(listed)), "a rule id is listed twice"
+    code = "\n".join(
+        p.read_text(encoding="utf-8") for p in (root / "emulator" / "conformance").rglob("*.py")
+    )
+    scenarios = yaml.safe_load((root / "profiles" / "scenarios.yaml").read_text(encoding="utf-8"))
+    named = set(RULE_LITERAL.findall(code)) | _named_in(scenarios)
+    named |= _named_in({k: v for k, v in table.items() if k != "rules"})
+    assert named - set(listed) == set(), "named but not in profiles/rules.yaml"
+    assert set(listed) - named == set(), "in profiles/rules.yaml but named by nothing"

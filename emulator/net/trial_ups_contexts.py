@@ -3,8 +3,8 @@
 PS3.4 CC.2.4: an N-EVENT-REPORT names the UPS Push SOP Class as its Affected SOP Class and
 travels on the UPS Event presentation context (Push is the class of every UPS instance; the
 Event class exists to negotiate the notification). pynetdicom 1.5.2 and later find that
-context for the final UIDs (1.2.840.10008.5.1.4.34.6.x, their issue #509), but not for the
-draft Supplement 96 "Trial" UIDs the seed uses (…34.4.x, ``--uids trial``): there,
+context for the final UIDs (their issue #509), but not for the
+draft Supplement 96 "Trial" UIDs the seed uses (``--uids trial``): there,
 ``send_n_event_report`` fails with "No presentation context for 'Unified Procedure Step -
 Push SOP Class - Trial'", and a TMS in trial mode could never send an event.
 
@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from pynetdicom.association import Association
 
-TRIAL_PUSH = "1.2.840.10008.5.1.4.34.4.1"
-TRIAL_OTHERS = (
-    "1.2.840.10008.5.1.4.34.4.4",  # UPS Event - Trial: first, it is what N-EVENT-REPORT uses
-    "1.2.840.10008.5.1.4.34.4.3",  # UPS Pull - Trial
-    "1.2.840.10008.5.1.4.34.4.2",  # UPS Watch - Trial
-)
+from emulator.profile import load_sop_classes
+
+_TRIAL = load_sop_classes("trial")
+TRIAL_PUSH = _TRIAL["ups_push"]
+# UPS Event first: it is the context an N-EVENT-REPORT travels on.
+TRIAL_OTHERS = (_TRIAL["ups_event"], _TRIAL["ups_pull"], _TRIAL["ups_watch"])
 
 _original_get_valid_context = Association._get_valid_context
 
