@@ -7,7 +7,7 @@ PYTHON  ?= python3
 STAMP   := $(VENV)/.installed
 PYTEST_WORKERS ?= auto
 
-.PHONY: demo test lint format debian-packages clean
+.PHONY: demo test mutation lint format debian-packages clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: $(STAMP) debian-packages
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# Mutation testing of profiles/ (benchmarks/mutation.py): prints survivors and the score.
+MUTATION_JOBS ?= 6
+mutation: $(STAMP) debian-packages
+	$(VENV)/bin/python benchmarks/mutation.py --jobs $(MUTATION_JOBS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
