@@ -229,7 +229,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"))
     p.add_argument("--uids", choices=("final", "trial"))
     p.add_argument("--time-scale", type=float, help="1 real time, 0 as fast as possible")
-    p.add_argument("--sessions", type=int, help="sessions to perform (default 1)")
+    p.add_argument(
+        "--sessions",
+        help="sessions to perform, or 'all': until the worklist has nothing more for this "
+        "device (default 1)",
+    )
     p.add_argument("--wait", type=float, help="seconds to wait for work on the worklist")
     p.add_argument("--interrupt", metavar="BEAM:MU", help="trip an interlock at BEAM:MU")
     p.add_argument(

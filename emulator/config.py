@@ -403,9 +403,16 @@ def device_config(values: dict[str, Any]) -> tuple[DeviceConfig, int, float, Pat
     scale = float(values.get("time_scale", 0.0))
     if scale < 0:
         raise ConfigError("time_scale must be 0 or positive")
-    sessions = int(values.get("sessions", 1))
-    if sessions < 1:
-        raise ConfigError("sessions must be at least 1")
+    raw_sessions = values.get("sessions", 1)
+    if str(raw_sessions).strip().lower() == "all":
+        sessions = None  # until the worklist holds nothing more this device may take
+    else:
+        try:
+            sessions = int(raw_sessions)
+        except ValueError:
+            raise ConfigError(f"sessions must be a number or 'all', not {raw_sessions!r}") from None
+        if sessions < 1:
+            raise ConfigError("sessions must be at least 1 (or 'all')")
     config = DeviceConfig(
         kind=kind,
         station=str(values["station"]),

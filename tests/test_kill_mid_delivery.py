@@ -86,7 +86,7 @@ def test_every_beam_the_machine_delivered_is_in_exactly_one_record(tmp_path):
         rng = random.Random(SEED)
         kills = sum(_kill_while_beam_on(run, control, rng) for _ in range(KILLS))
         assert kills == KILLS, "the host never had a beam on to be killed during"
-        run_to_the_end(run, tmp_path / "site", tmp_path / "device")
+        run_to_the_end(run, tmp_path / "device")
         truth = _controller_report(control)["deliveries"]
     finally:
         controller.stop()

@@ -744,3 +744,23 @@ def test_an_n_set_of_a_not_allowed_attribute_is_refused(make_site, keyword):
         assert status == 0x0000
         assert (current.ProcedureStepState, current.PatientID) == ("IN PROGRESS", ups.PatientID)
         assert not current.get("ProcedureStepProgressInformationSequence")  # nothing was set
+
+
+@pytest.mark.parametrize("final", ["COMPLETED", "CANCELED"])
+def test_an_n_set_after_a_final_state_is_refused(make_site, final):
+    """PS3.4 CC.2.1.3: a UPS in a final state takes no more updates (C300), whichever."""
+    site, _ = make_site()
+    with client(site) as tms:
+        ups, transaction = _claimed(tms)
+        uid = ups.SOPInstanceUID
+        if final == "COMPLETED":
+            body = final_update(transaction, ups.ScheduledWorkitemCodeSequence[0], "LINAC1")
+        else:
+            body = cancellation(transaction, 0.0, "patient unwell")
+        assert tms.n_set(uid, body) == 0x0000
+        assert tms.change_state(uid, final, transaction)[0] == 0x0000
+        assert tms.n_set(uid, progress(transaction, 10)) == 0xC300
+        _, current = tms.n_get(uid, [0x00741000, 0x00741002])
+        assert current.ProcedureStepState == final
+        items = current.get("ProcedureStepProgressInformationSequence") or []
+        assert all(float(i.get("ProcedureStepProgress", 0) or 0) != 10 for i in items)

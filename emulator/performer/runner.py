@@ -73,14 +73,16 @@ def judge(outcomes: list[UpsOutcome], injected_interrupt: bool) -> list[str]:
 
 def run_sessions(
     device: PerformingDevice,
-    sessions: int = 1,
+    sessions: int | None = 1,
     wait_seconds: float = 0.0,
     poll_seconds: float = 1.0,
 ) -> RunReport:
-    """Queries and performs until ``sessions`` rounds found work (or the wait runs out)."""
+    """Queries and performs until ``sessions`` rounds found work (or the wait runs out);
+    ``sessions=None`` until a round finds nothing for this device after the wait, which is
+    then the end of the work, not a problem."""
     report = RunReport()
     deadline = time.monotonic() + wait_seconds
-    while report.sessions < sessions:
+    while sessions is None or report.sessions < sessions:
         try:
             outcomes = device.run_once()
         except (TmsUnavailable, DimseError, DeviceError, OSError) as exc:
@@ -93,9 +95,10 @@ def run_sessions(
             report.outcomes.extend(outcomes)
             continue
         if time.monotonic() >= deadline:
-            report.problems.append(
-                f"found work for {report.sessions} of {sessions} sessions on the worklist"
-            )
+            if sessions is not None:
+                report.problems.append(
+                    f"found work for {report.sessions} of {sessions} sessions on the worklist"
+                )
             break
         time.sleep(poll_seconds)
     _settle(device, report)
