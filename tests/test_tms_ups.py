@@ -645,7 +645,11 @@ CANCELED_REQUIRES = [
     "ProcedureStepProgressInformationSequence>ProcedureStepCancellationDateTime",
     "ProcedureStepProgressInformationSequence>ProcedureStepDiscontinuationReasonCodeSequence",
 ]
-BOTH_REQUIRE = [  # R: the scheduler set them at N-CREATE; a UPS without one cannot end
+# R: the SCP or the scheduler set them; a UPS without one cannot end. (SOP Instance UID and
+# Procedure Step State are R too, but a UPS without them is not one the TMS can find or
+# move: C307 and 0110, before any final-state check.)
+BOTH_REQUIRE = [
+    "SOPClassUID",
     "ScheduledProcedureStepPriority",
     "ScheduledProcedureStepModificationDateTime",
     "ProcedureStepLabel",
