@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -639,7 +640,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from emulator.conformance.rulebook import RuleBook
     from emulator.conformance.traffic import TrafficRecorder
     from emulator.metrics import default_metrics
-    from emulator.net.scu import DimseError
+    from emulator.net.scu import AssociationRejected, DimseError
     from emulator.performer.runner import RunReport, run_sessions
     from emulator.performer.workflow import PerformingDevice
     from emulator.profile import load_profile
@@ -665,6 +666,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 finally:
                     if metrics_server:
                         metrics_server.stop()
+        except AssociationRejected as exc:
+            if not exc.permanent:
+                raise
+            # A set-up problem (an AE title the peer does not know): one sentence, exit 2.
+            if args.verbose:
+                traceback.print_exc()
+            print(f"tdw-emu run: {exc}", file=sys.stderr)
+            return 2
         except (OSError, DeviceError, DimseError) as exc:
             # The device could not start (a port in use, a controller that does not answer):
             # one line, the report and the traffic log all the same.
@@ -1066,10 +1075,14 @@ def main(argv: list[str] | None = None) -> int:
     if pynetdicom_level is not None:
         logging.getLogger("pynetdicom").setLevel(pynetdicom_level)
     from emulator.config import ConfigError
+    from emulator.net.scu import AssociationRejected
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, ValueError, AssociationRejected) as exc:
+        # A set-up problem: one sentence with the cause and the fix; -v adds the traceback.
+        if args.verbose:
+            traceback.print_exc()
         print(f"tdw-emu {args.command}: {exc}", file=sys.stderr)
         return 2
 

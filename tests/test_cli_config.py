@@ -334,3 +334,40 @@ def test_tms_schedule_command_creates_fraction_sessions(tmp_path, archive_proces
         assert len(ups.select("station_code = 'LINAC2'")) == 20
     finally:
         ups.close()
+
+
+def test_a_device_the_tms_does_not_know_gets_one_sentence_and_exit_2(
+    tmp_path, archive_process_factory
+):
+    """The README's first mistake to make: a TMS that knows LINAC1, a device calling as
+    PDS1. The TMS rejects the association (calling AE title not recognized); the device
+    says so in one sentence naming the fix, exits 2 (a set-up problem) at once instead of
+    retrying for the TMS retry window, and prints no traceback (unless -v)."""
+    from tests.conftest import free_port
+
+    port = free_port()
+    tms = archive_process_factory(
+        "--data-dir", str(tmp_path / "site"), "--port", "0", "--archive-port", "0",
+        "--peer", f"LINAC1@127.0.0.1:{port}", "--seed", "LINAC1",
+        command="tms", ready="ready",
+    )  # fmt: skip
+    tms_port, archive_port = tms.addresses["TMS"][1], tms.addresses["ARCHIVE"][1]
+    command = [
+        sys.executable, "-m", "emulator.cli", "run", "--kind", "pds", "--station", "LINAC1",
+        "--tms", f"TMS@127.0.0.1:{tms_port}", "--archive", f"ARCHIVE@127.0.0.1:{archive_port}",
+        "--ae-title", "PDS1", "--listen-port", str(port), "--data-dir", str(tmp_path / "dev"),
+    ]  # fmt: skip
+    started = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert time.monotonic() - started < 30  # not the 120 s retry window
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("tdw-emu run:")]
+    assert lines == [
+        f"tdw-emu run: TMS@127.0.0.1:{tms_port} rejected the association permanently: it does "
+        "not accept the calling AE title PDS1: the peer must know it (a reference TMS or "
+        "Archive: --peer PDS1@HOST:PORT, or --allow PDS1)"
+    ], result.stderr
+    with_v = [*command[:3], "-v", *command[3:]]  # -v is tdw-emu's own flag
+    verbose = subprocess.run(with_v, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert verbose.returncode == 2 and "Traceback" in verbose.stderr

@@ -64,13 +64,50 @@ def associate(
         tls_args=tls_args(settings, peer.host),
     )
     if not assoc.is_established:
-        reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
+        if assoc.is_rejected:
+            raise AssociationRejected.of(assoc, calling_ae, peer)
+        reason = "aborted" if assoc.is_aborted else "failed"
         raise DimseError(f"association with {peer} {reason}")
     try:
         yield assoc
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+# PS3.8 Table 9-21: A-ASSOCIATE-RJ reasons of the service user (source 1), with the fix.
+_USER_REJECTIONS = {
+    2: "it does not support the application context",
+    3: "it does not accept the calling AE title {calling}: the peer must know it (a "
+    "reference TMS or Archive: --peer {calling}@HOST:PORT, or --allow {calling})",
+    7: "its AE title is not {called}: give the AE title it answers to (AET@HOST:PORT)",
+}
+
+
+class AssociationRejected(DimseError):
+    """The peer answered A-ASSOCIATE-RJ: a set-up problem, not an outage.
+
+    A permanent rejection (PS3.8 9.3.4, result 1) will be the same on every attempt, so
+    nothing retries it; a transient one (result 2, e.g. too many associations) may be.
+    """
+
+    def __init__(self, message: str, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+    @classmethod
+    def of(cls, assoc: Association, calling_ae: str, peer: Peer) -> AssociationRejected:
+        rejection = assoc.acceptor.primitive
+        result = int(getattr(rejection, "result", 0) or 0)
+        source = int(getattr(rejection, "result_source", 0) or 0)
+        reason = int(getattr(rejection, "diagnostic", 0) or 0)
+        why = "it gave no reason it is known for"
+        if source == 1 and reason in _USER_REJECTIONS:
+            why = _USER_REJECTIONS[reason].format(calling=calling_ae, called=peer.ae_title)
+        elif result == 2:
+            why = "it is busy (too many associations); try again later"
+        kind = "permanently" if result == 1 else "for now"
+        return cls(f"{peer} rejected the association {kind}: {why}", permanent=result == 1)
 
 
 def _status_of(rsp: Dataset | None, what: str) -> int:

@@ -20,7 +20,7 @@ from pynetdicom.dsutils import encode
 
 from emulator.net.ae_factory import NetworkSettings, association_handlers, make_ae, tls_args
 from emulator.net.peers import Peer
-from emulator.net.scu import DimseError
+from emulator.net.scu import AssociationRejected, DimseError
 from emulator.profile import Profile
 
 ACTION_CHANGE_STATE = 1
@@ -62,6 +62,8 @@ class UpsConnection:
             tls_args=tls_args(self.settings, self.tms.host),
         )
         if not self.assoc.is_established:
+            if self.assoc.is_rejected:
+                raise AssociationRejected.of(self.assoc, self.calling_ae, self.tms)
             raise DimseError(f"association with TMS {self.tms} failed")
         return self
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from devices.base import DeviceError
-from emulator.net.scu import DimseError
+from emulator.net.scu import AssociationRejected, DimseError
 from emulator.performer.tms_link import TmsUnavailable
 from emulator.performer.workflow import PerformingDevice, UpsOutcome
 
@@ -85,6 +85,12 @@ def run_sessions(
     while sessions is None or report.sessions < sessions:
         try:
             outcomes = device.run_once()
+        except AssociationRejected as exc:
+            if exc.permanent and not report.outcomes:
+                raise  # a set-up problem before any work: the command says so and exits 2
+            LOG.debug("the run stopped", exc_info=True)
+            report.problems.append(f"the run stopped: {exc}")
+            break
         except (TmsUnavailable, DimseError, DeviceError, OSError) as exc:
             # Whatever happened, the run ends with a report, not a traceback (-v logs it).
             LOG.debug("the run stopped", exc_info=True)

@@ -101,8 +101,8 @@ class TmsLink:
                 with UpsConnection(self.calling_ae, self.tms, self.profile, self.settings) as c:
                     return send(c)
             except DimseError as exc:
-                if exc.status is not None:
-                    raise  # an answer, not an outage
+                if exc.status is not None or getattr(exc, "permanent", False):
+                    raise  # an answer (a status, a permanent rejection), not an outage
                 if attempt >= len(delays):
                     raise TmsUnavailable(
                         f"{what}: the TMS {self.tms} could not be reached "
