@@ -668,7 +668,30 @@ N_SET_NOT_ALLOWED = {
     "AdmissionID": "A1",
     "AdmittingDiagnosesDescription": "x",
     "ProcedureStepState": "COMPLETED",
+    # Sequences: one plausible item each.
+    "OtherPatientIDsSequence": [("PatientID", "OTHER2"), ("TypeOfPatientID", "TEXT")],
+    "IssuerOfAdmissionIDSequence": [("LocalNamespaceEntityID", "HOSPITAL")],
+    "AdmittingDiagnosesCodeSequence": [
+        ("CodeValue", "C34"),
+        ("CodingSchemeDesignator", "I10"),
+        ("CodeMeaning", "Lung"),
+    ],
+    "ReferencedRequestSequence": [("StudyInstanceUID", "1.2.3.4.5"), ("AccessionNumber", "A1")],
+    "ReplacedProcedureStepSequence": [
+        ("ReferencedSOPClassUID", "1.2.840.10008.5.1.4.34.6.1"),
+        ("ReferencedSOPInstanceUID", "1.2.3.4.6"),
+    ],
 }
+
+
+def _value(keyword: str):
+    value = N_SET_NOT_ALLOWED[keyword]
+    if not isinstance(value, list):
+        return value
+    item = Dataset()
+    for name, text in value:
+        setattr(item, name, text)
+    return Sequence([item])
 
 
 def _without(body: Dataset, path: str) -> Dataset:
@@ -742,7 +765,7 @@ def test_an_n_set_of_a_not_allowed_attribute_is_refused(make_site, keyword):
     with client(site) as tms:
         ups, transaction = _claimed(tms)
         body = progress(transaction, 10.0)
-        setattr(body, keyword, N_SET_NOT_ALLOWED[keyword])
+        setattr(body, keyword, _value(keyword))
         assert tms.n_set(ups.SOPInstanceUID, body) == 0x0106, keyword
         status, current = tms.n_get(ups.SOPInstanceUID, [0x00741000, 0x00100020, 0x00741002])
         assert status == 0x0000
