@@ -211,3 +211,17 @@ def test_citations_name_clauses_never_files():
             text = f"{rule.reference} {rule.statement}"
             assert not any(part in text for part in (".yaml", ".md", ".py", "profiles/")), rule
             assert rule.reference.split()[0] in ("IHE-RO", "PS3.4"), rule
+
+
+def test_an_expectation_shows_its_statuses_in_hex():
+    """A report says 0xC302 as PS3.4 does, never the decimal 49922 (issue [8/8])."""
+    from emulator.conformance.scenarios import _expect_text
+
+    assert _expect_text({"status": 0xC302, "reply_state": "CANCELED"}) == (
+        "{status: 0xC302, reply_state: CANCELED}"
+    )
+    assert _expect_text({"winners": 1, "losers_status": 0xC302}) == (
+        "{winners: 1, losers_status: 0xC302}"
+    )
+    assert _expect_text(0xB304) == "0xB304"
+    assert "49922" not in _expect_text({"status": 49922})

@@ -135,8 +135,17 @@ def _status_matches(expected: Any, status: int | None) -> bool:
 
 
 def _expect_text(expected: Any) -> str:
+    """An expectation as a report shows it: every DIMSE status in hex (0xC302, not 49922)."""
+    if isinstance(expected, bool):
+        return str(expected)
     if isinstance(expected, int):
         return f"0x{expected:04X}"
+    if isinstance(expected, dict):
+        parts = [
+            f"{key}: {_expect_text(value) if 'status' in str(key) else value}"
+            for key, value in expected.items()
+        ]
+        return "{" + ", ".join(parts) + "}"
     return str(expected)
 
 
@@ -175,11 +184,11 @@ class ScenarioRunner:
                 result.error = f"suite error: {exc}"
                 result.steps.append(
                     StepResult(index, step["action"], self.book.cite(step.get("rule", "")), False,
-                               str(step.get("expect", "")), "suite error", 0.0, str(exc))
+                               _expect_text(step.get("expect", "")), "suite error", 0.0, str(exc))
                 )  # fmt: skip
                 break
             except (StepFailed, DimseError, OSError, RuntimeError, ValueError) as exc:
-                ok, expected, observed = False, str(step.get("expect", "")), "error"
+                ok, expected, observed = False, _expect_text(step.get("expect", "")), "error"
                 message = f"{type(exc).__name__}: {exc}"
             result.steps.append(
                 StepResult(
