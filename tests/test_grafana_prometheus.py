@@ -45,6 +45,16 @@ def grafana_expr(expr: str) -> str:
     return expr
 
 
+def test_the_device_dashboards_all_is_the_devices_only():
+    """'All' on the device dashboard must not sum the TMS's and the Archive's series into
+    device panels: the variable lists device AEs only, and without an allValue Grafana
+    matches exactly the listed ones (an allValue of .+ matched every AE)."""
+    board = json.loads((GRAFANA / "dashboards" / "tdw-device.json").read_text())
+    device = next(v for v in board["templating"]["list"] if v["name"] == "device")
+    assert device["includeAll"] and "allValue" not in device
+    assert 'kind=~"pds|pps|tdd"' in device["definition"]
+
+
 def test_dashboards_are_provisionable_as_they_are():
     uids = set()
     for path in DASHBOARDS:
