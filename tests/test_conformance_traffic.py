@@ -7,6 +7,9 @@ are built directly because a real race only sometimes lands in the awkward order
 
 from __future__ import annotations
 
+from copy import deepcopy
+
+import pytest
 from pydicom.dataset import Dataset
 
 from emulator.conformance.message_rules import CheckContext, check_traffic
@@ -95,3 +98,93 @@ def test_two_winners_of_one_ups_are_caught():
     findings = _state_table_findings(_recorder([0x0000, 0x0000], loser_first=False))
     assert len(findings) == 1
     assert "answered 0x0000, the state table requires 0xC302" in findings[0]
+
+
+# RO-17 Table 3.17-1, the SCP's return column, as the seed states it (written out here, not
+# read from profiles/rules.yaml, so that a key dropped from that table fails this test).
+RO17_RETURNED = [
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "ProcedureStepState",
+    "ProcedureStepLabel",
+    "ScheduledStationNameCodeSequence",
+    "ScheduledStationNameCodeSequence>CodeValue",
+    "ScheduledStationNameCodeSequence>CodingSchemeDesignator",
+    "ScheduledStationNameCodeSequence>CodeMeaning",
+    "ScheduledProcedureStepStartDateTime",
+    "ScheduledWorkitemCodeSequence",
+    "ScheduledProcessingParametersSequence",
+    "InputInformationSequence",
+    "PatientName",
+    "PatientID",
+]
+
+
+@pytest.fixture(scope="module")
+def real_worklist(tmp_path_factory):
+    """A worklist query and its four answers, from the reference TMS over a real association."""
+    from emulator.reference.site import ReferenceSite, SiteConfig
+    from emulator.seeding import SeedOptions
+    from tests.ups_client import UpsClient
+
+    site = ReferenceSite(
+        SiteConfig(
+            data_dir=tmp_path_factory.mktemp("site"),
+            tms_port=0,
+            archive_port=0,
+            accept_any_ae=True,
+            seed_options=SeedOptions(slices=3, rows=16, beams=1, dynamic_beams=0),
+        )
+    )
+    site.seed("LINAC1", 1)
+    with site:
+        sent: list[Dataset] = []
+        with UpsClient(*site.tms.address, "TMS", "TDWEMU1") as tms:
+            original = tms.find
+            tms.find = lambda ident: (sent.append(ident), original(ident))[1]
+            answers = tms.worklist("LINAC1")
+    assert len(answers) == 4
+    return sent[0], answers
+
+
+def _worklist_findings(query: Dataset, answers: list[Dataset]) -> list:
+    profile = load_profile("ihe-ro-2008", "final")
+    recorder = TrafficRecorder()
+    recorder.associations[1] = Association(1, "TDWEMU1", "TMS", "requestor", 0.0)
+    pull = profile.sop_classes["ups_pull"]
+
+    def message(seq, name, status=None, ds=None, rsp=False):
+        return Message(
+            seq, seq / 10, 1, "received" if rsp else "sent", name, None if rsp else 1,
+            1 if rsp else None, pull, "", status, None, ds,
+        )  # fmt: skip
+
+    recorder.messages = [
+        message(1, "C-FIND-RQ", ds=query),
+        *(message(2 + i, "C-FIND-RSP", 0xFF00, a, rsp=True) for i, a in enumerate(answers)),
+        message(2 + len(answers), "C-FIND-RSP", 0x0000, rsp=True),
+    ]
+    context = CheckContext(profile, RuleBook.load("ihe-ro-2008"), "TMS", "ARCHIVE")
+    return [f for f in check_traffic(recorder, context) if f.rule.startswith("RO-17/")]
+
+
+def test_the_reference_tms_worklist_answer_has_no_return_key_finding(real_worklist):
+    query, answers = real_worklist
+    findings = [f for f in _worklist_findings(query, answers) if "Table-3.17-1" in f.rule]
+    assert findings == []
+
+
+@pytest.mark.parametrize("path", RO17_RETURNED)
+def test_each_return_key_the_scp_leaves_out_is_a_finding(real_worklist, path):
+    query, answers = real_worklist
+    broken = deepcopy(answers)
+    *parents, keyword = path.split(">")
+    for answer in broken:
+        node = answer
+        for parent in parents:
+            node = node[parent].value[0]
+        delattr(node, keyword)
+    findings = _worklist_findings(query, broken)
+    named = [f for f in findings if keyword in f.attribute or keyword in f.message]
+    assert named, [(f.rule, f.attribute, f.message) for f in findings]
+    assert {f.severity for f in named} == {"error"}
