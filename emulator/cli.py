@@ -467,8 +467,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SEED_SUMMARY_TAGS = [
+    "Modality", "PatientID", "PatientName", "StudyInstanceUID", "SOPInstanceUID", "RTPlanLabel",
+]  # fmt: skip
+
+
 def _cmd_seed(args: argparse.Namespace) -> int:
     from dataclasses import fields
+
+    from pydicom import dcmread
 
     from emulator.seeding import SeedOptions, seed_patients
 
@@ -476,6 +483,14 @@ def _cmd_seed(args: argparse.Namespace) -> int:
     written = seed_patients(args.out, options)
     for paths in written:
         print(f"{paths[0].parent}: {len(paths)} objects")
+        # What `tdw-emu tms schedule --plan-uid` and a TMS vendor need, without dcmdump.
+        for path in paths:
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=SEED_SUMMARY_TAGS)
+            if ds.get("Modality") == "RTPLAN":
+                print(
+                    f"  patient {ds.PatientID} ({ds.PatientName}), study "
+                    f"{ds.StudyInstanceUID}, RT Plan {ds.SOPInstanceUID} ({ds.RTPlanLabel})"
+                )
     return 0
 
 

@@ -243,6 +243,15 @@ def test_seed_command_output_passes_dciodvfy(tmp_path):
     assert len(files) == 2 * (6 + 4)
     patients = {dcmread(f, stop_before_pixels=True).PatientID for f in files}
     assert patients == {"TDW0001", "TDW0002"}
+    # It says what it wrote: each patient's study and RT Plan UID (what tms schedule needs).
+    plans = [dcmread(f, stop_before_pixels=True) for f in files]
+    plans = [ds for ds in plans if ds.Modality == "RTPLAN"]
+    for plan in plans:
+        line = (
+            f"  patient {plan.PatientID} ({plan.PatientName}), study {plan.StudyInstanceUID}, "
+            f"RT Plan {plan.SOPInstanceUID} ({plan.RTPlanLabel})"
+        )
+        assert line in result.stdout.splitlines(), result.stdout
     failures = {
         str(f.relative_to(tmp_path)): errors
         for f in files
