@@ -417,6 +417,12 @@ def _add_soak(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=1, help="random seed of the fault injection")
     p.add_argument("--data-dir", type=Path, help="keep the run's data here (default: temp)")
     p.add_argument("--json", type=Path, default=Path("soak-verdict.json"), help="verdict file")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="YAML file (key 'soak'): any of these options by their long name with '_' "
+        "for '-' (e.g. tls_cert, metrics_port, max_p99_ms); flags override it",
+    )
     limits = p.add_argument_group(
         "limits", "the verdict fails when the run goes beyond one (default: not judged)"
     )
@@ -730,6 +736,27 @@ def parse_duration(text: str) -> float:
     return parse_seconds(text)
 
 
+def _apply_config_file(args: argparse.Namespace, section: str) -> None:
+    """Fills the options the command line left unset from the YAML file's ``section``.
+
+    A key must be one of the command's options (its long name, '_' for '-'); a flag given
+    on the command line wins over the file.
+    """
+    from emulator.config import ConfigError, load_yaml_config
+
+    defaults = build_parser().parse_args([section, *SOAK_REQUIRED_PLACEHOLDERS])
+    for key, value in load_yaml_config(args.config, section).items():
+        if key == "config" or not hasattr(args, key):
+            raise ConfigError(f"config {args.config}: unknown {section} option {key!r}")
+        if getattr(args, key) == getattr(defaults, key):
+            current = getattr(defaults, key)
+            setattr(args, key, type(current)(value) if isinstance(current, Path) else value)
+
+
+# The soak's required flags, so the parser can tell a given option from its default.
+SOAK_REQUIRED_PLACEHOLDERS = ["--devices", "0", "--duration", "0", "--embedded"]
+
+
 def _cmd_soak(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -741,6 +768,8 @@ def _cmd_soak(args: argparse.Namespace) -> int:
     from emulator.soak.runner import SoakConfig
     from emulator.soak.verdict import SoakLimits
 
+    if args.config:
+        _apply_config_file(args, "soak")
     if args.tms and not args.archive:
         raise ValueError("--tms needs --archive")
     config = SoakConfig(

@@ -330,13 +330,23 @@ def test_tms_and_run_commands_over_tls_and_a_tms_without_client_auth(tmp_path, p
     assert run.stdout.count("COMPLETED") == 4, run.stdout
 
 
-def test_soak_over_tls(tmp_path, pki):
+def test_soak_over_tls_configured_in_yaml(tmp_path, pki):
     """Every association of an embedded soak (devices, TMS, Archive, C-MOVE back to the
-    devices) speaks TLS with client certificates, and the run loses nothing."""
+    devices) speaks TLS with client certificates, and the run loses nothing. The TLS keys
+    and a limit come from `--config` (as README and docs/metrics.md say they can)."""
     out = tmp_path / "verdict.json"
+    config = tmp_path / "soak.yaml"
+    config.write_text(
+        "soak:\n"
+        f"  tls_cert: {pki / 'site.pem'}\n"
+        f"  tls_key: {pki / 'site.key'}\n"
+        f"  tls_ca: {pki / 'ca.pem'}\n"
+        "  max_p99_ms: 5000\n"
+        "  workers: 0\n"
+    )
     proc = start_cli_process(
-        "soak", "--embedded", "--devices", "2", "--duration", "5s", "--workers", "0",
-        "--json", str(out), *_tls_flags(pki, "site"),
+        "soak", "--embedded", "--devices", "2", "--duration", "5s", "--json", str(out),
+        "--config", str(config),
         ready="PASS", timeout=180,
     )  # fmt: skip
     proc.process.wait(timeout=60)
@@ -345,3 +355,18 @@ def test_soak_over_tls(tmp_path, pki):
     verdict = json.loads(out.read_text())
     assert verdict["ok"] and verdict["sessions"]["completed"] >= 2
     assert verdict["records"]["lost_records"] == 0
+    assert verdict["limits"] == {"p99_ms": 5000}
+    assert not any("worker processes" in line for line in proc.output)  # workers: 0
+
+
+def test_a_soak_config_key_that_is_no_option_is_refused(tmp_path):
+    config = tmp_path / "soak.yaml"
+    config.write_text("soak:\n  tls_certificate: x.pem\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "emulator.cli", "soak", "--embedded", "--devices", "1",
+         "--duration", "1s", "--config", str(config)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "unknown soak option 'tls_certificate'" in result.stderr
+    assert "Traceback" not in result.stderr
