@@ -220,22 +220,30 @@ def _add_tms(sub: argparse._SubParsersAction) -> None:
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run an emulated performing device (PPS, PDS or TDD)")
     p.add_argument("--config", type=Path, help="YAML file (key 'run'); flags override it")
-    p.add_argument("--kind", choices=("pds", "pps", "tdd"))
-    p.add_argument("--station", help="Scheduled Station Name code value to query for")
-    p.add_argument("--tms", metavar="AET@HOST:PORT")
-    p.add_argument("--archive", metavar="AET@HOST:PORT")
-    p.add_argument("--ae-title")
+    p.add_argument(
+        "--kind",
+        choices=("pds", "pps", "tdd"),
+        help="required (here or in --config): PDS all four steps, PPS positioning, TDD delivery",
+    )
+    p.add_argument("--station", help="required: the Scheduled Station Name code value to query for")
+    p.add_argument("--tms", metavar="AET@HOST:PORT", help="required: the TMS")
+    p.add_argument("--archive", metavar="AET@HOST:PORT", help="required: its Archive")
+    p.add_argument("--ae-title", help="this device's AE title (default: the kind, e.g. PDS1)")
     p.add_argument("--listen-port", type=int, help="Storage SCP port for C-MOVE results")
     p.add_argument("--listen-host", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"))
-    p.add_argument("--uids", choices=("final", "trial"))
-    p.add_argument("--time-scale", type=float, help="1 real time, 0 as fast as possible")
+    p.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"), help="(default: ihe-ro-2008)")
+    p.add_argument("--uids", choices=("final", "trial"), help="(default: final)")
+    p.add_argument(
+        "--time-scale", type=float, help="1 real time, 0 as fast as possible (default: 0)"
+    )
     p.add_argument(
         "--sessions",
         help="sessions to perform, or 'all': until the worklist has nothing more for this "
         "device (default 1)",
     )
-    p.add_argument("--wait", type=float, help="seconds to wait for work on the worklist")
+    p.add_argument(
+        "--wait", type=float, help="seconds to wait for work on the worklist (default: 0)"
+    )
     p.add_argument("--interrupt", metavar="BEAM:MU", help="trip an interlock at BEAM:MU")
     p.add_argument(
         "--device",
@@ -452,11 +460,49 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, help="also write the findings here")
 
 
+DESCRIPTION = """\
+Emulated IHE-RO Treatment Delivery Workflow performing devices (PPS, PDS, TDD) that talk
+DICOM to a Treatment Management System and its Archive, a strict reference TMS and
+Archive to run them against, a conformance suite that judges a TMS, and soak runs of many
+devices.
+
+First steps:
+  tdw-emu demo                       the whole workflow on the embedded reference TMS
+  tdw-emu scenarios run --help       judge your TMS
+  tdw-emu COMMAND --help             every option of a command, with its default
+"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default that is a value (not None, False or an empty list):
+    a user should not have to read the code to learn that soak runs at 0.02."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or not action.option_strings
+            or action.required
+            or default in (None, False, [], argparse.SUPPRESS)
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every subcommand's parser formats its help the same way."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tdw-emu", description=__doc__)
+    parser = _Parser(prog="tdw-emu", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"tdw-emu {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_seed(sub)
     _add_archive(sub)
     _add_tms(sub)
