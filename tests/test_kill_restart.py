@@ -4,6 +4,12 @@ Afterwards no UPS may be left IN PROGRESS, every record the Archive holds must b
 exactly one UPS's Output Information, no result may have been stored twice, and no step
 may have been performed after an earlier step of its session was canceled (a kill stops a
 session at the step it lands in; the restarted process must not carry on past it).
+
+The site and the device run TDW-II: there the device makes each Transaction UID and
+journals the claim before sending it, so a kill at any moment, even between the TMS
+accepting a claim and the device hearing so, leaves nothing IN PROGRESS. Under RO-19 2008
+the TMS makes the UID and a kill in that window leaves a UPS the device cannot end (it
+says so: tests/test_performer.py); this test would then fail by the seed's design.
 """
 
 from __future__ import annotations
@@ -32,16 +38,17 @@ KILLS = 6
 def test_killed_and_restarted_device_leaves_nothing_in_progress(tmp_path):
     device_port = free_port()
     # More sessions than kills: each kill can stop at most one, the last run completes others.
-    tms = start_site(tmp_path / "site", device_port, patients=KILLS + 2)
+    tms = start_site(tmp_path / "site", device_port, KILLS + 2, "--profile", "tdw-ii")
     try:
         run = run_command(
             tms, device_port, tmp_path / "device",
-            "--time-scale", "0.05", "--sessions", "3", "--wait", "2",
+            "--time-scale", "0.05", "--sessions", "3", "--wait", "2", "--profile", "tdw-ii",
         )  # fmt: skip
         rng = random.Random(7)
         # Each kill that lands inside a claim leaves it undecided in the device's journal;
         # the next run must cancel exactly those (and complete or settle the decided ones).
-        left_undecided: set[str] = set()
+        certain: set[str] = set()
+        maybe: set[str] = set()
         kills = 0
         for _ in range(KILLS):
             process = subprocess.Popen(
@@ -53,9 +60,11 @@ def test_killed_and_restarted_device_leaves_nothing_in_progress(tmp_path):
                 process.send_signal(signal.SIGKILL)
                 process.wait(timeout=10)
                 kills += 1
-            left_undecided |= undecided_claims(tmp_path / "device")
+            held, in_flight = undecided_claims(tmp_path / "device")
+            certain |= held
+            maybe |= in_flight
         assert kills >= KILLS // 2, "most runs ended before their kill: nothing was tested"
-        assert left_undecided, "no kill landed inside a claim: nothing was tested"
+        assert certain, "no kill landed inside a claim: nothing was tested"
         run_to_the_end(run, tmp_path / "device")
     finally:
         tms.stop()
@@ -72,7 +81,9 @@ def test_killed_and_restarted_device_leaves_nothing_in_progress(tmp_path):
         restarted = {
             r.sop_instance_uid for r, why in zip(records, reasons, strict=True) if RESTARTED in why
         }
-        assert restarted == left_undecided, (restarted, left_undecided)
+        # Every claim a kill left held was canceled on restart; a claim still on its way when
+        # the kill came was canceled if the TMS had got it, and nothing else was.
+        assert certain <= restarted <= certain | maybe, (restarted, certain, maybe)
         assert "IN PROGRESS" not in states, states
         assert states.count("COMPLETED") >= 4  # at least one whole session got through
         sessions: dict[str, dict[str, str]] = {}

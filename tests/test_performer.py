@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from copy import deepcopy
 
 import numpy as np
 import pytest
+from pydicom.uid import generate_uid
 
 from devices.geometry import rigid_parameters
 from emulator.net.peers import Peer
@@ -381,3 +383,39 @@ def test_a_tms_that_refuses_progress_between_beams_still_gets_the_record(lab):
     }
     assert recorded == pytest.approx(outcome.delivered)
     assert site.archive.store.get(str(record.SOPInstanceUID)) is not None
+
+
+@pytest.mark.parametrize(
+    ("edition", "landed"), [("tdw-ii", True), ("tdw-ii", False), ("ihe-ro-2008", True)]
+)
+def test_a_kill_while_a_claim_was_on_its_way(lab, edition, landed):
+    """The claim is journaled ("claiming") before its N-ACTION leaves. After a kill there:
+    TDW-II (the device made the UID) cancels the UPS if the TMS took the claim, and forgets
+    the claim if it never landed (the UPS is performed as usual); RO-19 2008 (the TMS made
+    the UID, which never arrived) cannot end it and says so instead of guessing."""
+    from emulator.performer.claim import ClaimedUps
+    from emulator.performer.workflow import progress_dataset
+
+    site, devices = lab(("pds",), edition=edition)
+    first = devices["pds"]
+    step, ups = actors.select("pds", first.query_worklist())[0]
+    empty = first.profile.performer_may_send_empty_transaction_uid
+    sent = "" if empty else str(generate_uid())
+    ClaimedUps.intended(first.journal, ups, step, sent, dt.datetime.now().replace(microsecond=0))
+    if landed:  # the TMS accepted it; the device died before hearing so
+        probe = progress_dataset(first.profile, sent, 0.0, None)
+        assert first.tms.claim(str(ups.SOPInstanceUID), sent, probe).status == 0x0000
+    first.stop()
+    with PerformingDevice(first.config) as second:
+        outcomes = second.run_once()
+    state = next(r.state for r in site.tms.ups.select() if r.step == step)
+    if edition == "tdw-ii" and landed:
+        assert (outcomes[0].step, outcomes[0].state) == (step, "CANCELED")
+        assert "the device restarted while" in outcomes[0].reason
+        assert state == "CANCELED"
+    elif edition == "tdw-ii":
+        assert [(o.step, o.state) for o in outcomes][:1] == [(step, "COMPLETED")]
+        assert state == "COMPLETED"
+    else:
+        assert (outcomes[0].state, state) == ("FAILED", "IN PROGRESS")
+        assert "UID never received" in outcomes[0].reason

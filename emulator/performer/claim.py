@@ -4,8 +4,14 @@ The claim is a ``transitions`` machine whose every state change is journaled, so
 made in this process and one resumed from the journal after a kill are the same object
 running the same code::
 
-    claimed -> performing -> results_stored -> final_update_sent -> completed | canceled
-                   \\______________\\_________________\\____________-> final_pending
+    claiming -> claimed -> performing -> results_stored -> final_update_sent -> completed
+                                \\______________\\_________________\\____ -> canceled
+                                                                     \\-> final_pending
+
+``claiming`` is journaled before the N-ACTION IN PROGRESS leaves, with the Transaction UID
+this device made for it: a process killed between the TMS accepting the claim and the
+journal hearing of it still knows the UPS and the UID to end it with (a UPS is never left
+IN PROGRESS by a crash).
 
 ``end_as`` records the final state aimed at (COMPLETED, or CANCELED with a reason and a
 CID 9300 cause) from any open state. ``final_pending`` means the TMS refused the final
@@ -23,9 +29,18 @@ from transitions import Machine
 
 from emulator.performer.outbox import Claim, ClaimJournal
 
-OPEN_STATES = ["claimed", "performing", "results_stored", "final_update_sent", "final_pending"]
-STATES = [*OPEN_STATES, "completed", "canceled"]
+OPEN_STATES = [
+    "claiming",
+    "claimed",
+    "performing",
+    "results_stored",
+    "final_update_sent",
+    "final_pending",
+]
+STATES = [*OPEN_STATES, "completed", "canceled", "not_claimed"]
 TRANSITIONS = [
+    {"trigger": "accepted", "source": "claiming", "dest": "claimed"},
+    {"trigger": "not_ours", "source": "claiming", "dest": "not_claimed"},
     {"trigger": "begin", "source": "claimed", "dest": "performing"},
     {"trigger": "results_kept", "source": ["claimed", "performing"], "dest": "results_stored"},
     {
@@ -35,7 +50,7 @@ TRANSITIONS = [
     },
     {"trigger": "accepted_completed", "source": "final_update_sent", "dest": "completed"},
     {"trigger": "accepted_canceled", "source": "final_update_sent", "dest": "canceled"},
-    {"trigger": "refused", "source": OPEN_STATES, "dest": "final_pending"},
+    {"trigger": "refused", "source": OPEN_STATES[1:], "dest": "final_pending"},
 ]
 
 
@@ -61,7 +76,7 @@ class ClaimedUps:
         )
 
     @classmethod
-    def claimed(
+    def intended(
         cls,
         journal: ClaimJournal,
         ups: Dataset,
@@ -69,12 +84,12 @@ class ClaimedUps:
         transaction_uid: str,
         started: dt.datetime,
     ) -> ClaimedUps:
-        """A claim the TMS just accepted; journaled before anything else happens."""
+        """A claim about to be sent; journaled before the N-ACTION leaves the device."""
         record = Claim(
             str(ups.SOPInstanceUID),
             transaction_uid,
             step,
-            "claimed",
+            "claiming",
             0.0,
             started.strftime("%Y%m%d%H%M%S"),
         )
@@ -126,5 +141,5 @@ class ClaimedUps:
     def _journal(self) -> None:
         self.record.state = self.state
         self.journal.save(self.record)
-        if self.state in ("completed", "canceled"):
+        if self.state in ("completed", "canceled", "not_claimed"):
             self.journal.ended(self.uid, self.state)

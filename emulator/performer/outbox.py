@@ -188,6 +188,7 @@ def _beam_from_json(data: dict) -> DeliveredBeam:
 
 
 OPEN_CLAIM_STATES = (
+    "claiming",  # the N-ACTION IN PROGRESS was being sent: the TMS may or may not hold it
     "claimed",
     "performing",
     "results_stored",

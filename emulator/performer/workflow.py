@@ -510,25 +510,36 @@ class PerformingDevice:
     def _claim(self, step: str, ups: Dataset, outcome: UpsOutcome) -> ClaimedUps | None:
         """RO-19: N-ACTION IN PROGRESS; the claim is journaled the moment it is accepted."""
         uid = str(ups.SOPInstanceUID)
+        # The claim is journaled before it is sent. Under TDW-II (and the final standard)
+        # the device makes the Transaction UID, so after any crash it can end the claim;
+        # RO-19 2008 has it sent zero length and made by the TMS (3.19.4.1.2), so a crash
+        # before the reply leaves a UPS the device cannot prove is its own.
         empty = self.profile.performer_may_send_empty_transaction_uid
         sent = "" if empty else str(generate_uid())
+        started = dt.datetime.now().replace(microsecond=0)
+        claim = ClaimedUps.intended(self.journal, ups, step, sent, started)
         probe = progress_dataset(self.profile, sent, 0.0, None)
         try:
             reply = self.tms.claim(uid, sent, probe)
         except TmsUnavailable as exc:
+            claim.not_ours()
             outcome.state, outcome.reason = "SKIPPED", f"RO-19: {exc}"
             return None
         if reply.status != 0x0000:
+            claim.not_ours()
             outcome.state, outcome.reason = "SKIPPED", f"claim refused (0x{reply.status:04X})"
             return None
         self.metrics.ups_transition("IN PROGRESS")
-        transaction = sent or str((reply.dataset or Dataset()).get("TransactionUID", ""))
-        if not transaction:
-            outcome.state = "FAILED"
-            outcome.reason = "RO-19: the TMS created no Transaction UID; UPS left IN PROGRESS"
-            return None
-        started = dt.datetime.now().replace(microsecond=0)
-        return ClaimedUps.claimed(self.journal, ups, step, transaction, started)
+        if not sent:
+            transaction = str((reply.dataset or Dataset()).get("TransactionUID", ""))
+            if not transaction:
+                claim.not_ours()
+                outcome.state = "FAILED"
+                outcome.reason = "RO-19: the TMS created no Transaction UID; UPS left IN PROGRESS"
+                return None
+            claim.record.transaction_uid = transaction
+        claim.accepted()
+        return claim
 
     def _cancel_claim(self, claim: ClaimedUps, cancel: _Cancel) -> None:
         LOG.warning("UPS %s will be canceled: %s", claim.uid, cancel.reason)
@@ -676,10 +687,12 @@ class PerformingDevice:
             if self.outbox.pending(results):
                 LOG.warning("UPS %s: results still pending; ended later", record.ups_uid)
                 continue
-            outcomes.append(self._resume(ClaimedUps(record, self.journal), results))
+            outcome = self._resume(ClaimedUps(record, self.journal), results)
+            if outcome is not None:  # None: a claim being sent that never landed
+                outcomes.append(outcome)
         return outcomes
 
-    def _resume(self, claim: ClaimedUps, results: list[str]) -> UpsOutcome:
+    def _resume(self, claim: ClaimedUps, results: list[str]) -> UpsOutcome | None:
         outcome = UpsOutcome(claim.uid, claim.step, "", "FINAL PENDING")
         store = self.receiver.store
         claim.stored = [store.read(store.get(r), stop_before_pixels=True) for r in results]
@@ -698,6 +711,10 @@ class PerformingDevice:
         ups = reply.dataset or Dataset()
         state = str(ups.get("ProcedureStepState", "") or "")
         outcome.label = str(ups.get("ProcedureStepLabel", "") or "")
+        if claim.state == "claiming" and (reply.status != 0x0000 or state != "IN PROGRESS"):
+            LOG.info("UPS %s: the claim a killed process was sending never landed", claim.uid)
+            claim.not_ours()
+            return None
         if reply.status != 0x0000 or state != "IN PROGRESS":
             claim.journal.ended(claim.uid)
             outcome.state = state if state in ups_attributes.FINAL_STATES else "SKIPPED"
@@ -705,6 +722,30 @@ class PerformingDevice:
             return outcome
         ups.SOPInstanceUID = claim.uid
         claim.ups = ups
+        if claim.state == "claiming":
+            # Killed while the claim was on its way: the UPS is IN PROGRESS, but whose? Only
+            # the claimer's Transaction UID is accepted on an N-SET (PS3.4 CC.2.1.3).
+            if not claim.transaction_uid:
+                LOG.error(
+                    "UPS %s is IN PROGRESS and may be this device's: it was killed before the "
+                    "TMS's Transaction UID reached it (RO-19 2008 sends it zero length), so it "
+                    "cannot end it; the TMS must",
+                    claim.uid,
+                )
+                claim.not_ours()
+                outcome.state = "FAILED"
+                outcome.reason = (
+                    "killed mid-claim: IN PROGRESS at the TMS with a UID never received"
+                )
+                return outcome
+            probe = progress_dataset(self.profile, claim.transaction_uid, 0.0, None)
+            if self.tms.n_set(claim.uid, probe) != 0x0000:
+                LOG.info(
+                    "UPS %s: another device claimed it; this one's claim never landed", claim.uid
+                )
+                claim.not_ours()
+                return None
+            claim.accepted()
         if claim.state == "final_pending" or claim.record.target:
             outcome.settled = True
             return self._finish(claim, outcome)
