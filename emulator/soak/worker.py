@@ -24,7 +24,9 @@ from emulator.soak.fleet import FleetMember
 from emulator.soak.runner import Progress, SoakConfig, SoakRun
 
 # SoakConfig fields a spec carries as plain JSON; the rest are rebuilt from their text.
-REBUILT = ("tms", "archive", "members", "network", "seed_options", "data_dir")
+# Not sent as JSON: rebuilt from the spec, or (limits) judged by the coordinator only, over
+# every worker's samples merged.
+REBUILT = ("tms", "archive", "members", "network", "seed_options", "data_dir", "limits")
 
 
 def spec_config(config: SoakConfig) -> dict:
