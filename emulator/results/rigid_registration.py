@@ -133,7 +133,7 @@ def register_rigid(planning: Volume, cbct: Volume, rotations: bool = True) -> Ri
             params,
             args=(target, observed),
             method="Powell",  # unbounded: a bounded Powell line-searches the whole range
-            options={"xtol": tolerance, "ftol": 1e-7, "maxfev": 4000},
+            options={"xtol": tolerance, "ftol": 1e-7, "maxfev": 600},
         )
         params = result.x
     final = cost(params, at_cbct_resolution.as_spline(), values)
