@@ -191,3 +191,29 @@ def test_a_couch_that_cannot_rotate_gets_no_rotation_and_refuses_one():
         assert measured.correction[1] == (0.0, 0.0, 0.0)
         with pytest.raises(Exception, match="rotation beyond"):
             device.move_couch(CouchCorrection((0, 0, 0), (0.5, 0, 0)))
+
+
+def test_a_short_planning_ct_gets_no_tilt_it_cannot_see():
+    """A soak's planning CT is 8 slices (20 mm): pitch and roll would be read from a slope
+    along z that so short a slab does not show (they came out as 3-degree artefacts the
+    couch refused). The PPS measures translations and the rotation about z only, and each
+    patient placed on the couch lies with the profile's setup error again."""
+    uids = load_sop_classes()
+    geometry = PhantomGeometry(rows=64, columns=64, slices=8)
+    ctx = PatientContext(patient_name="TDW^Short", patient_id="REG0003")
+    planning = build_ct_series(ctx, geometry, uids)
+    with open_device("sim", Clock(0)) as device:
+        for _ in range(2):  # a second patient lies down with the setup error again
+            device.place_patient(volume_from_images(planning))
+            setup_translation, _ = _true_pose(device)
+            cbct = build_cbct_series(ctx, device.acquire("CBCT"), uids, "LINAC1")
+            measured = register_rigid(volume_from_images(planning), volume_from_images(cbct))
+            translation, rotation = measured.correction
+            assert rotation[:2] == (0.0, 0.0)
+            device.move_couch(CouchCorrection(translation, rotation))
+            left_translation, _ = _true_pose(device)
+            # What a couch cannot be told about (the tilts) leaves the slab's centre in place:
+            # x and y within TG-142's 1 mm; z within one slice.
+            assert np.all(np.abs(left_translation[:2]) < 1.0), left_translation
+            assert abs(left_translation[2]) < 2.5, left_translation
+            assert np.abs(setup_translation).min() >= 1.0

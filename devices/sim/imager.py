@@ -41,10 +41,11 @@ class SimulatedImager:
     def __init__(self, profile: dict[str, Any]) -> None:
         imaging = profile.get("imaging", {})
         self.specs = {k: v for k, v in imaging.items() if isinstance(v, dict)}
-        self.pose = rigid_matrix(
+        self.setup_pose = rigid_matrix(
             tuple(imaging.get("setup_error_mm", (0, 0, 0))),
             tuple(imaging.get("setup_rotation_deg", (0, 0, 0))),
         )
+        self.pose = self.setup_pose.copy()
         self.anatomy: Volume | None = None
         self._acquisitions = 0
 
@@ -52,6 +53,11 @@ class SimulatedImager:
     def setup_error(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
         """Where the patient lies relative to the plan: translation (mm), rotations (deg)."""
         return rigid_parameters(self.pose)
+
+    def lie_down(self, anatomy: Volume) -> None:
+        """A patient is placed on the couch: with the profile's setup error, as each one is."""
+        self.anatomy = anatomy
+        self.pose = self.setup_pose.copy()
 
     def move(self, correction: CouchCorrection) -> None:
         """The couch carries the patient: the correction composes after the current pose."""

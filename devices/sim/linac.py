@@ -210,7 +210,7 @@ class SimulatedLinac(Device):
         return self.couch
 
     def place_patient(self, anatomy: Volume) -> None:
-        self.imager.anatomy = anatomy
+        self.imager.lie_down(anatomy)
 
     def acquire(self, kind: str) -> ImageSet:
         """A CBCT of the placed patient (or the bench phantom) lying with the current pose."""

@@ -27,6 +27,10 @@ SAMPLE_POINTS = 4_000  # 12,000 took 4x the CPU for no better residual (0.1 mm e
 MAX_TRANSLATION_MM = 60.0
 MAX_ROTATION_DEG = 10.0
 MIN_OVERLAP = 0.3  # of the sampled CBCT voxels, inside the planning CT
+# Pitch and roll (about x and y) show as a slope along z: over a slab thinner than this the
+# slope is noise (a soak's 8-slice planning CT gave spurious 3-degree tilts), so only the
+# translations and the rotation about z are measured.
+MIN_TILT_OVERLAP_MM = 40.0
 # Coarse to fine: smoothing (mm) widens the capture range, the last stage is exact. Two
 # stages reach the same residual (under 0.1 mm, 0.1 degree) as four in a quarter of the time:
 # a fleet of PPS registers a CBCT per session.
@@ -102,13 +106,17 @@ def _sample_points(cbct: Volume, planning: Volume) -> tuple[np.ndarray, np.ndarr
 
 
 def register_rigid(planning: Volume, cbct: Volume, rotations: bool = True) -> RigidRegistration:
-    """The CBCT-to-planning transform; rotations only when the couch can correct them."""
+    """The CBCT-to-planning transform; rotations only when the couch can correct them, and
+    pitch and roll only when the scans overlap along enough of the patient to show them."""
     points, values = _sample_points(cbct, planning)
     evaluations = 0
+    tilts = rotations and _overlap_length(planning, cbct) >= MIN_TILT_OVERLAP_MM
+    free = np.array([True, True, True, tilts, tilts, rotations])
 
     def matrix_of(params: np.ndarray) -> np.ndarray:
-        rotation = tuple(params[3:]) if rotations else (0.0, 0.0, 0.0)
-        return rigid_matrix(tuple(params[:3]), rotation)
+        every = np.zeros(6)
+        every[free] = params
+        return rigid_matrix(tuple(every[:3]), tuple(every[3:]))
 
     def cost(params: np.ndarray, target: Volume, observed: np.ndarray) -> float:
         nonlocal evaluations
@@ -118,7 +126,7 @@ def register_rigid(planning: Volume, cbct: Volume, rotations: bool = True) -> Ri
             return 1e12
         return float(np.mean((sampled[inside] - observed[inside]) ** 2))
 
-    params = np.zeros(6 if rotations else 3)
+    params = np.zeros(int(free.sum()))
     # The CBCT's voxels average over more tissue than the planning CT's: compare the
     # planning CT at the CBCT's resolution, or every edge is a mismatch.
     at_cbct_resolution = _smoothed(planning, _resolution_gap(planning, cbct))
@@ -139,12 +147,24 @@ def register_rigid(planning: Volume, cbct: Volume, rotations: bool = True) -> Ri
     final = cost(params, at_cbct_resolution.as_spline(), values)
     if final >= 1e12:
         raise RegistrationError("the CBCT and the planning CT do not overlap")
+    translation, rotation = rigid_parameters(matrix_of(params))
     if (
-        np.abs(params[:3]).max() > MAX_TRANSLATION_MM
-        or np.abs(params[3:]).max(initial=0) > MAX_ROTATION_DEG
+        max(map(abs, translation)) > MAX_TRANSLATION_MM
+        or max(map(abs, rotation)) > MAX_ROTATION_DEG
     ):
         raise RegistrationError(f"no plausible registration found (parameters {params.round(2)})")
     return RigidRegistration(matrix_of(params), final, evaluations)
+
+
+def _overlap_length(planning: Volume, cbct: Volume) -> float:
+    """How much of the patient's length (mm, along z) both scans cover."""
+
+    def extent(volume: Volume) -> tuple[float, float]:
+        start = volume.origin[2]
+        return start, start + (volume.hu.shape[0] - 1) * volume.spacing[2]
+
+    (a0, a1), (b0, b1) = extent(planning), extent(cbct)
+    return max(0.0, min(a1, b1) - max(a0, b0))
 
 
 def _resolution_gap(fine: Volume, coarse: Volume) -> tuple[float, float, float]:
