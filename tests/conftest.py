@@ -40,6 +40,11 @@ pydicom_config.settings.writing_validation_mode = pydicom_config.RAISE
 os.environ["TDW_VALIDATE_FRAMES"] = "1"
 
 
+# Real-speed HIL sessions (2.7 minutes each) only when asked for: make test must fit in 20
+# minutes on 2 cores and keeps one real-time session (tests/test_real_time.py).
+collect_ignore = [] if os.environ.get("TDW_REAL_TIME") == "all" else ["test_hil_real_time.py"]
+
+
 def require_tool(path: str) -> str:
     """The tool's absolute path; skips locally but fails under CI=true when it is missing."""
     found = path if os.path.isabs(path) and os.access(path, os.X_OK) else shutil.which(path)
