@@ -6,7 +6,6 @@ host waits as the controller's timing budget and its PROGRESS frames say."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
