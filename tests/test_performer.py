@@ -164,7 +164,8 @@ def test_a_restart_between_steps_carries_on_with_the_acquired_images(lab):
     shift, turn = rigid_parameters(np.array(stored, dtype=float).reshape(4, 4))
     moved = (couch.lateral, couch.vertical, couch.longitudinal)
     assert moved == pytest.approx(shift, abs=1e-5) and all(shift)
-    assert couch.rotation == pytest.approx(turn, abs=1e-4) and all(turn)
+    # yaw always; pitch and roll only over 40 mm of overlap (this CT has 30 mm: none)
+    assert couch.rotation == pytest.approx(turn, abs=1e-4) and turn[2] != 0
     assert set(_states(site).values()) == {"COMPLETED", "SCHEDULED"}
 
 

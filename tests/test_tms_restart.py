@@ -15,9 +15,9 @@ from emulator.reference.ups_store import UpsStore
 from tests.conftest import REPO, free_port
 from tests.kill_harness import run_command, start_site
 
-# Kill points: 6 in make test (it must stay within 20 minutes on 2 cores; it was 10),
+# Kill points: 4 in make test (it must stay within 20 minutes on 2 cores; it was 10),
 # TDW_TMS_KILLS=N for a longer hunt.
-POINTS = int(os.environ.get("TDW_TMS_KILLS", "6"))
+POINTS = int(os.environ.get("TDW_TMS_KILLS", "4"))
 
 
 def test_tms_killed_and_restarted_mid_session_leaves_no_session_half_alive(tmp_path):
