@@ -259,8 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="mutants run at once (default 2)")
     parser.add_argument("--only", action="append", choices=sorted(GENERATORS), help="tables")
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
+    parser.add_argument(
+        "--name", action="append", help="only mutants whose name contains this (repeatable)"
+    )
     args = parser.parse_args(argv)
     made = mutants(args.only)
+    if args.name:
+        made = [m for m in made if any(part in m.name for part in args.name)]
     if args.list:
         for mutant in made:
             print(f"{mutant.table:20} {mutant.name}")
