@@ -130,11 +130,12 @@ def test_reference_tms_passes_every_scenario_and_all_reports_are_written(tmp_pat
 
 
 class _EventWith:
-    """An event whose modification list the mutant rewrote; everything else passes through."""
+    """An event with the parts the mutant rewrote (``modification_list``, ``identifier``);
+    everything else passes through."""
 
-    def __init__(self, event, modification_list: Dataset) -> None:
+    def __init__(self, event, **rewritten: Dataset) -> None:
         self._event = event
-        self.modification_list = modification_list
+        self.__dict__.update(rewritten)
 
     def __getattr__(self, name: str):
         return getattr(self._event, name)
@@ -171,7 +172,7 @@ def _no_transaction_check(site: ReferenceSite) -> None:
         modifications = event.modification_list or Dataset()
         if recorded(uid):
             modifications.TransactionUID = recorded(uid)
-        return on_n_set(_EventWith(event, modifications))
+        return on_n_set(_EventWith(event, modification_list=modifications))
 
     tms._change_state, tms._on_n_set = lenient_change_state, lenient_n_set
 
@@ -218,17 +219,6 @@ def _plan_in_other_frame(site: ReferenceSite) -> None:
     site.archive.qr.on_move = on_move
 
 
-class _EventWithIdentifier:
-    """A C-FIND event whose identifier the mutant rewrote; everything else passes through."""
-
-    def __init__(self, event, identifier: Dataset) -> None:
-        self._event = event
-        self.identifier = identifier
-
-    def __getattr__(self, name: str):
-        return getattr(self._event, name)
-
-
 def _ignores_state_key(site: ReferenceSite) -> None:
     original = site.tms._on_find
 
@@ -238,7 +228,7 @@ def _ignores_state_key(site: ReferenceSite) -> None:
             return
         identifier = event.identifier
         identifier.ProcedureStepState = ""  # every state matches, SCHEDULED or not
-        yield from original(_EventWithIdentifier(event, identifier))
+        yield from original(_EventWith(event, identifier=identifier))
 
     site.tms._on_find = on_find
 
