@@ -173,3 +173,22 @@ def storescp(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def one_session_site(data_dir: Path, **config):
+    """A reference site (not started) holding one tiny scheduled session at LINAC1: four UPS
+    for a query to match, with the least pixel data that still makes a valid patient."""
+    from emulator.reference.site import ReferenceSite, SiteConfig
+    from emulator.seeding import SeedOptions
+
+    site = ReferenceSite(
+        SiteConfig(
+            data_dir=data_dir,
+            tms_port=0,
+            archive_port=0,
+            seed_options=SeedOptions(slices=3, rows=16, beams=1, dynamic_beams=0),
+            **config,
+        )
+    )
+    site.seed("LINAC1", 1)
+    return site

@@ -123,20 +123,10 @@ RO17_RETURNED = [
 @pytest.fixture(scope="module")
 def real_worklist(tmp_path_factory):
     """A worklist query and its four answers, from the reference TMS over a real association."""
-    from emulator.reference.site import ReferenceSite, SiteConfig
-    from emulator.seeding import SeedOptions
+    from tests.conftest import one_session_site
     from tests.ups_client import UpsClient
 
-    site = ReferenceSite(
-        SiteConfig(
-            data_dir=tmp_path_factory.mktemp("site"),
-            tms_port=0,
-            archive_port=0,
-            accept_any_ae=True,
-            seed_options=SeedOptions(slices=3, rows=16, beams=1, dynamic_beams=0),
-        )
-    )
-    site.seed("LINAC1", 1)
+    site = one_session_site(tmp_path_factory.mktemp("site"), accept_any_ae=True)
     with site:
         sent: list[Dataset] = []
         with UpsClient(*site.tms.address, "TMS", "TDWEMU1") as tms:

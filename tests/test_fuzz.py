@@ -28,10 +28,10 @@ from emulator.net.ups_scu import UpsConnection
 from emulator.profile import load_profile
 from emulator.reference.archive import ArchiveConfig, ArchiveServer
 from emulator.reference.qr_query import QueryError, StudyRootQuery
-from emulator.reference.site import ReferenceSite, SiteConfig
 from emulator.reference.tms import TmsConfig, TmsServer
 from emulator.seeding import SeedOptions, synthetic_patient
 from emulator.store import AdmissionError, admit
+from tests.conftest import one_session_site
 
 # Garbage makes pydicom warn on nearly every input; the assertions are what count here.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -238,15 +238,7 @@ def _fuzz_tms(tmp_path_factory, archive) -> TmsServer:
 @pytest.fixture(scope="module")
 def tms(tmp_path_factory):
     """A TMS holding one scheduled session (four UPS), so a query has something to match."""
-    site = ReferenceSite(
-        SiteConfig(
-            data_dir=tmp_path_factory.mktemp("fuzz-site"),
-            tms_port=0,
-            archive_port=0,
-            seed_options=SeedOptions(slices=3, rows=16, beams=1, dynamic_beams=0),
-        )
-    )
-    site.seed("LINAC1", 1)
+    site = one_session_site(tmp_path_factory.mktemp("fuzz-site"))
     yield site.tms
     site.tms.close_resources()
     site.archive.close_resources()
