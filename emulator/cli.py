@@ -733,15 +733,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 finally:
                     if metrics_server:
                         metrics_server.stop()
-        except AssociationRejected as exc:
-            if not exc.permanent:
-                raise
-            # A set-up problem (an AE title the peer does not know): one sentence, exit 2.
-            if args.verbose:
-                traceback.print_exc()
-            print(f"tdw-emu run: {exc}", file=sys.stderr)
-            return 2
         except (OSError, DeviceError, DimseError) as exc:
+            if isinstance(exc, AssociationRejected) and exc.permanent:
+                raise  # a set-up problem: main() says it in one sentence and exits 2
             # The device could not start (a port in use, a controller that does not answer):
             # one line, the report and the traffic log all the same.
             logging.getLogger("tdw.device").debug("device start failed", exc_info=True)

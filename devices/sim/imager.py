@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from devices.base import CouchCorrection, ImageSet
-from devices.geometry import Volume, rigid_matrix, rigid_parameters, transform_points
+from devices.geometry import Volume, rigid_matrix, transform_points
 
 STORED_OFFSET = 1024  # stored value = HU + 1024, the CBCT's Rescale Intercept is -1024
 SUBSAMPLES = 2  # per axis, per voxel
@@ -48,11 +48,6 @@ class SimulatedImager:
         self.pose = self.setup_pose.copy()
         self.anatomy: Volume | None = None
         self._acquisitions = 0
-
-    @property
-    def setup_error(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-        """Where the patient lies relative to the plan: translation (mm), rotations (deg)."""
-        return rigid_parameters(self.pose)
 
     def lie_down(self, anatomy: Volume) -> None:
         """A patient is placed on the couch: with the profile's setup error, as each one is."""
