@@ -130,12 +130,12 @@ def register_rigid(planning: Volume, cbct: Volume, rotations: bool = True) -> Ri
     # The CBCT's voxels average over more tissue than the planning CT's: compare the
     # planning CT at the CBCT's resolution, or every edge is a mismatch.
     at_cbct_resolution = _smoothed(planning, _resolution_gap(planning, cbct))
+    exact = at_cbct_resolution.as_spline()  # the last stage's target and the final cost's
     for sigma_mm, tolerance in STAGES:
-        target, observed = at_cbct_resolution, values
+        target, observed = exact, values
         if sigma_mm:
-            target = _smoothed(at_cbct_resolution, (sigma_mm,) * 3)
+            target = _smoothed(at_cbct_resolution, (sigma_mm,) * 3).as_spline()
             observed, _ = _smoothed(cbct, (sigma_mm,) * 3).sample(points)
-        target = target.as_spline()
         result = minimize(
             cost,
             params,
@@ -144,7 +144,7 @@ def register_rigid(planning: Volume, cbct: Volume, rotations: bool = True) -> Ri
             options={"xtol": tolerance, "ftol": 1e-7, "maxfev": 600},
         )
         params = result.x
-    final = cost(params, at_cbct_resolution.as_spline(), values)
+    final = cost(params, exact, values)
     if final >= 1e12:
         raise RegistrationError("the CBCT and the planning CT do not overlap")
     translation, rotation = rigid_parameters(matrix_of(params))
