@@ -184,6 +184,12 @@ def _add_tms(sub: argparse._SubParsersAction) -> None:
         "CANCELED transitions (or every one) with C304",
     )
     p.add_argument(
+        "--fault-hold-canceled-reply",
+        type=float,
+        metavar="SECONDS",
+        help="fault injection: accept a CANCELED, then hold the reply this long",
+    )
+    p.add_argument(
         "--max-request-bytes", type=int, help="largest N-CREATE/N-SET/C-FIND body (1 MiB)"
     )
     p.add_argument(
@@ -623,6 +629,7 @@ def _cmd_tms(args: argparse.Namespace) -> int:
         "metrics_port": args.metrics_port,
         "metrics_host": args.metrics_host,
         "fault_refuse_canceled": args.fault_refuse_canceled,
+        "fault_hold_canceled_reply": args.fault_hold_canceled_reply,
         "max_request_bytes": args.max_request_bytes,
         "feed": args.feed,
         "feed_for": args.feed_for,

@@ -15,6 +15,7 @@ from emulator.net.ae_factory import NetworkSettings
 from emulator.net.peers import Peer, PeerError, validate_ae_title
 from emulator.profile import UID_SETS
 from emulator.reference.archive import ArchiveConfig
+from emulator.reference.tms_faults import REFUSE_ALWAYS, TmsFaults
 from emulator.seeding import SOAK_PATIENTS, SeedOptions
 from emulator.store import AdmissionLimits, DuplicatePolicy
 
@@ -147,7 +148,7 @@ def _refusals(value: Any) -> int:
     if value in (None, "", 0, "0"):
         return 0
     if str(value).lower() == "always":
-        return -1
+        return REFUSE_ALWAYS
     try:
         count = int(value)
     except ValueError as exc:
@@ -207,6 +208,7 @@ def site_config(values: dict[str, Any]) -> SiteConfig:
         "uids",
         "stations",
         "fault_refuse_canceled",
+        "fault_hold_canceled_reply",
         "max_request_bytes",
         "feed",
         "feed_for",
@@ -233,7 +235,10 @@ def site_config(values: dict[str, Any]) -> SiteConfig:
         )
     return SiteConfig(
         data_dir=Path(values["data_dir"]),
-        refuse_canceled=_refusals(values.get("fault_refuse_canceled")),
+        faults=TmsFaults(
+            refuse_canceled=_refusals(values.get("fault_refuse_canceled")),
+            hold_canceled_reply_s=_seconds(values, "fault_hold_canceled_reply", 0.0),
+        ),
         max_request_bytes=_positive(values, "max_request_bytes", 1 << 20, int),
         tms_ae_title=tms_ae,
         archive_ae_title=archive_ae,

@@ -718,7 +718,13 @@ class PerformingDevice:
         if reply.status != 0x0000 or state != "IN PROGRESS":
             claim.journal.ended(claim.uid)
             outcome.state = state if state in ups_attributes.FINAL_STATES else "SKIPPED"
-            outcome.reason = f"after a restart: the TMS has it {state or 'unknown'}"
+            if reply.status == 0x0000 and state == claim.record.target:
+                # An earlier process decided this end and was killed after the TMS took it,
+                # before its journal heard so: settled, with the reason it was decided for.
+                outcome.settled = True
+                outcome.reason = claim.record.reason or "ended before the device restarted"
+            else:
+                outcome.reason = f"after a restart: the TMS has it {state or 'unknown'}"
             return outcome
         ups.SOPInstanceUID = claim.uid
         claim.ups = ups

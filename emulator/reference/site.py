@@ -17,6 +17,7 @@ from emulator.net.peers import Peer
 from emulator.reference.archive import ArchiveConfig, ArchiveServer
 from emulator.reference.feeder import FeedPlan, SessionFeeder
 from emulator.reference.tms import TmsConfig, TmsServer
+from emulator.reference.tms_faults import TmsFaults
 from emulator.seeding import SeedOptions, synthetic_patient
 from emulator.store.importer import import_files
 
@@ -36,7 +37,7 @@ class SiteConfig:
     uid_set: str = "final"
     seed_options: SeedOptions = field(default_factory=SeedOptions)
     network: NetworkSettings = field(default_factory=NetworkSettings)
-    refuse_canceled: int = 0  # TmsConfig.refuse_canceled: fault injection for tests
+    faults: TmsFaults = field(default_factory=TmsFaults)  # injected, for testing devices
     max_request_bytes: int = 1 << 20  # TmsConfig.max_request_bytes
     feed: FeedPlan | None = None  # keep these stations supplied as they query (a soak)
 
@@ -92,7 +93,7 @@ class ReferenceSite:
                 edition=config.edition,
                 uid_set=config.uid_set,
                 network=config.network,
-                refuse_canceled=config.refuse_canceled,
+                faults=config.faults,
                 max_request_bytes=config.max_request_bytes,
             ),
             self.archive.store,

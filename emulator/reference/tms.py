@@ -9,7 +9,6 @@ scheduled from the treatment record the device stored.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from emulator.reference.matching import condition, element_text, ensure_readable
 from emulator.reference.qr_query import StudyRootQuery
 from emulator.reference.qr_scp import QueryRetrieveSCP
 from emulator.reference.scheduler import Scheduler
+from emulator.reference.tms_faults import FaultInjector, TmsFaults
 from emulator.reference.ups_store import (
     UPS_CODE_COLUMNS,
     UPS_COLUMNS,
@@ -62,7 +62,6 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_IDENTIFIER_MISMATCH = 0xA900  # Identifier does not match SOP Class (PS3.4 C.4.1.1.4)
 ACTION_CHANGE_STATE = 1
 ACTION_REQUEST_CANCEL = 2
-REFUSE_ALWAYS = -1
 
 
 @dataclass
@@ -77,9 +76,7 @@ class TmsConfig:
     edition: str = DEFAULT_EDITION
     uid_set: str = DEFAULT_UID_SET
     network: NetworkSettings = field(default_factory=NetworkSettings)
-    # Fault injection, for testing performers: refuse this many CANCELED transitions that
-    # would be accepted (REFUSE_ALWAYS: every one) with C304 and a comment saying so.
-    refuse_canceled: int = 0
+    faults: TmsFaults = field(default_factory=TmsFaults)  # for testing performers
     # The largest N-CREATE, N-SET or C-FIND request body accepted, encoded (docs/tms.md).
     max_request_bytes: int = 1 << 20
 
@@ -142,8 +139,7 @@ class TmsServer(ServedAE):
         self.continuations: list[str] = []
         # Told the station of every worklist query (a soak's feeder); never blocks.
         self.on_worklist_query: Callable[[str], None] | None = None
-        self._refusals_left = config.refuse_canceled
-        self._refusal_lock = threading.Lock()
+        self._faults = FaultInjector(config.faults)
 
     def build(self) -> tuple[AE, list]:
         uids = self.profile.sop_classes
@@ -174,6 +170,7 @@ class TmsServer(ServedAE):
         return address
 
     def stop(self) -> None:
+        self._faults.release()
         try:
             if self._server is not None:  # listening: subscribers are told it goes
                 self.watch.scp_status("GOING DOWN", "WARM START")
@@ -289,10 +286,13 @@ class TmsServer(ServedAE):
         # A state change and what the TMS schedules after it are one step for the station's
         # feeder (Scheduler.station_lock).
         with self.scheduler.station_lock(self.ups.station_of(uid)):
-            if event.action_type == ACTION_CHANGE_STATE:
-                return self._change_state(uid, info)
-            requester = str(event.assoc.requestor.ae_title).strip()
-            return self._request_cancel(uid, info, requester)
+            if event.action_type != ACTION_CHANGE_STATE:
+                requester = str(event.assoc.requestor.ae_title).strip()
+                return self._request_cancel(uid, info, requester)
+            status, reply = self._change_state(uid, info)
+        if reply is not None and reply.get("ProcedureStepState") == "CANCELED":
+            self._faults.hold_canceled_reply()  # outside the lock: only this reply is late
+        return status, reply
 
     def _watch_action(self, event: evt.Event, uid: str) -> Dataset:
         """N-ACTION on UPS Watch (PS3.4 CC.2.3): subscribe, unsubscribe, suspend global."""
@@ -328,7 +328,7 @@ class TmsServer(ServedAE):
             outcome.update(status=decision.status, comment=decision.comment, state=current.state)
             if decision.status != 0 or decision.to_state is None:
                 return None
-            if decision.to_state == "CANCELED" and self._inject_refusal():
+            if decision.to_state == "CANCELED" and self._faults.refuse_cancel():
                 outcome.update(status=0xC304, comment="refused by fault injection")
                 return None
             transaction_uid = current.transaction_uid
@@ -368,15 +368,6 @@ class TmsServer(ServedAE):
         if updated is not None and updated.state == "CANCELED":
             self._after_canceled(updated, performed=True)
         return status_dataset(status), reply
-
-    def _inject_refusal(self) -> bool:
-        with self._refusal_lock:
-            if self._refusals_left == REFUSE_ALWAYS:
-                return True
-            if self._refusals_left > 0:
-                self._refusals_left -= 1
-                return True
-            return False
 
     def _request_cancel(
         self, uid: str, info: Dataset, requester: str = ""
