@@ -184,10 +184,11 @@ def _add_tms(sub: argparse._SubParsersAction) -> None:
         "CANCELED transitions (or every one) with C304",
     )
     p.add_argument(
-        "--fault-hold-canceled-reply",
-        type=float,
-        metavar="SECONDS",
-        help="fault injection: accept a CANCELED, then hold the reply this long",
+        "--fault-hold-reply",
+        action="append",
+        metavar="STATE=SECONDS",
+        help="fault injection: accept a change to STATE (in-progress, completed, canceled), "
+        "then hold the N-ACTION reply this long; repeatable",
     )
     p.add_argument(
         "--max-request-bytes", type=int, help="largest N-CREATE/N-SET/C-FIND body (1 MiB)"
@@ -264,6 +265,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         type=float,
         metavar="SECONDS",
         help="keep retrying an exchange with an unreachable TMS this long (default 120)",
+    )
+    p.add_argument(
+        "--dimse-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="wait this long for a reply from the TMS or the Archive (default 60)",
     )
     _add_metrics_flags(p)
     _add_tls_flags(p)
@@ -629,7 +636,7 @@ def _cmd_tms(args: argparse.Namespace) -> int:
         "metrics_port": args.metrics_port,
         "metrics_host": args.metrics_host,
         "fault_refuse_canceled": args.fault_refuse_canceled,
-        "fault_hold_canceled_reply": args.fault_hold_canceled_reply,
+        "fault_hold_reply": args.fault_hold_reply,
         "max_request_bytes": args.max_request_bytes,
         "feed": args.feed,
         "feed_for": args.feed_for,

@@ -15,7 +15,7 @@ from emulator.net.ae_factory import NetworkSettings
 from emulator.net.peers import Peer, PeerError, validate_ae_title
 from emulator.profile import UID_SETS
 from emulator.reference.archive import ArchiveConfig
-from emulator.reference.tms_faults import REFUSE_ALWAYS, TmsFaults
+from emulator.reference.tms_faults import REFUSE_ALWAYS, TmsFaults, parse_holds
 from emulator.seeding import SOAK_PATIENTS, SeedOptions
 from emulator.store import AdmissionLimits, DuplicatePolicy
 
@@ -160,6 +160,15 @@ def _refusals(value: Any) -> int:
     return count
 
 
+def _holds(value: Any) -> dict[str, float]:
+    """``fault_hold_reply``: ``STATE=SECONDS`` items, one or a list."""
+    items = [value] if isinstance(value, str) else list(value or [])
+    try:
+        return parse_holds(items)
+    except ValueError as exc:
+        raise ConfigError(f"fault_hold_reply {exc}") from exc
+
+
 def _seconds(values: dict[str, Any], key: str, default: float) -> float:
     try:
         seconds = float(values.get(key, default))
@@ -208,7 +217,7 @@ def site_config(values: dict[str, Any]) -> SiteConfig:
         "uids",
         "stations",
         "fault_refuse_canceled",
-        "fault_hold_canceled_reply",
+        "fault_hold_reply",
         "max_request_bytes",
         "feed",
         "feed_for",
@@ -237,7 +246,7 @@ def site_config(values: dict[str, Any]) -> SiteConfig:
         data_dir=Path(values["data_dir"]),
         faults=TmsFaults(
             refuse_canceled=_refusals(values.get("fault_refuse_canceled")),
-            hold_canceled_reply_s=_seconds(values, "fault_hold_canceled_reply", 0.0),
+            hold_reply_s=_holds(values.get("fault_hold_reply")),
         ),
         max_request_bytes=_positive(values, "max_request_bytes", 1 << 20, int),
         tms_ae_title=tms_ae,
@@ -337,7 +346,10 @@ def network_settings(values: dict[str, Any]) -> NetworkSettings:
     associations = _positive(values, "max_associations", base.maximum_associations, int)
     try:
         return NetworkSettings(
-            tls=tls_from_values(values), admission=admission, maximum_associations=associations
+            tls=tls_from_values(values),
+            admission=admission,
+            maximum_associations=associations,
+            dimse_timeout=_positive(values, "dimse_timeout", base.dimse_timeout),
         )
     except TlsError as exc:
         raise ConfigError(str(exc)) from exc
@@ -373,6 +385,7 @@ RUN_SETTINGS = (
     "data_dir",
     "report_dir",
     "tms_retry_window",
+    "dimse_timeout",
     "device_timing",
     *METRICS_SETTINGS,
     *TLS_SETTINGS,

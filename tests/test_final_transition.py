@@ -12,7 +12,7 @@ import pytest
 
 from emulator.reference.ups_store import UpsStore
 from emulator.store import ObjectStore
-from tests.conftest import REPO, free_port, wait_until
+from tests.conftest import REPO, free_port
 from tests.kill_harness import cancel_reason, named_results, run_command, start_site
 
 
@@ -135,39 +135,3 @@ def test_a_cancel_that_stays_refused_is_pending_then_cleared_by_a_later_run(tmp_
     states = {r.sop_instance_uid: r.state for r in _deliveries(tmp_path / "site")}
     assert states[pending["ups"]] == "CANCELED"
     assert "IN PROGRESS" not in states.values()
-
-
-def test_a_cancel_the_tms_took_before_a_kill_is_settled_by_the_restarted_device(tmp_path):
-    """kill -9 after the TMS took a CANCELED but before its reply reached the device: the
-    journal still says the cancel was on its way. The restarted device finds the UPS
-    CANCELED at the TMS as it had decided, and reports it settled with the reason it was
-    canceled for, not as a problem of its own."""
-    port = free_port()
-    site = start_site(tmp_path / "site", port, 1, "--fault-hold-canceled-reply", "120")
-    report_dir = tmp_path / "report"
-    try:
-        run = run_command(site, port, tmp_path / "device", "--interrupt", "2:50")
-        killed = subprocess.Popen(run, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            wait_until(
-                lambda: any(r.state == "CANCELED" for r in _deliveries(tmp_path / "site")),
-                120,
-                "the TMS to take the device's CANCELED",
-            )
-        finally:
-            killed.kill()
-            killed.wait(timeout=10)
-        assert killed.returncode == -9, killed.stderr.read()[-3000:]
-        again = _run([*run, "--report-dir", str(report_dir)])
-    finally:
-        site.stop()
-    assert "Traceback" not in again.stderr, again.stderr[-3000:]
-    assert again.returncode == 0, again.stdout + again.stderr
-    report = json.loads((report_dir / "run-report.json").read_text())
-    (canceled,) = [r for r in _deliveries(tmp_path / "site") if r.state == "CANCELED"]
-    outcome = next(
-        o for o in report["outcomes"] if o["sop_instance_uid"] == canceled.sop_instance_uid
-    )
-    assert (outcome["state"], outcome["settled"]) == ("CANCELED", True)
-    assert "MACHINE termination" in outcome["reason"], outcome
-    assert report["problems"] == [] and report["final_pending"] == []

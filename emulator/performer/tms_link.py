@@ -38,6 +38,16 @@ T = TypeVar("T")
 ALREADY_FINAL = {"COMPLETED": 0xB306, "CANCELED": 0xB304}
 
 
+# RO-19 2008 (3.19.4.1.2): the TMS makes the Transaction UID and sends it only in the claim's
+# reply. When that reply is lost and the retry finds the UPS IN PROGRESS, the device cannot
+# tell whether it is its own claim, nor end it.
+LOST_2008_CLAIM = (
+    "the claim's reply was lost and the TMS now has the UPS IN PROGRESS, perhaps by this "
+    "device's claim; under RO-19 2008 the Transaction UID comes only in that reply, so "
+    "this device cannot end it: the TMS must"
+)
+
+
 class TmsUnavailable(DimseError):
     """The TMS could not be reached within the retry window."""
 
@@ -140,7 +150,9 @@ class TmsLink:
             f"N-ACTION IN PROGRESS {uid}",
             lambda c: c.change_state(uid, "IN PROGRESS", transaction_uid),
         )
-        lost_reply = reply.status == 0xC302 and self.retries > before and transaction_uid
+        lost_reply = reply.status == 0xC302 and self.retries > before
+        if lost_reply and not transaction_uid:
+            return Reply(reply.status, reply.dataset, LOST_2008_CLAIM)
         if lost_reply and self.n_set(uid, probe) == 0x0000:
             LOG.warning("UPS %s: the claim whose reply was lost had succeeded", uid)
             return Reply(0x0000, None)

@@ -52,7 +52,7 @@ from emulator.performer.outbox import (
     ResultOutbox,
     RetryPolicy,
 )
-from emulator.performer.tms_link import Backoff, TmsLink, TmsUnavailable
+from emulator.performer.tms_link import LOST_2008_CLAIM, Backoff, TmsLink, TmsUnavailable
 from emulator.profile import Profile, load_profile
 from emulator.results.acquisition import build_cbct_series
 from emulator.results.registration import build_registration
@@ -528,6 +528,9 @@ class PerformingDevice:
         if reply.status != 0x0000:
             claim.not_ours()
             outcome.state, outcome.reason = "SKIPPED", f"claim refused (0x{reply.status:04X})"
+            if reply.comment == LOST_2008_CLAIM:  # perhaps left IN PROGRESS by this device
+                outcome.state, outcome.reason = "FAILED", f"RO-19: {reply.comment}"
+                LOG.error("UPS %s: %s", uid, reply.comment)
             return None
         self.metrics.ups_transition("IN PROGRESS")
         if not sent:

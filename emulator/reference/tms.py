@@ -290,8 +290,8 @@ class TmsServer(ServedAE):
                 requester = str(event.assoc.requestor.ae_title).strip()
                 return self._request_cancel(uid, info, requester)
             status, reply = self._change_state(uid, info)
-        if reply is not None and reply.get("ProcedureStepState") == "CANCELED":
-            self._faults.hold_canceled_reply()  # outside the lock: only this reply is late
+        if reply is not None:  # accepted; outside the lock, so only this reply is late
+            self._faults.hold_reply(str(reply.get("ProcedureStepState", "")))
         return status, reply
 
     def _watch_action(self, event: evt.Event, uid: str) -> Dataset:
