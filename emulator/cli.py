@@ -21,6 +21,7 @@ from emulator.cli_events import (
     cmd_tms_console,
     cmd_watch,
 )
+from emulator.cli_help import describe
 
 if TYPE_CHECKING:  # the soak modules are imported only by the soak command
     from emulator.soak.verdict import Verdict
@@ -131,17 +132,19 @@ def _add_archive(sub: argparse._SubParsersAction) -> None:
 def _add_tms(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "tms",
-        help="run the reference TMS with its Archive (serve), or schedule fractions (schedule)",
-    )
-    p.add_argument(
-        "action",
-        nargs="?",
-        choices=("serve", "schedule", *CONSOLE_ACTIONS),
-        default="serve",
-        help="serve (default); schedule fractions; cancel a UPS or list them on a running TMS",
+        help="run the reference TMS with its Archive; schedule, list or cancel its UPS",
     )
     p.add_argument("--config", type=Path, help="YAML file (key 'tms'); flags override it")
-    p.add_argument("--data-dir", type=Path)
+    p.add_argument(
+        "--data-dir", type=Path, help="required: its UPS store, Archive and seeded patients"
+    )
+    p.add_argument(
+        "--import",
+        dest="import_dir",
+        type=Path,
+        help="store the DICOM files under this directory in the Archive first (e.g. "
+        "tdw-emu seed's output)",
+    )
     p.add_argument("--ae-title")
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="TMS port; 0 picks a free port")
@@ -215,13 +218,24 @@ def _add_tms(sub: argparse._SubParsersAction) -> None:
     _add_metrics_flags(p)
     _add_tls_flags(p)
     _add_admission_flags(p)
-    add_console_flags(p)
-    g = p.add_argument_group("schedule")
-    g.add_argument("--plan-uid", help="RT Plan SOP Instance UID held by the Archive")
-    g.add_argument("--station", help="station code for the scheduled sessions (list: only its UPS)")
-    g.add_argument("--fractions", type=int, default=1, help="how many sessions, one per weekday")
-    g.add_argument("--first-fraction", type=int, default=1)
-    g.add_argument("--start", help="first session start, YYYYMMDDHHMM (default: now)")
+    actions = p.add_subparsers(dest="action", metavar="{schedule,list,cancel}")
+    schedule = actions.add_parser(
+        "schedule",
+        help="schedule a plan's fractions at a station, in a TMS's data directory",
+    )
+    schedule.add_argument("--config", type=Path, help="YAML file (key 'tms'): its data_dir")
+    schedule.add_argument("--data-dir", type=Path, help="required: the TMS's data directory")
+    schedule.add_argument("--plan-uid", help="RT Plan SOP Instance UID held by the Archive")
+    schedule.add_argument("--patient-id", help="or: the plan of this patient")
+    schedule.add_argument("--station", help="required: station code (Scheduled Station Name)")
+    schedule.add_argument(
+        "--fractions", type=int, default=1, help="how many sessions, one per weekday"
+    )
+    schedule.add_argument("--first-fraction", type=int, default=1, help="number of the first")
+    schedule.add_argument("--start", help="first session start, YYYYMMDDHHMM (default: now)")
+    schedule.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"))
+    schedule.add_argument("--uids", choices=("final", "trial"))
+    add_console_flags(actions, _add_tls_flags)
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -305,11 +319,6 @@ def _add_hil(sub: argparse._SubParsersAction) -> None:
     check = hil_sub.add_parser(
         "check",
         help="check a controller against hil/PROTOCOL.md",
-        description="Runs the protocol's checks against a controller (handshake, every "
-        "message type, NAK and retransmission, heartbeat, answers while moving, interrupt "
-        "during a beam, reconnect with last_delivery) and prints a pass/fail table citing "
-        "the PROTOCOL.md clause of each. Exit 0 only if every check passes. Example: "
-        "tdw-emu hil check --device serial:///dev/ttyUSB0?baudrate=57600 --junit hil.xml",
     )
     check.add_argument("--device", required=True, help="serial://, tcp://, rfc2217://, socket://")
     check.add_argument("--junit", type=Path, help="also write a JUnit XML report here")
@@ -488,7 +497,30 @@ First steps:
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Shows every option's default that is a value (not None, False or an empty list):
-    a user should not have to read the code to learn that soak runs at 0.02."""
+    a user should not have to read the code to learn that soak runs at 0.02.
+
+    Descriptions are filled to the terminal's width paragraph by paragraph, except
+    paragraphs with indented lines (examples, command lists), which are kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        paragraphs = text.strip("\n").split("\n\n")
+        return (
+            "\n\n".join(
+                paragraph
+                if any(line.startswith(" ") for line in paragraph.splitlines())
+                or paragraph.startswith("example")
+                else textwrap.fill(
+                    " ".join(paragraph.split()),
+                    width,
+                    initial_indent=indent,
+                    subsequent_indent=indent,
+                )
+                for paragraph in paragraphs
+            )
+            + "\n"
+        )
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -529,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "locustfile", help="print the packaged locustfile's path, for locust -f on any machine"
     )
+    describe(parser)
     return parser
 
 
@@ -610,10 +643,11 @@ def _cmd_archive(args: argparse.Namespace) -> int:
 
 
 def _cmd_tms(args: argparse.Namespace) -> int:
-    import datetime as dt
 
     if args.action in CONSOLE_ACTIONS:
         return cmd_tms_console(args, _tls_values(args))
+    if args.action == "schedule":
+        return _cmd_tms_schedule(args)
 
     from emulator.config import load_yaml_config, merge, site_config
     from emulator.metrics import default_metrics
@@ -657,23 +691,9 @@ def _cmd_tms(args: argparse.Namespace) -> int:
         on_connection_refused=metrics.connection_refused,
     )
     site = ReferenceSite(config, metrics)
-    if args.action == "schedule":
-        if not args.plan_uid or not args.station:
-            raise ValueError("tms schedule needs --plan-uid and --station")
-        start = (
-            dt.datetime.strptime(args.start, "%Y%m%d%H%M")
-            if args.start
-            else dt.datetime.now().replace(second=0, microsecond=0)
-        )
-        try:
-            sessions = site.tms.scheduler.schedule_fractions(
-                args.plan_uid, args.station, start, args.fractions, args.first_fraction
-            )
-        finally:
-            site.stop()
-        for session_id in sessions:
-            print(f"scheduled session {session_id} at {args.station}")
-        return 0
+    if args.import_dir:
+        imported = site.import_into_archive(args.import_dir)
+        print(f"  imported {imported} object(s) from {args.import_dir} into the Archive")
     addresses = site.start()
     metrics_server = _serve_metrics(values, metrics)
     try:
@@ -709,13 +729,49 @@ def _cmd_tms(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tms_schedule(args: argparse.Namespace) -> int:
+    """``tdw-emu tms schedule``: sessions for a plan the site's Archive holds; nothing listens,
+    so no caller need be allowed."""
+    import datetime as dt
+
+    from emulator.config import load_yaml_config, merge, site_config
+    from emulator.reference.site import ReferenceSite
+
+    values = merge(
+        load_yaml_config(args.config, "tms"),
+        {"data_dir": args.data_dir, "profile": args.profile, "uids": args.uids},
+    )
+    if not values.get("data_dir") or not args.station:
+        raise ValueError("tms schedule needs --data-dir (the TMS's) and --station")
+    values["accept_any_ae"] = True  # nothing listens: the callers play no part
+    try:
+        start = (
+            dt.datetime.strptime(args.start, "%Y%m%d%H%M")
+            if args.start
+            else dt.datetime.now().replace(second=0, microsecond=0)
+        )
+    except ValueError as exc:
+        raise ValueError(f"--start {args.start!r} is not YYYYMMDDHHMM") from exc
+    site = ReferenceSite(site_config(values))
+    try:
+        plan_uid = args.plan_uid or site.archive_plan_uid(args.patient_id)
+        sessions = site.tms.scheduler.schedule_fractions(
+            plan_uid, args.station, start, args.fractions, args.first_fraction
+        )
+    finally:
+        site.stop()
+    for session_id in sessions:
+        print(f"scheduled session {session_id} at {args.station} (plan {plan_uid})")
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import tempfile
 
-    from rich.console import Console
     from rich.table import Table
 
     from devices.base import DeviceError
+    from emulator import terminal
     from emulator.config import RUN_SETTINGS, device_config, load_yaml_config, merge
     from emulator.conformance.message_rules import CheckContext, check_traffic
     from emulator.conformance.rulebook import RuleBook
@@ -765,7 +821,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for o in report.outcomes:
         mu = ", ".join(f"{b}: {m:g}" for b, m in o.delivered.items())
         table.add_row(o.label, o.step, o.state, mu, str(len(o.stored)), o.reason[:60])
-    Console().print(table)
+    terminal.console().print(table)
     for finding in report.findings:
         print(f"[{finding['severity']}] {finding['rule']}: {finding['message']}")
     if report_dir:
@@ -812,8 +868,7 @@ SOAK_REQUIRED_PLACEHOLDERS = ["--devices", "0", "--duration", "0", "--embedded"]
 
 
 def _cmd_soak(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
+    from emulator import terminal
     from emulator.config import network_settings
     from emulator.net.peers import Peer
     from emulator.soak.display import LiveSummary, verdict_tables
@@ -859,7 +914,7 @@ def _cmd_soak(args: argparse.Namespace) -> int:
         # warning per UPS would bury the live summary.
         logging.getLogger("tdw.device").setLevel(logging.ERROR)
     workers = (os.cpu_count() or 1) if args.workers is None else args.workers
-    console = Console()
+    console = terminal.console()
     console.print(_tls_banner(config.network))
     values = {"metrics_port": args.metrics_port, "metrics_host": args.metrics_host}
     if args.locust:
@@ -979,9 +1034,9 @@ def _cmd_hil(args: argparse.Namespace) -> int:
 
 
 def _hil_check(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
+    from emulator import terminal
     from hil.check import ControllerCheck, write_junit
 
     results = ControllerCheck(args.device).run()
@@ -990,7 +1045,7 @@ def _hil_check(args: argparse.Namespace) -> int:
         table.add_column(column)
     for r in results:
         table.add_row(r.name, r.clause, "pass" if r.ok else "FAIL", r.detail[:90])
-    Console(width=160).print(table)
+    terminal.console().print(table)
     if args.junit:
         print(f"JUnit written to {write_junit(results, args.junit, args.device)}")
     failed = [r for r in results if not r.ok]
@@ -1181,7 +1236,8 @@ def main(argv: list[str] | None = None) -> int:
         # A set-up problem: one sentence with the cause and the fix; -v adds the traceback.
         if args.verbose:
             traceback.print_exc()
-        print(f"tdw-emu {args.command}: {exc}", file=sys.stderr)
+        command = " ".join(filter(None, [args.command, getattr(args, "action", None)]))
+        print(f"tdw-emu {command}: {exc}", file=sys.stderr)
         return 2
 
 

@@ -16,19 +16,34 @@ OPERATOR_AE = "OPERATOR"
 CONSOLE_ACTIONS = ("cancel", "list")
 
 
-def add_console_flags(p: argparse.ArgumentParser) -> None:
+def add_console_flags(actions: argparse._SubParsersAction, add_tls_flags) -> None:
     """``tdw-emu tms cancel UID`` and ``tdw-emu tms list``: a running TMS, over DICOM."""
-    p.add_argument("uid", nargs="?", help="cancel: the UPS SOP Instance UID")
-    g = p.add_argument_group("operator console (cancel, list)")
-    g.add_argument("--tms", metavar="AET@HOST:PORT", help="the running TMS to talk to")
-    g.add_argument("--calling-ae", default=OPERATOR_AE, help="this console's AE title")
-    g.add_argument("--reason", default="canceled by the operator", help="cancel: why")
+    cancel = actions.add_parser(
+        "cancel",
+        help="ask the performer of a UPS to stop (N-ACTION Request Cancel)",
+    )
+    cancel.add_argument("uid", help="the UPS SOP Instance UID (tdw-emu tms list shows them)")
+    cancel.add_argument("--reason", default="canceled by the operator", help="why")
+    listing = actions.add_parser(
+        "list",
+        help="list the UPS a running TMS holds (C-FIND)",
+    )
+    listing.add_argument("--station", help="only this station's UPS")
+    listing.add_argument(
+        "--uids-only", action="store_true", help="print the SOP Instance UIDs alone, one a line"
+    )
+    for p in (cancel, listing):
+        p.add_argument("--tms", metavar="AET@HOST:PORT", help="required: the running TMS")
+        p.add_argument("--calling-ae", default=OPERATOR_AE, help="this console's AE title")
+        p.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"))
+        p.add_argument("--uids", choices=("final", "trial"))
+        add_tls_flags(p)
 
 
 def cmd_tms_console(args: argparse.Namespace, tls: dict) -> int:
-    from rich.console import Console
     from rich.table import Table
 
+    from emulator import terminal
     from emulator.reference.console import list_ups, request_cancel
 
     if not args.tms:
@@ -49,6 +64,10 @@ def cmd_tms_console(args: argparse.Namespace, tls: dict) -> int:
     except DimseError as exc:
         print(f"tdw-emu tms {args.action}: {exc}", file=sys.stderr)
         return 1
+    if args.uids_only:
+        for ups in found:
+            print(str(ups.get("SOPInstanceUID", "")))
+        return 0
     table = Table(title=f"UPS at {tms}")
     for column in ("SOP Instance UID", "station", "label", "state", "patient"):
         table.add_column(column)
@@ -61,7 +80,7 @@ def cmd_tms_console(args: argparse.Namespace, tls: dict) -> int:
             str(ups.get("ProcedureStepState", "")),
             str(ups.get("PatientID", "")),
         )
-    Console().print(table)
+    terminal.console().print(table)
     return 0
 
 
@@ -94,8 +113,7 @@ def add_watch(sub: argparse._SubParsersAction, add_tls_flags) -> None:
 
 
 def cmd_watch(args: argparse.Namespace, tls: dict) -> int:
-    from rich.console import Console
-
+    from emulator import terminal
     from emulator.watcher import Condition, WatchConfig, Watcher, json_line
 
     config = WatchConfig(
@@ -109,7 +127,7 @@ def cmd_watch(args: argparse.Namespace, tls: dict) -> int:
         timeout_s=args.timeout,
         listen_host=args.listen_host,
     )
-    console = Console()
+    console = terminal.console()
 
     def show(row: dict) -> None:
         if args.json:

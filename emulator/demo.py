@@ -13,11 +13,11 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
 from devices.base import BeamEnded, DeliveryEvent, MetersetTick
+from emulator import terminal
 from emulator.config import parse_interrupt
 from emulator.net.peers import Peer
 from emulator.performer.delivery import BeamTask
@@ -75,7 +75,7 @@ def _outcome_table(outcomes: list[UpsOutcome]) -> Table:
 def run_demo(
     data_dir: Path | None = None, interrupt: str | None = None, time_scale: float = 0.02
 ) -> int:
-    console = Console()
+    console = terminal.console()
     interlocks = parse_interrupt(interrupt)
     with tempfile.TemporaryDirectory(prefix="tdw-demo-") as tmp:
         root = Path(data_dir) if data_dir else Path(tmp)

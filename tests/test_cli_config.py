@@ -299,8 +299,6 @@ def test_tms_schedule_command_creates_fraction_sessions(tmp_path, archive_proces
             "schedule",
             "--data-dir",
             str(tmp_path),
-            "--allow",
-            "DEVICE",
             "--plan-uid",
             plan_uid,
             "--station",

@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from emulator import terminal
 from emulator.conformance.preflight import SetupProblem
 from emulator.conformance.rulebook import Finding, RuleBook
 from emulator.conformance.scenarios import ScenarioResult
@@ -515,7 +516,7 @@ def write_setup_errors(
 
 def print_summary(results: list[ScenarioResult], console: Console | None = None) -> None:
     """The terminal summary: one row per scenario, then every failing step and finding."""
-    console = console or Console()
+    console = console or terminal.console()
     table = Table(title="tdw-emu conformance")
     for column in ("scenario", "result", "steps", "failing findings", "s"):
         table.add_column(column)

@@ -19,7 +19,7 @@ from emulator.reference.feeder import FeedPlan, SessionFeeder
 from emulator.reference.tms import TmsConfig, TmsServer
 from emulator.reference.tms_faults import TmsFaults
 from emulator.seeding import SeedOptions, synthetic_patient
-from emulator.store.importer import import_files
+from emulator.store.importer import dicom_files, import_files
 
 
 @dataclass
@@ -154,6 +154,39 @@ class ReferenceSite:
                 seeded.append((scenario.station, session_id))
                 index += 1
         return seeded
+
+    def import_into_archive(self, root: Path) -> int:
+        """Stores the DICOM files under ``root`` (``tdw-emu seed``'s output) in the Archive;
+        returns how many it holds from them. A file it refuses stops the import, named."""
+        paths = dicom_files(root)
+        if not paths:
+            raise ValueError(f"no DICOM files (*.dcm) under {root}")
+        for path, outcome in import_files(self.archive.store, paths).items():
+            if isinstance(outcome, Exception):
+                raise ValueError(f"the Archive refused {path}: {outcome}")
+        return len(paths)
+
+    def archive_plan_uid(self, patient_id: str | None = None) -> str:
+        """The RT Plan to schedule when none is named: ``patient_id``'s, or the Archive's
+        only one. Several (or none) is an error that lists them."""
+        plans = self.archive.store.select("modality = 'RTPLAN'")
+        if patient_id:
+            plans = [p for p in plans if p.values["patient_id"] == patient_id]
+        if len(plans) == 1:
+            return plans[0].sop_instance_uid
+        whose = f" of patient {patient_id}" if patient_id else ""
+        if not plans:
+            raise ValueError(
+                f"the Archive under {self.config.data_dir} holds no RT Plan{whose}: store one "
+                "(tdw-emu tms --import DIR, or --seed STATION) or name it with --plan-uid"
+            )
+        listed = "; ".join(
+            f"{p.sop_instance_uid} (patient {p.values['patient_id']})" for p in plans[:10]
+        )
+        raise ValueError(
+            f"the Archive holds {len(plans)} RT Plans{whose}; name one with --plan-uid or "
+            f"--patient-id: {listed}"
+        )
 
     def seed(self, station: str, index: int, start: dt.datetime | None = None) -> str:
         """Stores one synthetic patient in the Archive and schedules one session for it."""
