@@ -691,9 +691,13 @@ def _cmd_tms(args: argparse.Namespace) -> int:
         on_connection_refused=metrics.connection_refused,
     )
     site = ReferenceSite(config, metrics)
-    if args.import_dir:
-        imported = site.import_into_archive(args.import_dir)
-        print(f"  imported {imported} object(s) from {args.import_dir} into the Archive")
+    # Everything it holds is in place before it listens: a caller that connects as soon as
+    # the port accepts finds the sessions (tests/test_docs_commands.py connects so).
+    try:
+        _fill_site(site, args, values)
+    except BaseException:
+        site.stop()
+        raise
     addresses = site.start()
     metrics_server = _serve_metrics(values, metrics)
     try:
@@ -709,17 +713,6 @@ def _cmd_tms(args: argparse.Namespace) -> int:
         )
         print(f"  profile {config.edition}, UIDs {config.uid_set}, callers: {callers}", flush=True)
         print(f"  {_tls_banner(config.network)}", flush=True)
-        for index, station in enumerate(values.get("seed") or [], start=1):
-            session_id = site.seed(station, index)
-            print(f"  seeded session {session_id} for station {station}: 4 UPS", flush=True)
-        if args.load_kit:
-            from emulator.conformance.vendor_kit import load_kit
-
-            created = load_kit(site, args.load_kit)
-            print(f"  loaded kit {args.load_kit}: {created} UPS", flush=True)
-        if values.get("seed_scenarios"):
-            seeded = site.seed_scenarios(first_index=len(values.get("seed") or []) + 1)
-            print(f"  seeded {len(seeded)} scenario sessions (tdw-emu scenarios list)", flush=True)
         print("ready", flush=True)
         _wait_for_signal()
     finally:
@@ -727,6 +720,25 @@ def _cmd_tms(args: argparse.Namespace) -> int:
             metrics_server.stop()
         site.stop()
     return 0
+
+
+def _fill_site(site, args: argparse.Namespace, values: dict) -> None:
+    """What ``tdw-emu tms`` stores and schedules before it listens: --import, --seed,
+    --load-kit and --seed-scenarios, each said in a line."""
+    if args.import_dir:
+        imported = site.import_into_archive(args.import_dir)
+        print(f"  imported {imported} object(s) from {args.import_dir} into the Archive")
+    for index, station in enumerate(values.get("seed") or [], start=1):
+        session_id = site.seed(station, index)
+        print(f"  seeded session {session_id} for station {station}: 4 UPS", flush=True)
+    if args.load_kit:
+        from emulator.conformance.vendor_kit import load_kit
+
+        created = load_kit(site, args.load_kit)
+        print(f"  loaded kit {args.load_kit}: {created} UPS", flush=True)
+    if values.get("seed_scenarios"):
+        seeded = site.seed_scenarios(first_index=len(values.get("seed") or []) + 1)
+        print(f"  seeded {len(seeded)} scenario sessions (tdw-emu scenarios list)", flush=True)
 
 
 def _cmd_tms_schedule(args: argparse.Namespace) -> int:
@@ -1228,11 +1240,11 @@ def main(argv: list[str] | None = None) -> int:
     if pynetdicom_level is not None:
         logging.getLogger("pynetdicom").setLevel(pynetdicom_level)
     from emulator.config import ConfigError
-    from emulator.net.scu import AssociationRejected
+    from emulator.net.scu import AssociationFailed, AssociationRejected
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, ValueError, AssociationRejected) as exc:
+    except (ConfigError, ValueError, AssociationRejected, AssociationFailed) as exc:
         # A set-up problem: one sentence with the cause and the fix; -v adds the traceback.
         if args.verbose:
             traceback.print_exc()

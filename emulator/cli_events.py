@@ -9,7 +9,7 @@ import sys
 
 from emulator.config import network_settings
 from emulator.net.peers import Peer
-from emulator.net.scu import DimseError
+from emulator.net.scu import AssociationFailed, AssociationRejected, DimseError
 from emulator.profile import load_profile
 
 OPERATOR_AE = "OPERATOR"
@@ -29,6 +29,11 @@ def add_console_flags(actions: argparse._SubParsersAction, add_tls_flags) -> Non
         help="list the UPS a running TMS holds (C-FIND)",
     )
     listing.add_argument("--station", help="only this station's UPS")
+    listing.add_argument(
+        "--state",
+        choices=("SCHEDULED", "IN PROGRESS", "COMPLETED", "CANCELED"),
+        help="only UPS in this state",
+    )
     listing.add_argument(
         "--uids-only", action="store_true", help="print the SOP Instance UIDs alone, one a line"
     )
@@ -61,6 +66,10 @@ def cmd_tms_console(args: argparse.Namespace, tls: dict) -> int:
             print(f"Request Cancel {args.uid}: 0x{status:04X} {comment}".rstrip())
             return 0 if status == 0x0000 or status & 0xF000 == 0xB000 else 1
         found = list_ups(tms, args.calling_ae, profile, args.station or "", network)
+        if args.state:
+            found = [ups for ups in found if ups.get("ProcedureStepState") == args.state]
+    except (AssociationRejected, AssociationFailed):
+        raise  # a set-up problem: main() says it in one sentence and exits 2
     except DimseError as exc:
         print(f"tdw-emu tms {args.action}: {exc}", file=sys.stderr)
         return 1

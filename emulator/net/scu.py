@@ -8,6 +8,7 @@ to remember to check a status by hand.
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,8 +67,7 @@ def associate(
     if not assoc.is_established:
         if assoc.is_rejected:
             raise AssociationRejected.of(assoc, calling_ae, peer)
-        reason = "aborted" if assoc.is_aborted else "failed"
-        raise DimseError(f"association with {peer} {reason}")
+        raise AssociationFailed.of(assoc, peer, settings)
     try:
         yield assoc
     finally:
@@ -108,6 +108,39 @@ class AssociationRejected(DimseError):
             why = "it is busy (too many associations); try again later"
         kind = "permanently" if result == 1 else "for now"
         return cls(f"{peer} rejected the association {kind}: {why}", permanent=result == 1)
+
+
+class AssociationFailed(DimseError):
+    """No association and no A-ASSOCIATE-RJ: nothing listens, the peer hung up (often a TLS
+    mismatch), or it never answered. Says which, and what to check, in one sentence."""
+
+    @classmethod
+    def of(
+        cls, assoc: Association, peer: Peer, settings: NetworkSettings | None = None
+    ) -> AssociationFailed:
+        tls = settings is not None and settings.tls is not None
+        try:
+            socket.create_connection((peer.host, peer.port), timeout=3).close()
+        except OSError as exc:
+            return cls(
+                f"nothing accepts connections at {peer.host}:{peer.port} ({exc.strerror or exc}): "
+                f"is {peer.ae_title} running there, on that port?"
+            )
+        if assoc.is_aborted and tls:
+            return cls(
+                f"{peer} ended the TLS connection or the association at once: does it speak "
+                "DICOM TLS, and does each side trust the other's certificate (--tls-ca)?"
+            )
+        if assoc.is_aborted:
+            return cls(
+                f"{peer} closed the connection without answering the association request: if "
+                "it requires TLS, give --tls-cert, --tls-key and --tls-ca"
+            )
+        timeout = (settings or NetworkSettings()).acse_timeout
+        return cls(
+            f"{peer} accepted the connection but did not answer the association request "
+            f"within {timeout:g} s: is it a DICOM server, and not TLS-only?"
+        )
 
 
 def _status_of(rsp: Dataset | None, what: str) -> int:

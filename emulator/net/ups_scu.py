@@ -20,7 +20,7 @@ from pynetdicom.dsutils import encode
 
 from emulator.net.ae_factory import NetworkSettings, association_handlers, make_ae, tls_args
 from emulator.net.peers import Peer
-from emulator.net.scu import AssociationRejected, DimseError
+from emulator.net.scu import AssociationFailed, AssociationRejected, DimseError
 from emulator.profile import Profile
 
 ACTION_CHANGE_STATE = 1
@@ -64,7 +64,7 @@ class UpsConnection:
         if not self.assoc.is_established:
             if self.assoc.is_rejected:
                 raise AssociationRejected.of(self.assoc, self.calling_ae, self.tms)
-            raise DimseError(f"association with TMS {self.tms} failed")
+            raise AssociationFailed.of(self.assoc, self.tms, self.settings)
         return self
 
     def __exit__(self, *exc: object) -> None:
