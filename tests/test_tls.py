@@ -14,7 +14,7 @@ from emulator.config import ConfigError, network_settings
 from emulator.net import scu
 from emulator.net.ae_factory import NetworkSettings
 from emulator.net.peers import Peer
-from emulator.net.scu import DimseError
+from emulator.net.scu import AssociationFailed
 from emulator.net.tls import TlsConfig
 from emulator.performer.workflow import DeviceConfig, PerformingDevice
 from emulator.reference.site import ReferenceSite, SiteConfig
@@ -151,16 +151,35 @@ def test_a_whole_session_runs_over_tls(tls_site, pki, tmp_path):
 
 
 def test_plain_tcp_and_a_foreign_certificate_are_refused(tls_site, pki):
+    """Each refusal says its likely cause and the fix in one sentence (AssociationFailed)."""
     site, _ = tls_site
     archive = Peer("ARCHIVE", *site.archive.address)
     assert scu.echo("OTHER", archive, tls(pki, "device")) == 0x0000
-    with pytest.raises(DimseError):
+    with pytest.raises(AssociationFailed, match="if it requires TLS, give --tls-cert"):
         scu.echo("OTHER", archive, NetworkSettings())
-    with pytest.raises(DimseError):
+    with pytest.raises(AssociationFailed, match="trust the other's certificate"):
         scu.echo("OTHER", archive, tls(pki, "rogue", ca="ca"))
     # And the device refuses an Archive whose certificate its CA did not sign.
-    with pytest.raises(DimseError):
+    with pytest.raises(AssociationFailed, match="trust the other's certificate"):
         scu.echo("OTHER", archive, tls(pki, "device", ca="rogue-ca"))
+    # Nothing listening: said so, with the address.
+    nowhere = Peer("ARCHIVE", "127.0.0.1", free_port())
+    with pytest.raises(AssociationFailed, match=f"nothing accepts connections at {nowhere.host}"):
+        scu.echo("OTHER", nowhere, NetworkSettings())
+
+
+def test_a_plain_console_against_a_tls_tms_gets_one_sentence(tls_site):
+    """`tdw-emu tms list` without TLS flags against a TLS-only TMS: exit 2, one line."""
+    site, _ = tls_site
+    host, port = site.tms.address
+    result = subprocess.run(
+        [sys.executable, "-m", "emulator.cli", "tms", "list", "--tms", f"TMS@{host}:{port}",
+         "--calling-ae", "OTHER"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "if it requires TLS, give --tls-cert, --tls-key and --tls-ca" in result.stderr
 
 
 def test_dcmtk_echoscu_over_tls_against_the_archive_command(tmp_path, pki):
