@@ -43,6 +43,11 @@ os.environ["TDW_VALIDATE_FRAMES"] = "1"
 # Real-speed HIL sessions (2.7 minutes each) only when asked for: make test must fit in 20
 # minutes on 2 cores and keeps one real-time session (tests/test_real_time.py).
 collect_ignore = [] if os.environ.get("TDW_REAL_TIME") == "all" else ["test_hil_real_time.py"]
+# The Locust soaks' detailed checks (per-worker split, request statistics, HTML report) only
+# when asked for: make test runs both Locust commands of docs/locust.md, as written, with
+# their verdicts (tests/test_docs_commands.py).
+if os.environ.get("TDW_LOCUST") != "all":
+    collect_ignore.append("test_locust.py")
 
 
 def require_tool(path: str) -> str:

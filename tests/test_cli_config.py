@@ -392,3 +392,40 @@ def test_help_shows_defaults_and_what_is_required(capsys):
     assert run.count("required") >= 4 and "(default: 0)" in run
     top = help_of()
     assert "tdw-emu demo" in top and "parses arguments" not in top
+
+
+def test_a_session_split_over_a_pps_run_and_a_tdd_run_reports_no_false_finding(
+    tmp_path, archive_process_factory
+):
+    """The TDD's worklist holds only the delivery once the PPS performed the rest: RO-17
+    asks for SCHEDULED UPS, so that is the rest of a session, not a TMS returning one of
+    four (the false '[error] RO-17/Response-count' a new user saw)."""
+    import json
+
+    from tests.conftest import free_port
+
+    ports = {"PPS1": free_port(), "TDD1": free_port()}
+    tms = archive_process_factory(
+        "--data-dir", str(tmp_path / "site"), "--port", "0", "--archive-port", "0",
+        *(a for ae, port in ports.items() for a in ("--peer", f"{ae}@127.0.0.1:{port}")),
+        "--seed", "LINAC1",
+        command="tms", ready="ready",
+    )  # fmt: skip
+    tms_address = "TMS@{}:{}".format(*tms.addresses["TMS"])
+    archive_address = "ARCHIVE@{}:{}".format(*tms.addresses["ARCHIVE"])
+    reports = {}
+    for kind, ae in (("pps", "PPS1"), ("tdd", "TDD1")):
+        result = subprocess.run(
+            [
+                sys.executable, "-m", "emulator.cli", "run", "--kind", kind,
+                "--station", "LINAC1", "--tms", tms_address, "--archive", archive_address,
+                "--ae-title", ae, "--listen-port", str(ports[ae]),
+                "--data-dir", str(tmp_path / ae), "--report-dir", str(tmp_path / kind),
+            ],
+            capture_output=True, text=True, cwd=REPO, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "[error]" not in result.stdout, result.stdout
+        reports[kind] = json.loads((tmp_path / kind / "run-report.json").read_text())
+    assert [o["step"] for o in reports["tdd"]["outcomes"]] == ["delivery"]
+    assert not [f for f in reports["tdd"]["findings"] if f["rule"] == "RO-17/Response-count"]

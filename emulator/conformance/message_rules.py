@@ -347,6 +347,10 @@ class TrafficChecker:
 
         Only UPS this run has not seen before are counted: a session part of which a device
         already claimed is rightly returned with fewer, and a continuation is four new ones.
+        A session returned without its first steps but with all the later ones is one whose
+        earlier steps were performed before (by a PPS, or an earlier run): the query asks
+        for SCHEDULED UPS only. A missing later or middle step is never so; and a fresh
+        session's four are judged by the scenarios' own counts (profiles/scenarios.yaml).
         """
         if not self._is_worklist(request):
             return
@@ -362,6 +366,13 @@ class TrafficChecker:
             repeated = sorted({s or "unknown" for s in steps if steps.count(s) > 1})
             if not missing and not repeated:
                 continue
+            returned = [STEP_ORDER.index(s) for s in steps if s in STEP_ORDER]
+            if (
+                not repeated
+                and returned
+                and all(STEP_ORDER.index(m) < min(returned) for m in missing)
+            ):
+                continue  # the earlier steps were performed: the rest of a session
             detail = []
             if missing:
                 detail.append("no " + ", ".join(missing))
