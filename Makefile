@@ -7,7 +7,7 @@ PYTHON  ?= python3
 STAMP   := $(VENV)/.installed
 PYTEST_WORKERS ?= auto
 
-.PHONY: demo test mutation lint format debian-packages clean
+.PHONY: demo test mutation cli-docs lint format debian-packages clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ test: $(STAMP) debian-packages
 MUTATION_JOBS ?= 6
 mutation: $(STAMP) debian-packages
 	$(VENV)/bin/python benchmarks/mutation.py --jobs $(MUTATION_JOBS)
+
+cli-docs: $(STAMP)
+	$(VENV)/bin/python -m emulator.cli_help > docs/cli.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

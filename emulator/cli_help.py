@@ -151,3 +151,35 @@ def describe(parser: argparse.ArgumentParser) -> None:
         description, example = HELP[path]
         child.description = description
         child.epilog = f"example:\n  {example}"
+
+
+def reference(parser: argparse.ArgumentParser) -> str:
+    """docs/cli.md: every command's --help, as a person at a 100-column terminal sees it.
+
+    Written by ``make cli-docs``; tests/test_cli_help.py fails when it is not current, so
+    the flags the docs list are always every flag there is."""
+    import os
+
+    saved = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"
+    try:
+        parts = [
+            "# tdw-emu command reference\n\n"
+            "Every command's `--help`, generated (`make cli-docs`); README.md shows how they "
+            "fit together.\n",
+            f"## tdw-emu\n\n```text\n{parser.format_help()}```\n",
+        ]
+        for path, child in subcommands(parser):
+            parts.append(f"## tdw-emu {path}\n\n```text\n{child.format_help()}```\n")
+    finally:
+        if saved is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = saved
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    from emulator.cli import build_parser
+
+    print(reference(build_parser()), end="")

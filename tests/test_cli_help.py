@@ -98,3 +98,11 @@ def test_a_piped_table_keeps_each_row_on_one_line(monkeypatch, capsys, columns):
     lines = capsys.readouterr().out.splitlines()
     # Piped (pytest captures stdout), a row is one line; COLUMNS set by the user still wins.
     assert any(label in line for line in lines) is (columns is None), lines
+
+
+def test_docs_cli_md_is_every_commands_help():
+    """docs/cli.md lists every flag of every command because it is their --help."""
+    from emulator.cli_help import reference
+
+    written = (REPO / "docs" / "cli.md").read_text()
+    assert written == reference(build_parser()), "docs/cli.md is stale: run make cli-docs"
