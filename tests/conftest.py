@@ -197,3 +197,30 @@ def one_session_site(data_dir: Path, **config):
     )
     site.seed("LINAC1", 1)
     return site
+
+
+# The longest tests first (figures from `make test`'s --durations): pytest-xdist hands out
+# tests in collection order, so a long one collected last keeps one worker busy while the
+# other idles. Longest-first keeps both cores working to the end.
+LONGEST_FIRST = [
+    "tests/test_real_time.py",
+    "tests/test_docs_commands.py",
+    "tests/test_kill_restart.py",
+    "tests/test_tms_restart.py",
+    "tests/test_grafana_prometheus.py",
+    "tests/test_kill_mid_delivery.py",
+    "tests/test_attacks.py",
+    "tests/test_conformance_scenarios.py",
+    "tests/test_soak.py",
+    "tests/test_fault_matrix.py",
+    "tests/test_conformance_preflight.py",
+    "tests/test_tls.py",
+]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)

@@ -11,7 +11,7 @@ is left of the block's processes at its end.
 What the harness changes, and nothing else (SUBSTITUTIONS): every port number becomes a
 free port (the same one throughout a file), addresses of other machines become 127.0.0.1
 (nothing listens beyond loopback in tests), and the hours-long soaks shrink to seconds: 200
-devices for 10 minutes at real time become 4 for 20 s at time scale 0.02. The set-up block
+devices for 10 minutes at real time become 4 for 12 s at time scale 0.02. The set-up block
 (``make demo``, ``make test``) is the one block not run here: CI runs ``make test`` itself
 and tests/test_demo.py runs the demo.
 """
@@ -36,7 +36,7 @@ SET_UP = {"make demo", "make test"}
 # Long runs made short; each is (pattern, replacement) on the block's text.
 SUBSTITUTIONS = [
     (r"--devices \d+", "--devices 4"),
-    (r"(--duration|--feed-for|--tdw-duration) \d+m\b", r"\1 20s"),
+    (r"(--duration|--feed-for|--tdw-duration) \d+m\b", r"\1 12s"),
     (r"(--time-scale|--tdw-time-scale) 1\b", r"\1 0.02"),
     (r"-u \d+ -r \d+", "-u 4 -r 4"),
     (r"\b(0\.0\.0\.0|10\.0\.0\.\d+|tms\.example\.org)\b", "127.0.0.1"),

@@ -1,6 +1,7 @@
 """`tdw-emu scenarios prepare`: the kit a TMS vendor loads before running the suite.
 
-It must be complete (a TMS given only the kit passes the suite), valid DICOM, named with
+It must be complete (a TMS given only the kit passes the suite: docs/conformance.md runs
+that, and tests/test_docs_commands.py runs docs/conformance.md), valid DICOM, named with
 the vendor's AE titles, and it must say what the devices check (plan constraints) and
 for which day the work is scheduled.
 """
@@ -15,12 +16,11 @@ from pydicom.dataset import Dataset
 
 from emulator.cli import main
 from emulator.conformance.suite import load_scenarios
-from emulator.net.peers import Peer
 from emulator.ups_references import references_in
-from tests.conftest import dciodvfy_errors, free_port, start_cli_process
+from tests.conftest import dciodvfy_errors
 
 
-def test_a_prepared_kit_is_valid_and_enough_for_a_tms_to_pass(tmp_path, capsys):
+def test_a_prepared_kit_is_valid(tmp_path, capsys):
     kit = tmp_path / "kit"
     args = ["scenarios", "prepare", "--out", str(kit), "--seed-size", "small"]
     assert main([*args, "--tms-ae", "VENDORTMS", "--archive-ae", "VENDORPACS"]) == 0
@@ -62,35 +62,6 @@ def test_a_prepared_kit_is_valid_and_enough_for_a_tms_to_pass(tmp_path, capsys):
     failures = {p.name: e for p in sample if (e := dciodvfy_errors(p))}
     assert not failures, failures
 
-    # Enough: a TMS loaded with the kit alone (named as the vendor's) passes the suite.
-    devices = [Peer("TDWEMU1", "127.0.0.1", free_port()), Peer("TDWEMU2", "127.0.0.1", free_port())]
-    site = start_cli_process(
-        "tms",
-        "--data-dir",
-        str(tmp_path / "site"),
-        "--ae-title",
-        "VENDORTMS",
-        "--archive-ae-title",
-        "VENDORPACS",
-        "--port",
-        "0",
-        "--archive-port",
-        "0",
-        *(a for d in devices for a in ("--peer", str(d))),
-        "--load-kit",
-        str(kit),
-        ready="ready",
-        timeout=300,
-    )
-    try:
-        run = ["scenarios", "run", "--report-dir", str(tmp_path / "report")]
-        run += ["--tms", f"VENDORTMS@127.0.0.1:{site.addresses['VENDORTMS'][1]}"]
-        run += ["--archive", f"VENDORPACS@127.0.0.1:{site.addresses['VENDORPACS'][1]}"]
-        for device in devices:
-            run += ["--device", str(device)]
-        code = main(run)
-    finally:
-        site.stop()
-    out = capsys.readouterr().out
-    assert code == 0, out
-    assert f"PASS: {len(suite)} of {len(suite)} scenarios passed" in out
+    # Enough: a TMS loaded with the kit alone, under the vendor's titles, passes the whole
+    # suite. docs/conformance.md does exactly that, and tests/test_docs_commands.py runs it
+    # as written (exit 0 only if every scenario passed).
