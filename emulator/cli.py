@@ -233,6 +233,11 @@ def _add_tms(sub: argparse._SubParsersAction) -> None:
     )
     schedule.add_argument("--first-fraction", type=int, default=1, help="number of the first")
     schedule.add_argument("--start", help="first session start, YYYYMMDDHHMM (default: now)")
+    schedule.add_argument(
+        "--weekends",
+        action="store_true",
+        help="a session every day, Saturday and Sunday too (default: weekdays only)",
+    )
     schedule.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"))
     schedule.add_argument("--uids", choices=("final", "trial"))
     add_console_flags(actions, _add_tls_flags)
@@ -768,7 +773,7 @@ def _cmd_tms_schedule(args: argparse.Namespace) -> int:
     try:
         plan_uid = args.plan_uid or site.archive_plan_uid(args.patient_id)
         sessions = site.tms.scheduler.schedule_fractions(
-            plan_uid, args.station, start, args.fractions, args.first_fraction
+            plan_uid, args.station, start, args.fractions, args.first_fraction, args.weekends
         )
     finally:
         site.stop()

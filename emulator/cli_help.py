@@ -34,7 +34,8 @@ HELP: dict[str, tuple[str, str]] = {
         "tdw-emu tms --data-dir site --peer PDS1@127.0.0.1:11113 --seed LINAC1",
     ),
     "tms schedule": (
-        "Schedules one treatment session (four UPS, RO-17) per weekday for the plan's "
+        "Schedules one treatment session (four UPS, RO-17) per weekday (--weekends: per day) "
+        "for the plan's "
         "fractions at STATION, in the UPS store under --data-dir; a TMS serving that "
         "directory offers them at its next worklist query. The plan comes from the Archive "
         "under --data-dir: --plan-uid names it, or --patient-id picks that patient's plan, or, "

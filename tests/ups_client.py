@@ -60,12 +60,15 @@ class UpsClient:
         self.close()
 
     def worklist(self, station: str = "", state: str = "SCHEDULED", **keys) -> list[Dataset]:
-        today = dt.date.today().strftime("%Y%m%d")
+        # Today, reaching back an hour: a session the TMS seeded just before midnight
+        # (it keeps a session's four steps on one day) is today's work just after it.
+        now = dt.datetime.now()
+        first = min(dt.datetime.combine(now.date(), dt.time(0, 0)), now - dt.timedelta(hours=1))
         ident = Dataset()
         for keyword in RO17_KEYS:
             setattr(ident, keyword, [] if keyword.endswith("Sequence") else "")
         ident.ProcedureStepState = state
-        ident.ScheduledProcedureStepStartDateTime = f"{today}000000-{today}235959"
+        ident.ScheduledProcedureStepStartDateTime = f"{first:%Y%m%d%H%M%S}-{now:%Y%m%d}235959"
         station_item = Dataset()
         station_item.CodeValue = station
         station_item.CodingSchemeDesignator = ""

@@ -1105,9 +1105,19 @@ class PerformingDevice:
 # -- the datasets of each message, shared with the scenario runner ----------------------------
 
 
-def worklist_identifier(station: str, day: dt.date | None = None) -> Dataset:
-    """RO-17: every required matching and return key of Table 3.17-1 (Notes 1, 5, 6, 7)."""
-    day = day or dt.date.today()
+def worklist_identifier(
+    station: str, day: dt.date | None = None, now: dt.datetime | None = None
+) -> Dataset:
+    """RO-17: every required matching and return key of Table 3.17-1 (Notes 1, 5, 6, 7).
+
+    The date range (Note 5, "such as the rest of the current day"): ``day``'s, or today's
+    reaching back at least an hour, so a session scheduled just before midnight is still
+    found just after it."""
+    now = now or dt.datetime.now()
+    first = dt.datetime.combine(day or now.date(), dt.time(0, 0))
+    if day is None:
+        first = min(first, now - dt.timedelta(hours=1))
+    day = day or now.date()
     ident = Dataset()
     ident.SpecificCharacterSet = ""
     ident.SOPClassUID = ""
@@ -1115,8 +1125,7 @@ def worklist_identifier(station: str, day: dt.date | None = None) -> Dataset:
     ident.ProcedureStepState = "SCHEDULED"
     ident.ProcedureStepLabel = ""
     ident.ScheduledStationNameCodeSequence = Sequence([code_item(station, "", "")])
-    stamp = day.strftime("%Y%m%d")
-    ident.ScheduledProcedureStepStartDateTime = f"{stamp}000000-{stamp}235959"
+    ident.ScheduledProcedureStepStartDateTime = f"{first:%Y%m%d%H%M%S}-{day:%Y%m%d}235959"
     ident.ScheduledWorkitemCodeSequence = Sequence([])
     ident.ScheduledProcessingParametersSequence = Sequence([])
     ident.InputInformationSequence = Sequence([])

@@ -39,6 +39,19 @@ STEP_OFFSETS = {"acquisition": 0, "registration": 3, "adjustment": 6, "delivery"
 METERSET_TOLERANCE = 0.01  # MU: below this a beam counts as fully delivered
 
 
+def within_one_day(start: dt.datetime) -> dt.datetime:
+    """The start of a session whose four steps all fall on ``start``'s day.
+
+    A device knows a session by its patient and day (RO-17 queries a day's range), so a
+    session begun at 23:55 whose delivery fell after midnight would reach it as two: three
+    UPS today and one tomorrow. Such a session starts early enough to end by 23:59.
+    """
+    latest = dt.datetime.combine(start.date(), dt.time(23, 59)) - dt.timedelta(
+        minutes=max(STEP_OFFSETS.values())
+    )
+    return min(start, latest)
+
+
 class SchedulingError(ValueError):
     """The plan or its inputs are not in the stores, so no session can be scheduled."""
 
@@ -277,6 +290,7 @@ class Scheduler:
         extra_tms_inputs: list[Dataset] | None = None,
     ) -> str:
         """Schedules one session of four UPS; returns its session id."""
+        start = within_one_day(start)
         instance, plan = self._archived(plan_uid)
         if plan.SOPClassUID != self.profile.sop_classes["rt_plan"]:
             raise SchedulingError(f"{plan_uid} is not an RT Plan")
@@ -339,12 +353,19 @@ class Scheduler:
         return session_id
 
     def schedule_fractions(
-        self, plan_uid: str, station: str, first_start: dt.datetime, count: int, first: int = 1
+        self,
+        plan_uid: str,
+        station: str,
+        first_start: dt.datetime,
+        count: int,
+        first: int = 1,
+        weekends: bool = False,
     ) -> list[str]:
-        """One session per weekday from ``first_start``, numbering fractions from ``first``."""
+        """One session per weekday (every day, with ``weekends``) from ``first_start``,
+        numbering fractions from ``first``."""
         sessions, day = [], first_start
         for fraction in range(first, first + count):
-            while day.weekday() >= 5:
+            while day.weekday() >= 5 and not weekends:
                 day += dt.timedelta(days=1)
             sessions.append(self.schedule_session(plan_uid, station, day, fraction))
             day += dt.timedelta(days=1)
