@@ -22,10 +22,12 @@ demo: $(STAMP) debian-packages
 	$(VENV)/bin/tdw-emu demo --interrupt 2:40
 
 # pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
+# --dist worksteal: a worker that ran out of tests takes queued ones from the other (with
+# the default 'load', one core idled for minutes while the other worked through its queue).
 test: $(STAMP) debian-packages
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS); rc=$$?; \
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # Mutation testing of profiles/ (benchmarks/mutation.py): prints survivors and the score.

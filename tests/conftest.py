@@ -201,7 +201,7 @@ def one_session_site(data_dir: Path, **config):
 
 # The longest tests first (figures from `make test`'s --durations): pytest-xdist hands out
 # tests in collection order, so a long one collected last keeps one worker busy while the
-# other idles. Longest-first keeps both cores working to the end.
+# other idles. Longest-first, with --dist worksteal (Makefile), keeps both cores working.
 LONGEST_FIRST = [
     "tests/test_real_time.py",
     "tests/test_docs_commands.py",
