@@ -101,8 +101,12 @@ def test_a_piped_table_keeps_each_row_on_one_line(monkeypatch, capsys, columns):
 
 
 def test_docs_cli_md_is_every_commands_help():
-    """docs/cli.md lists every flag of every command because it is their --help."""
-    from emulator.cli_help import reference
-
+    """docs/cli.md lists every flag of every command because it is their --help. Made in a
+    process of its own, as `make cli-docs` does: a backend another test registered in this
+    one would show in `run --device`'s list."""
+    made = subprocess.run(
+        [sys.executable, "-m", "emulator.cli_help"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
     written = (REPO / "docs" / "cli.md").read_text()
-    assert written == reference(build_parser()), "docs/cli.md is stale: run make cli-docs"
+    assert written == made.stdout, "docs/cli.md is stale: run make cli-docs"
