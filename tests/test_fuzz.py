@@ -11,13 +11,14 @@ import os
 import threading
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.dsutils import encode as encode_dataset
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from devices.protocol import Frame, FrameError, FrameReader, MessageType, encode
@@ -416,3 +417,102 @@ def test_the_performer_still_talks_to_the_tms_after_the_fuzzing(scripted):
         tms_scp.reply = (0x0000, None)
         assert connect().n_set("1.2.3.4", MODIFICATION) == 0x0000
     assert len(connections) >= 1
+
+
+# -- N-CREATE, N-SET and N-ACTION data sets ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def listening_site(tmp_path_factory):
+    """A started reference site with one session: N-SETs and N-ACTIONs have UPS to name."""
+    site = one_session_site(tmp_path_factory.mktemp("fuzz-requests"), accept_any_ae=True)
+    addresses = site.start()
+    yield site, addresses["TMS"][1]
+    site.stop()
+
+
+# Elements no UPS request may carry: the command group, the file meta group, private and
+# unknown tags; and UPS attributes sent under any VR. (A group length cannot be sent:
+# pydicom's encoder drops it, and pynetdicom then announces a data set it never sends.)
+ODD_TAGS = [0x00001000, 0x00000900, 0x00001001, 0x00020010, 0x00091010, 0x00290010,
+            0x0008FFF0, 0x7FE10010]  # fmt: skip
+UPS_TAGS = [Tag(k) for k in ("ProcedureStepState", "TransactionUID", "ProcedureStepLabel",
+            "ProcedureStepProgressInformationSequence", "ScheduledProcedureStepPriority",
+            "ReasonForCancellation", "PatientID")]  # fmt: skip
+elements = st.tuples(st.sampled_from(ODD_TAGS + UPS_TAGS), st.sampled_from(WRONG_VRS), texts)
+
+
+@settings(
+    max_examples=min(EXAMPLES, 300),
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.filter_too_much],
+)
+@given(
+    st.sampled_from(["N-CREATE", "N-SET", "N-ACTION 1", "N-ACTION 2", "N-ACTION 3"]),
+    st.lists(elements, min_size=1, max_size=4),
+)
+def test_malformed_request_data_sets_get_a_failure_with_a_comment(listening_site, request, items):
+    """Each request's data set with elements it may not carry or under a VR not theirs
+    (Explicit VR, so the VR travels): a status with an Error Comment, never 0x0110 (the
+    status pynetdicom answers when a handler raises)."""
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pynetdicom import build_context
+
+    uids = load_profile().sop_classes
+    ds = Dataset()
+    for tag, vr, text in items:
+        raw = b"" if vr == "SQ" else text[:16].encode("utf-8", "replace")
+        raw += b" " * (len(raw) % 2)
+        ds[tag] = RawDataElement(Tag(tag), vr, len(raw), raw, 0, False, True)
+    # What pydicom cannot write (an IS of "Inf") never reaches the wire from here.
+    assume(bool(encode_dataset(ds, False, True)))
+    site, port = listening_site
+    uid = str(site.tms.ups.select()[0].sop_instance_uid)
+    ae = AE(ae_title="FUZZ")
+    ae.requested_contexts = [
+        build_context(uids[name], ExplicitVRLittleEndian)
+        for name in ("ups_push", "ups_pull", "ups_watch")
+    ]
+    assoc = ae.associate("127.0.0.1", port, ae_title="TMS")
+    assert assoc.is_established
+    try:
+        if request == "N-CREATE":
+            status, _ = assoc.send_n_create(ds, uids["ups_push"], str(generate_uid()))
+        elif request == "N-SET":
+            status, _ = assoc.send_n_set(ds, uids["ups_push"], uid, meta_uid=uids["ups_pull"])
+        else:
+            action = int(request[-1])
+            context = uids["ups_watch"] if action == 3 else uids["ups_pull"]
+            if action == 2:
+                context = uids["ups_push"]
+            status, _ = assoc.send_n_action(ds, action, uids["ups_push"], uid, meta_uid=context)
+    finally:
+        assoc.release()
+    assert status is not None and "Status" in status, (request, items)
+    assert status.Status != 0x0110, (request, items, status)
+    if status.Status & 0xF000 in (0xA000, 0xC000) or status.Status in range(0x0100, 0x0300):
+        assert str(status.get("ErrorComment", "")), (request, items, status)
+
+
+def test_an_n_set_carrying_a_command_element_names_it(listening_site):
+    """(0000,1000) Affected SOP Instance UID inside an N-SET's data set: 0105 with an Error
+    Comment naming the element; pydicom raised while storing it and the answer was 0110."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import build_context
+
+    uids = load_profile().sop_classes
+    site, port = listening_site
+    uid = str(site.tms.ups.select()[0].sop_instance_uid)
+    ds = Dataset()
+    raw = b"1.2.3.4\x00"
+    ds[0x00001000] = RawDataElement(Tag(0x00001000), "UI", len(raw), raw, 0, False, True)
+    ae = AE(ae_title="FUZZ")
+    ae.requested_contexts = [build_context(uids["ups_pull"], ExplicitVRLittleEndian)]
+    assoc = ae.associate("127.0.0.1", port, ae_title="TMS")
+    try:
+        status, _ = assoc.send_n_set(ds, uids["ups_push"], uid, meta_uid=uids["ups_pull"])
+    finally:
+        assoc.release()
+    assert status.Status == 0x0105
+    assert "(0000,1000)" in status.ErrorComment and "command group" in status.ErrorComment

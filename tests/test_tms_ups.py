@@ -16,7 +16,14 @@ from emulator.profile import load_sop_classes
 from emulator.reference.site import ReferenceSite, SiteConfig
 from emulator.seeding import SeedOptions
 from emulator.ups_references import references_in
-from tests.ups_client import UpsClient, cancellation, code, final_update, progress
+from tests.ups_client import (
+    GLOBAL_SUBSCRIPTION,
+    UpsClient,
+    cancellation,
+    code,
+    final_update,
+    progress,
+)
 
 SMALL = SeedOptions(slices=6, rows=48, beams=3, dynamic_beams=1, control_points=8)
 ARCHIVE_AE, TMS_AE = "ARCHIVE", "TMS"
@@ -410,15 +417,48 @@ def test_request_cancel(make_site):
         assert tms.n_get(claimed)[1].ProcedureStepState == "IN PROGRESS"
 
 
-def test_requested_sop_class_must_be_push(make_site):
+def test_requested_sop_class_is_push_or_the_contexts_own(make_site):
+    """PS3.4 CC.3.1: every UPS request names UPS Push, on whichever context carries it; the
+    TMS also takes the context's own class (docs/tms.md) and refuses any other."""
     site, _ = make_site()
     with client(site) as tms:
         ups = _registration(tms)
         info = Dataset()
         info.ProcedureStepState = "IN PROGRESS"
         info.TransactionUID = str(generate_uid())
-        status, _ = tms.assoc.send_n_action(info, 1, tms.pull, ups.SOPInstanceUID)
+        uid = ups.SOPInstanceUID
+        status, _ = tms.assoc.send_n_action(info, 1, tms.watch, uid, meta_uid=tms.pull)
         assert status.Status == 0x0118
+        assert "CC.3.1" in status.ErrorComment
+        status, _ = tms.assoc.send_n_action(info, 1, tms.pull, uid, meta_uid=tms.pull)
+        assert status.Status == 0x0000  # the legacy form: the Pull context's own class
+        # A subscription naming UPS Push on the UPS Watch context (the standard's form).
+        subscribe = Dataset()
+        subscribe.ReceivingAE = "DEVICE"
+        subscribe.DeletionLock = "FALSE"
+        status, _ = tms.assoc.send_n_action(
+            subscribe, 3, tms.push, GLOBAL_SUBSCRIPTION, meta_uid=tms.watch
+        )
+        assert status.Status == 0x0000
+
+
+def test_a_request_outside_its_contexts_service_group_is_refused(make_site):
+    """PS3.4 Tables CC.2-1 to CC.2-3: Change State travels on UPS Pull, a subscription on UPS
+    Watch, Request Cancel on UPS Push or Watch; elsewhere it is refused with a comment."""
+    site, _ = make_site()
+    with client(site) as tms:
+        uid = _registration(tms).SOPInstanceUID
+        info = Dataset()
+        info.ProcedureStepState = "IN PROGRESS"
+        info.TransactionUID = str(generate_uid())
+        status, _ = tms.assoc.send_n_action(info, 1, tms.push, uid, meta_uid=tms.watch)
+        assert status.Status == 0x0123
+        assert status.ErrorComment == "N-ACTION 1 is not a UPS Watch service (PS3.4 Table CC.2-3)"
+        cancel = Dataset()
+        cancel.ReasonForCancellation = "on the wrong context"
+        status, _ = tms.assoc.send_n_action(cancel, 2, tms.push, uid, meta_uid=tms.pull)
+        assert status.Status == 0x0123
+        assert tms.n_get(uid)[1].ProcedureStepState == "SCHEDULED"
 
 
 def test_concurrent_claim_has_exactly_one_winner(make_site):

@@ -103,7 +103,7 @@ class UpsClient:
             info.TransactionUID = transaction_uid
         for keyword, value in extra.items():
             setattr(info, keyword, value)
-        status, reply = self.assoc.send_n_action(info, 1, self.push, uid)
+        status, reply = self.assoc.send_n_action(info, 1, self.push, uid, meta_uid=self.pull)
         self.last_error_comment = str(status.get("ErrorComment", "") or "")
         return status.Status, reply
 
@@ -114,7 +114,9 @@ class UpsClient:
         if reason:
             info = Dataset()
             info.ReasonForCancellation = reason
-        status, _ = self.assoc.send_n_action(info, 2, self.push, uid)
+        # Request Cancel travels on UPS Push or UPS Watch (PS3.4 Tables CC.2-1, CC.2-3),
+        # naming UPS Push (CC.3.1).
+        status, _ = self.assoc.send_n_action(info, 2, self.push, uid, meta_uid=self.watch)
         return status.Status
 
     def subscribe(self, uid: str, receiving_ae: str, deletion_lock: bool = False) -> int:
@@ -122,21 +124,21 @@ class UpsClient:
         info = Dataset()
         info.ReceivingAE = receiving_ae
         info.DeletionLock = "TRUE" if deletion_lock else "FALSE"
-        status, _ = self.assoc.send_n_action(info, 3, self.watch, uid)
+        status, _ = self.assoc.send_n_action(info, 3, self.push, uid, meta_uid=self.watch)
         return status.Status
 
     def unsubscribe(self, uid: str, receiving_ae: str) -> int:
         info = Dataset()
         info.ReceivingAE = receiving_ae
-        status, _ = self.assoc.send_n_action(info, 4, self.watch, uid)
+        status, _ = self.assoc.send_n_action(info, 4, self.push, uid, meta_uid=self.watch)
         return status.Status
 
     def n_set(self, uid: str, modifications: Dataset) -> int:
-        status, _ = self.assoc.send_n_set(modifications, self.push, uid)
+        status, _ = self.assoc.send_n_set(modifications, self.push, uid, meta_uid=self.pull)
         return status.Status
 
     def n_get(self, uid: str, tags: list | None = None) -> tuple[int, Dataset | None]:
-        status, reply = self.assoc.send_n_get(tags or [], self.push, uid)
+        status, reply = self.assoc.send_n_get(tags or [], self.push, uid, meta_uid=self.pull)
         return status.Status, reply
 
 

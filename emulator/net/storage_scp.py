@@ -32,7 +32,8 @@ def status_dataset(code: int, comment: str = "") -> Dataset:
     status = Dataset()
     status.Status = code
     if comment and code:
-        status.ErrorComment = comment[:64]
+        # LO, one value: a backslash would split it in two (PS3.5 6.2).
+        status.ErrorComment = comment.replace("\\", "/")[:64]
     return status
 
 

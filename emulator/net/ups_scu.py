@@ -1,8 +1,11 @@
-"""The performer's side of the UPS exchanges (RO-17, 19, 21, 25, 26) on one association.
+"""A UPS SCU's exchanges (RO-17, 19, 21, 25, 26, UPS Watch, Request Cancel) on one association.
 
-UPS Pull is negotiated; N-ACTION and N-SET name UPS Push as the Requested SOP Class (seed
-RO-19, spec-notes). pynetdicom finds the Pull context for Push by itself only for the final
-UIDs, so the Pull UID is passed as ``meta_uid`` for the context lookup in both UID sets.
+UPS Push, Pull and Watch are proposed. Every request names UPS Push as its Requested SOP
+Class (PS3.4 CC.3.1: every UPS is a UPS Push instance) and travels on the context whose
+class carries it (Tables CC.2-1 to CC.2-3, ``emulator.ups_services``): C-FIND, N-SET and
+Change State on Pull, subscriptions on Watch, Request Cancel on Push or Watch, N-GET on
+any. pynetdicom finds a context for Push by itself only for the final UIDs, so the chosen
+context's UID is always passed as ``meta_uid``.
 """
 
 from __future__ import annotations
@@ -18,9 +21,15 @@ from pynetdicom.dimse_messages import N_SET_RQ
 from pynetdicom.dimse_primitives import N_SET
 from pynetdicom.dsutils import encode
 
+from emulator import ups_services
 from emulator.net.ae_factory import NetworkSettings, association_handlers, make_ae, tls_args
 from emulator.net.peers import Peer
-from emulator.net.scu import AssociationFailed, AssociationRejected, DimseError
+from emulator.net.scu import (
+    AssociationFailed,
+    AssociationRejected,
+    DimseError,
+    contexts_refused,
+)
 from emulator.profile import Profile
 
 ACTION_CHANGE_STATE = 1
@@ -48,12 +57,15 @@ class UpsConnection:
         self.pull = profile.sop_classes["ups_pull"]
         self.watch = profile.sop_classes["ups_watch"]
         self.assoc: Association | None = None
+        # True sends the legacy form (the context's own class as the Requested SOP Class),
+        # only to test a TMS's answer to it; the standard's form is UPS Push.
+        self.legacy_class = False
 
     def __enter__(self) -> UpsConnection:
         ae = make_ae(self.calling_ae, self.settings)
-        # UPS Watch too (subscriptions, PS3.4 CC.2.3): a TMS without it rejects that
-        # context only, and the association still serves the workflow.
-        ae.requested_contexts = [build_context(self.pull), build_context(self.watch)]
+        # A TMS without UPS Push or UPS Watch as SCP rejects that context only, and the
+        # association still serves what the others carry.
+        ae.requested_contexts = [build_context(uid) for uid in (self.push, self.pull, self.watch)]
         self.assoc = ae.associate(
             self.tms.host,
             self.tms.port,
@@ -79,6 +91,27 @@ class UpsConnection:
             raise DimseError(f"the association with TMS {self.tms} is no longer established")
         return self.assoc
 
+    def _context(self, service: str, action_type: int | None = None) -> str:
+        """The accepted context that carries ``service`` (Tables CC.2-1 to CC.2-5), or a
+        DimseError naming what the TMS refused, in one sentence."""
+        assoc = self._established()
+        accepted = [str(cx.abstract_syntax) for cx in assoc.accepted_contexts]
+        uid = ups_services.context_for(self.profile.sop_classes, service, action_type, accepted)
+        if uid is not None:
+            return uid
+        classes = ups_services.classes_for(service, action_type)
+        named = " or ".join(self.profile.sop_classes[c] for c in classes)
+        refused = contexts_refused(assoc, self.tms, [self.profile.sop_classes[c] for c in classes])
+        what = f"{service}" + (f" type {action_type}" if action_type else "")
+        raise DimseError(
+            (refused or f"TMS {self.tms} accepted no context for {what}")
+            + f": {what} travels on {named} (PS3.4 Table CC.2-1..CC.2-3)",
+            0x0122,
+        )
+
+    def _class(self, context: str) -> str:
+        return context if self.legacy_class else self.push
+
     def _check(self, status: Dataset | None, what: str) -> int:
         if status is None or "Status" not in status:
             raise DimseError(f"{what}: no response from the TMS")
@@ -86,7 +119,8 @@ class UpsConnection:
 
     def find(self, identifier: Dataset) -> list[Dataset]:
         found = []
-        for status, ident in self._established().send_c_find(identifier, self.pull):
+        pull = self._context("C-FIND")
+        for status, ident in self._established().send_c_find(identifier, pull):
             code = self._check(status, "UPS C-FIND")
             if code in (0xFF00, 0xFF01):
                 found.append(ident)
@@ -104,45 +138,58 @@ class UpsConnection:
         info.TransactionUID = transaction_uid
         for element in extra or []:
             info[element.tag] = element
+        context = self._context("N-ACTION", ACTION_CHANGE_STATE)
         status, reply = self._established().send_n_action(
-            info, ACTION_CHANGE_STATE, self.push, uid, meta_uid=self.pull
+            info, ACTION_CHANGE_STATE, self._class(context), uid, meta_uid=context
         )
         code = self._check(status, f"N-ACTION {state}")
         return Reply(code, reply, str(status.get("ErrorComment", "") or ""))
 
-    def watch_action(self, uid: str, action_type: int, receiving_ae: str) -> int:
-        """UPS Watch N-ACTION (3 subscribe, 4 unsubscribe) on one UPS or a well-known global
-        instance, with events to ``receiving_ae`` and no deletion lock."""
-        assoc = self._established()
-        if not any(c.abstract_syntax == self.watch for c in assoc.accepted_contexts):
-            raise DimseError(f"TMS {self.tms} does not accept UPS Watch", 0x0122)
+    def watch_action(
+        self, uid: str, action_type: int, receiving_ae: str, deletion_lock: bool = False
+    ) -> int:
+        """UPS Watch N-ACTION (3 subscribe, 4 unsubscribe, 5 suspend global) on one UPS or a
+        well-known global instance, with events to ``receiving_ae``."""
+        context = self._context("N-ACTION", action_type)
         info = Dataset()
         info.ReceivingAE = receiving_ae
         if action_type == 3:
-            info.DeletionLock = "FALSE"
-        status, _ = assoc.send_n_action(info, action_type, self.watch, uid)
+            info.DeletionLock = "TRUE" if deletion_lock else "FALSE"
+        status, _ = self._established().send_n_action(
+            info, action_type, self._class(context), uid, meta_uid=context
+        )
         return self._check(status, f"UPS Watch N-ACTION {action_type}")
 
     def request_cancel(self, uid: str, info: Dataset) -> Reply:
         """N-ACTION Request Cancel (action type 2, PS3.4 CC.2.2): a request to the
         performer, through the TMS; the UPS stays as it is until the performer acts."""
+        context = self._context("N-ACTION", ACTION_REQUEST_CANCEL)
         status, reply = self._established().send_n_action(
-            info, ACTION_REQUEST_CANCEL, self.push, uid, meta_uid=self.pull
+            info, ACTION_REQUEST_CANCEL, self._class(context), uid, meta_uid=context
         )
         code = self._check(status, "N-ACTION Request Cancel")
         return Reply(code, reply, str(status.get("ErrorComment", "") or ""))
 
     def n_set(self, uid: str, modifications: Dataset) -> int:
+        return self.n_set_reply(uid, modifications).status
+
+    def n_set_reply(self, uid: str, modifications: Dataset) -> Reply:
+        """N-SET, with the TMS's Error Comment."""
+        context = self._context("N-SET")
         status, _ = self._established().send_n_set(
-            modifications, self.push, uid, meta_uid=self.pull
+            modifications, self._class(context), uid, meta_uid=context
         )
-        return self._check(status, "N-SET")
+        code = self._check(status, "N-SET")
+        return Reply(code, None, str(status.get("ErrorComment", "") or ""))
 
     def n_get(self, uid: str, keywords: list[str]) -> Reply:
         """N-GET of some attributes (e.g. the state), as a performer may after a failure."""
         tags = [tag_for_keyword(k) for k in keywords]
-        status, reply = self._established().send_n_get(tags, self.push, uid, meta_uid=self.pull)
-        return Reply(self._check(status, "N-GET"), reply)
+        context = self._context("N-GET")
+        status, reply = self._established().send_n_get(
+            tags, self._class(context), uid, meta_uid=context
+        )
+        return Reply(self._check(status, "N-GET"), reply, str(status.get("ErrorComment", "") or ""))
 
     def abort_during_n_set(self, uid: str, modifications: Dataset) -> None:
         """Sends the command of an N-SET, then aborts before its data set: a cut-off update.
@@ -151,7 +198,8 @@ class UpsConnection:
         TMS sees a request start and the association end with A-ABORT.
         """
         assoc = self.assoc
-        context = next(c for c in assoc.accepted_contexts if c.abstract_syntax == self.pull)
+        pull = self._context("N-SET")
+        context = next(c for c in assoc.accepted_contexts if c.abstract_syntax == pull)
         syntax = context.transfer_syntax[0]
         request = N_SET()
         request.MessageID = 1

@@ -27,7 +27,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from emulator import ups_attributes, ups_events
+from emulator import ups_attributes, ups_events, ups_services
 from emulator.metrics import Metrics, default_metrics
 from emulator.net.ae_factory import NetworkSettings, make_ae
 from emulator.net.peers import Peer, PeerDirectory, calling_allow_list
@@ -35,7 +35,7 @@ from emulator.net.served_ae import ServedAE
 from emulator.net.storage_scp import status_dataset
 from emulator.net.uid_registry import register_uid_set
 from emulator.profile import DEFAULT_EDITION, DEFAULT_UID_SET, load_profile
-from emulator.reference import ups_rules
+from emulator.reference import request_datasets, ups_rules
 from emulator.reference.event_dispatch import EventDispatcher
 from emulator.reference.matching import condition, element_text, ensure_readable
 from emulator.reference.qr_query import StudyRootQuery
@@ -123,7 +123,10 @@ class TmsServer(ServedAE):
         # UPS Watch SCP and UPS Event SCU (PS3.4 CC.2.3, CC.2.4): subscriptions and owed
         # events in the UPS database, sent by their own thread.
         self.watch = UpsWatch(
-            self.ups, lambda ae: self.peers.get(ae) is not None, on_owed=self._events_owed
+            self.ups,
+            lambda ae: self.peers.get(ae) is not None,
+            on_owed=self._events_owed,
+            matcher=self._ups_query,
         )
         self.events = EventDispatcher(
             self.watch,
@@ -194,7 +197,7 @@ class TmsServer(ServedAE):
             return
         too_big = self._oversized(event.request.Identifier, "C-FIND identifier")
         if too_big:
-            yield status_dataset(STATUS_OUT_OF_RESOURCES, too_big), None
+            yield _answer(STATUS_OUT_OF_RESOURCES, too_big), None
             return
         try:
             where, params = self._ups_query(event.identifier)
@@ -203,11 +206,11 @@ class TmsServer(ServedAE):
             records = self.ups.select(where, params)
         except IdentifierMismatch as exc:
             LOG.warning("UPS C-FIND refused: %s", exc)
-            yield status_dataset(STATUS_IDENTIFIER_MISMATCH, str(exc)), None
+            yield _answer(STATUS_IDENTIFIER_MISMATCH, str(exc)), None
             return
         except ValueError as exc:
             LOG.warning("UPS C-FIND refused: %s", exc)
-            yield status_dataset(STATUS_UNABLE_TO_PROCESS, str(exc)), None
+            yield _answer(STATUS_UNABLE_TO_PROCESS, str(exc)), None
             return
         for record in records:
             if event.is_cancelled:
@@ -272,21 +275,47 @@ class TmsServer(ServedAE):
 
     # -- N-ACTION ----------------------------------------------------------------------------
 
+    def _refused(
+        self, event: evt.Event, service: str, action_type: int | None = None
+    ) -> Dataset | None:
+        """The refusal of a UPS request on the wrong context or naming the wrong SOP Class
+        (Tables CC.2-1..5, CC.3.1); the legacy form (the context's own class) is logged."""
+        request = event.request
+        requested = request.RequestedSOPClassUID
+        context = event.context.abstract_syntax
+        refused = ups_services.refusal(
+            self.profile.sop_classes, context, requested, service, action_type
+        )
+        if refused is not None:
+            LOG.warning(
+                "%s from %s refused: %s", service, event.assoc.requestor.ae_title, refused.comment
+            )
+            return _answer(refused.status, refused.comment)
+        if not ups_services.is_standard_form(self.profile.sop_classes, requested):
+            LOG.info(
+                "%s from %s names %s, not UPS Push (PS3.4 CC.3.1); accepted",
+                service,
+                event.assoc.requestor.ae_title,
+                requested,
+            )
+        return None
+
     def _on_n_action(self, event: evt.Event) -> tuple[Dataset | int, Dataset | None]:
         uid = str(event.request.RequestedSOPInstanceUID)
-        if event.request.RequestedSOPClassUID == self.profile.sop_classes["ups_watch"]:
-            return self._watch_action(event, uid), None
-        if event.request.RequestedSOPClassUID != self.profile.sop_classes["ups_push"]:
-            comment = "Requested SOP Class must be UPS Push (RO-19 3.19.4.1)"
-            return status_dataset(0x0118, comment), None
-        info = event.action_information or Dataset()
-        if event.action_type not in (ACTION_CHANGE_STATE, ACTION_REQUEST_CANCEL):
-            comment = "only Change State and Request Cancel"
-            return status_dataset(STATUS_NO_SUCH_ACTION, comment), None
+        action_type = int(event.action_type or 0)
+        refused = self._refused(event, "N-ACTION", action_type)
+        if refused is not None:
+            return refused, None
+        try:
+            info = request_datasets.decode(lambda: event.action_information)
+        except request_datasets.RequestDatasetError as exc:
+            return _answer(exc.status, str(exc)), None
+        if ups_events.watch_action(action_type):
+            return self._watch_action(event, uid, action_type, info), None
         # A state change and what the TMS schedules after it are one step for the station's
         # feeder (Scheduler.station_lock).
         with self.scheduler.station_lock(self.ups.station_of(uid)):
-            if event.action_type != ACTION_CHANGE_STATE:
+            if action_type == ACTION_REQUEST_CANCEL:
                 requester = str(event.assoc.requestor.ae_title).strip()
                 return self._request_cancel(uid, info, requester)
             status, reply = self._change_state(uid, info)
@@ -294,23 +323,22 @@ class TmsServer(ServedAE):
             self._faults.hold_reply(str(reply.get("ProcedureStepState", "")))
         return status, reply
 
-    def _watch_action(self, event: evt.Event, uid: str) -> Dataset:
+    def _watch_action(self, event: evt.Event, uid: str, action_type: int, info: Dataset) -> Dataset:
         """N-ACTION on UPS Watch (PS3.4 CC.2.3): subscribe, unsubscribe, suspend global."""
-        action = ups_events.watch_action(int(event.action_type or 0))
-        info = event.action_information or Dataset()
+        action = ups_events.watch_action(action_type)
         caller = str(event.assoc.requestor.ae_title).strip()
         receiver = str(info.get("ReceivingAE", "") or caller).strip()
-        if action == "subscribe":
-            lock = str(info.get("DeletionLock", "FALSE") or "FALSE").upper() == "TRUE"
-            status = self.watch.subscribe(receiver, uid, lock)
-        elif action == "unsubscribe":
-            status = self.watch.unsubscribe(receiver, uid)
-        elif action == "suspend_global":
-            status = self.watch.suspend_global(receiver, uid)
-        else:
-            return status_dataset(STATUS_NO_SUCH_ACTION, "UPS Watch: action types 3, 4, 5")
+        lock = str(info.get("DeletionLock", "FALSE") or "FALSE").upper() == "TRUE"
+        keys = Dataset()
+        for element in info:
+            if element.keyword not in ("ReceivingAE", "DeletionLock"):
+                keys[element.tag] = element
+        try:
+            status = self.watch.act(action, receiver, uid, lock, keys)
+        except ValueError as exc:  # Matching Keys the TMS cannot match on
+            return _answer(STATUS_INVALID_ATTRIBUTE, f"Matching Keys: {exc}")
         LOG.info("UPS Watch %s %s for %s: 0x%04X", action, uid, receiver, status)
-        return status_dataset(status)
+        return _answer(status)
 
     def _change_state(self, uid: str, info: Dataset) -> tuple[Dataset, Dataset | None]:
         requested = str(info.get("ProcedureStepState", "") or "").strip()
@@ -356,7 +384,7 @@ class TmsServer(ServedAE):
         status = int(outcome["status"])
         LOG.info("N-ACTION %s -> %s: 0x%04X %s", uid, requested, status, outcome.get("comment", ""))
         if status & 0xF000 in (0xA000, 0xC000) or status in (0x0106, 0x0118):
-            return status_dataset(status, outcome.get("comment", "")), None
+            return _answer(status, outcome.get("comment", "")), None
         reply = Dataset()
         reply.ProcedureStepState = outcome.get("state", requested)
         if outcome.get("generated_uid"):
@@ -367,7 +395,7 @@ class TmsServer(ServedAE):
             reply.ProcedureStepProgressInformationSequence = deepcopy(progress)
         if updated is not None and updated.state == "CANCELED":
             self._after_canceled(updated, performed=True)
-        return status_dataset(status), reply
+        return _answer(status), reply
 
     def _request_cancel(
         self, uid: str, info: Dataset, requester: str = ""
@@ -409,7 +437,7 @@ class TmsServer(ServedAE):
         status = int(outcome["status"])
         if updated is not None and updated.state == "CANCELED":
             self._after_canceled(updated, performed=False)
-        return status_dataset(status, outcome.get("comment", "")), None
+        return _answer(status, outcome.get("comment", "")), None
 
     def _after_canceled(self, canceled: UpsRecord, performed: bool) -> None:
         """What becomes of a session once one of its steps ended CANCELED (docs/tms.md).
@@ -440,20 +468,23 @@ class TmsServer(ServedAE):
 
     def _on_n_set(self, event: evt.Event) -> tuple[Dataset, Dataset | None]:
         uid = str(event.request.RequestedSOPInstanceUID)
+        refused = self._refused(event, "N-SET")
+        if refused is not None:
+            return refused, None
         too_big = self._oversized(event.request.ModificationList, "N-SET modification list")
         if too_big:
-            return status_dataset(STATUS_RESOURCE_LIMITATION, too_big), None
-        modifications = event.modification_list or Dataset()
+            return _answer(STATUS_RESOURCE_LIMITATION, too_big), None
+        try:
+            modifications = request_datasets.decode(lambda: event.modification_list)
+        except request_datasets.RequestDatasetError as exc:
+            LOG.warning("N-SET %s refused (0x%04X): %s", uid, exc.status, exc)
+            return _answer(exc.status, str(exc)), None
         forbidden = ups_rules.n_set_forbidden(modifications)
         if forbidden:
-            return status_dataset(
+            return _answer(
                 ups_rules.ups_rules()["n_set"]["forbidden_status"],
                 f"N-SET may not modify {', '.join(forbidden)}",
             ), None
-        try:
-            _validate_dataset(modifications)
-        except ValueError as exc:
-            return status_dataset(STATUS_INVALID_ATTRIBUTE, str(exc)), None
         sent_uid = str(modifications.get("TransactionUID", "") or "").strip()
         outcome: dict = {}
 
@@ -483,7 +514,7 @@ class TmsServer(ServedAE):
         self.ups.transition(uid, decide)
         status = int(outcome["status"])
         LOG.info("N-SET %s: 0x%04X", uid, status)
-        return status_dataset(status), None
+        return _answer(status), None
 
     # -- N-CREATE ----------------------------------------------------------------------------
 
@@ -492,26 +523,31 @@ class TmsServer(ServedAE):
         the N-CREATE column of Table CC.2.5-3 and stored as a session of its own."""
         request = event.request
         push = self.profile.sop_classes["ups_push"]
-        if request.AffectedSOPClassUID != push:
-            return status_dataset(0x0118, "N-CREATE of a UPS needs the UPS Push SOP Class"), None
+        refused = ups_services.refusal(
+            self.profile.sop_classes,
+            event.context.abstract_syntax,
+            push if request.AffectedSOPClassUID == push else "",
+            "N-CREATE",
+        )
+        if refused is not None:
+            return _answer(refused.status, refused.comment), None
         too_big = self._oversized(request.AttributeList, "N-CREATE attribute list")
         if too_big:
-            return status_dataset(STATUS_RESOURCE_LIMITATION, too_big), None
+            return _answer(STATUS_RESOURCE_LIMITATION, too_big), None
         uid = str(request.AffectedSOPInstanceUID or "")
         if not uid:
-            return status_dataset(0x0120, "Affected SOP Instance UID is required"), None
+            return _answer(0x0120, "Affected SOP Instance UID is required"), None
         try:
-            attributes = event.attribute_list
-            ensure_readable(attributes)
-            _validate_dataset(attributes)
-        except ValueError as exc:
-            return status_dataset(STATUS_INVALID_ATTRIBUTE, str(exc)[:64]), None
+            attributes = request_datasets.decode(lambda: event.attribute_list)
+        except request_datasets.RequestDatasetError as exc:
+            LOG.warning("N-CREATE %s refused (0x%04X): %s", uid, exc.status, exc)
+            return _answer(exc.status, str(exc)), None
         problems = ups_attributes.n_create_problems(attributes)
         if problems:
             first = problems[0]
-            return status_dataset(first.status, first.comment[:64]), None
+            return _answer(first.status, first.comment[:64]), None
         if self.ups.get(uid) is not None:
-            return status_dataset(0x0111, "a UPS with this SOP Instance UID exists"), None
+            return _answer(0x0111, "a UPS with this SOP Instance UID exists"), None
         ups = deepcopy(attributes)
         ups.SOPClassUID, ups.SOPInstanceUID = push, uid
         ups.ProcedureStepState = "SCHEDULED"
@@ -519,7 +555,7 @@ class TmsServer(ServedAE):
         LOG.info("N-CREATE %s by %s", uid, event.assoc.requestor.ae_title)
         reply = Dataset()
         reply.ProcedureStepState = "SCHEDULED"
-        return status_dataset(0x0000), reply
+        return _answer(0x0000), reply
 
     def _oversized(self, encoded, what: str) -> str:
         """A request body larger than the configured limit (its encoded length, measured
@@ -529,9 +565,12 @@ class TmsServer(ServedAE):
         return f"{what} of {size} bytes exceeds {limit}" if size > limit else ""
 
     def _on_n_get(self, event: evt.Event) -> tuple[Dataset, Dataset | None]:
+        refused = self._refused(event, "N-GET")
+        if refused is not None:
+            return refused, None
         record = self.ups.get(str(event.request.RequestedSOPInstanceUID))
         if record is None:
-            return status_dataset(0xC307), None
+            return _answer(0xC307), None
         hidden = ups_rules.never_returned()
         wanted = list(event.attribute_identifiers or [])
         reply = Dataset()
@@ -546,7 +585,13 @@ class TmsServer(ServedAE):
             keyword = keyword_for_tag(tag)
             if keyword in owed and tag not in reply:
                 setattr(reply, keyword, [] if dictionary_VR(tag) == "SQ" else None)
-        return status_dataset(0x0000), reply
+        return _answer(0x0000), reply
+
+
+def _answer(status: int, comment: str = "") -> Dataset:
+    """A status for the response; a failure or warning without a comment of its own gets
+    PS3.4's meaning of its code (profiles/ups.yaml), so no refusal is left unexplained."""
+    return status_dataset(status, comment or ups_rules.meaning(status))
 
 
 def _queried_station(identifier: Dataset) -> str:
@@ -587,20 +632,3 @@ def _validate(keyword: str, vr: str, value: str) -> None:
             validate_value(vr, single, pydicom_config.RAISE)
         except ValueError as exc:
             raise ValueError(f"invalid {keyword}: {str(exc)[:40]}") from exc
-
-
-def _validate_dataset(ds: Dataset, depth: int = 0) -> None:
-    """Every value of an N-SET modification list must be valid for its VR."""
-    for element in ds:
-        if element.VR == "SQ":
-            for item in element.value or []:
-                _validate_dataset(item, depth + 1)
-            continue
-        if element.value in (None, "") or isinstance(element.value, bytes):
-            continue
-        values = element.value if element.VM > 1 else [element.value]
-        for single in values:
-            try:
-                validate_value(element.VR, str(single), pydicom_config.RAISE)
-            except ValueError as exc:
-                raise ValueError(f"invalid {element.keyword or element.tag}") from exc

@@ -130,6 +130,11 @@ def n_set_forbidden(modifications: Dataset) -> list[str]:
     return sorted(k for k in ups_attributes.n_set_not_allowed() if k in modifications)
 
 
+def meaning(status: int) -> str:
+    """PS3.4's "Further Meaning" of a UPS failure status ("" for others)."""
+    return str(ups_rules().get("status_meanings", {}).get(int(status), ""))
+
+
 def never_returned() -> set[str]:
     """What N-GET and C-FIND never return (the table's N-GET type "Not allowed")."""
     return ups_attributes.never_returned()
