@@ -107,6 +107,12 @@ def add_watch(sub: argparse._SubParsersAction, add_tls_flags) -> None:
     )
     p.add_argument("--listen-host", help="address to bind, when not the --listen host")
     p.add_argument("--ups", default="", help="one UPS SOP Instance UID (default: all, global)")
+    p.add_argument(
+        "--lock",
+        action="store_true",
+        help="subscribe with a deletion lock: a global one then reports every UPS the TMS "
+        "holds at once (PS3.4 Table CC.2.3-2); released on the way out",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per event and line")
     p.add_argument(
         "--until",
@@ -131,6 +137,7 @@ def cmd_watch(args: argparse.Namespace, tls: dict) -> int:
         profile=load_profile(args.profile, args.uids),
         network=network_settings(tls),
         ups=args.ups,
+        deletion_lock=args.lock,
         until=Condition.parse(args.until) if args.until else None,
         count=args.count,
         timeout_s=args.timeout,
@@ -147,8 +154,11 @@ def cmd_watch(args: argparse.Namespace, tls: dict) -> int:
         )
         console.print(f"{row['time'][11:]}  {row['event']:<22} {row['ups']}  {detail}")
 
+    def subscribed(text: str) -> None:
+        print(f"tdw-emu watch: {text}", file=sys.stderr, flush=True)
+
     try:
-        code = Watcher(config).run(show)
+        code = Watcher(config).run(show, subscribed)
     except DimseError as exc:
         print(f"tdw-emu watch: {exc}", file=sys.stderr)
         return 2

@@ -96,6 +96,75 @@ def cancel_requested(requesting_ae: str, request: Dataset | None) -> Dataset:
     return info
 
 
+def assigned(ups: Dataset) -> Dataset | None:
+    """Event Type 5 (UPS Assigned) for ``ups``: the current contents of the sequences that
+    assign it (CC.2.4.3), or None when the UPS populates neither."""
+    info = Dataset()
+    for keyword in _data()["assigned_by"]:
+        if ups.get(keyword):
+            info[keyword] = ups[keyword]
+    return info if len(info) else None
+
+
+def assignment_changed(before: Dataset, after: Dataset) -> bool:
+    """Whether an update changed what assigns a UPS (CC.2.4.3: a UPS Assigned follows)."""
+    return any(before.get(k) != after.get(k) for k in _data()["assigned_by"])
+
+
+@dataclass(frozen=True)
+class SubscriptionStep:
+    """One cell of Table CC.2.3-2: the UPS Subscription State to go to ("" for no change)
+    and whether an initial UPS State Report is sent."""
+
+    go: str
+    initial_event: bool
+
+
+@dataclass(frozen=True)
+class SubscriptionRow:
+    """One row of Table CC.2.3-2: an event, the Global Subscription State it leaves the AE
+    in (None: unchanged), and whether it applies to every UPS the SCP manages."""
+
+    event: str
+    global_state: str | None
+    applies_to_all: bool
+    cells: dict[str, SubscriptionStep]
+
+    def step(self, state: str) -> SubscriptionStep:
+        return self.cells.get(state, SubscriptionStep("", False))
+
+
+def subscription_row(event: str) -> SubscriptionRow:
+    """The Table CC.2.3-2 row of ``event`` (e.g. ``subscribe_global_with_lock``)."""
+    row = _data()["subscription_transitions"][event]
+    cells = {
+        column: SubscriptionStep(str(cell.get("go", "")), bool(cell.get("initial_event")))
+        for column, cell in row.items()
+        if column not in ("global", "all")
+    }
+    return SubscriptionRow(event, row.get("global"), bool(row.get("all")), cells)
+
+
+def subscription_event(action: str, global_: bool, lock: bool) -> str:
+    """The Table CC.2.3-2 row a Watch action names: ``action`` is subscribe, unsubscribe or
+    suspend_global; ``global_`` whether it names a well-known global instance."""
+    if action == "subscribe":
+        scope = "subscribe_global" if global_ else "subscribe"
+        return f"{scope}_{'with' if lock else 'without'}_lock"
+    if action == "unsubscribe":
+        return "unsubscribe_global" if global_ else "unsubscribe"
+    return "suspend_global"
+
+
+def creation_event(global_state: str) -> str:
+    """The Table CC.2.3-2 row of a UPS created while the AE's Global Subscription State is
+    ``global_state`` (with_lock, without_lock or none)."""
+    return {
+        "with_lock": "created_global_with_lock",
+        "without_lock": "created_global_without_lock",
+    }.get(global_state, "created_no_global")
+
+
 def progress_report(ups: Dataset) -> Dataset:
     """Event Type 3: the UPS's Procedure Step Progress Information Sequence."""
     info = Dataset()

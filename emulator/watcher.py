@@ -83,6 +83,7 @@ class WatchConfig:
     profile: Profile
     network: NetworkSettings = field(default_factory=NetworkSettings)
     ups: str = ""  # one UPS; empty: a global subscription
+    deletion_lock: bool = False
     until: Condition | None = None
     count: int = 1
     timeout_s: float | None = None
@@ -112,16 +113,28 @@ class Watcher:
     def _watch(self, action: int) -> int:
         cfg = self.config
         with UpsConnection(cfg.listen.ae_title, cfg.tms, cfg.profile, cfg.network) as tms:
-            return tms.watch_action(self.target, action, cfg.listen.ae_title)
+            return tms.watch_action(
+                self.target, action, cfg.listen.ae_title, deletion_lock=cfg.deletion_lock
+            )
 
-    def run(self, show: Callable[[dict], None]) -> int:
+    def run(
+        self, show: Callable[[dict], None], subscribed: Callable[[str], None] | None = None
+    ) -> int:
         """0 when ``until`` was met, 1 on a timeout; raises DimseError when the TMS
-        refused the subscription."""
+        refused the subscription. ``subscribed`` is told, in words, once the TMS took it."""
         self.receiver.start()
         try:
             status = self._watch(ups_events.SUBSCRIBE)
-            if status != 0x0000:
+            if status & 0xF000 not in (0x0000, 0xB000):
                 raise DimseError("UPS Watch subscribe refused", status)
+            if subscribed is not None:
+                cfg = self.config
+                scope = f"UPS {cfg.ups}" if cfg.ups else "every UPS (global subscription)"
+                lock = "with" if cfg.deletion_lock else "without"
+                subscribed(
+                    f"subscribed {cfg.listen} to {scope} at {cfg.tms}, {lock} deletion lock "
+                    f"(0x{status:04X})"
+                )
             return self._collect(show)
         finally:
             with contextlib.suppress(DimseError, OSError):  # the TMS went away

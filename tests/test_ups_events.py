@@ -141,14 +141,17 @@ def test_watch_sees_every_state_change_of_a_session_in_order(tmp_path):
     watch = subprocess.Popen(
         [
             sys.executable, "-m", "emulator.cli", "watch", "--tms", str(tms),
-            "--listen", str(watcher), "--json", "--timeout", "120",
+            "--listen", str(watcher), "--json", "--timeout", "120", "--lock",
             "--until", "event=ups_state_report,state=COMPLETED", "--count", "4",
         ],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     device = None
     try:
-        # The watcher has subscribed once the initial State Reports (CC.2.3.3) come out.
+        # The watcher says so once the TMS took its subscription; with a deletion lock the
+        # initial State Reports of every UPS come out (PS3.4 Table CC.2.3-2).
+        said = watch.stderr.readline()
+        assert "subscribed" in said and "with deletion lock" in said, said
         first = watch.stdout.readline()
         assert first.startswith("{"), first + watch.stderr.read()
         device = _pds(tmp_path, pds_peer, tms, archive, 0.0)
