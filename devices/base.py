@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -211,8 +211,24 @@ class ImageSet:
     origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
+# Told how far a long operation is: its name (e.g. "ACQUIRE") and the share done, 0 to 1.
+OperationProgress = Callable[[str, float], None]
+
+
 class Device(ABC):
     """One treatment machine behind one link, whichever backend implements it."""
+
+    _progress_listener: OperationProgress | None = None
+
+    def watch_progress(self, listener: OperationProgress | None) -> None:
+        """Who is told the share done of each long operation (an acquisition) as the machine
+        reports it: the workflow's RO-26 reports. A backend that reports none tells nobody."""
+        self._progress_listener = listener
+
+    def _report_progress(self, operation: str, share: float) -> None:
+        listener = self._progress_listener
+        if listener is not None:
+            listener(operation, min(max(share, 0.0), 1.0))
 
     @abstractmethod
     def connect(self) -> None: ...

@@ -387,6 +387,7 @@ RUN_SETTINGS = (
     "tms_retry_window",
     "dimse_timeout",
     "device_timing",
+    "progress_every",
     *METRICS_SETTINGS,
     *TLS_SETTINGS,
 )
@@ -448,6 +449,9 @@ def device_config(values: dict[str, Any]) -> tuple[DeviceConfig, int, float, Pat
         network=network_settings(values),
         tms_retry_window=_seconds(values, "tms_retry_window", 120.0),
         device_timing=_device_timing(values.get("device_timing")),
+        progress_every_s=(
+            _seconds(values, "progress_every", 0.0) if values.get("progress_every") else None
+        ),
     )
     report_dir = Path(values["report_dir"]) if values.get("report_dir") else None
     return config, sessions, float(values.get("wait", 0.0)), report_dir

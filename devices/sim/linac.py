@@ -218,7 +218,10 @@ class SimulatedLinac(Device):
         if kind not in self.imager.specs:
             raise DeviceError(f"imaging kind {kind!r} is not available")
         images = self.imager.acquire(kind)
-        self.clock.sleep(60.0)  # one gantry rotation
+        steps = 12  # one gantry rotation of 60 s, its progress told every 5 s
+        for step in range(1, steps + 1):
+            self.clock.sleep(60.0 / steps)
+            self._report_progress("ACQUIRE", step / steps)
         return images
 
 

@@ -31,16 +31,35 @@ class CancelRequests:
         self._lock = threading.Lock()
 
     def on_event(self, notice: UpsEventNotice) -> None:
-        """The receiver's callback for every UPS event addressed to this device."""
-        if notice.event_type != ups_events.CANCEL_REQUESTED:
-            return
-        requester = str(notice.info.get("RequestingAE", "") or notice.from_ae)
-        reason = str(notice.info.get("ReasonForCancellation", "") or "no reason given")
-        text = f"cancel requested by {requester}: {reason}"
+        """The receiver's callback for every UPS event addressed to this device: a Cancel
+        Requested, or a State Report saying the TMS itself ended the UPS being performed
+        (an operator's forced end, PS3.4 CC.2.1.3)."""
+        if notice.event_type == ups_events.CANCEL_REQUESTED:
+            requester = str(notice.info.get("RequestingAE", "") or notice.from_ae)
+            reason = str(notice.info.get("ReasonForCancellation", "") or "no reason given")
+            self._stop(notice.ups_uid, f"cancel requested by {requester}: {reason}")
+        elif notice.event_type == ups_events.STATE_REPORT:
+            state = str(notice.info.get("ProcedureStepState", "") or "")
+            with self._lock:
+                performing = self._performing == notice.ups_uid
+            if performing and state in ("COMPLETED", "CANCELED"):
+                reason = str(notice.info.get("ReasonForCancellation", "") or "")
+                self._stop(
+                    notice.ups_uid,
+                    f"the TMS ended the UPS {state} while it was performed"
+                    + (f": {reason}" if reason else ""),
+                )
+
+    def tms_ended(self, uid: str, text: str) -> None:
+        """The TMS showed it no longer has ``uid`` IN PROGRESS for this device (it refused
+        a progress report): as a cancel request, the beam is held."""
+        self._stop(uid, text)
+
+    def _stop(self, uid: str, text: str) -> None:
         with self._lock:
-            self._requests[notice.ups_uid] = text
-            active = self._performing == notice.ups_uid
-        LOG.warning("UPS %s: %s", notice.ups_uid, text)
+            self._requests[uid] = text
+            active = self._performing == uid
+        LOG.warning("UPS %s: %s", uid, text)
         if active:
             self.hold_beam(text)
 

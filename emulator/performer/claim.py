@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 from transitions import Machine
 
 from emulator.performer.outbox import Claim, ClaimJournal
+from emulator.performer.progress import ProgressReporter
 
 OPEN_STATES = [
     "claiming",
@@ -63,6 +64,8 @@ class ClaimedUps:
     ups: Dataset = field(default_factory=Dataset)  # at least the Scheduled Workitem code
     stored: list[Dataset] = field(default_factory=list)  # results the Archive holds
     state: str = "claimed"
+    # RO-26 for this claim while it is performed (emulator/performer/progress.py).
+    reporter: ProgressReporter | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.state = self.record.state if self.record.state in STATES else "claimed"

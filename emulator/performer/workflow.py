@@ -35,6 +35,7 @@ from emulator.net.receiver import StorageReceiver
 from emulator.net.scu import DimseError
 from emulator.net.shared_receiver import ReceiverInbox, SharedStorageReceiver
 from emulator.net.uid_registry import register_uid_set
+from emulator.net.ups_scu import Reply
 from emulator.performer import actors, safety
 from emulator.performer.cancel_requests import CancelRequests
 from emulator.performer.claim import ClaimedUps
@@ -52,6 +53,7 @@ from emulator.performer.outbox import (
     ResultOutbox,
     RetryPolicy,
 )
+from emulator.performer.progress import ProgressRefused, ProgressReporter
 from emulator.performer.tms_link import LOST_2008_CLAIM, Backoff, TmsLink, TmsUnavailable
 from emulator.profile import Profile, load_profile
 from emulator.results.acquisition import build_cbct_series
@@ -100,6 +102,8 @@ class DeviceConfig:
     watch_claimed_ups: bool = True
     # A rig's overrides of the controller's timing budget (hil/PROTOCOL.md, Timing).
     device_timing: dict[str, float] = field(default_factory=dict)
+    # RO-26 reports at least this often while a step runs (None: profiles/progress.yaml).
+    progress_every_s: float | None = None
 
 
 @dataclass
@@ -435,6 +439,7 @@ class PerformingDevice:
             return outcome
         session = self._session(ups)
         watching = self._watch(uid, subscribe=True)
+        claim.reporter = self._reporter(claim)
         try:
             with self.cancel_requests.performing(uid):
                 claim.begin()
@@ -452,6 +457,9 @@ class PerformingDevice:
         except (DeviceError, DimseError, ValueError) as exc:
             self.metrics.fault("dimse_error" if isinstance(exc, DimseError) else "device_error")
             self._cancel_claim(claim, _Cancel(f"{type(exc).__name__}: {exc}"))
+        finally:
+            claim.reporter.close()
+            self.device.watch_progress(None)
         finished = self._finish(claim, outcome)
         if watching:
             self._watch(uid, subscribe=False)
@@ -527,7 +535,7 @@ class PerformingDevice:
             return None
         if reply.status != 0x0000:
             claim.not_ours()
-            outcome.state, outcome.reason = "SKIPPED", f"claim refused (0x{reply.status:04X})"
+            outcome.state, outcome.reason = "SKIPPED", claim_refusal(reply, sent)
             if reply.comment == LOST_2008_CLAIM:  # perhaps left IN PROGRESS by this device
                 outcome.state, outcome.reason = "FAILED", f"RO-19: {reply.comment}"
                 LOG.error("UPS %s: %s", uid, reply.comment)
@@ -862,6 +870,8 @@ class PerformingDevice:
             )
             ctx = result_identity(ups, session.planning_ct)
             self.device.place_patient(volume_from_images(session.planning_ct))
+            # RO-26 while the scan runs, as the machine reports its share done.
+            self.device.watch_progress(lambda _op, share: claim.reporter.offer(share * 100))
             session.cbct = build_cbct_series(ctx, self.device.acquire("CBCT"), self.uids, station)
             claim.stored = self._store(session.cbct, "RO-22", claim.uid)
             self._session_done(ups, session)
@@ -905,14 +915,22 @@ class PerformingDevice:
         planned = sum(t.program.stop_meterset - t.program.start_meterset for t in tasks)
         done: dict[int, float] = {}
 
+        def share(delivery: SessionDelivery) -> float:
+            """The fraction's meterset the machine has reported so far, in percent."""
+            given = sum(beam.delivered for beam in delivery.so_far())
+            return given / planned * 100 if planned else 0.0
+
         def beam_started(task: BeamTask) -> None:
             reason = self.cancel_requests.requested(claim.uid)
             if reason:  # asked between beams: no further beam is started
                 raise _Cancel(reason, cause="tms_request")
-            percent = sum(done.values()) / planned * 100 if planned else 0.0
-            self._progress(claim, percent, task.program.beam_number)
+            self._progress(claim, share(delivery), task.program.beam_number)
             if self.on_beam_start:
                 self.on_beam_start(task)
+
+        def delivered(delivery: SessionDelivery) -> None:
+            self.journal.delivered(claim.uid, delivery.so_far())
+            claim.reporter.offer(share(delivery))
 
         session_start = dt.datetime.now().replace(microsecond=0)
         previous = [
@@ -943,7 +961,7 @@ class PerformingDevice:
             tasks,
             self.on_event,
             beam_started,
-            on_delivered=lambda d: self.journal.delivered(claim.uid, d.so_far()),
+            on_delivered=delivered,
         )
         try:
             result = delivery.run()
@@ -1082,6 +1100,27 @@ class PerformingDevice:
     def _report_backlog(self) -> None:
         self.metrics.set_backlog(len(self.outbox.pending()))
 
+    def _reporter(self, claim: ClaimedUps) -> ProgressReporter:
+        """RO-26 for one claim: every report rises; one refused in the middle of a beam
+        holds the beam, as a cancel request does (the TMS no longer has the UPS IN PROGRESS
+        for this device)."""
+
+        def send(percent: float, beam: int | None) -> int:
+            ds = progress_dataset(self.profile, claim.transaction_uid, percent, beam)
+            try:
+                return self.tms.n_set(claim.uid, ds, patient=False)
+            except TmsUnavailable as exc:
+                # The work goes on; the final update tells the TMS everything anyway.
+                LOG.warning("RO-26 progress %.0f %% not reported: %s", percent, exc)
+                return 0x0000
+
+        def refused(status: int) -> None:
+            self.cancel_requests.tms_ended(
+                claim.uid, f"RO-26: the TMS refused a progress update (0x{status:04X})"
+            )
+
+        return ProgressReporter(send, self.config.progress_every_s, refused)
+
     def _progress(self, claim: ClaimedUps, percent: float, beam: int | None) -> None:
         """RO-26: progress, and the Referenced Beam Number in Progress when there is one.
 
@@ -1089,17 +1128,26 @@ class PerformingDevice:
         will tell it everything); a TMS that refuses the update does: it no longer has the
         UPS IN PROGRESS for this device.
         """
-        ds = progress_dataset(self.profile, claim.transaction_uid, percent, beam)
         try:
-            status = self.tms.n_set(claim.uid, ds, patient=False)
-        except TmsUnavailable as exc:
-            LOG.warning("RO-26 progress %.0f %% not reported: %s", percent, exc)
-            status = 0x0000
-        if status != 0x0000:
-            raise _Cancel(
-                f"RO-26: progress update refused (0x{status:04X})", percent, cause="tms_request"
-            )
+            claim.reporter.report_now(percent, beam)
+        except ProgressRefused as refused:
+            raise _Cancel(str(refused), refused.percent, cause="tms_request") from refused
         claim.progressed(percent)
+
+
+def claim_refusal(reply: Reply, sent_transaction_uid: str) -> str:
+    """Why a claim was refused, in one sentence: the status, the TMS's Error Comment, and
+    what a zero-length Transaction UID means to a final-standard TMS."""
+    text = f"claim refused (0x{reply.status:04X}" + (
+        f": {reply.comment})" if reply.comment else ")"
+    )
+    if reply.status == 0xC301 and not sent_transaction_uid:
+        text += (
+            ": this device sent a zero-length Transaction UID, as RO-19 2008 has the TMS "
+            "make it, and this TMS wants it from the performer (PS3.4 CC.2.1.2); "
+            "--profile tdw-ii makes the final standard's claim"
+        )
+    return text
 
 
 # -- the datasets of each message, shared with the scenario runner ----------------------------
