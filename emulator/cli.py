@@ -291,6 +291,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="wait this long for a reply from the TMS or the Archive (default 60)",
     )
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        metavar="SECONDS",
+        help="RO-26 progress at least this often while a step runs "
+        "(default: report_every_s of profiles/progress.yaml, 10)",
+    )
     _add_metrics_flags(p)
     _add_tls_flags(p)
 
@@ -371,6 +378,13 @@ def _add_scenarios(sub: argparse._SubParsersAction) -> None:
         "0.0.0.0 when the TMS reaches this machine at another address",
     )
     run.add_argument("--only", action="append", default=[], metavar="NAME")
+    run.add_argument(
+        "--dimse-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a reply later than this is a DIMSE/Reply finding; the suite still waits "
+        "longer to read it (default: exchange_timeout_s of profiles/rules.yaml, 30)",
+    )
     run.add_argument("--report-dir", type=Path, default=Path("conformance-report"))
     run.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"), default="ihe-ro-2008")
     run.add_argument("--uids", choices=("final", "trial"), default="final")
@@ -1107,6 +1121,10 @@ def _cmd_scenarios(args: argparse.Namespace) -> int:
     from emulator.net.peers import Peer
     from emulator.profile import load_profile
 
+    if args.dimse_timeout is not None and not args.dimse_timeout > 0:
+        raise ValueError(
+            f"--dimse-timeout must be a positive number of seconds, not {args.dimse_timeout:g}"
+        )
     devices = [Peer.parse(d) for d in args.device] or [
         Peer.parse("TDWEMU1@127.0.0.1:11130"),
         Peer.parse("TDWEMU2@127.0.0.1:11131"),
@@ -1120,6 +1138,7 @@ def _cmd_scenarios(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         network=network_settings(_tls_values(args)),
         listen_host=args.listen_host,
+        dimse_timeout=args.dimse_timeout,
     )
     scenarios = load_scenarios(args.only, args.profile)
     started = dt.datetime.now().astimezone()

@@ -370,7 +370,37 @@ def _drops_plan_from_inputs(site: ReferenceSite) -> None:
     site.tms._on_find = on_find
 
 
+def _n_set_answers(status_code: int):
+    """A TMS that stores each N-SET of an IN PROGRESS UPS and answers it with
+    ``status_code``, a status PS3.4 does not define for N-SET."""
+
+    def breaks(site: ReferenceSite) -> None:
+        original = site.tms._on_n_set
+
+        def on_n_set(event):
+            status, reply = original(event)
+            if status.Status == 0x0000:
+                status.Status = status_code
+            return status, reply
+
+        site.tms._on_n_set = on_n_set
+
+    return breaks
+
+
 MUTANTS = {
+    # A TMS's answer is the TMS's finding, never the suite's error: an N-SET it took and
+    # answered oddly is CC/Status-code (and CC/State-table, which wants 0000).
+    "n-set-answers-ff00": (
+        _n_set_answers(0xFF00),
+        "operator-cancel-before-beam-on",
+        "CC/Status-code",
+    ),
+    "n-set-answers-3c10": (
+        _n_set_answers(0x3C10),
+        "operator-cancel-before-beam-on",
+        "CC/Status-code",
+    ),
     "returns-three-ups": (_three_ups, "normal-fraction", "RO-17/Response-count"),
     "skips-transaction-uid-check": (
         _no_transaction_check,
@@ -470,6 +500,10 @@ def test_each_mutant_tms_fails_and_the_broken_rule_is_named(mutant, tmp_path, ca
         s["rule"] for s in data["scenarios"][0]["steps"] if not s["ok"]
     }
     assert rule in named
+    assert not junit.findall(".//error"), "a TMS's answer is never the suite's error"
+    if mutant.startswith("n-set-answers-"):
+        answered = f"0x{mutant.rsplit('-', 1)[1].upper()}"
+        assert f"N-SET answered with {answered}" in out, out
 
 
 def test_a_request_the_suite_built_wrong_is_a_suite_error_not_a_tms_finding(

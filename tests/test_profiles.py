@@ -113,7 +113,7 @@ def test_no_edition_literal_outside_profiles():
 
 
 # A rule id as a whole string literal in the conformance checks' code.
-RULE_LITERAL = re.compile(r'"((?:RO-\d+|CC|Appendix-A)/[^"\s]+)"')
+RULE_LITERAL = re.compile(r'"((?:RO-\d+|CC|DIMSE|Appendix-A)/[^"\s]+)"')
 
 
 def _named_in(node) -> set[str]:

@@ -45,7 +45,7 @@ def traffic_kinds(
             if request.name == "N-EVENT-REPORT-RQ":
                 kinds.add("event")
             continue
-        if request.name == "N-ACTION-RQ" and request.sop_class_uid == uids["ups_watch"]:
+        if request.name == "N-ACTION-RQ" and ups_events.watch_action(request.action_type or 0):
             subscribed = subscribed or (
                 _ok(response.status) and request.action_type == ups_events.SUBSCRIBE
             )

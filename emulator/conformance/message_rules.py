@@ -31,12 +31,21 @@ PENDING = {0xFF00, 0xFF01}
 
 @dataclass
 class CheckContext:
-    """Who is who, and the profile the TMS is judged by."""
+    """Who is who, the profile the TMS is judged by, and how long a reply may take (the
+    exchange timeout: ``exchange_timeout_s`` of ``profiles/rules.yaml``, or the suite's
+    ``--dimse-timeout``)."""
 
     profile: Profile
     book: RuleBook
     tms_ae: str
     archive_ae: str
+    exchange_timeout_s: float | None = None
+
+    @property
+    def reply_within_s(self) -> float:
+        if self.exchange_timeout_s is not None:
+            return float(self.exchange_timeout_s)
+        return float(self.book.tables().get("exchange_timeout_s", 30))
 
 
 @dataclass
@@ -46,6 +55,9 @@ class _Ups:
     dataset: Dataset = field(default_factory=Dataset)
     session: tuple[str, str] = ("", "")
     step: str | None = None
+    # A request on this UPS got no reply, or an answer PS3.4 does not define: what the TMS
+    # made of it is unknown, so the next answers are judged as answers to a retry.
+    uncertain: bool = False
 
     def knows(self, path: str) -> bool:
         """Whether the traffic can show that ``path`` is missing from the UPS: attributes the
@@ -67,6 +79,19 @@ def delivery_type_parameter(ups: Dataset, profile: Profile) -> Dataset | None:
         ):
             return item
     return None
+
+
+def _request_text(request: Message) -> str:
+    """A request as a finding names it: N-ACTION IN PROGRESS on UPS 1.2.3, C-FIND, ..."""
+    what = request.name[:-3]
+    info = request.dataset
+    if request.name == "N-ACTION-RQ" and info is not None and "ProcedureStepState" in info:
+        what += f" {info.ProcedureStepState}"
+    elif request.name == "N-ACTION-RQ":
+        what += f" type {request.action_type}"
+    if request.sop_instance_uid and request.name != "C-STORE-RQ":
+        what += f" on {request.sop_instance_uid}"
+    return what
 
 
 def _where(message: Message) -> str:
@@ -109,9 +134,8 @@ class TrafficChecker:
         self, recorder: TrafficRecorder, messages: list[Message] | None = None
     ) -> list[Finding]:
         messages = recorder.since(0) if messages is None else messages
-        ups_classes = {self.uids["ups_push"], self.uids["ups_pull"]}
+        ups_classes = {self.uids[c] for c in ("ups_push", "ups_pull", "ups_watch")}
         stored: dict[str, Message] = {}
-        find_groups: dict[tuple[int, int], list[Dataset]] = {}
         # Successful claims, by UPS: when claims overlap in time, the loser's C302 may be
         # recorded before the winner's 0000, so the table is applied knowing all of them.
         for request, response in recorder.exchanges(messages):
@@ -123,17 +147,36 @@ class TrafficChecker:
                 and str(info.get("ProcedureStepState", "")) == "IN PROGRESS"
             ):
                 self.won.setdefault(request.sop_instance_uid, []).append(request.time)
-        for request, response in recorder.exchanges(messages):
+        pending: dict[tuple[int, int], list[Message]] = defaultdict(list)
+        for message in messages:
+            if message.is_pending:
+                pending[(message.association, message.responding_to or 0)].append(message)
+        for message in messages:
+            if message.direction == "received" and message.name == "C-STORE-RQ":
+                stored.setdefault(message.sop_instance_uid, message)
+        for request, response in recorder.requests(messages):
             if request.direction != "sent":
-                if request.name == "C-STORE-RQ":
-                    stored.setdefault(request.sop_instance_uid, request)
                 continue
             service = request.name[:-3]
-            if (
-                request.sop_class_uid in ups_classes
-                and response.status is not None
-                and not _status_ok(response.status, service, self.tables)
-            ):
+            ups = request.sop_class_uid in ups_classes
+            if not self._replied(request, response, ups, recorder):
+                continue
+            self._push_class(request, response)
+            if service == "C-FIND" and ups:
+                found = pending.get((request.association, request.message_id or 0), [])
+                for match in found:
+                    if match.dataset is not None:
+                        self._identifier(request, match)
+                self._worklist(request, response, [m.dataset for m in found if m.dataset])
+            elif service == "N-ACTION":
+                self._n_action(request, response)
+            elif service == "N-SET":
+                self._n_set(request, response)
+            elif service == "N-GET" and ups:
+                self._n_get(request, response)
+            elif service == "C-MOVE":
+                self._move(request, response, stored)
+            if ups and not _status_ok(response.status, service, self.tables):
                 self._add(
                     "CC/Status-code",
                     f"{service} answered with 0x{response.status:04X}, which PS3.4 Annex CC "
@@ -141,23 +184,69 @@ class TrafficChecker:
                     "Status (0000,0900)",
                     response,
                 )
-            if service == "C-FIND" and request.sop_class_uid in ups_classes:
-                key = (request.association, request.message_id or 0)
-                if response.status in PENDING and response.dataset is not None:
-                    find_groups.setdefault(key, []).append(response.dataset)
-                    self._identifier(request, response)
-                elif response.status is not None and response.status not in PENDING:
-                    self._worklist(request, response, find_groups.pop(key, []))
-            elif service == "N-ACTION":
-                self._n_action(request, response)
-            elif service == "N-SET":
-                self._n_set(request, response)
-            elif service == "N-GET" and request.sop_class_uid in ups_classes:
-                self._n_get(request, response)
-            elif service == "C-MOVE" and response.status not in PENDING:
-                self._move(request, response, stored)
+                self._unsure(request)
         self._appendix_a(messages)
         return self.findings
+
+    # -- every request -------------------------------------------------------------------------
+
+    def _replied(
+        self, request: Message, response: Message | None, ups: bool, recorder: TrafficRecorder
+    ) -> bool:
+        """Whether ``request`` was answered in time; a missing or late reply is a finding
+        (DIMSE/Reply), and a UPS it left unknown is judged as retried from then on. A request
+        whose association this side aborted before the timeout (a step that cuts a request
+        off on purpose) was never waited for."""
+        limit = self.ctx.reply_within_s
+        what = _request_text(request)
+        if response is None or response.status is None:
+            assoc = recorder.associations.get(request.association)
+            cut_off = (
+                assoc is not None
+                and assoc.aborted_here
+                and assoc.closed is not None
+                and assoc.closed - request.time < limit
+            )
+            if cut_off:
+                if ups:
+                    self._unsure(request)
+                return False
+            self._add(
+                "DIMSE/Reply",
+                f"no reply to {what} within the {limit:g} s exchange timeout",
+                "Status (0000,0900)",
+                request,
+            )
+            if ups:
+                self._unsure(request)
+            return False
+        took = response.time - request.time
+        if took > limit:
+            self._add(
+                "DIMSE/Reply",
+                f"{what} answered after {took:.1f} s, beyond the {limit:g} s exchange timeout",
+                "Status (0000,0900)",
+                response,
+            )
+        return True
+
+    def _unsure(self, request: Message) -> None:
+        if request.name in ("N-ACTION-RQ", "N-SET-RQ"):
+            self.ups[request.sop_instance_uid].uncertain = True
+
+    def _push_class(self, request: Message, response: Message) -> None:
+        """CC.3.1: a request naming UPS Push (as every UPS request must) is not refused for
+        its SOP Class."""
+        refused_for_class = (0x0118, 0x0119, 0x0122)
+        if request.sop_class_uid == self.uids["ups_push"] and response.status in refused_for_class:
+            context = self.uids.name_of(request.context_uid) or request.context_uid
+            self._add(
+                "CC/UPS-Push-class",
+                f"{_request_text(request)} names UPS Push (on the {context} context) and was "
+                f"refused with 0x{response.status:04X}",
+                "RequestedSOPClassUID (0000,0003)",
+                response,
+            )
 
     # -- RO-17 ---------------------------------------------------------------------------------
 
@@ -411,7 +500,7 @@ class TrafficChecker:
         record = self.ups.get(uid)
         reply = response.dataset or Dataset()
         what = f"N-ACTION {state} on UPS {uid}"
-        if record is not None and record.state:
+        if record is not None and record.state and not record.uncertain:
             after = ups_rules.with_change_state_extras(record.dataset, info, state)
             decision = ups_rules.change_state(
                 record.state, state, sent, record.transaction_uid, after, record.knows
@@ -423,8 +512,18 @@ class TrafficChecker:
             )
             if not raced:
                 self._expect(response, decision.status, f"{what} (UPS was {record.state})")
+        elif record is not None and record.uncertain:
+            # After a lost reply: the state table's "already there" answers (C302 to a claim
+            # retried, B304/B306 to a final state retried) tell the first attempt landed.
+            landed = {"IN PROGRESS": 0xC302, "COMPLETED": 0xB306, "CANCELED": 0xB304}
+            if response.status == landed.get(state):
+                record.state, record.uncertain = state, False
+                record.transaction_uid = record.transaction_uid or sent
+                return
         if response.status != 0x0000:
             return
+        if record is not None:
+            record.uncertain = False
         if state == "IN PROGRESS":
             given = str(reply.get("TransactionUID", "") or "")
             if not sent and not given:
@@ -476,7 +575,7 @@ class TrafficChecker:
         record = self.ups.get(uid)
         modifications = request.dataset or Dataset()
         sent = str(modifications.get("TransactionUID", "") or "")
-        if record is not None and record.state:
+        if record is not None and record.state and not record.uncertain:
             expected = ups_rules.n_set_status(record.state, sent, record.transaction_uid)
             if expected == 0 and ups_rules.n_set_forbidden(modifications):
                 expected = ups_rules.ups_rules()["n_set"]["forbidden_status"]
@@ -585,5 +684,5 @@ def check_traffic(
     peers = {n: a.peer_ae for n, a in recorder.associations.items()}
     findings = TrafficChecker(context, peers).check(recorder, messages)
     chosen = recorder.since(0) if messages is None else messages
-    watch = context.profile.sop_classes["ups_watch"]
-    return findings + check_events(recorder, chosen, context.book, watch)
+    push = context.profile.sop_classes["ups_push"]
+    return findings + check_events(recorder, chosen, context.book, push)

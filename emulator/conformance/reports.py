@@ -117,6 +117,7 @@ def as_json(results: list[ScenarioResult], meta: dict[str, Any]) -> dict[str, An
                     for g in group_findings(r.findings)
                 ],
                 "skipped_rules": r.skipped_rules,
+                "cleanup": r.cleanup,
             }
             for r in failing_first(results)
         ],
@@ -453,6 +454,12 @@ def write_html(
                 + html.escape(", ".join(r.skipped_rules))
                 + "</p>"
             )
+        if r.cleanup:
+            parts.append(
+                "<p class='skip'>Left IN PROGRESS by the scenario, and what the suite did: "
+                + html.escape("; ".join(r.cleanup))
+                + "</p>"
+            )
         parts.append("<h3>DIMSE timeline per association</h3>")
         parts.append(_timeline(recorder, r))
     parts.append("</body></html>")
@@ -537,6 +544,8 @@ def print_summary(results: list[ScenarioResult], console: Console | None = None)
                     f"FAIL {r.scenario.name} step {s.index} {s.action} [{s.rule}]: "
                     f"expected {s.expected}, observed {s.observed} {s.message}".rstrip()
                 )
+        for note in r.cleanup:
+            console.out(f"{r.scenario.name}: {note}")
         for group in group_findings(r.findings):
             if group.fails or group.first.severity == "warning":
                 console.out(f"{r.scenario.name}: {group.line()}")

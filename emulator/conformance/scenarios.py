@@ -86,6 +86,9 @@ class ScenarioResult:
     last_seq: int = 0
     # Rules (as cited) the scenario gave nothing to judge: reported skipped, not passed.
     skipped_rules: list[str] = field(default_factory=list)
+    # What the suite did at the end to leave nothing IN PROGRESS at the TMS, and what it
+    # could not end (a UPS whose Transaction UID came only in a lost reply).
+    cleanup: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -111,6 +114,9 @@ class SuiteConfig:
     # Where the devices' receivers bind; None: the host each device is announced at (its
     # --device address, which the TMS's Archive must be able to reach).
     listen_host: str | None = None
+    # How long a reply may take before it is a DIMSE/Reply finding (None: the rule book's
+    # exchange_timeout_s); the suite waits longer (suite_patience) before it gives up.
+    dimse_timeout: float | None = None
 
 
 class StepFailed(Exception):
@@ -157,7 +163,16 @@ class ScenarioRunner:
         self.recorder = recorder or TrafficRecorder()
         self.profile: Profile = load_profile(config.edition, config.uid_set)
         self.book = RuleBook.load(config.edition)
-        self.network = replace(config.network, observers=self.recorder.handlers)
+        tables = self.book.tables()
+        self.reply_within_s = float(config.dimse_timeout or tables["exchange_timeout_s"])
+        patience = tables["suite_patience"]
+        waits = max(
+            self.reply_within_s * patience["factor"], self.reply_within_s + patience["at_least_s"]
+        )
+        # A late reply is still read (and judged late) rather than lost to an abort.
+        self.network = replace(
+            config.network, observers=self.recorder.handlers, dimse_timeout=waits
+        )
         if len(config.devices) < 2:
             raise ValueError("the suite needs two device AEs (PPS/TDD splits, races)")
         self._tmp = tempfile.TemporaryDirectory(prefix="tdw-scenarios-")
@@ -204,12 +219,18 @@ class ScenarioRunner:
             )
             if not ok and step["action"] in ("query", "claim") and not state.ups:
                 break  # nothing further can be addressed
+        self.recorder.label = f"{scenario.name}/cleanup"
+        result.cleanup = self._leave_nothing_in_progress(state)
         state.close()
         self.recorder.label = ""
         time.sleep(0.05)  # let the last association-release events land
         result.last_seq = self.recorder.last_seq
         context = CheckContext(
-            self.profile, self.book, self.config.tms.ae_title, self.config.archive.ae_title
+            self.profile,
+            self.book,
+            self.config.tms.ae_title,
+            self.config.archive.ae_title,
+            self.reply_within_s,
         )
         messages = [m for m in self.recorder.since(result.first_seq) if m.seq <= result.last_seq]
         result.findings = check_traffic(self.recorder, context, messages=messages)
@@ -241,6 +262,65 @@ class ScenarioRunner:
                     step_result.message += f" expected finding(s) {missing} were not made"
         result.seconds = round(time.monotonic() - started, 3)
         return result
+
+    # -- the end of a scenario -------------------------------------------------------------------
+
+    def _leave_nothing_in_progress(self, state: _ScenarioState) -> list[str]:
+        """Ends, CANCELED, every UPS the scenario's own claims left IN PROGRESS (a step that
+        failed, a reply that came late or never), with the Transaction UIDs it sent or was
+        given; says what it ended and what it could not."""
+        notes = []
+        for step, ups in state.ups.items():
+            uids = [t for (s, _), t in state.claims.items() if s == step]
+            uids += state.attempted.get(step, [])
+            if not uids:
+                continue
+            uid = str(ups.SOPInstanceUID)
+            try:
+                with self._connection() as tms:
+                    held = str(
+                        (tms.n_get(uid, ["ProcedureStepState", "ProcedureStepLabel"]).dataset
+                         or Dataset()).get("ProcedureStepState", "")
+                    )  # fmt: skip
+                    if held != "IN PROGRESS":
+                        continue
+                    ended = self._cancel_own(tms, ups, list(dict.fromkeys(uids)), state)
+            except (DimseError, OSError, RuntimeError) as exc:
+                notes.append(f"{step} UPS {uid} not ended: {exc}")
+                continue
+            notes.append(
+                f"{step} UPS {uid} was left IN PROGRESS: "
+                + (f"ended CANCELED ({ended})" if ended else "the Transaction UID of its claim "
+                   "came only in a lost reply (RO-19 2008); the TMS must end it")
+            )  # fmt: skip
+        return notes
+
+    def _cancel_own(
+        self, tms: UpsConnection, ups: Dataset, transactions: list[str], state: _ScenarioState
+    ) -> str:
+        """N-SETs the cancellation and the final update with each Transaction UID in turn
+        until one is the claim's, then N-ACTION CANCELED; returns its status ("" if none of
+        the UIDs was the claim's)."""
+        uid = str(ups.SOPInstanceUID)
+        reason = "ended by the conformance suite: the scenario could not finish it"
+        for transaction in transactions:
+            if tms.n_set(uid, cancel_dataset(transaction, 0.0, reason, "operator_hold")) != 0:
+                continue
+            final = final_update_dataset(
+                ups,
+                state.scenario.station,
+                transaction,
+                state.started.get(actors.step_of(ups) or "", dt.datetime.now()),
+                [],
+                self.config.archive.ae_title,
+                self.profile.sop_classes.reference_style,
+            )
+            tms.n_set(uid, final)
+            extra = Dataset()
+            extra.ReasonForCancellation = reason
+            reply = tms.change_state(uid, "CANCELED", transaction, extra)
+            return f"0x{reply.status:04X}"
+        return ""
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -333,6 +413,8 @@ class ScenarioRunner:
         device = self._device(state, kind, index, interlocks=interlocks)
         with device:
             outcomes = device.run_once()
+            if device.pending_claims():  # ends what it claimed before the scenario goes on
+                outcomes += device.settle(self.reply_within_s)
             state.collect(device, outcomes)
         ok, wanted, observed = self._outcome_checks(state, outcomes, expect)
         return ok, wanted, observed, ""
@@ -360,6 +442,8 @@ class ScenarioRunner:
     def _claim(self, state: _ScenarioState, step_name: str, device: int) -> tuple[int, str]:
         empty = self.profile.performer_may_send_empty_transaction_uid
         sent = "" if empty else str(generate_uid())
+        if sent:  # if the reply is lost, the UID still ends the claim at cleanup
+            state.attempted.setdefault(step_name, []).append(sent)
         with self._connection(device) as tms:
             reply = tms.change_state(str(state.ups[step_name].SOPInstanceUID), "IN PROGRESS", sent)
         given = str((reply.dataset or Dataset()).get("TransactionUID", "") or "")
@@ -490,12 +574,13 @@ class ScenarioRunner:
         return self._n_set_step(ups, ds, expect, state)
 
     def _n_set_step(self, ups: Dataset, ds: Dataset, expect: dict, state: _ScenarioState):
+        # What the suite sent is what judges the suite's own requests; what the TMS made of
+        # it (a refusal, a status PS3.4 does not define) is the TMS's finding.
+        state.sent.setdefault(str(ups.SOPInstanceUID), []).append(ds)
         with self._connection() as tms:
-            status = tms.n_set(str(ups.SOPInstanceUID), ds)
-        if status == 0x0000:
-            state.sent.setdefault(str(ups.SOPInstanceUID), []).append(ds)
-        ok, wanted, observed = self._judge_status(expect, status)
-        return ok, wanted, observed, ""
+            reply = tms.n_set_reply(str(ups.SOPInstanceUID), ds)
+        ok, wanted, observed = self._judge_status(expect, reply.status)
+        return ok, wanted, observed, reply.comment
 
     def _do_final_update(self, state: _ScenarioState, step: dict, expect: dict):
         ups = self._ups_of(state, step)
@@ -526,10 +611,9 @@ class ScenarioRunner:
                     reason,
                     str(step.get("cause", "operator_hold")),
                 )
+                state.sent.setdefault(uid, []).append(request)
                 set_status = tms.n_set(uid, request)
                 note = f"N-SET of the cancellation info: {_status_text(set_status)}"
-                if set_status == 0x0000:
-                    state.sent.setdefault(uid, []).append(request)
                 extra = Dataset()
                 extra.ReasonForCancellation = reason
             self._check_own_requests(state, uid, target, expect, transaction)
@@ -598,15 +682,21 @@ class ScenarioRunner:
         statuses: list[int | None] = [None] * contenders
         empty = self.profile.performer_may_send_empty_transaction_uid
 
+        sent_uids = ["" if empty else str(generate_uid()) for _ in range(contenders)]
+        state.attempted.setdefault(step["step"], []).extend(u for u in sent_uids if u)
+
         def contend(i: int) -> None:
             barrier.wait()
-            sent = "" if empty else str(generate_uid())
+            sent = sent_uids[i]
             try:
-                statuses[i] = (
-                    connections[i].change_state(str(ups.SOPInstanceUID), "IN PROGRESS", sent).status
-                )
+                reply = connections[i].change_state(str(ups.SOPInstanceUID), "IN PROGRESS", sent)
             except DimseError:
                 statuses[i] = None
+                return
+            statuses[i] = reply.status
+            given = str((reply.dataset or Dataset()).get("TransactionUID", "") or "")
+            if given:  # RO-19 2008: the TMS made it; cleanup needs it
+                state.attempted.setdefault(step["step"], []).append(given)
 
         threads = [threading.Thread(target=contend, args=(i,)) for i in range(contenders)]
         for thread in threads:
@@ -665,7 +755,9 @@ class _ScenarioState:
         self.ups: dict[str, Dataset] = {}
         self.claims: dict[tuple[str, str], str] = {}
         self.started: dict[str, dt.datetime] = {}
-        self.sent: dict[str, list[Dataset]] = {}  # accepted N-SETs per UPS, in order
+        self.sent: dict[str, list[Dataset]] = {}  # N-SETs sent per UPS, in order
+        # Transaction UIDs of claims sent, whatever became of them (by step).
+        self.attempted: dict[str, list[str]] = {}
         self.outcomes: list[UpsOutcome] = []
         self.plans: dict[str, Dataset] = {}
         self.events: queue.Queue[UpsEventNotice] = queue.Queue()

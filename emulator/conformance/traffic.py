@@ -24,6 +24,7 @@ from pynetdicom.dsutils import decode
 
 from emulator.net.commands import message_name
 
+PENDING_RESPONSES = ("C-FIND-RSP", "C-GET-RSP", "C-MOVE-RSP")
 # Attributes worth a line in a summary, in this order; the rest is left to the dataset.
 SUMMARY_KEYWORDS = (
     "QueryRetrieveLevel",
@@ -53,6 +54,7 @@ class Association:
     closed: float | None = None
     ended_by: str = ""  # "release", "abort" or "" while open
     label: str = ""
+    aborted_here: bool = False  # this side sent the A-ABORT (a step cut it off, a timeout)
 
 
 @dataclass
@@ -73,10 +75,19 @@ class Message:
     dataset: Dataset | None
     label: str = ""
     command: dict[str, str] = field(default_factory=dict)
+    # The abstract syntax of the presentation context it travelled on (a UPS request names
+    # UPS Push whatever the context, PS3.4 CC.3.1).
+    context_uid: str = ""
 
     @property
     def is_response(self) -> bool:
         return self.name.endswith("-RSP")
+
+    @property
+    def is_pending(self) -> bool:
+        """A pending response of a C-FIND, C-GET or C-MOVE: more follow. (FF00 answering
+        an N-SET is a final, if undefined, status.)"""
+        return self.status in (0xFF00, 0xFF01) and self.name in PENDING_RESPONSES
 
     def summary(self) -> dict[str, str]:
         """A few attributes of the dataset, for the traffic log and the timeline."""
@@ -93,6 +104,17 @@ class Message:
         progress = self.dataset.get("ProcedureStepProgressInformationSequence") or []
         if progress and "ProcedureStepProgress" in progress[0]:
             found["ProcedureStepProgress"] = str(progress[0].ProcedureStepProgress)
+        # RO-26: the Referenced Beam Number in Progress (a processing parameter of the
+        # performed procedure), as "code=value".
+        performed = self.dataset.get("UnifiedProcedureStepPerformedProcedureSequence") or []
+        parameters = performed[0].get("PerformedProcessingParametersSequence") if performed else []
+        values = [
+            f"{item.ConceptNameCodeSequence[0].CodeValue}={item.get('TextValue', '')}"
+            for item in parameters or []
+            if item.get("ConceptNameCodeSequence")
+        ]
+        if values:
+            found["PerformedProcessingParameters"] = ", ".join(values)
         return found
 
     def as_json(self, origin: float, associations: dict[int, Association]) -> dict:
@@ -111,15 +133,17 @@ class Message:
             "sop_class_uid": self.sop_class_uid,
             "sop_instance_uid": self.sop_instance_uid,
             "status": None if self.status is None else f"0x{self.status:04X}",
+            "error_comment": self.command.get("ErrorComment", ""),
             "action_type": self.action_type,
+            "context_uid": self.context_uid,
             "summary": self.summary(),
         }
 
 
-def _transfer_syntax(event: evt.Event, context_id: int | None):
+def _context(event: evt.Event, context_id: int | None):
     for context in event.assoc.accepted_contexts:
         if context.context_id == context_id:
-            return context.transfer_syntax[0]
+            return context
     return None
 
 
@@ -186,6 +210,9 @@ class TrafficRecorder:
         self._close(event, "release")
 
     def _on_aborted(self, event: evt.Event) -> None:
+        # pynetdicom marks an association it sent the A-ABORT on (3.0: _sent_abort).
+        if getattr(event.assoc, "_sent_abort", False):
+            self.associations[self._association(event)].aborted_here = True
         self._close(event, "abort")
 
     def _on_sent(self, event: evt.Event) -> None:
@@ -199,9 +226,10 @@ class TrafficRecorder:
         command: Dataset = message.command_set
         name = message_name(int(command.get("CommandField", 0) or 0))
         dataset = None
+        context = _context(event, message.context_id)
         raw = message.data_set.getvalue() if message.data_set is not None else b""
         if raw and (name != "C-STORE-RQ" or self.keep_stored_objects):
-            syntax = _transfer_syntax(event, message.context_id)
+            syntax = context.transfer_syntax[0] if context is not None else None
             try:
                 if syntax is not None:
                     dataset = decode(
@@ -250,6 +278,7 @@ class TrafficRecorder:
                 if k in command
             },
         )
+        record.context_uid = str(context.abstract_syntax) if context is not None else ""
         if "EventTypeID" in command:  # N-EVENT-REPORT
             record.command["EventTypeID"] = str(int(command.EventTypeID))
         if "AttributeIdentifierList" in command:  # N-GET: which attributes were asked for
@@ -277,6 +306,26 @@ class TrafficRecorder:
     def last_seq(self) -> int:
         with self._lock:
             return len(self.messages)
+
+    def requests(
+        self, messages: list[Message] | None = None
+    ) -> Iterator[tuple[Message, Message | None]]:
+        """Every request with its final response, or None when none was recorded (the peer
+        never answered within the exchange timeout, or the association ended first); in
+        the order the requests were made. A C-FIND or C-MOVE yields its final response."""
+        messages = self.since(0) if messages is None else messages
+        waiting: dict[tuple[int, int], Message] = {}
+        answered: dict[int, Message] = {}  # request seq -> its final response
+        for message in messages:
+            if not message.is_response and message.message_id is not None:
+                waiting[(message.association, message.message_id)] = message
+            elif message.is_response and message.responding_to is not None:
+                key = (message.association, message.responding_to)
+                if not message.is_pending and key in waiting:
+                    answered[waiting.pop(key).seq] = message
+        for message in messages:
+            if not message.is_response and message.message_id is not None:
+                yield message, answered.get(message.seq)
 
     def exchanges(self, messages: list[Message] | None = None) -> Iterator[tuple[Message, Message]]:
         """(request, response) pairs matched on association and Message ID."""

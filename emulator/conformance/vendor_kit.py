@@ -142,7 +142,15 @@ def _export_session(
         ups = _n_create_attributes(record.dataset)
         path = schedule_dir / f"p{index:03d}_{record.step}.json"
         path.write_text(json.dumps(ups.to_json_dict(), indent=1))
-        ups_files.append(str(path.relative_to(out)))
+        # The UID is not in the data set: an N-CREATE carries it as the Affected SOP
+        # Instance UID (PS3.4 Table CC.2.5-3, SOP Instance UID "Not allowed" in the set).
+        ups_files.append(
+            {
+                "file": str(path.relative_to(out)),
+                "sop_instance_uid": record.sop_instance_uid,
+                "step": record.step,
+            }
+        )
         for ref in references_in(ups.get("InputInformationSequence") or []):
             instance = site.tms.store.get(ref.sop_instance_uid)
             if instance is not None:  # held by the TMS, not the Archive: RO-20's inputs
@@ -165,13 +173,14 @@ def _copy(source: Path, target: Path, out: Path) -> str:
 
 
 def _n_create_attributes(ups: Dataset) -> Dataset:
-    """The UPS as an N-CREATE would carry it: without what the SCP owns (PS3.4 Table
-    CC.2.5-3 "Not allowed" in N-CREATE: SOP Class and Instance UID go in the command)."""
+    """The UPS as an N-CREATE data set carries it: without what the SCP owns or the
+    command carries (PS3.4 Table CC.2.5-3 "Not allowed" in N-CREATE: the SOP Class and
+    Instance UIDs travel as the Affected SOP Class and Instance UID)."""
     created = Dataset()
     created.update(ups)
     for row in ups_attributes.table():
         scu = row.n_create.split("/")[0].strip().lower()
-        if scu == "not allowed" and row.keyword in created and row.keyword != "SOPInstanceUID":
+        if scu == "not allowed" and row.keyword in created:
             delattr(created, row.keyword)
         elif scu == "2" and row.keyword not in created:
             # Type 2: present, zero length when there is nothing to say.
@@ -196,27 +205,23 @@ def load_kit(site: ReferenceSite, kit: Path) -> int:
     created = 0
     for station in manifest["stations"]:
         for session in station["sessions"]:
-            members = [_created_ups(site, kit / name) for name in session["ups"]]
+            members = [_created_ups(site, kit, entry) for entry in session["ups"]]
             site.tms.scheduler.add_created_session(members)
             created += len(members)
     return created
 
 
-def _created_ups(site: ReferenceSite, path: Path) -> Dataset:
-    ups = Dataset.from_json(path.read_text())
-    problems = ups_attributes.n_create_problems(_without_identity(ups))
+def _created_ups(site: ReferenceSite, kit: Path, entry: dict) -> Dataset:
+    """One ``schedule/`` entry as the TMS stores it after an N-CREATE of its data set with
+    the entry's SOP Instance UID as the Affected SOP Instance UID."""
+    ups = Dataset.from_json((kit / entry["file"]).read_text())
+    problems = ups_attributes.n_create_problems(ups)
     if problems:
-        raise ValueError(f"{path}: {problems[0].comment}")
+        raise ValueError(f"{entry['file']}: {problems[0].comment}")
     ups.SOPClassUID = site.tms.profile.sop_classes["ups_push"]
+    ups.SOPInstanceUID = entry["sop_instance_uid"]
     ups.ProcedureStepState = "SCHEDULED"
     return ups
-
-
-def _without_identity(ups: Dataset) -> Dataset:
-    checked = Dataset()
-    checked.update(ups)
-    del checked.SOPInstanceUID  # it travels as the Affected SOP Instance UID
-    return checked
 
 
 def _readme(manifest: dict) -> str:
@@ -234,9 +239,12 @@ def _readme(manifest: dict) -> str:
         "2. Do NOT store `withheld/`: the missing-plan scenario needs a UPS whose RT Plan "
         "the Archive does not hold.",
         f"3. Schedule every UPS under `schedule/` on the TMS ({manifest['tms_ae_title']}): "
-        "each file is the DICOM JSON of one N-CREATE (UPS-RS CreateWorkitem body); its "
-        "SOP Instance UID is the one to create. If your TMS makes its own UPS, copy every "
-        "attribute shown, for the stations below.",
+        "each file is the DICOM JSON of one N-CREATE data set (UPS Push, PS3.4 CC.2.5; the "
+        "UPS-RS CreateWorkitem body). The SOP Instance UID is NOT in it: send the one "
+        "`manifest.json` gives for that file (`sop_instance_uid`) as the N-CREATE's "
+        "Affected SOP Instance UID (0000,1000), and UPS Push as its Affected SOP Class "
+        "(Table CC.2.5-3 does not allow either in the data set). If your TMS makes its own "
+        "UPS, copy every attribute shown, for the stations below.",
         "4. The delivery UPS reference the RT Beams Delivery Instructions under `tms/` at "
         f"{manifest['tms_ae_title']} (RO-20). Store them in your TMS, or let it reference "
         "its own.",
