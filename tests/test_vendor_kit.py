@@ -36,11 +36,20 @@ def test_a_prepared_kit_is_valid(tmp_path, capsys):
     readme = (kit / "README.md").read_text()
     assert "60 MLC leaf pairs" in readme and "Do NOT store `withheld/`" in readme
 
-    # Every UPS: the N-CREATE attributes, today's date, the vendor's AE titles.
+    # Every UPS: the N-CREATE data set, today's date, the vendor's AE titles; its UID is in
+    # the manifest, for the command's Affected SOP Instance UID (PS3.4 Table CC.2.5-3).
+    entries = {
+        entry["file"]: entry
+        for station in manifest["stations"]
+        for session in station["sessions"]
+        for entry in session["ups"]
+    }
+    assert len(entries) == len(list((kit / "schedule").rglob("*.json")))
     for path in (kit / "schedule").rglob("*.json"):
         ups = Dataset.from_json(path.read_text())
         assert ups.ProcedureStepState == "SCHEDULED" and ups.TransactionUID == ""
-        assert "SOPClassUID" not in ups  # N-CREATE carries it in the command
+        assert "SOPClassUID" not in ups and "SOPInstanceUID" not in ups
+        assert entries[str(path.relative_to(kit))]["sop_instance_uid"].startswith("1.")
         assert str(ups.ScheduledProcedureStepStartDateTime).startswith(today)
         for ref in references_in(ups.get("InputInformationSequence") or []):
             assert ref.retrieve_ae_title in ("VENDORTMS", "VENDORPACS"), path

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (
@@ -126,6 +126,9 @@ class AssociationFailed(DimseError):
                 f"nothing accepts connections at {peer.host}:{peer.port} ({exc.strerror or exc}): "
                 f"is {peer.ae_title} running there, on that port?"
             )
+        refused = contexts_refused(assoc, peer)
+        if refused:
+            return ContextsRefused(refused)
         if assoc.is_aborted and tls:
             return cls(
                 f"{peer} ended the TLS connection or the association at once: does it speak "
@@ -141,6 +144,32 @@ class AssociationFailed(DimseError):
             f"{peer} accepted the connection but did not answer the association request "
             f"within {timeout:g} s: is it a DICOM server, and not TLS-only?"
         )
+
+
+class ContextsRefused(AssociationFailed):
+    """The peer answered the association request but accepted none of the presentation
+    contexts proposed: a set-up problem (it does not offer that service), not an outage."""
+
+    permanent = True
+
+
+def contexts_refused(assoc: Association, peer: Peer, wanted: Iterable[str] = ()) -> str:
+    """One sentence naming the presentation contexts ``peer`` refused and why (PS3.8 Table
+    9-18), when none of ``wanted`` (default: none at all) was accepted; "" otherwise."""
+    accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+    wanted = {str(uid) for uid in wanted}
+    if (wanted and accepted & wanted) or (not wanted and accepted):
+        return ""
+    rejected = [
+        cx for cx in assoc.rejected_contexts if not wanted or str(cx.abstract_syntax) in wanted
+    ]
+    if not rejected:
+        return ""
+    named = "; ".join(
+        f"{UID(str(cx.abstract_syntax)).name} ({str(cx.status or 'refused').lower()})"
+        for cx in rejected
+    )
+    return f"{peer} accepted the association but refused the presentation context {named}"
 
 
 def _status_of(rsp: Dataset | None, what: str) -> int:
