@@ -286,3 +286,34 @@ def test_our_watch_against_the_peer_scp(tmp_path):
     assert {r.sop_class_uid for r in subscriptions} == {FINAL.push}
     assert {r.context_uid for r in subscriptions} == {FINAL.watch}
     assert violations == [], violations
+
+
+def test_a_refused_presentation_context_is_named(tmp_path):
+    """A peer that accepts the association but not the Study Root MOVE context is named for
+    that, not taken for one that hung up (it said 'if it requires TLS ...' before)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from emulator.net import scu
+    from emulator.net.peers import Peer
+    from emulator.net.scu import ContextsRefused
+
+    ae = AE(ae_title="ECHOONLY")
+    ae.add_supported_context(Verification)
+    server = ae.start_server((HOST, 0), block=False)
+    try:
+        peer = Peer("ECHOONLY", HOST, server.server_address[1])
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.StudyInstanceUID = "1.2.3"
+        try:
+            scu.move("PDS1", peer, identifier, "PDS1")
+        except ContextsRefused as exc:
+            said = str(exc)
+        else:
+            raise AssertionError("the move was not refused")
+    finally:
+        server.shutdown()
+    assert "refused the presentation context" in said, said
+    assert "MOVE" in said and "abstract syntax not supported" in said, said
+    assert "TLS" not in said

@@ -123,3 +123,18 @@ def test_a_whole_pds_session_at_real_time(tmp_path):
     changes = [v for i, v in enumerate(values) if 0 < v < 100 and (i == 0 or v != values[i - 1])]
     assert changes == [v for v in reported if 0 < v < 100], (values, reported)
     assert {e.affected_sop_class_uid for e in events} == {FINAL.push}
+    for uid in report_uids(report_dir):
+        states = [
+            e.event_information.ProcedureStepState
+            for e in events
+            if e.event_type_id == EventType.STATE_REPORT and e.affected_sop_instance_uid == uid
+        ]
+        assert states == ["IN PROGRESS", "COMPLETED"], (uid, states)
+    # The device subscribed to each UPS it claimed naming UPS Push, on the Watch context.
+    subscriptions = [
+        m for m in traffic if m.get("message") == "N-ACTION-RQ" and m["action_type"] == 3
+    ]
+    assert len(subscriptions) == 4, subscriptions
+    assert {(m["sop_class_uid"], m["context_uid"]) for m in subscriptions} == {
+        (FINAL.push, FINAL.watch)
+    }
