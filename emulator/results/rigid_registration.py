@@ -27,6 +27,11 @@ SAMPLE_POINTS = 4_000  # 12,000 took 4x the CPU for no better residual (0.1 mm e
 MAX_TRANSLATION_MM = 60.0
 MAX_ROTATION_DEG = 10.0
 MIN_OVERLAP = 0.3  # of the sampled CBCT voxels, inside the planning CT
+# At the best fit, the planning CT and the CBCT of the same patient correlate 0.95 or more
+# voxel by voxel (0.75 for a 6-slice 48 x 48 CT); another patient's, or the bench phantom
+# instead of the patient, 0.3 to 0.4. A fit below this is no registration: the step is
+# canceled rather than the couch moved by it.
+MIN_CORRELATION = 0.6
 # Pitch and roll (about x and y) show as a slope along z: over a slab thinner than this the
 # slope is noise (a soak's 8-slice planning CT gave spurious 3-degree tilts), so only the
 # translations and the rotation about z are measured.
@@ -152,7 +157,22 @@ def register_rigid(planning: Volume, cbct: Volume, rotations: bool = True) -> Ri
         max(map(abs, translation)) > MAX_TRANSLATION_MM
         or max(map(abs, rotation)) > MAX_ROTATION_DEG
     ):
-        raise RegistrationError(f"no plausible registration found (parameters {params.round(2)})")
+        shift = ", ".join(f"{v:.1f}" for v in translation)
+        turn = ", ".join(f"{v:.1f}" for v in rotation)
+        raise RegistrationError(
+            f"the CBCT does not match the planning CT: the best fit moves the patient by "
+            f"({shift}) mm and ({turn})° (beyond {MAX_TRANSLATION_MM:g} mm or "
+            f"{MAX_ROTATION_DEG:g}° no couch correction is plausible); is the patient imaged "
+            f"the patient planned?"
+        )
+    sampled, inside = exact.sample(transform_points(matrix_of(params), points))
+    correlation = float(np.corrcoef(sampled[inside], values[inside])[0, 1])
+    if not correlation >= MIN_CORRELATION:
+        raise RegistrationError(
+            f"the CBCT does not match the planning CT: at the best fit their voxels correlate "
+            f"{correlation:.2f} (the same patient correlates above {MIN_CORRELATION:g}); is "
+            f"the patient imaged the patient planned?"
+        )
     return RigidRegistration(matrix_of(params), final, evaluations)
 
 
