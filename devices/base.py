@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from devices.couch_axes import TableTop
+
 if TYPE_CHECKING:
     from devices.geometry import Volume
 
@@ -44,6 +46,13 @@ class Capabilities:
     couch_limits_mm: float
     # 0 for a couch that only translates: the PPS then measures no rotation it cannot fix.
     couch_rotation_limits_deg: float = 0.0
+    # How far a couch move may fall from the move asked, per axis, before no beam may be
+    # turned on (AAPM TG-142: 1 mm, 0.5 degree), and how often the rest may be asked for.
+    couch_tolerance_mm: float = 1.0
+    couch_tolerance_deg: float = 0.5
+    couch_retries: int = 1
+    # How far a beam's measured meterset may be from its planned end before it is flagged.
+    meterset_tolerance_mu: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,15 @@ class BeamProgram:
     def stop_meterset(self) -> float:
         return self.total_meterset if self.end_meterset is None else self.end_meterset
 
+    @property
+    def start_point(self) -> ControlPointProgram:
+        """Where the axes stand for beam-on (hil/PROTOCOL.md, LOAD_BEAM): control point 0
+        for a new beam, for a continuation the last one at or before its start meterset."""
+        if self.start_meterset <= 0:
+            return self.control_points[0]
+        before = [cp for cp in self.control_points if cp.cumulative_meterset <= self.start_meterset]
+        return before[-1] if before else self.control_points[0]
+
 
 @dataclass(frozen=True)
 class AxisState:
@@ -84,7 +102,7 @@ class AxisState:
     collimator_angle: float
     jaws: tuple[float, float, float, float]
     mlc: tuple[float, ...]
-    couch: tuple[float, float, float]
+    couch: TableTop = field(default_factory=TableTop)
 
     def differences(
         self, cp: ControlPointProgram, angle_tol: float = 0.1, position_tol: float = 0.5
@@ -186,17 +204,11 @@ class MachineDelivery:
 
 @dataclass(frozen=True)
 class CouchCorrection:
-    """A 6-DOF correction: translations in mm, rotations in degrees (patient LPS axes)."""
+    """A 6-DOF correction as a registration measures it: translations in mm, rotations in
+    degrees about x, then y, then z (extrinsic), in patient LPS axes. The couch is moved in
+    its own axes (:func:`devices.couch_axes.to_table_top`)."""
 
     translation: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    rotation: tuple[float, float, float] = (0.0, 0.0, 0.0)
-
-
-@dataclass
-class CouchPosition:
-    lateral: float = 0.0
-    longitudinal: float = 0.0
-    vertical: float = 0.0
     rotation: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
@@ -255,7 +267,13 @@ class Device(ABC):
         """Operator beam hold: the running delivery ends with OPERATOR termination."""
 
     @abstractmethod
-    def move_couch(self, correction: CouchCorrection) -> CouchPosition: ...
+    def move_couch(self, move: TableTop) -> TableTop:
+        """Moves the table top by ``move`` (relative, IEC 61217 table-top axes) and returns
+        where it is now, as its encoders measured (absolute); the caller compares."""
+
+    def couch_position(self) -> TableTop:
+        """Where the table top is (absolute, IEC 61217 table-top axes), as last measured."""
+        return TableTop()
 
     def last_delivery(self) -> MachineDelivery | None:
         """The last beam-on as the machine counted it, if it outlives the host process.
@@ -270,8 +288,9 @@ class Device(ABC):
     def acquire(self, kind: str) -> ImageSet:
         """Triggers an imaging acquisition (e.g. 'CBCT') and returns the images."""
 
-    def place_patient(self, anatomy: Volume) -> None:
-        """Tells a simulator whose anatomy lies on the couch (the planning CT's patient).
+    def place_patient(self, anatomy: Volume, patient_position: str = "HFS") -> None:
+        """Tells a simulator whose anatomy lies on the couch (the planning CT's patient), and
+        how (DICOM Patient Position: which table axis is which patient axis).
 
         A real machine images the real patient, so a real backend ignores this; a simulator
         without it would image something other than the patient the PPS registers against.

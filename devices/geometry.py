@@ -9,6 +9,8 @@ sides use these helpers, and scipy's, so "a rotation of 1 degree about y" means 
 
 from __future__ import annotations
 
+import base64
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,3 +91,26 @@ def rigid_parameters(
 def transform_points(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     """(N, 3) points through a 4x4 rigid matrix."""
     return points @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def volume_body(volume: Volume) -> dict:
+    """A volume as JSON can carry it (a simulator's control channel): HU rounded to int16,
+    zlib-compressed, base64; the geometry beside it."""
+    data = np.clip(np.rint(volume.hu), -32768, 32767).astype("<i2")
+    return {
+        "shape": list(data.shape),
+        "origin": [float(v) for v in volume.origin],
+        "spacing": [float(v) for v in volume.spacing],
+        "hu_int16_zlib": base64.b64encode(zlib.compress(data.tobytes(), 6)).decode("ascii"),
+    }
+
+
+def volume_from_body(body: dict) -> Volume:
+    """The volume :func:`volume_body` wrote."""
+    raw = zlib.decompress(base64.b64decode(body["hu_int16_zlib"]))
+    hu = np.frombuffer(raw, dtype="<i2").reshape(tuple(int(n) for n in body["shape"]))
+    return Volume(
+        hu.astype(float),
+        tuple(float(v) for v in body["origin"]),  # type: ignore[arg-type]
+        tuple(float(v) for v in body["spacing"]),  # type: ignore[arg-type]
+    )

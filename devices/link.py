@@ -1,4 +1,4 @@
-"""The link layer of protocol v1 (hil/PROTOCOL.md): stop-and-wait ARQ over a byte stream.
+"""The link layer of protocol v2 (hil/PROTOCOL.md, Reliability): stop-and-wait ARQ.
 
 Both ends use it: the host's serial and TCP drivers and the controller simulator. A reader
 thread turns bytes into frames, acknowledges each in-order frame once, re-acknowledges
@@ -20,7 +20,14 @@ from typing import Any, Protocol
 import serial
 
 from devices import schemas
-from devices.protocol import Frame, FrameError, FrameReader, MessageType, encode
+from devices.protocol import (
+    PROTOCOL_VERSION,
+    Frame,
+    FrameError,
+    FrameReader,
+    MessageType,
+    encode,
+)
 
 LOG = logging.getLogger("tdw.link")
 
@@ -103,6 +110,7 @@ class LinkCounters:
     duplicates: int = 0
     out_of_order: int = 0
     naks_received: int = 0
+    last_nak_seq: int | None = None  # the seq the peer said it expects (hil/PROTOCOL.md)
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -203,6 +211,7 @@ class Link:
             return
         if item.type == MessageType.NAK:
             self.counters.naks_received += 1
+            self.counters.last_nak_seq = item.seq
             self.observer.link_error("nak")
             with self._acked:
                 self._nak = True
@@ -214,13 +223,12 @@ class Link:
             with self._acked:
                 self._next_seq = 0
         if item.seq == self._expected:
-            broken = schemas.problems(item.type, item.body) if self.validate else []
+            broken = schemas.problems(item.type, item.body) if self._judged(item) else []
             if broken:
+                # Intact on the wire, wrong in content: a protocol error for the receiver to
+                # act on (a NAK would only bring the same frame again), counted and logged.
                 self.counters.extra["schema"] = self.counters.extra.get("schema", 0) + 1
                 LOG.error("received %s breaking its schema: %s", item.type.name, broken)
-                self.observer.link_error("garbled")
-                self._control(MessageType.NAK, self._expected, reason="body breaks its schema")
-                return
             self._control(MessageType.ACK, item.seq)
             self._expected = (self._expected + 1) & 0xFFFF
             self.counters.received += 1
@@ -245,6 +253,19 @@ class Link:
             return None
 
     # -- sending ---------------------------------------------------------------------------
+
+    def _judged(self, item: Frame) -> bool:
+        """Whether a received body is held to hil/schemas: they are version 2's, so a
+        HELLO_REPLY of another version passes through for the host to refuse in words."""
+        if not self.validate:
+            return False
+        other_version = item.body.get("protocol") != PROTOCOL_VERSION
+        return not (item.type == MessageType.HELLO_REPLY and other_version)
+
+    @property
+    def next_seq(self) -> int:
+        """The sequence number this side's next data frame will carry."""
+        return self._next_seq
 
     def send(self, kind: MessageType, body: dict[str, Any] | None = None) -> int:
         """Sends one frame and waits for its ACK, retransmitting; raises LinkLost."""

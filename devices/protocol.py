@@ -1,4 +1,4 @@
-"""Wire protocol v1 between the emulator and a treatment-machine controller (hil/PROTOCOL.md).
+"""Wire protocol v2 between the emulator and a treatment-machine controller (hil/PROTOCOL.md).
 
 A frame is COBS-encoded and ends with a zero byte, so a receiver can always find the next
 frame after garbage. Inside: version, message type, sequence number, body length, a JSON
@@ -19,7 +19,8 @@ from typing import Any
 
 from cobs import cobs
 
-VERSION = 1
+VERSION = 1  # the framing version (the frame layout), unchanged since protocol 1
+PROTOCOL_VERSION = 2  # agreed in HELLO / HELLO_REPLY (hil/PROTOCOL.md, Versioning)
 DELIMITER = b"\x00"
 HEADER = struct.Struct(">BBHI")  # version, type, sequence, body length
 MAX_BODY = 1 << 20  # 1 MiB: larger frames are refused before decoding

@@ -1,4 +1,4 @@
-"""A Device whose machine is a controller at the other end of a protocol-v1 link.
+"""A Device whose machine is a controller at the other end of a protocol-v2 link.
 
 The serial and TCP backends differ only in how the byte stream is opened. Whatever the
 link does, the driver reports as delivered only what the controller reported in intact,
@@ -10,6 +10,7 @@ command.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,8 +26,6 @@ from devices.base import (
     BeamProgram,
     Capabilities,
     ControlPointReached,
-    CouchCorrection,
-    CouchPosition,
     DeliveryEvent,
     Device,
     DeviceError,
@@ -37,6 +36,9 @@ from devices.base import (
     Termination,
 )
 from devices.clock import Clock
+from devices.control_channel import send_command
+from devices.couch_axes import TableTop
+from devices.geometry import Volume, volume_body
 from devices.link import (
     Link,
     LinkLost,
@@ -45,11 +47,10 @@ from devices.link import (
     SocketTransport,
     Transport,
 )
-from devices.protocol import Frame, MessageType
+from devices.protocol import PROTOCOL_VERSION, Frame, MessageType
 from devices.timing import TIMING_KEYS, TimingBudget
 
 WATCHDOG_SECONDS = 2.0
-HEARTBEAT_SECONDS = 0.5
 # Serial settings a device URL may carry, by pyserial's own names, and how to read each.
 SERIAL_SETTINGS = {
     "baudrate": int,
@@ -76,15 +77,23 @@ class DeviceUrl:
     target: str
     serial: dict
     timing: dict
+    # A controller simulator's control channel (``?control=HOST:PORT``): where the host
+    # tells it which patient lies on the couch. A real controller has none.
+    control: tuple[str, int] | None = None
 
     @classmethod
     def parse(cls, url: str) -> DeviceUrl:
         base, _, query = url.partition("?")
         serial_settings: dict = {}
         timing: dict = {}
+        control = None
         passed_on = []
         for key, value in parse_qsl(query, keep_blank_values=True):
             try:
+                if key == "control":
+                    host, _, port = value.rpartition(":")
+                    control = (host or "127.0.0.1", int(port))
+                    continue
                 if key in SERIAL_SETTINGS:
                     serial_settings[key] = SERIAL_SETTINGS[key](value)
                 elif key in TIMING_KEYS:
@@ -98,7 +107,7 @@ class DeviceUrl:
             if allowed and serial_settings[key] not in allowed:
                 raise ValueError(f"device URL option {key} must be one of {allowed}")
         target = base + ("?" + "&".join(passed_on) if passed_on else "")
-        return cls(target, serial_settings, timing)
+        return cls(target, serial_settings, timing, control)
 
 
 def program_to_body(beam: BeamProgram) -> dict:
@@ -111,8 +120,13 @@ class LinkDown(DeviceError):
     """The link died under a request: the request may be sent again on a fresh link."""
 
 
+class ControllerRefused(DeviceError):
+    """The controller answered a request with ERROR: it did not do it (a refused BEAM_ON
+    turned no beam on, so there is no count to reconcile)."""
+
+
 class RemoteDevice(Device):
-    """The host side of protocol v1. How long it waits is the controller's stated timing
+    """The host side of protocol version 2. How long it waits is the controller's stated timing
     budget (HELLO_REPLY ``timing``), with a rig's ``timing_overrides`` put over it."""
 
     def __init__(
@@ -122,8 +136,10 @@ class RemoteDevice(Device):
         watchdog: float = WATCHDOG_SECONDS,
         observer: LinkObserver | None = None,
         timing_overrides: dict | None = None,
+        control: tuple[str, int] | None = None,
     ) -> None:
         self.opener = opener
+        self.control = control
         self.observer = observer
         self.clock = clock
         self.watchdog = watchdog
@@ -131,7 +147,8 @@ class RemoteDevice(Device):
         self.timing = TimingBudget().overridden(self.timing_overrides)
         self.link: Link | None = None
         self._hello: dict = {}
-        self._loaded: tuple[int, float] = (0, 0.0)  # beam number and start meterset
+        self._loaded: BeamProgram | None = None
+        self._couch = TableTop()  # where the table top is, as the controller last said
         self._lock = threading.Lock()
         self.reconnects = 0
 
@@ -155,8 +172,18 @@ class RemoteDevice(Device):
                     ) from exc
                 time.sleep(0.5)
         self.link = Link(transport, observer=self.observer)
-        reply = self._request(MessageType.HELLO, {"protocol": 1}, {MessageType.HELLO_REPLY})
+        reply = self._request(
+            MessageType.HELLO, {"protocol": PROTOCOL_VERSION}, {MessageType.HELLO_REPLY}
+        )
+        spoken = reply.body.get("protocol")
+        if spoken != PROTOCOL_VERSION:
+            self.close()
+            raise DeviceError(
+                f"the controller speaks protocol {spoken}; this host speaks "
+                f"{PROTOCOL_VERSION} (hil/PROTOCOL.md, Versioning): update its firmware"
+            )
         self._hello = reply.body
+        self._couch = TableTop.from_body(reply.body["couch"])
         stated = TimingBudget.from_body(reply.body.get("timing"))
         self.timing = stated.overridden(self.timing_overrides)
 
@@ -211,13 +238,16 @@ class RemoteDevice(Device):
                         beat = now
                     continue
                 if frame.type == MessageType.ERROR:
-                    raise DeviceError(
-                        f"controller: {frame.body.get('code')}: {frame.body.get('text')}"
+                    raise ControllerRefused(
+                        f"controller refused {frame.body.get('request') or kind.name}: "
+                        f"{frame.body.get('code')}: {frame.body.get('text')}"
                     )
                 if frame.type in expect:
                     return frame
                 if frame.type == MessageType.PROGRESS and frame.body.get("operation") == kind.name:
                     heard = now
+                    if "done" in frame.body:
+                        self._report_progress(kind.name, float(frame.body["done"]))
                 if limit is not None and now - started > limit:
                     raise DeviceError(f"{kind.name} took more than its stated {limit:g} s")
         except LinkLost as exc:
@@ -230,19 +260,23 @@ class RemoteDevice(Device):
         return Identity(**self._hello["identity"])
 
     def capabilities(self) -> Capabilities:
-        caps = dict(self._hello["capabilities"])
+        """HELLO_REPLY ``capabilities`` (hil/PROTOCOL.md's table): the fields this host
+        knows, the tolerances' defaults where the controller states none."""
+        known = {f.name for f in dataclasses.fields(Capabilities)}
+        caps = {k: v for k, v in self._hello["capabilities"].items() if k in known}
         caps["energies_mv"] = tuple(caps["energies_mv"])
         caps["patient_positions"] = tuple(caps["patient_positions"])
         return Capabilities(**caps)
 
     def axes(self) -> AxisState:
         body = self._request(MessageType.GET_STATE, {}, {MessageType.STATE}).body
+        self._couch = TableTop.from_body(body["couch"])
         return AxisState(
             float(body["gantry_angle"]),
             float(body["collimator_angle"]),
             tuple(body["jaws"]),
             tuple(body["mlc"]),
-            tuple(body["couch"]),
+            self._couch,
         )
 
     def last_delivery(self) -> MachineDelivery | None:
@@ -256,33 +290,62 @@ class RemoteDevice(Device):
 
     def load_beam(self, beam: BeamProgram) -> None:
         self._request(MessageType.LOAD_BEAM, program_to_body(beam), {MessageType.LOADED})
-        self._loaded = (beam.beam_number, beam.start_meterset)
+        self._loaded = beam
 
     def beam_on(self) -> Iterator[DeliveryEvent]:
-        beam, start = self._loaded
+        """The loaded beam's events as the controller reports them, each checked against
+        hil/PROTOCOL.md (Delivery): a control point out of its order, or a count that
+        falls, is a protocol error that holds the beam (:meth:`_protocol_error`)."""
+        program = self._loaded
+        if program is None:
+            raise DeviceError("no beam loaded")
+        self._loaded = None  # a beam is loaded for one BEAM_ON only
+        beam, start = program.beam_number, program.start_meterset
+        points = iter(reachable_points(program))
         last = start
         try:
             started = self._request(MessageType.BEAM_ON, {}, {MessageType.BEAM_STARTED})
+        except ControllerRefused:
+            raise  # no beam was turned on: a device error before the beam, nothing delivered
+        except (LinkLost, DeviceError) as exc:
+            self.close()
+            yield self._count_after_link_loss(beam, start, last, exc)
+            return
+        try:
             last = start = float(started.body.get("start_meterset", start))
             link = self.link
             while True:
                 frame = link.recv(timeout=0.05)
                 if frame is None:
-                    if time.monotonic() - link.last_received > self.watchdog:
-                        raise LinkLost(f"nothing from the controller for {self.watchdog} s")
-                    if time.monotonic() - link.last_received > HEARTBEAT_SECONDS:
+                    if time.monotonic() - link.last_received > self._beam_watchdog():
+                        raise LinkLost(
+                            f"nothing from the controller for {self._beam_watchdog():g} s"
+                        )
+                    if time.monotonic() - link.last_received > self.timing.heartbeat_s:
                         link.send(MessageType.HEARTBEAT, {})
                     continue
                 body = frame.body
                 if frame.type == MessageType.METERSET:
-                    last = float(body["meterset"])
+                    count = float(body["meterset"])
+                    if count < last - 1e-6:
+                        yield self._protocol_error(
+                            f"METERSET fell from {last:g} to {count:g}", last
+                        )
+                        return
+                    last = count
                     yield MetersetTick(last, float(body["dose_rate"]))
                 elif frame.type == MessageType.CONTROL_POINT:
-                    last = float(body["meterset"])
-                    yield ControlPointReached(int(body["index"]), last, float(body["gantry"]))
+                    index, expected = int(body["index"]), next(points, None)
+                    if index != expected:
+                        wanted = "none" if expected is None else str(expected)
+                        why = f"CONTROL_POINT index {index} where {wanted} was next"
+                        yield self._protocol_error(why, last)
+                        return
+                    last = max(last, float(body["meterset"]))
+                    yield ControlPointReached(index, last, float(body["gantry"]))
                 elif frame.type == MessageType.BEAM_ENDED:
                     yield BeamEnded(
-                        float(body["meterset"]),
+                        max(last, float(body["meterset"])),
                         Termination(body["termination"]),
                         str(body.get("reason", "")),
                         str(body.get("code", "")),
@@ -291,6 +354,31 @@ class RemoteDevice(Device):
         except (LinkLost, DeviceError) as exc:
             self.close()
             yield self._count_after_link_loss(beam, start, last, exc)
+
+    def _beam_watchdog(self) -> float:
+        """With a beam on, nothing heard for this long means the link is lost."""
+        return max(self.watchdog, 4 * self.timing.tick_s)
+
+    def _protocol_error(self, why: str, last: float) -> BeamEnded:
+        """The controller broke hil/PROTOCOL.md during a beam: hold it, read its final count,
+        and end it MACHINE with code PROTOCOL (the index it sent is never recorded)."""
+        final = last
+        link = self.link
+        try:
+            link.send(MessageType.INTERRUPT, {"reason": f"protocol error: {why}"})
+            deadline = time.monotonic() + self.timing.silence_s
+            while time.monotonic() < deadline:
+                frame = link.recv(timeout=0.05)
+                if frame is None:
+                    continue
+                if frame.type == MessageType.METERSET:
+                    final = max(final, float(frame.body["meterset"]))
+                elif frame.type == MessageType.BEAM_ENDED:
+                    final = max(final, float(frame.body["meterset"]))
+                    break
+        except LinkLost:
+            self.close()
+        return BeamEnded(final, Termination.MACHINE, f"protocol error: {why}", "PROTOCOL")
 
     def _count_after_link_loss(
         self, beam: int, start: float, heard: float, cause: Exception
@@ -345,35 +433,107 @@ class RemoteDevice(Device):
             except LinkLost:
                 self.close()
 
-    def move_couch(self, correction: CouchCorrection) -> CouchPosition:
-        reply = self._request(
-            MessageType.MOVE_COUCH,
-            {
-                "translation": list(correction.translation),
-                "rotation": list(correction.rotation),
-            },
-            {MessageType.COUCH_POSITION},
-        )
-        body = reply.body
-        return CouchPosition(
-            body["lateral"], body["longitudinal"], body["vertical"], tuple(body["rotation"])
-        )
+    def move_couch(self, move: TableTop) -> TableTop:
+        reply = self._request(MessageType.MOVE_COUCH, move.as_body(), {MessageType.COUCH_POSITION})
+        self._couch = TableTop.from_body(reply.body)
+        return self._couch
+
+    def couch_position(self) -> TableTop:
+        return self._couch
+
+    def place_patient(self, anatomy: Volume, patient_position: str = "HFS") -> None:
+        """A controller simulator with a control channel (``?control=HOST:PORT``) is told
+        whose anatomy lies on its couch, so its CBCT images this patient; a real controller
+        images the real one, and the host tells it nothing."""
+        if self.control is None:
+            return
+        command = {"command": "place_patient", "patient_position": patient_position}
+        command.update(volume_body(anatomy))
+        reply = send_command(self.control, command, timeout=60)
+        if not reply.get("ok"):
+            raise DeviceError(f"the controller simulator did not take the patient: {reply}")
 
     def acquire(self, kind: str) -> ImageSet:
-        reply = self._request(MessageType.ACQUIRE, {"kind": kind}, {MessageType.IMAGES})
-        body = reply.body
-        rows, cols = body["shape"]
-        pixels = [
-            np.frombuffer(base64.b64decode(p), dtype="<u2").reshape(rows, cols)
-            for p in body["planes"]
-        ]
+        """ACQUIRE, and its IMAGES fragments put together (hil/PROTOCOL.md, Images)."""
+        first = self._request(MessageType.ACQUIRE, {"kind": kind}, {MessageType.IMAGES}).body
+        assembly = ImageAssembly(first)
+        while not assembly.complete:
+            frame = self._next_frame({MessageType.IMAGES}, "IMAGES")
+            assembly.add(frame.body)
+        return assembly.image_set()
+
+    def _next_frame(self, kinds: set[MessageType], what: str) -> Frame:
+        """The next frame of ``kinds`` on the open link within ``silence_s``."""
+        link = self._ensure_link()
+        heard = time.monotonic()
+        try:
+            while True:
+                frame = link.recv(timeout=0.05)
+                if frame is not None and frame.type in kinds:
+                    return frame
+                if frame is not None and frame.type == MessageType.ERROR:
+                    raise DeviceError(f"controller: {frame.body.get('code')}: {frame.body}")
+                if time.monotonic() - heard > self.timing.silence_s:
+                    raise DeviceError(f"no {what} within {self.timing.silence_s:g} s")
+        except LinkLost as exc:
+            self.close()
+            raise LinkDown(f"link lost: {exc}") from exc
+
+
+class ImageAssembly:
+    """IMAGES fragments put together: whole planes in order, one geometry, until
+    ``planes_total`` planes arrived; anything else is a protocol error (DeviceError)."""
+
+    GEOMETRY = ("kind", "encoding", "rows", "columns", "planes_total", "pixel_spacing",
+                "slice_spacing", "origin")  # fmt: skip
+
+    def __init__(self, first: dict) -> None:
+        if first.get("encoding") != "uint16le-hu1024":
+            raise DeviceError(f"IMAGES encoding {first.get('encoding')!r}: not uint16le-hu1024")
+        self.geometry = {k: first[k] for k in self.GEOMETRY}
+        self.planes: list[np.ndarray] = []
+        self.add(first)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.planes) >= int(self.geometry["planes_total"])
+
+    def add(self, body: dict) -> None:
+        if {k: body[k] for k in self.GEOMETRY} != self.geometry:
+            raise DeviceError("IMAGES fragment with another geometry than the first")
+        if int(body["first_plane"]) != len(self.planes):
+            raise DeviceError(
+                f"IMAGES fragment from plane {body['first_plane']}, {len(self.planes)} expected"
+            )
+        rows, columns = int(self.geometry["rows"]), int(self.geometry["columns"])
+        for text in body["planes"]:
+            raw = base64.b64decode(text)
+            if len(raw) != rows * columns * 2:
+                raise DeviceError(f"IMAGES plane of {len(raw)} bytes, not {rows * columns * 2}")
+            self.planes.append(np.frombuffer(raw, dtype="<u2").reshape(rows, columns))
+        if len(self.planes) > int(self.geometry["planes_total"]):
+            raise DeviceError("more IMAGES planes than planes_total")
+
+    def image_set(self) -> ImageSet:
+        g = self.geometry
         return ImageSet(
-            kind,
-            pixels,
-            float(body["pixel_spacing"]),
-            float(body["slice_spacing"]),
-            tuple(body["origin"]),
+            str(g["kind"]),
+            self.planes,
+            float(g["pixel_spacing"]),
+            float(g["slice_spacing"]),
+            tuple(float(v) for v in g["origin"]),
         )
+
+
+def reachable_points(program: BeamProgram) -> list[int]:
+    """The Control Point Indices a delivery of ``program`` reaches, in order: those after
+    its start meterset, up to its end (hil/PROTOCOL.md, Delivery: never index 0)."""
+    stop = program.stop_meterset
+    return [
+        cp.index
+        for cp in program.control_points[1:]
+        if program.start_meterset + 1e-9 < cp.cumulative_meterset <= stop + 1e-9
+    ]
 
 
 def _timing(url: DeviceUrl, options: dict) -> dict:
@@ -413,6 +573,7 @@ def protocol_device(scheme: str):
             clock,
             observer=options.get("link_observer"),
             timing_overrides=_timing(url, options),
+            control=url.control,
         )
 
     return factory

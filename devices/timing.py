@@ -1,4 +1,4 @@
-"""The timing budget of protocol v1 (hil/PROTOCOL.md, "Timing"): what a controller
+"""The timing budget of protocol v2 (hil/PROTOCOL.md, "Timing"): what a controller
 promises in its HELLO_REPLY, and what the host waits for.
 
 A host cannot know how long a 360 degree gantry rotation or a CBCT takes on a given
@@ -20,6 +20,7 @@ class TimingBudget:
     """Seconds, wall-clock. ``max_s`` holds the longest each long operation may take."""
 
     progress_interval_s: float = 1.0  # PROGRESS at least this often while busy
+    tick_s: float = 0.2  # METERSET at least this often while a beam is on
     silence_s: float = 5.0  # the host gives up on an operation unheard of for this long
     heartbeat_s: float = 0.5  # the host's HEARTBEAT cadence when it is waiting or idle
     hello_s: float = 5.0  # HELLO_REPLY within this, before any budget is known

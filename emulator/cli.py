@@ -302,6 +302,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     _add_tls_flags(p)
 
 
+def _controller_quirks() -> list[str]:
+    """The controller simulator's deliberate breakages (hil/controller_sim.py QUIRKS)."""
+    from hil.controller_sim import QUIRKS
+
+    return sorted(QUIRKS)
+
+
 def _backends() -> list[str]:
     """Built-in and entry-point device backends (docs/drivers.md), for --help."""
     from devices.registry import backends
@@ -325,8 +332,8 @@ def _add_hil(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="QUIRK",
-        help="run a deliberately broken variant (no-progress, silent-while-busy, "
-        "forgets-last-delivery), to see tdw-emu hil check fail",
+        help="run a deliberately broken variant, to see tdw-emu hil check fail on the clause "
+        "it breaks (repeatable): " + ", ".join(_controller_quirks()),
     )
     check = hil_sub.add_parser(
         "check",
@@ -334,6 +341,13 @@ def _add_hil(sub: argparse._SubParsersAction) -> None:
     )
     check.add_argument("--device", required=True, help="serial://, tcp://, rfc2217://, socket://")
     check.add_argument("--junit", type=Path, help="also write a JUnit XML report here")
+    check.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="CHECK",
+        help="run only this check, by the name the report gives it (repeatable)",
+    )
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -1029,7 +1043,12 @@ def _cmd_hil(args: argparse.Namespace) -> int:
         return _hil_check(args)
     faults = Faults()
     sim = ControllerSim(args.machine, args.time_scale, faults, frozenset(args.quirks))
-    control = ControlChannel(faults, port=args.control_port, report=sim.report)
+    control = ControlChannel(
+        faults,
+        port=args.control_port,
+        report=sim.report,
+        commands={"place_patient": sim.place_patient},
+    )
     print(f"control channel on {control.address[0]}:{control.address[1]}", flush=True)
     try:
         if args.tcp:
@@ -1070,7 +1089,13 @@ def _hil_check(args: argparse.Namespace) -> int:
     from emulator import terminal
     from hil.check import ControllerCheck, write_junit
 
-    results = ControllerCheck(args.device).run()
+    check = ControllerCheck(args.device)
+    known = [name for name, _, _ in check.checks()]
+    unknown = [name for name in args.only if name not in known]
+    if unknown:
+        print(f"no check named {unknown[0]!r}; the checks are: {', '.join(known)}", file=sys.stderr)
+        return 2
+    results = check.run(args.only)
     table = Table(title=f"tdw-emu hil check {args.device}")
     for column in ("check", "PROTOCOL.md clause", "result", "detail"):
         table.add_column(column)

@@ -240,7 +240,7 @@ class Metrics:
         )
         self.faults = Counter(
             "tdw_device_faults",
-            "Errors that made a device cancel a UPS, by kind",
+            "Faults a device met: errors that made it cancel a UPS, or a flagged beam, by kind",
             ["ae", "kind"],
             registry=r,
         )

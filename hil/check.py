@@ -1,4 +1,4 @@
-"""``tdw-emu hil check --device URL``: protocol v1 conformance of a real controller.
+"""``tdw-emu hil check --device URL``: protocol v2 conformance of a real controller.
 
 Each check drives the controller through one clause of ``hil/PROTOCOL.md`` on its own link
 (every body checked against ``hil/schemas``) and names the clause it judged, so a firmware
@@ -13,15 +13,18 @@ import contextlib
 import itertools
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from devices import schemas
-from devices.base import BeamProgram, ControlPointProgram
+from devices.base import BeamProgram, ControlPointProgram, DeviceError
+from devices.couch_axes import TableTop, misses
 from devices.link import Link, LinkLost
-from devices.protocol import Frame, MessageType
-from devices.remote import link_opener, program_to_body
+from devices.protocol import PROTOCOL_VERSION, Frame, MessageType
+from devices.remote import ImageAssembly, link_opener, program_to_body
 from devices.timing import TimingBudget
 
 
@@ -71,23 +74,35 @@ class _Session:
         names = ", ".join(sorted(k.name for k in kinds))
         raise CheckFailed(f"no {names} within {seconds:g} s")
 
+    def start_beam(self, beam: BeamProgram) -> None:
+        """LOAD_BEAM, its LOADED within the stated budget, then BEAM_ON."""
+        self.send(MessageType.LOAD_BEAM, program_to_body(beam))
+        self.wait_for({MessageType.LOADED}, self.timing.limit_for("LOAD_BEAM") or 120)
+        self.send(MessageType.BEAM_ON)
+
     def handshake(self) -> dict:
-        self.send(MessageType.HELLO, {"protocol": 1})
+        self.send(MessageType.HELLO, {"protocol": PROTOCOL_VERSION})
         reply = self.wait_for({MessageType.HELLO_REPLY}, TimingBudget().hello_s)
         self.hello = reply.body
         self.timing = TimingBudget.from_body(reply.body.get("timing"))
         return reply.body
 
 
-def _small_beam(hello: dict, meterset: float, number: int = 1) -> BeamProgram:
+def _small_beam(
+    hello: dict, meterset: float, number: int = 1, segments: int = 1, energy: float | None = None
+) -> BeamProgram:
+    """A static beam of ``segments`` equal segments at the controller's lowest dose rate,
+    the gantry where it is (0), inside its capabilities unless ``energy`` says otherwise."""
     caps = hello.get("capabilities", {})
-    energy = float((caps.get("energies_mv") or [6.0])[0])
+    energy = float((caps.get("energies_mv") or [6.0])[0]) if energy is None else energy
     rate = float(caps.get("min_dose_rate") or 100.0)
     pairs = int(caps.get("mlc_leaf_pairs") or 0)
     mlc = tuple([-10.0] * pairs + [10.0] * pairs)
     points = tuple(
-        ControlPointProgram(i, meterset * i, 0.0, 0.0, (-50.0, 50.0, -50.0, 50.0), mlc)
-        for i in (0, 1)
+        ControlPointProgram(
+            i, round(meterset * i / segments, 4), 0.0, 0.0, (-50.0, 50.0, -50.0, 50.0), mlc
+        )
+        for i in range(segments + 1)
     )
     return BeamProgram(number, "HILCHECK", energy, rate, meterset, points)
 
@@ -124,18 +139,30 @@ class ControllerCheck:
         seconds = round(time.monotonic() - started, 2)
         self.results.append(CheckResult(name, clause, ok, detail, seconds))
 
-    def run(self) -> list[CheckResult]:
-        checks = [
-            ("handshake and version", "Message types; Versioning", self.check_handshake),
+    def checks(self) -> list[tuple[str, str, Callable[[], str]]]:
+        """Every check: its name, the PROTOCOL.md clause it holds a controller to, and the
+        method that tries it."""
+        return [
+            ("handshake and version", "Versioning; HELLO_REPLY", self.check_handshake),
             ("every message type", "Message types", self.check_messages),
             ("NAK and retransmission", "Reliability", self.check_nak),
             ("heartbeat", "Reliability (Heartbeat)", self.check_heartbeat),
-            ("answers while moving", "Timing", self.check_answers_while_busy),
+            ("answers while moving, PROGRESS cadence", "Timing", self.check_answers_while_busy),
+            ("BUSY on a second long operation", "Timing", self.check_busy),
+            ("ERROR LIMIT and NOT_LOADED", "Errors", self.check_errors),
+            ("control point numbering", "Delivery", self.check_control_points),
+            ("couch move read back per axis", "Couch; Units and axes", self.check_couch),
+            ("image round trip", "Images", self.check_images),
             ("interrupt during a beam", "Controller states", self.check_interrupt),
-            ("reconnect with last_delivery", "Safety rules on the host", self.check_reconnect),
+            ("beam stopped when the host is lost", "Safety", self.check_host_loss),
+            ("reconnect with last_delivery", "Safety", self.check_reconnect),
         ]
-        for name, clause, check in checks:
-            self._run_one(name, clause, check)
+
+    def run(self, only: Collection[str] = ()) -> list[CheckResult]:
+        """Runs the checks in order, or only those named (to retry one a fix was for)."""
+        for name, clause, check in self.checks():
+            if not only or name in only:
+                self._run_one(name, clause, check)
         return self.results
 
     # -- the checks ------------------------------------------------------------------------
@@ -143,8 +170,10 @@ class ControllerCheck:
     def check_handshake(self) -> str:
         with self._greeted() as session:
             body = session.hello
-            if body.get("protocol") != 1:
-                raise CheckFailed(f"HELLO_REPLY protocol {body.get('protocol')!r}, not 1")
+            if body.get("protocol") != PROTOCOL_VERSION:
+                raise CheckFailed(
+                    f"HELLO_REPLY protocol {body.get('protocol')!r}, not {PROTOCOL_VERSION}"
+                )
             if "timing" not in body:
                 raise CheckFailed("HELLO_REPLY states no timing budget")
             identity = body["identity"]
@@ -158,9 +187,7 @@ class ControllerCheck:
             session.send(MessageType.HEARTBEAT)
             session.wait_for({MessageType.HEARTBEAT_REPLY}, budget.silence_s)
             beam = _small_beam(session.hello, 2.0)
-            session.send(MessageType.LOAD_BEAM, program_to_body(beam))
-            session.wait_for({MessageType.LOADED}, budget.limit_for("LOAD_BEAM") or 120)
-            session.send(MessageType.BEAM_ON)
+            session.start_beam(beam)
             session.wait_for({MessageType.BEAM_STARTED}, budget.silence_s)
             ended = session.wait_for({MessageType.BEAM_ENDED}, 120)
             if ended.body["termination"] != "NORMAL":
@@ -168,21 +195,23 @@ class ControllerCheck:
             seen = {f.type for f in session.frames}
             if MessageType.METERSET not in seen:
                 raise CheckFailed("no METERSET during the beam")
-            session.send(
-                MessageType.MOVE_COUCH, {"translation": [0.5, 0, 0], "rotation": [0, 0, 0]}
-            )
+            session.send(MessageType.MOVE_COUCH, TableTop(lateral_mm=0.5).as_body())
             session.wait_for({MessageType.COUCH_POSITION}, budget.limit_for("MOVE_COUCH") or 120)
             return f"{len(session.frames)} frames, every body follows its schema"
 
     def check_nak(self) -> str:
         with self._greeted() as session:
             naks = session.link.counters.naks_received
+            expected = session.link.next_seq  # what the controller expects from us next
             session.link.transport.write(b"\x05\x01\x02\x03\x04\x00")  # a frame that fails COBS/CRC
             session.send(MessageType.HEARTBEAT)  # and the next one must still get through
             session.wait_for({MessageType.HEARTBEAT_REPLY}, session.timing.silence_s)
             if session.link.counters.naks_received <= naks:
                 raise CheckFailed("a garbled frame was not answered with NAK")
-            return "garbled frame NAKed, the next frame acknowledged and answered"
+            said = session.link.counters.last_nak_seq
+            if said != expected:
+                raise CheckFailed(f"the NAK carried seq {said}, not the {expected} expected")
+            return "garbled frame NAKed with the expected seq, the next frame answered"
 
     def check_heartbeat(self) -> str:
         with self._greeted() as session:
@@ -211,10 +240,11 @@ class ControllerCheck:
                 for f in session.frames
                 if f.type == MessageType.PROGRESS and f.body.get("operation") == "ACQUIRE"
             ]
-            gaps = [b - a for a, b in itertools.pairwise(progress)]
             if took > budget.progress_interval_s * 1.5 and not progress:
                 raise CheckFailed(f"no PROGRESS during a {took:.1f} s ACQUIRE")
-            if gaps and max(gaps) > budget.progress_interval_s * 1.5:
+            # From the start, between reports and to the answer: never longer than stated.
+            gaps = [b - a for a, b in itertools.pairwise([0.0, *progress, took])]
+            if max(gaps) > budget.progress_interval_s * 1.5 + 0.25:
                 raise CheckFailed(
                     f"PROGRESS {max(gaps):.2f} s apart, stated {budget.progress_interval_s} s"
                 )
@@ -223,13 +253,138 @@ class ControllerCheck:
                 f"in {took:.1f} s; {len(images.body['planes'])} planes"
             )
 
+    def check_busy(self) -> str:
+        with self._greeted() as session:
+            budget = session.timing
+            session.send(MessageType.ACQUIRE, {"kind": "CBCT"})
+            session.send(MessageType.MOVE_COUCH, TableTop(lateral_mm=0.5).as_body())
+            refusal = session.wait_for({MessageType.ERROR, MessageType.COUCH_POSITION}, 10)
+            if refusal.type != MessageType.ERROR or refusal.body.get("code") != "BUSY":
+                raise CheckFailed(f"a second long operation got {refusal.type.name} {refusal.body}")
+            if refusal.body.get("request") != "MOVE_COUCH":
+                raise CheckFailed(f"ERROR BUSY names request {refusal.body.get('request')!r}")
+            session.wait_for({MessageType.IMAGES}, budget.limit_for("ACQUIRE") or 180)
+            return "ERROR BUSY for MOVE_COUCH during ACQUIRE, and the ACQUIRE still answered"
+
+    def check_errors(self) -> str:
+        with self._greeted() as session:
+            budget = session.timing
+            session.send(MessageType.BEAM_ON)
+            refused = session.wait_for({MessageType.ERROR, MessageType.BEAM_STARTED}, 10)
+            if refused.type != MessageType.ERROR or refused.body.get("code") != "NOT_LOADED":
+                raise CheckFailed(
+                    f"BEAM_ON with nothing loaded got {refused.type.name} {refused.body}"
+                )
+            energies = session.hello.get("capabilities", {}).get("energies_mv") or [6.0]
+            beam = _small_beam(session.hello, 2.0, energy=max(energies) + 91.0)
+            session.send(MessageType.LOAD_BEAM, program_to_body(beam))
+            limit = session.wait_for(
+                {MessageType.ERROR, MessageType.LOADED}, budget.limit_for("LOAD_BEAM") or 120
+            )
+            if limit.type != MessageType.ERROR or limit.body.get("code") != "LIMIT":
+                raise CheckFailed(
+                    f"a {beam.energy_mv:g} MV beam got {limit.type.name} {limit.body}"
+                )
+            return f"NOT_LOADED for BEAM_ON; LIMIT for a {beam.energy_mv:g} MV beam"
+
+    def check_control_points(self) -> str:
+        with self._greeted() as session:
+            budget = session.timing
+            beam = _small_beam(session.hello, 3.0, segments=3)
+            session.start_beam(beam)
+            session.wait_for({MessageType.BEAM_STARTED}, budget.silence_s)
+            ended = session.wait_for({MessageType.BEAM_ENDED}, 120)
+            reached = [f.body for f in session.frames if f.type == MessageType.CONTROL_POINT]
+            indices = [int(body["index"]) for body in reached]
+            if indices != [1, 2, 3]:
+                raise CheckFailed(
+                    f"CONTROL_POINT indices {indices} for control points 0..3, not [1, 2, 3]"
+                )
+            counts = [float(body["meterset"]) for body in reached]
+            if any(b < a for a, b in itertools.pairwise(counts)):
+                raise CheckFailed(f"CONTROL_POINT metersets fall: {counts}")
+            if float(ended.body["meterset"]) + 1e-6 < counts[-1]:
+                raise CheckFailed("BEAM_ENDED counts less than the last CONTROL_POINT")
+            return f"indices {indices} at {counts} MU, BEAM_ENDED {ended.body['meterset']} MU"
+
+    def check_couch(self) -> str:
+        with self._greeted() as session:
+            budget = session.timing
+            caps = session.hello.get("capabilities", {})
+            turn = 0.4 if float(caps.get("couch_rotation_limits_deg") or 0) >= 0.6 else 0.0
+            asked = TableTop(3.0, 12.0, -6.0, turn, turn * 0.75, turn * 0.5)  # no two alike
+            session.send(MessageType.GET_STATE)
+            before = TableTop.from_body(
+                session.wait_for({MessageType.STATE}, budget.silence_s).body["couch"]
+            )
+            session.send(MessageType.MOVE_COUCH, asked.as_body())
+            after = TableTop.from_body(
+                session.wait_for(
+                    {MessageType.COUCH_POSITION}, budget.limit_for("MOVE_COUCH") or 120
+                ).body
+            )
+            tolerance = (
+                float(caps.get("couch_tolerance_mm", 1.0)),
+                float(caps.get("couch_tolerance_deg", 0.5)),
+            )
+            missed = misses(asked, after - before, *tolerance)
+            if missed:
+                raise CheckFailed(f"asked {asked.as_body()}, read back: {'; '.join(missed)}")
+            session.send(MessageType.GET_STATE)
+            state = TableTop.from_body(
+                session.wait_for({MessageType.STATE}, budget.silence_s).body["couch"]
+            )
+            if misses(after, state, 0.01, 0.01):
+                raise CheckFailed(f"STATE couch {state.as_body()} differs from COUCH_POSITION")
+            return "each of the six axes read back as asked, within the stated tolerance"
+
+    def check_images(self) -> str:
+        with self._greeted() as session:
+            budget = session.timing
+            session.send(MessageType.ACQUIRE, {"kind": "CBCT"})
+            first = session.wait_for({MessageType.IMAGES}, budget.limit_for("ACQUIRE") or 180)
+            try:
+                assembly = ImageAssembly(first.body)
+                while not assembly.complete:
+                    assembly.add(session.wait_for({MessageType.IMAGES}, budget.silence_s).body)
+            except DeviceError as exc:
+                raise CheckFailed(str(exc)) from exc
+            images = assembly.image_set()
+            values = np.asarray(images.pixels)
+            if values.min() < 0 or values.max() > 65535:
+                raise CheckFailed("voxels outside uint16")
+            fragments = sum(1 for f in session.frames if f.type == MessageType.IMAGES)
+            return (
+                f"{len(images.pixels)} planes of {values.shape[1]}x{values.shape[2]} in "
+                f"{fragments} fragment(s), one geometry, planes in order"
+            )
+
+    def check_host_loss(self) -> str:
+        with self._greeted() as session:  # the host vanishes with the beam on
+            budget = session.timing
+            beam = _small_beam(session.hello, 500.0, number=8)
+            session.start_beam(beam)
+            session.wait_for({MessageType.METERSET}, budget.silence_s + 5)
+        time.sleep(3.0)  # longer than the 2 s a controller waits for a silent host
+        with self._greeted() as again:
+            last = again.hello.get("last_delivery") or {}
+        if last.get("beam") != 8:
+            raise CheckFailed(f"HELLO_REPLY last_delivery {last!r}, not beam 8")
+        if not last.get("termination"):
+            raise CheckFailed(f"the beam was still on 3 s after its host was lost: {last}")
+        if last.get("termination") == "NORMAL" or float(last.get("measured", 0)) >= 500.0 - 1e-6:
+            raise CheckFailed(f"the beam was finished without its host: {last}")
+        if (last.get("termination"), last.get("code")) != ("MACHINE", "LINK"):
+            raise CheckFailed(
+                f"ended {last.get('termination')} {last.get('code')!r}, not MACHINE LINK"
+            )
+        return f"beam 8 stopped at {last['measured']} MU of 500, MACHINE LINK"
+
     def check_interrupt(self) -> str:
         with self._greeted() as session:
             budget = session.timing
             beam = _small_beam(session.hello, 500.0)
-            session.send(MessageType.LOAD_BEAM, program_to_body(beam))
-            session.wait_for({MessageType.LOADED}, budget.limit_for("LOAD_BEAM") or 120)
-            session.send(MessageType.BEAM_ON)
+            session.start_beam(beam)
             session.wait_for({MessageType.METERSET}, budget.silence_s + 5)
             asked = time.monotonic()
             session.send(MessageType.INTERRUPT, {"reason": "hil check"})
@@ -242,9 +397,7 @@ class ControllerCheck:
         with self._greeted() as session:  # the host vanishes with the beam on
             budget = session.timing
             beam = _small_beam(session.hello, 500.0, number=7)
-            session.send(MessageType.LOAD_BEAM, program_to_body(beam))
-            session.wait_for({MessageType.LOADED}, budget.limit_for("LOAD_BEAM") or 120)
-            session.send(MessageType.BEAM_ON)
+            session.start_beam(beam)
             heard = float(
                 session.wait_for({MessageType.METERSET}, budget.silence_s + 5).body["meterset"]
             )

@@ -16,6 +16,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from devices.control_channel import send_command
+from devices.couch_axes import ROTATIONS, TRANSLATIONS
+
+COUCH_AXES = TRANSLATIONS + ROTATIONS
+
 
 @dataclass
 class Faults:
@@ -28,7 +33,11 @@ class Faults:
     unplugged_until: float = 0.0
     drop_requested: bool = False
     interlocks: dict[int, float] = field(default_factory=dict)
+    # An axis that stops short: gantry or collimator (degrees), or a couch axis as
+    # couch_lateral_mm ... couch_yaw_deg (mm or degrees).
     axis_faults: dict[str, float] = field(default_factory=dict)
+    overrun_mu: float = 0.0  # a beam runs this far past its end, and says so
+    overrun_beam: int | None = None  # that beam only (None: every beam)
     seed: int = 1
     counters: dict[str, int] = field(default_factory=dict)
 
@@ -65,6 +74,14 @@ class Faults:
             self.unplugged_until = now + float(command.get("seconds", 3))
         elif kind == "stuck_axis":
             self.axis_faults[str(command["axis"])] = float(command.get("short_by", 5.0))
+        elif kind == "couch_short":
+            axis = str(command["axis"])
+            if axis not in COUCH_AXES:
+                return {"ok": False, "error": f"couch axis {axis!r}: one of {COUCH_AXES}"}
+            self.axis_faults[f"couch_{axis}"] = float(command.get("by", 10.0))
+        elif kind == "overrun":
+            self.overrun_mu = float(command.get("mu", 2.0))
+            self.overrun_beam = int(command["beam"]) if "beam" in command else None
         elif kind == "drop":
             self.drop_requested = True
         elif kind == "clear":
@@ -73,6 +90,7 @@ class Faults:
             self.stall_until = self.unplugged_until = 0.0
             self.interlocks.clear()
             self.axis_faults.clear()
+            self.overrun_mu = 0.0
         elif kind == "status":
             pass
         else:
@@ -132,9 +150,13 @@ class ControlChannel:
         host: str = "127.0.0.1",
         port: int = 0,
         report: Callable[[], dict] | None = None,
+        commands: dict[str, Callable[[dict], dict]] | None = None,
     ) -> None:
         self.faults = faults
         self.report = report  # the controller's own state, added to every status reply
+        # What the controller does besides faults: {"command": NAME, ...} lines, e.g. the
+        # host's place_patient.
+        self.commands = dict(commands or {})
         self.server = socket.create_server((host, port))
         self.address = self.server.getsockname()[:2]
         self._thread = threading.Thread(target=self._serve, daemon=True, name="faults")
@@ -150,6 +172,17 @@ class ControlChannel:
                 for line in stream:
                     try:
                         command = json.loads(line)
+                        name = command.get("command")
+                        if name is not None:
+                            handler = self.commands.get(str(name))
+                            reply = (
+                                handler(command)
+                                if handler
+                                else {"ok": False, "error": f"unknown command {name!r}"}
+                            )
+                            stream.write(json.dumps(reply) + "\n")
+                            stream.flush()
+                            continue
                         reply = self.faults.apply(command)
                         if command.get("fault") == "status" and self.report:
                             reply["controller"] = self.report()
@@ -162,9 +195,6 @@ class ControlChannel:
         self.server.close()
 
 
-def send_fault(address: tuple[str, int], command: dict) -> dict:
+def send_fault(address: tuple[str, int], command: dict, timeout: float = 5.0) -> dict:
     """Client side of the control channel: one command, one reply."""
-    with socket.create_connection(address, timeout=5) as sock, sock.makefile("rw") as stream:
-        stream.write(json.dumps(command) + "\n")
-        stream.flush()
-        return json.loads(stream.readline())
+    return send_command(address, command, timeout)

@@ -94,6 +94,17 @@ def patient_files(patient, tmp_path_factory) -> list[Path]:
     return patient.write(tmp_path_factory.mktemp("patient"))
 
 
+@pytest.fixture
+def bench(tmp_path):
+    """``bench(device_spec, kind, seed_options)``: a reference site with one session at
+    LINAC1 and a started device of ``kind`` driving ``device_spec`` (tests/hil_bench.py)."""
+    from tests.hil_bench import Bench
+
+    rig = Bench(tmp_path)
+    yield rig
+    rig.stop()
+
+
 ArchiveProcess = CliProcess  # a tdw-emu child process and the addresses it printed
 
 
@@ -205,6 +216,7 @@ def one_session_site(data_dir: Path, **config):
 LONGEST_FIRST = [
     "tests/test_real_time.py",
     "tests/test_docs_commands.py",
+    "tests/test_independent_controller_session.py",
     "tests/test_kill_restart.py",
     "tests/test_tms_restart.py",
     "tests/test_grafana_prometheus.py",

@@ -152,6 +152,12 @@ def test_record_of_an_interrupted_delivery_passes_dciodvfy(patient, tmp_path):
     assert float(beams[3].DeliveredPrimaryMeterset) == pytest.approx(12.3)
     cps = beams[3].ControlPointDeliverySequence
     assert sum(float(cp.DeliveredMeterset) for cp in cps) == pytest.approx(12.3)
+    # The interlock in the attributes PS3.3 keeps for it, not the retired Treatment
+    # Termination Code (3008,002B).
+    (code,) = beams[3].MachineSpecificTreatmentTerminationCodeSequence
+    assert (code.CodeValue, code.CodingSchemeDesignator) == ("DOSE1", "99TDWEMU")
+    assert beams[3].TreatmentTerminationDescription == code.CodeMeaning
+    assert "TreatmentTerminationCode" not in beams[3]
     path = tmp_path / "record.dcm"
     record.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []

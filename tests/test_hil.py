@@ -8,74 +8,15 @@ import time
 import pytest
 
 from devices.base import MetersetTick
+from devices.couch_axes import to_patient
 from devices.geometry import rigid_parameters
-from emulator.net.peers import Peer
-from emulator.performer.workflow import DeviceConfig, PerformingDevice
-from emulator.reference.site import ReferenceSite, SiteConfig
+from emulator.reference.site import ReferenceSite
 from emulator.seeding import SeedOptions
-from hil.controller_sim import ControllerSim
-from hil.faults import ControlChannel, Faults, send_fault
+from hil.faults import send_fault
 from tests.conftest import free_port
+from tests.hil_bench import start_controller
 
-SMALL = SeedOptions(slices=6, rows=48, beams=3, dynamic_beams=1, control_points=8)
 BENCH_PHANTOM = SeedOptions(beams=3, dynamic_beams=1, control_points=8)
-
-
-def start_controller(kind: str, time_scale: float = 0.0):
-    """A controller simulator in a daemon thread; returns (device spec, sim, control addr)."""
-    faults = Faults()
-    sim = ControllerSim("linac", time_scale, faults)
-    control = ControlChannel(faults)
-    if kind == "tcp":
-        ready = threading.Event()
-        threading.Thread(target=sim.serve_tcp, kwargs={"ready": ready}, daemon=True).start()
-        ready.wait(5)
-        spec = f"tcp://{sim.address[0]}:{sim.address[1]}"
-    else:
-        master, path = sim.open_pty()
-        threading.Thread(target=sim.serve_pty, args=(master,), daemon=True).start()
-        spec = f"serial://{path}"
-    return spec, sim, control.address
-
-
-@pytest.fixture
-def bench(tmp_path):
-    started = []
-
-    def make(device_spec: str, kind: str = "tdd", seed_options: SeedOptions = SMALL):
-        ae_title = kind.upper() + "1"
-        port = free_port()
-        site = ReferenceSite(
-            SiteConfig(
-                data_dir=tmp_path / f"site{len(started)}",
-                tms_port=0,
-                archive_port=0,
-                seed_options=seed_options,
-                peers=[Peer(ae_title, "127.0.0.1", port)],
-            )
-        )
-        site.start()
-        site.seed("LINAC1", 1)
-        device = PerformingDevice(
-            DeviceConfig(
-                kind,
-                "LINAC1",
-                ae_title,
-                Peer("TMS", *site.tms.address),
-                Peer("ARCHIVE", *site.archive.address),
-                tmp_path / f"dev{len(started)}",
-                listen_port=port,
-                device=device_spec,
-            )
-        )
-        device.start()
-        started.append((site, device))
-        return site, device
-
-    yield make
-    for site, device in started:
-        device.stop()
-        site.stop()
 
 
 def record_summary(site: ReferenceSite) -> list[tuple]:
@@ -204,7 +145,8 @@ def test_controller_sim_command(where, archive_process_factory):
         assert device.identify().model == "SimLinac C-arm"
         device.load_beam(beam_program(plan, 1))
         events = list(device.beam_on())
-    assert isinstance(events[-1], BeamEnded) and events[-1].meterset == pytest.approx(100.0)
+    assert isinstance(events[-1], BeamEnded), events
+    assert events[-1].meterset == pytest.approx(100.0), events
 
 
 @pytest.mark.parametrize(
@@ -275,9 +217,11 @@ def test_pds_over_tcp_images_moves_the_couch_and_verifies_axes(bench):
     left_translation, left_rotation = rigid_parameters(sim.linac.imager.pose)
     assert max(abs(t) for t in left_translation) < 1.0, left_translation
     assert max(abs(r) for r in left_rotation) < 0.5, left_rotation
-    couch = sim.linac.couch
-    moved = (couch.lateral, couch.vertical, couch.longitudinal)
+    # The table top (IEC 61217 axes: HFS lateral x, longitudinal z, vertical -y) moved by
+    # the correction, and the host read back exactly where the couch said it went.
+    moved, _turned = to_patient(sim.linac.couch, "HFS")
     assert moved == pytest.approx([-t for t in translation], abs=1.0)
+    assert device.device.couch_position() == sim.linac.couch == state.couch
     assert state.gantry_angle == sim.linac.axes().gantry_angle
 
 

@@ -79,9 +79,13 @@ def test_killed_and_restarted_device_leaves_nothing_in_progress(tmp_path):
         # The last run took everything: nothing a device could take is left SCHEDULED.
         assert "SCHEDULED" not in states, [(r.session_id[-6:], r.step, r.state) for r in records]
         reasons = [cancel_reason(r) for r in records]
-        # Exactly the claims a kill left undecided were canceled by the restarted device.
+        # Exactly the claims a kill left undecided were canceled by the restarted device (the
+        # TMS's cancellation of the steps after one quotes it: "the session's ... ended
+        # CANCELED: the device restarted while ...", and is not the device's).
         restarted = {
-            r.sop_instance_uid for r, why in zip(records, reasons, strict=True) if RESTARTED in why
+            r.sop_instance_uid
+            for r, why in zip(records, reasons, strict=True)
+            if why.startswith(RESTARTED)
         }
         # Every claim a kill left held was canceled on restart; a claim still on its way when
         # the kill came was canceled if the TMS had got it, and nothing else was.

@@ -8,7 +8,6 @@ import pytest
 
 from devices.base import (
     BeamEnded,
-    CouchCorrection,
     DeviceError,
     DwellPosition,
     DwellProgramme,
@@ -16,6 +15,7 @@ from devices.base import (
     MetersetTick,
 )
 from devices.clock import Clock
+from devices.couch_axes import TableTop, to_table_top
 from devices.registry import open_device
 from devices.sim.afterloader import SimulatedAfterloader
 from devices.sim.linac import load_machine_profile
@@ -80,10 +80,16 @@ def test_afterloader_limits_and_an_interrupted_treatment():
 
 def test_couch_moves_within_its_limits_and_has_no_beam():
     with open_device("sim:couch", Clock(0)) as couch:
-        position = couch.move_couch(CouchCorrection((3.0, -2.0, 1.5), (0.5, 0.0, -1.0)))
-        assert (position.lateral, position.vertical, position.longitudinal) == (3.0, -2.0, 1.5)
+        # A patient correction (LPS, head first supine) as the table top moves (IEC 61217).
+        position = couch.move_couch(to_table_top((3.0, -2.0, 1.5), (0.5, 0.0, -1.0), "HFS"))
+        assert (position.lateral_mm, position.longitudinal_mm, position.vertical_mm) == (
+            3.0,
+            1.5,
+            2.0,
+        )
+        assert couch.couch_position() == position
         with pytest.raises(DeviceError, match="rotation beyond"):
-            couch.move_couch(CouchCorrection(rotation=(5.0, 0, 0)))
+            couch.move_couch(TableTop(pitch_deg=5.0))
         with pytest.raises(DeviceError, match="no beams"):
             couch.beam_on()
         assert couch.acquire("CBCT").pixels

@@ -11,7 +11,7 @@ from emulator.performer.workflow import DeviceConfig, PerformingDevice
 from emulator.reference.site import ReferenceSite, SiteConfig
 from emulator.seeding import SeedOptions
 from tests.conftest import free_port, printed_metrics_url, scrape, start_cli_process
-from tests.test_hil import start_controller
+from tests.hil_bench import start_controller
 
 SMALL = SeedOptions(slices=6, rows=48, beams=3, dynamic_beams=1, control_points=8)
 

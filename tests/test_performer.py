@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from pydicom.uid import generate_uid
 
+from devices.couch_axes import to_patient
 from devices.geometry import rigid_parameters
 from emulator.net.peers import Peer
 from emulator.performer import actors
@@ -162,10 +163,12 @@ def test_a_restart_between_steps_carries_on_with_the_acquired_images(lab):
     matrix = registration.RegistrationSequence[-1].MatrixRegistrationSequence[0]
     stored = matrix.MatrixSequence[0].FrameOfReferenceTransformationMatrix
     shift, turn = rigid_parameters(np.array(stored, dtype=float).reshape(4, 4))
-    moved = (couch.lateral, couch.vertical, couch.longitudinal)
-    assert moved == pytest.approx(shift, abs=1e-5) and all(shift)
+    # The table top moved by that correction, in its own axes (HFS: IEC 61217 lateral x,
+    # longitudinal z, vertical -y of the patient).
+    moved_translation, moved_rotation = to_patient(couch, "HFS")
+    assert moved_translation == pytest.approx(shift, abs=1e-5) and all(shift)
     # yaw always; pitch and roll only over 40 mm of overlap (this CT has 30 mm: none)
-    assert couch.rotation == pytest.approx(turn, abs=1e-4) and turn[2] != 0
+    assert moved_rotation == pytest.approx(turn, abs=1e-4) and turn[2] != 0
     assert set(_states(site).values()) == {"COMPLETED", "SCHEDULED"}
 
 

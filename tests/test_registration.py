@@ -16,8 +16,8 @@ from pydicom.dataset import Dataset
 from scipy.ndimage import map_coordinates
 from scipy.spatial.transform import Rotation
 
-from devices.base import CouchCorrection
 from devices.clock import Clock
+from devices.couch_axes import to_table_top
 from devices.registry import open_device
 from emulator.profile import load_sop_classes
 from emulator.results.acquisition import build_cbct_series
@@ -154,7 +154,7 @@ def test_six_degree_registration_is_stored_and_the_couch_corrects_every_axis(tmp
 
         # The couch applies the whole measured correction: rotation and translation.
         translation, rotation = measured.correction
-        device.move_couch(CouchCorrection(translation, rotation))
+        device.move_couch(to_table_top(translation, rotation))
         left_translation, left_rotation = _true_pose(device)
         print(
             "patient after the couch move: mm",
@@ -190,7 +190,7 @@ def test_a_couch_that_cannot_rotate_gets_no_rotation_and_refuses_one():
         )
         assert measured.correction[1] == (0.0, 0.0, 0.0)
         with pytest.raises(Exception, match="rotation beyond"):
-            device.move_couch(CouchCorrection((0, 0, 0), (0.5, 0, 0)))
+            device.move_couch(to_table_top((0, 0, 0), (0.5, 0, 0)))
 
 
 def test_a_short_planning_ct_gets_no_tilt_it_cannot_see():
@@ -210,7 +210,7 @@ def test_a_short_planning_ct_gets_no_tilt_it_cannot_see():
             measured = register_rigid(volume_from_images(planning), volume_from_images(cbct))
             translation, rotation = measured.correction
             assert rotation[:2] == (0.0, 0.0)
-            device.move_couch(CouchCorrection(translation, rotation))
+            device.move_couch(to_table_top(translation, rotation))
             left_translation, _ = _true_pose(device)
             # What a couch cannot be told about (the tilts) leaves the slab's centre in place:
             # x and y within TG-142's 1 mm; z within one slice.

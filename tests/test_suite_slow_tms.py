@@ -59,9 +59,7 @@ def test_a_tms_that_answers_completed_late_sends_its_events_in_time(tmp_path, ca
     assert code == 0, out
 
 
-def test_a_reply_beyond_the_exchange_timeout_is_a_finding_and_nothing_is_left(
-    tmp_path, capsys
-):
+def test_a_reply_beyond_the_exchange_timeout_is_a_finding_and_nothing_is_left(tmp_path, capsys):
     """The claim's reply held 20 s against a 5 s exchange timeout: one DIMSE/Reply finding
     naming the request and the 5 s, exit 1; the suite read the late reply (its Transaction
     UID, RO-19 2008) and leaves nothing IN PROGRESS at the TMS."""

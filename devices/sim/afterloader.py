@@ -16,8 +16,6 @@ from devices.base import (
     BeamEnded,
     BeamProgram,
     Capabilities,
-    CouchCorrection,
-    CouchPosition,
     DeliveryEvent,
     Device,
     DeviceError,
@@ -29,6 +27,7 @@ from devices.base import (
     Termination,
 )
 from devices.clock import Clock
+from devices.couch_axes import TableTop
 
 
 class SimulatedAfterloader(Device):
@@ -113,7 +112,7 @@ class SimulatedAfterloader(Device):
     def beam_on(self) -> Iterator[DeliveryEvent]:
         raise DeviceError("an afterloader delivers dwell programmes, not external beams")
 
-    def move_couch(self, correction: CouchCorrection) -> CouchPosition:
+    def move_couch(self, move: TableTop) -> TableTop:
         raise DeviceError("an afterloader has no couch")
 
     def acquire(self, kind: str) -> ImageSet:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,6 @@ from devices.base import (
     Capabilities,
     ControlPointReached,
     CouchCorrection,
-    CouchPosition,
     DeliveryEvent,
     Device,
     DeviceError,
@@ -32,6 +32,7 @@ from devices.base import (
     Termination,
 )
 from devices.clock import Clock
+from devices.couch_axes import ROTATIONS, TRANSLATIONS, TableTop, to_patient
 from devices.geometry import Volume
 from devices.sim.imager import SimulatedImager
 
@@ -62,14 +63,20 @@ class SimulatedLinac(Device):
         self.profile = profile
         self.clock = clock
         self.interlocks = dict(interlocks or {})
-        # A stuck axis stops this far short of where it was sent (degrees), e.g. gantry.
+        # A stuck axis stops this far short of where it was sent (degrees or mm), e.g.
+        # gantry, or a couch axis as couch_longitudinal_mm.
         self.axis_faults = dict(axis_faults or {})
+        # A fault: each beam runs this many MU past its end before it stops.
+        self.overrun_mu = 0.0
         self._beam: BeamProgram | None = None
         self._hold = threading.Event()
         self._hold_reason = ""
+        self._hold_termination = Termination.OPERATOR
+        self._hold_code = ""
         self._connected = False
-        self.couch = CouchPosition()
-        self._axes = AxisState(0.0, 0.0, (0.0, 0.0, 0.0, 0.0), (), (0.0, 0.0, 0.0))
+        self.couch = TableTop()
+        self.patient_position = "HFS"
+        self._axes = AxisState(0.0, 0.0, (0.0, 0.0, 0.0, 0.0), (), self.couch)
         self.imager = SimulatedImager(profile)
 
     def connect(self) -> None:
@@ -95,6 +102,7 @@ class SimulatedLinac(Device):
             couch_speed_mm_s=float(p["axes"]["couch_speed_mm_s"]),
             couch_limits_mm=float(p["axes"]["couch_limits_mm"]),
             couch_rotation_limits_deg=float(p["axes"].get("rotation_limits_deg", 0.0)),
+            **tolerances(p),
         )
 
     def _require_connected(self) -> None:
@@ -110,8 +118,9 @@ class SimulatedLinac(Device):
             raise DeviceError(f"beam {beam.beam_number}: dose rate {beam.dose_rate} out of range")
         if not 0 <= beam.start_meterset < beam.stop_meterset <= beam.total_meterset + 1e-6:
             raise DeviceError(f"beam {beam.beam_number}: meterset range is not deliverable")
-        # The axes travel to control point 0 at the gantry speed (the slowest axis).
-        first = beam.control_points[0]
+        # The axes travel to where the beam starts (control point 0, or for a continuation
+        # the one before its start meterset) at the gantry speed, the slowest axis.
+        first = beam.start_point
         travel = abs((first.gantry_angle - self._axes.gantry_angle + 180) % 360 - 180)
         self.clock.sleep(travel / caps.gantry_speed_deg_s)
         self._move_axes(first)
@@ -120,10 +129,9 @@ class SimulatedLinac(Device):
         self.clock.reset()
 
     def _move_axes(self, cp) -> None:
-        couch = (self.couch.lateral, self.couch.vertical, self.couch.longitudinal)
         gantry = cp.gantry_angle - self.axis_faults.get("gantry", 0.0)
         collimator = cp.collimator_angle - self.axis_faults.get("collimator", 0.0)
-        self._axes = AxisState(gantry, collimator, tuple(cp.jaws), tuple(cp.mlc), couch)
+        self._axes = AxisState(gantry, collimator, tuple(cp.jaws), tuple(cp.mlc), self.couch)
 
     def axes(self) -> AxisState:
         return self._axes
@@ -158,7 +166,12 @@ class SimulatedLinac(Device):
                 if self._hold.is_set() or not awake:
                     # An operator hold stops the beam where it is; the partial step of a
                     # wait that was cut short is not counted as delivered.
-                    yield BeamEnded(round(delivered, 4), Termination.OPERATOR, self._hold_reason)
+                    yield BeamEnded(
+                        round(delivered, 4),
+                        self._hold_termination,
+                        self._hold_reason,
+                        self._hold_code,
+                    )
                     return
                 delivered += step
                 yield MetersetTick(round(delivered, 4), beam.dose_rate)
@@ -173,6 +186,10 @@ class SimulatedLinac(Device):
                 yield ControlPointReached(target.index, round(delivered, 4), target.gantry_angle)
             if delivered >= beam.stop_meterset - 1e-9:
                 break
+        if self.overrun_mu > 0:  # a fault: the dosimetry lets the beam run on, and counts it
+            delivered += self.overrun_mu
+            self.clock.sleep(self.overrun_mu / rate_per_s)
+            yield MetersetTick(round(delivered, 4), beam.dose_rate)
         yield BeamEnded(round(delivered, 4), Termination.NORMAL)
 
     def arm_interlock(self, beam_number: int, meterset: float) -> None:
@@ -185,31 +202,51 @@ class SimulatedLinac(Device):
 
     def interrupt(self, reason: str) -> None:
         self._hold_reason = reason or "operator beam hold"
+        self._hold_termination, self._hold_code = Termination.OPERATOR, ""
         self._hold.set()
         self.clock.wake()
 
-    def move_couch(self, correction: CouchCorrection) -> CouchPosition:
-        """Translates and, within its rotation limits, rotates the patient about isocentre."""
+    def stop_beam(self, reason: str, code: str) -> None:
+        """The machine stops the beam on its own (it lost its host): MACHINE, with ``code``."""
+        self._hold_reason = reason
+        self._hold_termination, self._hold_code = Termination.MACHINE, code
+        self._hold.set()
+        self.clock.wake()
+
+    def move_couch(self, move: TableTop) -> TableTop:
+        """Moves the table top (IEC 61217 axes) and the patient on it, within its limits,
+        at its axis speeds; a couch fault (``axis_faults`` ``couch_<axis>``: mm or degrees)
+        makes that axis fall short, and the position it returns says so, as encoders do."""
         self._require_connected()
         caps = self.capabilities()
-        if any(abs(t) > caps.couch_limits_mm for t in correction.translation):
+        values = move.values()
+        if any(abs(t) > caps.couch_limits_mm for t in values[:3]):
             raise DeviceError("couch correction exceeds the couch limits")
-        if any(abs(r) > caps.couch_rotation_limits_deg for r in correction.rotation):
+        if any(abs(r) > caps.couch_rotation_limits_deg for r in values[3:]):
             raise DeviceError(f"couch rotation beyond ±{caps.couch_rotation_limits_deg} degrees")
-        distance = max(abs(t) for t in correction.translation)
-        turn = max(abs(r) for r in correction.rotation)
-        speed = float(self.profile["axes"].get("rotation_speed_deg_s", 1.0))
-        self.clock.sleep(distance / caps.couch_speed_mm_s + turn / speed)
-        self.couch.lateral += correction.translation[0]
-        self.couch.longitudinal += correction.translation[2]
-        self.couch.vertical += correction.translation[1]
-        self.couch.rotation = tuple(
-            a + b for a, b in zip(self.couch.rotation, correction.rotation, strict=True)
+        reached = TableTop(
+            *(
+                _fall_short(value, self.axis_faults.get(f"couch_{name}", 0.0))
+                for name, value in zip(TRANSLATIONS + ROTATIONS, values, strict=True)
+            )
         )
-        self.imager.move(correction)
+        speed = float(self.profile["axes"].get("rotation_speed_deg_s", 1.0))
+        seconds = max(abs(t) for t in values[:3]) / caps.couch_speed_mm_s
+        seconds += max(abs(r) for r in values[3:]) / speed
+        steps = 4
+        for step in range(1, steps + 1):
+            self.clock.sleep(seconds / steps)
+            self._report_progress("MOVE_COUCH", step / steps)
+        self.couch = self.couch + reached
+        self._axes = replace(self._axes, couch=self.couch)
+        self.imager.move(CouchCorrection(*to_patient(reached, self.patient_position)))
         return self.couch
 
-    def place_patient(self, anatomy: Volume) -> None:
+    def couch_position(self) -> TableTop:
+        return self.couch
+
+    def place_patient(self, anatomy: Volume, patient_position: str = "HFS") -> None:
+        self.patient_position = patient_position
         self.imager.lie_down(anatomy)
 
     def acquire(self, kind: str) -> ImageSet:
@@ -223,6 +260,25 @@ class SimulatedLinac(Device):
             self.clock.sleep(60.0 / steps)
             self._report_progress("ACQUIRE", step / steps)
         return images
+
+
+def tolerances(profile: dict[str, Any]) -> dict[str, float]:
+    """The profile's couch and meterset tolerances, as Capabilities fields (the defaults of
+    AAPM TG-142 where the profile gives none)."""
+    given = profile.get("tolerances", {})
+    return {
+        "couch_tolerance_mm": float(given.get("couch_mm", 1.0)),
+        "couch_tolerance_deg": float(given.get("couch_deg", 0.5)),
+        "couch_retries": int(given.get("couch_retries", 1)),
+        "meterset_tolerance_mu": float(given.get("meterset_mu", 1.0)),
+    }
+
+
+def _fall_short(value: float, by: float) -> float:
+    """A motion of ``value`` that stops ``by`` short of it (never past zero)."""
+    if not by or not value:
+        return value
+    return value - min(abs(by), abs(value)) * (1 if value > 0 else -1)
 
 
 def make_simulated_device(rest: str, clock: Clock, options: dict) -> Device:

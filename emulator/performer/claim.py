@@ -64,8 +64,10 @@ class ClaimedUps:
     ups: Dataset = field(default_factory=Dataset)  # at least the Scheduled Workitem code
     stored: list[Dataset] = field(default_factory=list)  # results the Archive holds
     state: str = "claimed"
-    # RO-26 for this claim while it is performed (emulator/performer/progress.py).
+    # RO-26 for this claim while it is performed (emulator/performer/progress.py), and what
+    # its last report says beside the share (a flag the TMS console shows).
     reporter: ProgressReporter | None = field(default=None, compare=False, repr=False)
+    description: str = ""
 
     def __post_init__(self) -> None:
         self.state = self.record.state if self.record.state in STATES else "claimed"

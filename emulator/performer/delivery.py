@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pydicom.dataset import Dataset
 from transitions import Machine
@@ -149,8 +149,9 @@ class _BeamInProgress:
     rate: float = 0.0
 
     def segment_in_progress(self) -> DeliveredControlPoint | None:
-        """The part of the current segment delivered past the last control point."""
-        if self.meterset <= self.last_meterset + 1e-9:
+        """The part of the current segment delivered past the last control point (None past
+        the final one: there is no segment there, see :meth:`as_delivered`)."""
+        if self.meterset <= self.last_meterset + 1e-9 or self.last_index >= max(self.cumulative):
             return None
         program = self.task.program
         nxt = min(self.last_index + 1, max(self.cumulative))
@@ -168,8 +169,17 @@ class _BeamInProgress:
         )
 
     def as_delivered(self, termination: str, code: str = "") -> DeliveredBeam:
+        """The beam as measured: every control point reached, the segment in progress, and
+        any meterset past the final control point counted in the last segment (a machine
+        that overran: the record holds what it measured, and no control point the plan does
+        not have)."""
         partial = self.segment_in_progress()
         points = self.points + ([partial] if partial else [])
+        past_end = self.meterset - self.last_meterset
+        if partial is None and points and past_end > 1e-9:
+            points[-1] = replace(
+                points[-1], delivered_meterset=round(points[-1].delivered_meterset + past_end, 4)
+            )
         program = self.task.program
         return DeliveredBeam(
             program.beam_number, points, termination, self.task.delivery_type, termination_code=code
@@ -196,6 +206,11 @@ def delivered_up_to(
         rate = program.dose_rate
         points.append(
             DeliveredControlPoint(cp.index - 1, end - begin, delivered, rate, rate, gantry, now)
+        )
+    past_end = meterset - program.control_points[-1].cumulative_meterset
+    if points and past_end > 1e-9:  # counted past the final control point: the last segment
+        points[-1] = replace(
+            points[-1], delivered_meterset=round(points[-1].delivered_meterset + past_end, 4)
         )
     return DeliveredBeam(
         program.beam_number, points, termination, task.delivery_type, termination_code=code
@@ -291,12 +306,13 @@ class SessionDelivery:
         return outcome
 
     def _verify_axes(self, task: BeamTask) -> None:
-        """Set and verify: the machine's own report must match control point 0."""
+        """Set and verify: the machine's own report must match where the beam starts
+        (control point 0, or a continuation's last control point before its start)."""
         try:
             state = self.device.axes()
         except DeviceError:
             return  # a machine without axis reports (none of ours) cannot be verified
-        problems = state.differences(task.program.control_points[0])
+        problems = state.differences(task.program.start_point)
         if problems:
             raise DeviceError(f"beam {task.program.beam_number}: " + "; ".join(problems))
 
@@ -316,6 +332,7 @@ class SessionDelivery:
         )
         self._current = beam
         self._reason = ""
+        self._protocol_error = ""
         self.on_delivered(self)  # the beam is on before the machine's first report of it
         for event in self.device.beam_on():
             self.on_event(task, event)
@@ -324,6 +341,18 @@ class SessionDelivery:
                 beam.meterset = max(beam.meterset, event.meterset)
             elif isinstance(event, ControlPointReached):
                 cumulative = beam.cumulative
+                if (
+                    event.index < 1
+                    or event.index not in cumulative
+                    or event.index <= beam.last_index
+                ):
+                    # Never a control point the plan does not have (a firmware numbering from
+                    # 0 made -1 of it): the beam is held, and ends MACHINE, code PROTOCOL.
+                    self._protocol_error = (
+                        f"control point {event.index} reported after {beam.last_index}"
+                    )
+                    self.device.interrupt(f"protocol error: {self._protocol_error}")
+                    continue
                 previous = max(cumulative.get(event.index - 1, 0.0), program.start_meterset)
                 beam.points.append(
                     DeliveredControlPoint(
@@ -339,15 +368,25 @@ class SessionDelivery:
                 beam.last_meterset = beam.meterset = event.meterset
                 beam.last_index = event.index
             elif isinstance(event, BeamEnded):
+                if self._protocol_error:
+                    event = BeamEnded(
+                        event.meterset,
+                        Termination.MACHINE,
+                        f"protocol error: {self._protocol_error}",
+                        "PROTOCOL",
+                    )
                 code = event.interlock_code
                 self._reason = f"{event.reason} ({code})" if code else event.reason
                 if event.meterset > beam.meterset + 1e-6:
                     # The machine counted past what it reported (a link lost and found
                     # again): its count stands, control point by control point.
-                    return delivered_up_to(task, event.meterset, event.termination.value, code)
-                # The segment the beam stopped in counts only what was delivered in it.
-                beam.meterset = event.meterset
-                return beam.as_delivered(event.termination.value, code)
+                    ended = delivered_up_to(task, event.meterset, event.termination.value, code)
+                else:
+                    # The segment the beam stopped in counts only what was delivered in it.
+                    beam.meterset = event.meterset
+                    ended = beam.as_delivered(event.termination.value, code)
+                ended.termination_description = event.reason
+                return ended
             else:
                 continue
             self.on_delivered(self)

@@ -24,8 +24,9 @@ from emulator.profile import load_yaml
 
 LOG = logging.getLogger("tdw.device")
 
-# Sends one progress N-SET (percent, beam number in progress or None) and returns its status.
-Send = Callable[[float, int | None], int]
+# Sends one progress N-SET (percent, beam number in progress or None, a description) and
+# returns its status.
+Send = Callable[[float, int | None, str], int]
 
 
 @functools.cache
@@ -74,13 +75,13 @@ class ProgressReporter:
     def last(self) -> float:
         return self.sent[-1] if self.sent else -1.0
 
-    def report_now(self, percent: float, beam: int | None = None) -> None:
-        """Sends ``percent`` (with the beam now starting) and waits for the answer; raises
-        :class:`ProgressRefused` when the TMS refuses it. A value below what was reported
-        already is reported as it stands: the progress never falls."""
+    def report_now(self, percent: float, beam: int | None = None, description: str = "") -> None:
+        """Sends ``percent`` (with the beam now starting, or a description) and waits for the
+        answer; raises :class:`ProgressRefused` when the TMS refuses it. A value below what
+        was reported already is reported as it stands: the progress never falls."""
         if self.refused is not None:
             raise self.refused
-        self._deliver(max(percent, self.last, 0.0), beam)
+        self._deliver(max(percent, self.last, 0.0), beam, description)
         if self.refused is not None:
             raise self.refused
 
@@ -124,13 +125,13 @@ class ProgressReporter:
             and self.clock() - self._last_sent_at >= self.every_s
         )
 
-    def _deliver(self, percent: float, beam: int | None) -> None:
+    def _deliver(self, percent: float, beam: int | None, description: str = "") -> None:
         percent = round(min(percent, 100.0), 2)
         with self._send_lock:
-            same = percent == self.last and beam in (None, self._last_beam)
+            same = percent == self.last and beam in (None, self._last_beam) and not description
             if percent < self.last or same:
-                return  # a new beam starting is told even at the same share
-            status = self.send(percent, beam)
+                return  # a new beam starting, or a description, is told even at the same share
+            status = self.send(percent, beam, description)
             self._last_sent_at = self.clock()
             if status == 0x0000:
                 self.sent.append(percent)

@@ -56,6 +56,8 @@ def judge(outcomes: list[UpsOutcome], injected_interrupt: bool) -> list[str]:
     only got the TMS to accept."""
     problems = []
     for o in outcomes:
+        # A flag is a problem whatever the state: a beam off its planned meterset.
+        problems += [f"{o.label or o.sop_instance_uid}: {flag}" for flag in o.flags]
         if o.state == "COMPLETED":
             continue
         if o.settled and o.state in ("COMPLETED", "CANCELED"):

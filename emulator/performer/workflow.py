@@ -25,6 +25,7 @@ from pydicom.uid import generate_uid
 
 from devices.base import CouchCorrection, DeliveryEvent, Device, DeviceError
 from devices.clock import Clock
+from devices.couch_axes import TableTop, misses, to_table_top
 from devices.registry import open_device
 from emulator import ups_attributes
 from emulator.metrics import Metrics, default_metrics
@@ -122,6 +123,8 @@ class UpsOutcome:
     # An earlier run decided how this claim ends (its final transition was pending); this
     # run only got the TMS to accept it.
     settled: bool = False
+    # What went wrong though the step ended (a beam's meterset off its plan), in words.
+    flags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -449,7 +452,7 @@ class PerformingDevice:
                 self._progress(claim, 0.0, first_beam)
                 percent = self._do(claim, inputs, session, outcome)
                 self._honour_cancel_request(claim, percent)
-                self._progress(claim, percent, None)
+                self._progress(claim, percent, None, claim.description)
                 claim.results_kept()
                 claim.end_as("COMPLETED", percent=percent)
         except _Cancel as cancel:
@@ -869,7 +872,9 @@ class PerformingDevice:
                 key=lambda ds: float(ds.ImagePositionPatient[2]),
             )
             ctx = result_identity(ups, session.planning_ct)
-            self.device.place_patient(volume_from_images(session.planning_ct))
+            self.device.place_patient(
+                volume_from_images(session.planning_ct), patient_position(session.planning_ct)
+            )
             # RO-26 while the scan runs, as the machine reports its share done.
             self.device.watch_progress(lambda _op, share: claim.reporter.offer(share * 100))
             session.cbct = build_cbct_series(ctx, self.device.acquire("CBCT"), self.uids, station)
@@ -905,9 +910,37 @@ class PerformingDevice:
                     "no registration in this session: the couch correction is unknown",
                     cause="refused_input",
                 )
-            self.device.move_couch(session.correction)
+            self._move_couch(session)
             return 100.0
         return self._deliver(claim, inputs, outcome)
+
+    def _move_couch(self, session: _SessionState) -> TableTop:
+        """The adjustment: the registration's correction as a table-top move, verified in
+        all six axes against what the couch reports it reached (hil/PROTOCOL.md, Safety).
+        Out of the machine's tolerance, the rest is asked for ``couch_retries`` times; still
+        out, no beam may be turned on: the step is canceled naming the couch and the axis.
+        """
+        caps = self.device.capabilities()
+        correction = session.correction
+        asked = to_table_top(
+            correction.translation, correction.rotation, patient_position(session.planning_ct)
+        )
+        before = self.device.couch_position()
+        after = self.device.move_couch(asked)
+        for _ in range(caps.couch_retries):
+            if not misses(asked, after - before, caps.couch_tolerance_mm, caps.couch_tolerance_deg):
+                break
+            LOG.warning("couch short of the correction: asking for the rest")
+            after = self.device.move_couch(asked - (after - before))
+        missed = misses(asked, after - before, caps.couch_tolerance_mm, caps.couch_tolerance_deg)
+        if missed:
+            self.metrics.fault("couch")
+            raise _Cancel(
+                f"couch {'; '.join(missed)} (tolerance {caps.couch_tolerance_mm:g} mm, "
+                f"{caps.couch_tolerance_deg:g}°): no beam may be turned on",
+                cause="couch_out_of_tolerance",
+            )
+        return after
 
     def _deliver(self, claim: ClaimedUps, inputs: _Inputs, outcome: UpsOutcome) -> float:
         plan, instruction, ups = inputs.plan, inputs.instruction, claim.ups
@@ -979,6 +1012,7 @@ class PerformingDevice:
         for beam in result.beams:
             done[beam.beam_number] = beam.delivered
             self.metrics.beam(beam.termination, beam.delivered)
+        outcome.flags = self._meterset_flags(tasks, result.beams)
         outcome.delivered = dict(done)
         outcome.delivery_type = tasks[0].delivery_type if tasks else ""
         percent = round(result.delivered / planned * 100, 2) if planned else 0.0
@@ -1008,7 +1042,36 @@ class PerformingDevice:
             )
         record = self._record(context, result.beams, plan, previous)
         claim.stored = self._store([record], "RO-24", claim.uid, percent)
+        if outcome.flags:
+            claim.description = "; ".join(outcome.flags)[:1024]
         return 100.0
+
+    def _meterset_flags(self, tasks: list[BeamTask], beams: list[DeliveredBeam]) -> list[str]:
+        """Each beam that ended NORMAL with a measured meterset farther from its planned end
+        than the machine's tolerance, in words; such a beam is marked NOT_VERIFIED (PS3.3
+        C.8.8.21, RT Beams Session Record: Treatment Verification Status (3008,002C), "one
+        or more values out of range and not overridden"), the words in its Treatment
+        Termination Description (300A,0730), its record keeping what was measured."""
+        tolerance = self.device.capabilities().meterset_tolerance_mu
+        by_number = {task.program.beam_number: task.program for task in tasks}
+        flags = []
+        for beam in beams:
+            program = by_number.get(beam.beam_number)
+            if program is None or beam.termination != "NORMAL":
+                continue
+            planned = program.stop_meterset - program.start_meterset
+            off = beam.delivered - planned
+            if abs(off) > tolerance:
+                words = (
+                    f"beam {beam.beam_number} delivered {beam.delivered:g} MU of the "
+                    f"{planned:g} MU planned ({off:+.2f} MU, beyond the {tolerance:g} MU "
+                    "tolerance)"
+                )
+                beam.verification = "NOT_VERIFIED"
+                beam.termination_description = words
+                self.metrics.fault("meterset")
+                flags.append(f"{words}: the record says NOT_VERIFIED")
+        return flags
 
     def _record(
         self,
@@ -1017,6 +1080,9 @@ class PerformingDevice:
         plan: Dataset,
         previous: list[Dataset],
     ) -> Dataset:
+        where = self.device.couch_position()  # the table top reached, as the couch said
+        for beam in beams:
+            beam.table_top = beam.table_top or where
         return build_treatment_record(
             plan,
             beams,
@@ -1105,8 +1171,8 @@ class PerformingDevice:
         holds the beam, as a cancel request does (the TMS no longer has the UPS IN PROGRESS
         for this device)."""
 
-        def send(percent: float, beam: int | None) -> int:
-            ds = progress_dataset(self.profile, claim.transaction_uid, percent, beam)
+        def send(percent: float, beam: int | None, description: str = "") -> int:
+            ds = progress_dataset(self.profile, claim.transaction_uid, percent, beam, description)
             try:
                 return self.tms.n_set(claim.uid, ds, patient=False)
             except TmsUnavailable as exc:
@@ -1121,7 +1187,9 @@ class PerformingDevice:
 
         return ProgressReporter(send, self.config.progress_every_s, refused)
 
-    def _progress(self, claim: ClaimedUps, percent: float, beam: int | None) -> None:
+    def _progress(
+        self, claim: ClaimedUps, percent: float, beam: int | None, description: str = ""
+    ) -> None:
         """RO-26: progress, and the Referenced Beam Number in Progress when there is one.
 
         A TMS that cannot be reached right now does not stop the work (the final update
@@ -1129,10 +1197,16 @@ class PerformingDevice:
         UPS IN PROGRESS for this device.
         """
         try:
-            claim.reporter.report_now(percent, beam)
+            claim.reporter.report_now(percent, beam, description)
         except ProgressRefused as refused:
             raise _Cancel(str(refused), refused.percent, cause="tms_request") from refused
         claim.progressed(percent)
+
+
+def patient_position(planning_ct: list[Dataset]) -> str:
+    """How the patient lies (DICOM Patient Position, HFS when the CT does not say): which
+    table-top axis is which patient axis."""
+    return str((planning_ct[0].get("PatientPosition") if planning_ct else "") or "HFS")
 
 
 def claim_refusal(reply: Reply, sent_transaction_uid: str) -> str:
@@ -1187,14 +1261,21 @@ def worklist_identifier(
 
 
 def progress_dataset(
-    profile: Profile, transaction: str | None, percent: float, beam: int | None
+    profile: Profile,
+    transaction: str | None,
+    percent: float,
+    beam: int | None,
+    description: str = "",
 ) -> Dataset:
-    """RO-26 modifications; ``transaction`` None leaves the Transaction UID out."""
+    """RO-26 modifications; ``transaction`` None leaves the Transaction UID out;
+    ``description`` what the TMS console should show beside the share (a flag)."""
     ds = Dataset()
     if transaction is not None:
         ds.TransactionUID = transaction
     info = Dataset()
     info.ProcedureStepProgress = round(min(max(percent, 0.0), 100.0), 2)
+    if description:
+        info.ProcedureStepProgressDescription = description[:1024]
     ds.ProcedureStepProgressInformationSequence = Sequence([info])
     if beam is not None:
         concept = profile.concept("beam_number_in_progress")

@@ -513,6 +513,10 @@ class Scheduler:
             return None
         cause = "rescheduled" if reschedule else "rescheduling_recommended"
         reason = f"the session's {canceled.step} ended CANCELED"
+        items = canceled.dataset.get("ProcedureStepProgressInformationSequence") or []
+        why = str(items[0].get("ReasonForCancellation", "") or "") if items else ""
+        if why:  # the later steps say why, so a console shows it on each of them
+            reason += f": {why}"
         ended = self.cancel_scheduled(session.session_id, reason, cause, after=canceled.step)
         new_session = self._schedule_again(session, find_object) if reschedule else None
         note = f"{reason}; {len(ended)} later step(s) canceled; " + (

@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 
+from devices.couch_axes import TableTop
 from emulator.profile import SopClasses
 from emulator.synth.common import (
     PatientContext,
     apply_equipment,
     apply_series,
+    code_item,
     da,
     new_dataset,
     new_uid,
@@ -27,6 +29,9 @@ from emulator.synth.common import (
 from emulator.synth.plan_access import plan_beam, specified_metersets
 
 TERMINATIONS = ("NORMAL", "OPERATOR", "MACHINE", "UNKNOWN")
+# The machine's own termination codes (hil/PROTOCOL.md, Errors: DOSE1, DOOR, LINK, ...):
+# a private coding scheme, as PS3.16 8.2 allows ("99" and the owner).
+MACHINE_CODE_SCHEME = "99TDWEMU"
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,12 @@ class DeliveredBeam:
     """One beam as delivered: the control points reached and how the beam ended.
 
     ``termination_code`` is the machine's own code for the termination (an interlock such
-    as DOSE1), written as Treatment Termination Code.
+    as DOSE1), written as the Machine-Specific Treatment Termination Code Sequence
+    (300A,0716); ``termination_description`` its words, as Treatment Termination
+    Description (300A,0730). PS3.3 retired Treatment Termination Code (3008,002B) for them.
+    ``verification`` is Treatment Verification Status (3008,002C): NOT_VERIFIED, "treatment
+    failed verification (one or more values out of range and not overridden)", for a beam
+    whose measured meterset is off its plan beyond the machine's tolerance.
     """
 
     beam_number: int
@@ -54,6 +64,9 @@ class DeliveredBeam:
     delivery_type: str = "TREATMENT"
     verification: str = "VERIFIED"
     termination_code: str = ""
+    termination_description: str = ""
+    # Where the table top was for this beam (IEC 61217, absolute), as the couch measured it.
+    table_top: TableTop | None = None
 
     @property
     def delivered(self) -> float:
@@ -155,7 +168,15 @@ def build_treatment_record(
         item.TreatmentDeliveryType = beam.delivery_type
         item.TreatmentTerminationStatus = beam.termination
         if beam.termination_code:
-            item.TreatmentTerminationCode = beam.termination_code[:16]
+            item.MachineSpecificTreatmentTerminationCodeSequence = sequence(
+                code_item(
+                    beam.termination_code[:16],
+                    MACHINE_CODE_SCHEME,
+                    (beam.termination_description or beam.termination_code)[:64],
+                )
+            )
+        if beam.termination_description:
+            item.TreatmentTerminationDescription = beam.termination_description[:1024]
         item.TreatmentVerificationStatus = beam.verification
         item.SpecifiedPrimaryMeterset = specified[beam.beam_number]
         item.DeliveredPrimaryMeterset = beam.delivered
@@ -172,11 +193,28 @@ def build_treatment_record(
             point.DoseRateDelivered = cp.dose_rate_delivered
             point.GantryAngle = cp.gantry_angle
             point.GantryRotationDirection = "NONE"
+            if beam.table_top is not None and not cps:
+                _table_top(point, beam.table_top)
             cps.append(point)
         item.ControlPointDeliverySequence = sequence(*cps)
         items.append(item)
     ds.TreatmentSessionBeamSequence = sequence(*items)
     return ds
+
+
+def _table_top(point: Dataset, where: TableTop) -> None:
+    """The couch as it stood for the beam (PS3.3 C.8.8.21, RT Beams Session Record: the
+    Control Point Delivery Sequence): IEC 61217 table-top positions (mm) and angles
+    (degrees); yaw is the Patient Support Angle."""
+    point.TableTopVerticalPosition = round(where.vertical_mm, 2)
+    point.TableTopLongitudinalPosition = round(where.longitudinal_mm, 2)
+    point.TableTopLateralPosition = round(where.lateral_mm, 2)
+    point.PatientSupportAngle = round(where.yaw_deg % 360, 3)
+    point.PatientSupportRotationDirection = "NONE"
+    point.TableTopPitchAngle = round(where.pitch_deg, 3)
+    point.TableTopPitchRotationDirection = "NONE"
+    point.TableTopRollAngle = round(where.roll_deg, 3)
+    point.TableTopRollRotationDirection = "NONE"
 
 
 def delivered_as_planned(
