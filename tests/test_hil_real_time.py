@@ -6,41 +6,20 @@ host waits as the controller's timing budget and its PROGRESS frames say."""
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from emulator.reference.ups_store import UpsStore
-from tests.conftest import REPO, free_port, require_tool, start_cli_process
+from tests.conftest import REPO, free_port
+from tests.hil_bench import controller_process, socat_pair
 from tests.kill_harness import run_command, start_site
 
-LONGEST_OPERATION_S = 30.0  # the CBCT alone is 60 s on profiles/machines/linac.yaml
-
-
-def _socat_pair(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
-    socat = require_tool("/usr/bin/socat")
-    host_end, controller_end = tmp_path / "host-tty", tmp_path / "controller-tty"
-    process = subprocess.Popen(
-        [
-            socat, "-d", "-d",
-            f"pty,raw,echo=0,link={host_end}", f"pty,raw,echo=0,link={controller_end}",
-        ],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 10
-    while not (host_end.exists() and controller_end.exists()):
-        assert time.monotonic() < deadline, "socat made no pty pair"
-        time.sleep(0.05)
-    return process, host_end, controller_end
-
-
 # A whole PDS session against the controller at real speed takes 2.7 minutes of a 2-core
-# machine's 20-minute make test; make test's real-time session is tests/test_real_time.py,
-# and these run with TDW_REAL_TIME=all (tests/conftest.py leaves this file out otherwise).
-# At scaled time both links are covered by tests/test_hil.py and tests/test_fault_matrix.py.
+# machine's 20-minute make test: make test runs the one on a socat pty, with a small patient
+# (tests/test_real_time.py). These run with TDW_REAL_TIME=all (tests/conftest.py leaves this
+# file out otherwise): TCP, and the pty again, with the standard 40-slice patient.
 LINKS = ["pty", "tcp"]
 
 
@@ -49,21 +28,15 @@ LINKS = ["pty", "tcp"]
 def test_a_whole_pds_session_at_real_speed_on_a_controller(tmp_path, link):
     socat = None
     if link == "pty":
-        socat, host_end, controller_end = _socat_pair(tmp_path)
-        where = ("--serial", str(controller_end))
+        socat, host_end, controller_end = socat_pair(tmp_path)
+        controller, device = controller_process(
+            "--serial", str(controller_end), "--time-scale", "1", host_end=host_end
+        )
     else:
-        where = ("--tcp", "127.0.0.1:0")
-    controller = start_cli_process(
-        "hil controller-sim", *where, "--time-scale", "1", ready="controller listening on"
-    )
+        controller, device = controller_process("--tcp", "127.0.0.1:0", "--time-scale", "1")
     port = free_port()
     site = start_site(tmp_path / "site", port, 1)
     try:
-        if link == "pty":
-            device = f"serial://{host_end}"
-        else:
-            printed = next(line for line in controller.output if "listening on tcp://" in line)
-            device = re.search(r"(tcp://\S+)", printed)[1]
         report_dir = tmp_path / "report"
         started = time.monotonic()
         result = subprocess.run(

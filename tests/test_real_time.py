@@ -1,5 +1,7 @@
-"""A whole PDS session at time scale 1, as a bench rig runs it: the simulated linac's 60 s
-CBCT and real gantry and beam times, against `tdw-emu tms` in its own process.
+"""A whole PDS session at time scale 1, as a bench rig runs it: `tdw-emu hil controller-sim`
+on a socat pty pair, its 60 s CBCT and real gantry and beam times, `tdw-emu tms` and
+`tdw-emu run` each in its own process, and a patient who is not the bench phantom (an
+8-slice 64 x 64 CT): the simulator images the patient through its control channel.
 
 The reference TMS drops an association idle for 30 s (its ACSE/network timeouts); a device
 that held one through the CBCT failed here before. Every UPS must end COMPLETED.
@@ -23,6 +25,7 @@ import pytest
 
 from emulator.reference.ups_store import UpsStore
 from tests.conftest import REPO, free_port
+from tests.hil_bench import controller_process, socat_pair
 from tests.kill_harness import run_command, start_site
 from tests.peers.event_receiver import EventReceiver
 from tests.peers.ups_scu import UpsScu
@@ -42,10 +45,15 @@ def report_uids(report_dir: Path) -> list[str]:
 @pytest.mark.timeout(900)
 def test_a_whole_pds_session_at_real_time(tmp_path):
     port = free_port()
+    socat, host_end, controller_end = socat_pair(tmp_path)
+    controller, device = controller_process(
+        "--serial", str(controller_end), "--time-scale", "1", host_end=host_end
+    )
     with EventReceiver("PEERWATCH") as watcher:
         site = start_site(
-            tmp_path / "site", port, 1, "--peer", f"PEERWATCH@127.0.0.1:{watcher.port}"
-        )
+            tmp_path / "site", port, 1, "--seed-size", "small",
+            "--peer", f"PEERWATCH@127.0.0.1:{watcher.port}",
+        )  # fmt: skip
         report_dir = tmp_path / "report"
         try:
             tms_host, tms_port = site.addresses["TMS"]
@@ -55,7 +63,7 @@ def test_a_whole_pds_session_at_real_time(tmp_path):
             result = subprocess.run(
                 run_command(
                     site, port, tmp_path / "device",
-                    "--time-scale", "1", "--report-dir", str(report_dir),
+                    "--device", device, "--report-dir", str(report_dir),
                 ),
                 cwd=REPO, capture_output=True, text=True, timeout=800,
             )  # fmt: skip
@@ -70,6 +78,9 @@ def test_a_whole_pds_session_at_real_time(tmp_path):
             )
         finally:
             site.stop()
+            controller.stop()
+            socat.terminate()
+            socat.wait(timeout=10)
         events = watcher.events
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((report_dir / "run-report.json").read_text())
