@@ -1,8 +1,10 @@
-"""The abstract treatment-machine device: what a performing device needs from hardware.
+"""The treatment machine as a performing device needs it: a small :class:`Machine` and the
+roles it composes (beam delivery, positioning, imaging; the afterloader's in
+devices/afterloader.py).
 
 It knows nothing of DICOM: the workflow turns plans into :class:`BeamProgram` and couch
-corrections into :class:`CouchCorrection`, and every backend (simulated, serial, TCP)
-answers with the same events, so the workflow cannot tell which one it drives.
+corrections into table-top moves, and every backend (simulated, serial, TCP) answers with
+the same events, so the workflow cannot tell which one it drives.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from devices.couch_axes import TableTop
 
@@ -122,28 +124,6 @@ class AxisState:
         return problems
 
 
-@dataclass(frozen=True)
-class DwellPosition:
-    """One source stop: channel, position along it (mm) and dwell time at reference activity."""
-
-    channel: int
-    position_mm: float
-    reference_time_s: float
-
-
-@dataclass(frozen=True)
-class DwellProgramme:
-    """An afterloader treatment: dwell positions whose times are given at reference activity."""
-
-    number: int
-    name: str
-    positions: tuple[DwellPosition, ...]
-
-    @property
-    def total_reference_time(self) -> float:
-        return round(sum(p.reference_time_s for p in self.positions), 4)
-
-
 class Termination(str, enum.Enum):
     NORMAL = "NORMAL"
     OPERATOR = "OPERATOR"
@@ -171,15 +151,6 @@ class ControlPointReached:
 
 
 @dataclass(frozen=True)
-class DwellReached:
-    """The source completed a dwell; ``actual_time_s`` is decay-corrected."""
-
-    channel: int
-    position_mm: float
-    actual_time_s: float
-
-
-@dataclass(frozen=True)
 class BeamEnded:
     """The beam stopped; ``meterset`` is what the dosimetry channel measured, never more."""
 
@@ -189,7 +160,7 @@ class BeamEnded:
     interlock_code: str = ""
 
 
-DeliveryEvent = MetersetTick | ControlPointReached | DwellReached | BeamEnded
+DeliveryEvent = MetersetTick | ControlPointReached | BeamEnded
 
 
 @dataclass(frozen=True)
@@ -227,8 +198,16 @@ class ImageSet:
 OperationProgress = Callable[[str, float], None]
 
 
-class Device(ABC):
-    """One treatment machine behind one link, whichever backend implements it."""
+class Machine(ABC):
+    """One treatment machine behind one link, whichever backend implements it: what every
+    machine does (connect, say who it is and what it can do, report long operations).
+
+    What it treats with is a role it composes (python-can keeps its bus this small, and
+    lewis its devices apart from their interfaces): :class:`BeamDeliverer`,
+    :class:`Positioner`, :class:`Imager`, :class:`devices.afterloader.Afterloader`. A step
+    asks for the role it needs (:func:`role`), so a machine without it is refused in words
+    before any UPS is claimed.
+    """
 
     _progress_listener: OperationProgress | None = None
 
@@ -251,12 +230,46 @@ class Device(ABC):
     @abstractmethod
     def identify(self) -> Identity: ...
 
-    @abstractmethod
-    def capabilities(self) -> Capabilities: ...
+    def capabilities(self) -> Capabilities:
+        """The machine's limits (a linac's energies and dose rates, a couch's travel and the
+        tolerances the host holds it to); a machine with none of these states none."""
+        return Capabilities((), 0.0, 0.0, 0, 0, (), 0.0, 0.0, 0.0)
+
+    def roles(self) -> frozenset[type]:
+        """The roles this machine offers: by default the role classes it derives from. A
+        backend that learns what it drives only when connected (a controller link) says."""
+        return frozenset(c for c in type(self).__mro__ if c.__dict__.get("is_role", False))
+
+    def last_delivery(self) -> MachineDelivery | None:
+        """The last beam-on as the machine counted it, if it outlives the host process.
+
+        A controller in its own box does, and so it can tell a restarted host how far a
+        beam got after the host stopped hearing; an in-process simulator dies with the
+        host and has nothing to tell (None).
+        """
+        return None
+
+    def __enter__(self) -> Machine:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# The name drivers written before the roles split know the base class by.
+Device = Machine
+
+
+class BeamDeliverer(ABC):
+    """The external-beam role: loads a beam's program and delivers it."""
+
+    is_role = True
+    does = "deliver external beams"
 
     @abstractmethod
     def load_beam(self, beam: BeamProgram) -> None:
-        """Sends the beam and sets the axes to control point 0; raises if out of limits."""
+        """Sends the beam and sets the axes where it starts; raises if out of limits."""
 
     @abstractmethod
     def beam_on(self) -> Iterator[DeliveryEvent]:
@@ -265,6 +278,17 @@ class Device(ABC):
     @abstractmethod
     def interrupt(self, reason: str) -> None:
         """Operator beam hold: the running delivery ends with OPERATOR termination."""
+
+    def axes(self) -> AxisState:
+        """The controller's report of where its axes are."""
+        raise DeviceError(f"{type(self).__name__} reports no axes")
+
+
+class Positioner(ABC):
+    """The patient-positioning role: a couch that moves by a correction and says where it is."""
+
+    is_role = True
+    does = "move the couch"
 
     @abstractmethod
     def move_couch(self, move: TableTop) -> TableTop:
@@ -275,14 +299,12 @@ class Device(ABC):
         """Where the table top is (absolute, IEC 61217 table-top axes), as last measured."""
         return TableTop()
 
-    def last_delivery(self) -> MachineDelivery | None:
-        """The last beam-on as the machine counted it, if it outlives the host process.
 
-        A controller in its own box does, and so it can tell a restarted host how far a
-        beam got after the host stopped hearing; an in-process simulator dies with the
-        host and has nothing to tell (None).
-        """
-        return None
+class Imager(ABC):
+    """The imaging role: acquisitions of the patient where the couch holds them."""
+
+    is_role = True
+    does = "image the patient"
 
     @abstractmethod
     def acquire(self, kind: str) -> ImageSet:
@@ -297,21 +319,13 @@ class Device(ABC):
         """
         return None
 
-    def axes(self) -> AxisState:
-        """The controller's report of where its axes are."""
-        raise DeviceError(f"{type(self).__name__} reports no axes")
 
-    def load_dwell_programme(self, programme: DwellProgramme) -> None:
-        """Afterloaders only; other machines refuse."""
-        raise DeviceError(f"{type(self).__name__} has no source to drive")
+R = TypeVar("R")
 
-    def treat(self) -> Iterator[DeliveryEvent]:
-        """Runs the loaded dwell programme (afterloaders only)."""
-        raise DeviceError(f"{type(self).__name__} has no source to drive")
 
-    def __enter__(self) -> Device:
-        self.connect()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def role(machine: Machine, wanted: type[R]) -> R:
+    """``machine`` as the role a step needs, or a DeviceError that says what it lacks."""
+    if wanted in machine.roles():
+        return machine  # type: ignore[return-value]
+    name = machine.identify().model if hasattr(machine, "identify") else type(machine).__name__
+    raise DeviceError(f"the machine ({name}) cannot {getattr(wanted, 'does', wanted.__name__)}")

@@ -6,33 +6,24 @@ import datetime as dt
 
 import pytest
 
-from devices.base import (
-    BeamEnded,
-    DeviceError,
-    DwellPosition,
-    DwellProgramme,
-    DwellReached,
-    MetersetTick,
-)
+from devices.afterloader import ChannelEnded, ChannelProgramme, ChannelTick, Dwell, DwellDone
+from devices.base import BeamDeliverer, DeviceError, role
 from devices.clock import Clock
 from devices.couch_axes import TableTop, to_table_top
 from devices.registry import open_device
-from devices.sim.afterloader import SimulatedAfterloader
+from devices.sim.afterloader import AfterloaderFaults, SimulatedAfterloader
 from devices.sim.linac import load_machine_profile
 
-PROGRAMME = DwellProgramme(
-    1,
-    "cervix",
-    (DwellPosition(1, 0.0, 10.0), DwellPosition(1, 5.0, 12.0), DwellPosition(2, 0.0, 8.0)),
+PROGRAMME = ChannelProgramme(
+    1, 1200.0, (Dwell(0, 5.0, 10.0), Dwell(1, 10.0, 12.0), Dwell(2, 15.0, 8.0))
 )
 
 
-def afterloader(days_after_reference: int) -> SimulatedAfterloader:
+def afterloader(faults: AfterloaderFaults | None = None, days_after_exchange: float = 0):
     profile = load_machine_profile("afterloader")
-    reference = dt.date.fromisoformat(profile["source"]["reference_date"])
-    device = SimulatedAfterloader(
-        profile, Clock(0), today=reference + dt.timedelta(days=days_after_reference)
-    )
+    exchange = dt.datetime.fromisoformat(profile["source"]["first_exchange"])
+    when = exchange + dt.timedelta(days=days_after_exchange)
+    device = SimulatedAfterloader(profile, Clock(0), faults, now=lambda: when)
     device.connect()
     return device
 
@@ -46,36 +37,70 @@ def test_sim_backend_picks_the_model_from_the_profile_kind():
         assert device.identify().model == "SimLinac C-arm"
 
 
-def test_dwell_times_are_corrected_for_source_decay():
-    half_life = round(load_machine_profile("afterloader")["source"]["half_life_days"])
-    fresh, decayed = afterloader(0), afterloader(half_life)
-    for device in (fresh, decayed):
-        device.load_dwell_programme(PROGRAMME)
-    fresh_events, decayed_events = list(fresh.treat()), list(decayed.treat())
-    fresh_dwells = [e.actual_time_s for e in fresh_events if isinstance(e, DwellReached)]
-    decayed_dwells = [e.actual_time_s for e in decayed_events if isinstance(e, DwellReached)]
-    assert fresh_dwells == [10.0, 12.0, 8.0]
-    assert decayed_dwells == pytest.approx([2 * t for t in fresh_dwells], rel=0.01)
-    for events in (fresh_events, decayed_events):
-        # The meterset stays in reference seconds: the plan's 30 s, whatever the date.
-        assert isinstance(events[-1], BeamEnded) and events[-1].meterset == 30.0
+def test_the_loaded_source_decays_and_is_exchanged():
+    half_life = load_machine_profile("afterloader")["source"]["half_life_days"]
+    fresh, decayed = afterloader(), afterloader(days_after_exchange=half_life)
+    assert fresh.source().reference == decayed.source().reference  # the same source
+    now = decayed.now()
+    assert decayed.source().strength_at(now) == pytest.approx(
+        fresh.source().reference_air_kerma_rate / 2, rel=1e-6
+    )
+    later = afterloader(days_after_exchange=95)  # past the 91-day exchange: a new source
+    assert later.source().reference > fresh.source().reference
 
 
-def test_afterloader_limits_and_an_interrupted_treatment():
-    device = afterloader(0)
+def test_a_channel_reports_each_dwell_as_measured():
+    device = afterloader()
+    device.load_channel(PROGRAMME)
+    events = list(device.treat())
+    done = [e for e in events if isinstance(e, DwellDone)]
+    assert [(d.index, d.delivered_s) for d in done] == [(0, 10.0), (1, 12.0), (2, 8.0)]
+    assert isinstance(events[-1], ChannelEnded) and events[-1].delivered_s == 30.0
+    assert events[-1].termination.value == "NORMAL"
+    ticks = [e.delivered_s for e in events if isinstance(e, ChannelTick)]
+    assert ticks == sorted(ticks) and ticks[-1] == 30.0
+
+
+def test_afterloader_limits_and_an_operator_hold():
+    device = afterloader()
     with pytest.raises(DeviceError, match="channel 19 does not exist"):
-        device.load_dwell_programme(DwellProgramme(2, "bad", (DwellPosition(19, 0, 5.0),)))
-    with pytest.raises(DeviceError, match="outside the machine's limits"):
-        device.load_dwell_programme(DwellProgramme(3, "long", (DwellPosition(1, 0, 900.0),)))
-    device.load_dwell_programme(PROGRAMME)
+        device.load_channel(ChannelProgramme(19, 1200.0, (Dwell(0, 5.0, 5.0),)))
+    with pytest.raises(DeviceError, match="outside the machine's"):
+        device.load_channel(ChannelProgramme(3, 1200.0, (Dwell(0, 5.0, 900.0),)))
+    device.load_channel(PROGRAMME)
     events = []
     for event in device.treat():
         events.append(event)
-        if isinstance(event, MetersetTick) and event.meterset >= 10:
-            device.interrupt("door opened")
-    assert events[-1].termination.value == "OPERATOR" and events[-1].meterset == 10.0
-    with pytest.raises(DeviceError, match="not external beams"):
-        device.beam_on()
+        if isinstance(event, ChannelTick) and event.delivered_s >= 14:
+            device.interrupt("operator pressed stop")
+    ended = events[-1]
+    assert ended.termination.value == "OPERATOR" and ended.delivered_s == pytest.approx(14.0)
+    assert ended.dwell == 1  # stopped in the second dwell
+    with pytest.raises(DeviceError, match="cannot deliver external beams"):
+        role(device, BeamDeliverer)
+
+
+@pytest.mark.parametrize(
+    ("faults", "code", "delivered"),
+    [
+        (AfterloaderFaults(door={1: 11.0}), "DOOR", 11.0),
+        (AfterloaderFaults(power={1: 3.5}), "POWER", 3.5),
+        (AfterloaderFaults(stuck={1: 2.0}), "RETRACT", 32.0),
+        (AfterloaderFaults(obstructed={1}), "OBSTRUCTION", 0.0),
+    ],
+)
+def test_each_fault_ends_the_channel_with_what_was_measured(faults, code, delivered):
+    device = afterloader(faults)
+    device.load_channel(PROGRAMME)
+    events = list(device.treat())
+    ended = events[-1]
+    assert (ended.termination.value, ended.code) == ("MACHINE", code)
+    assert ended.delivered_s == pytest.approx(delivered)
+    given = sum(e.delivered_s for e in events if isinstance(e, DwellDone))
+    assert given <= ended.delivered_s + 1e-9  # the dwells done never exceed the total
+    # The fault happened once: the channel treats normally again.
+    device.load_channel(PROGRAMME)
+    assert list(device.treat())[-1].termination.value == "NORMAL"
 
 
 def test_couch_moves_within_its_limits_and_has_no_beam():
@@ -90,8 +115,10 @@ def test_couch_moves_within_its_limits_and_has_no_beam():
         assert couch.couch_position() == position
         with pytest.raises(DeviceError, match="rotation beyond"):
             couch.move_couch(TableTop(pitch_deg=5.0))
-        with pytest.raises(DeviceError, match="no beams"):
-            couch.beam_on()
+        with pytest.raises(DeviceError, match="cannot deliver external beams"):
+            role(couch, BeamDeliverer)
         assert couch.acquire("CBCT").pixels
-    with open_device("sim", Clock(0)) as linac, pytest.raises(DeviceError, match="no source"):
-        linac.load_dwell_programme(PROGRAMME)
+    from devices.afterloader import Afterloader
+
+    with open_device("sim", Clock(0)) as linac, pytest.raises(DeviceError, match="cannot drive"):
+        role(linac, Afterloader)

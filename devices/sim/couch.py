@@ -15,6 +15,8 @@ from devices.base import (
     DeliveryEvent,
     DeviceError,
     Identity,
+    Imager,
+    Positioner,
 )
 from devices.clock import Clock
 from devices.sim.linac import SimulatedLinac
@@ -25,6 +27,9 @@ class SimulatedCouch(SimulatedLinac):
 
     def __init__(self, profile: dict[str, Any], clock: Clock) -> None:
         super().__init__(profile, clock)
+
+    def roles(self) -> frozenset[type]:
+        return frozenset({Positioner, Imager})
 
     def identify(self) -> Identity:
         i = self.profile["identity"]

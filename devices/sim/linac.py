@@ -18,17 +18,20 @@ import yaml
 
 from devices.base import (
     AxisState,
+    BeamDeliverer,
     BeamEnded,
     BeamProgram,
     Capabilities,
     ControlPointReached,
     CouchCorrection,
     DeliveryEvent,
-    Device,
     DeviceError,
     Identity,
+    Imager,
     ImageSet,
+    Machine,
     MetersetTick,
+    Positioner,
     Termination,
 )
 from devices.clock import Clock
@@ -50,7 +53,7 @@ def load_machine_profile(name_or_path: str = "linac") -> dict[str, Any]:
     return yaml.safe_load(text)
 
 
-class SimulatedLinac(Device):
+class SimulatedLinac(Machine, BeamDeliverer, Positioner, Imager):
     """``interlocks`` maps beam numbers to the meterset at which an interlock trips."""
 
     def __init__(
@@ -281,14 +284,14 @@ def _fall_short(value: float, by: float) -> float:
     return value - min(abs(by), abs(value)) * (1 if value > 0 else -1)
 
 
-def make_simulated_device(rest: str, clock: Clock, options: dict) -> Device:
+def make_simulated_device(rest: str, clock: Clock, options: dict) -> Machine:
     """The ``sim`` backend: ``sim`` or ``sim:PROFILE``; the profile's ``kind`` picks the model."""
     profile = load_machine_profile(rest or "linac")
     kind = profile.get("kind", "linac")
     if kind == "afterloader":
-        from devices.sim.afterloader import SimulatedAfterloader
+        from devices.sim.afterloader import AfterloaderFaults, SimulatedAfterloader
 
-        return SimulatedAfterloader(profile, clock)
+        return SimulatedAfterloader(profile, clock, AfterloaderFaults.from_options(options))
     if kind == "couch":
         from devices.sim.couch import SimulatedCouch
 
