@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from emulator.profile import SopClasses, load_sop_classes
@@ -13,7 +13,10 @@ from emulator.synth import (
     SyntheticPatient,
     generate_patient,
 )
+from emulator.synth.brachy import BrachySpec, SyntheticBrachyPatient, generate_brachy_patient
 from emulator.synth.dose import build_dose
+
+KINDS = ("linac", "afterloader")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,11 @@ class SeedOptions:
     dose_bits: int = 16
     uids: str = "final"
     patient_id_prefix: str = "TDW"
+    # linac: a photon IMRT plan; afterloader: an HDR brachytherapy plan (its own fields).
+    kind: str = "linac"
+    channels: int = 3
+    dwells_per_channel: int = 6
+    channel_time: float = 60.0
 
 
 # A soak exercises the workflow and the TMS, not pixel throughput: small images keep the
@@ -40,9 +48,13 @@ SOAK_PATIENTS = SeedOptions(slices=8, rows=64, beams=4, dynamic_beams=2)
 
 def synthetic_patient(
     options: SeedOptions, index: int, uids: SopClasses | None = None
-) -> SyntheticPatient:
+) -> SyntheticPatient | SyntheticBrachyPatient:
     """Patient number ``index`` (from 1) as the options describe it."""
     uids = uids or load_sop_classes(options.uids)
+    if options.kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {options.kind!r}")
+    if options.kind == "afterloader":
+        return synthetic_brachy_patient(options, index, uids)
     geometry = PhantomGeometry(
         rows=options.rows,
         columns=options.rows,
@@ -76,3 +88,43 @@ def seed_patients(out_dir: Path, options: SeedOptions) -> list[list[Path]]:
         synthetic_patient(options, index, uids).write(Path(out_dir) / f"patient_{index:03d}")
         for index in range(1, options.patients + 1)
     ]
+
+
+def synthetic_brachy_patient(
+    options: SeedOptions, index: int, uids: SopClasses
+) -> SyntheticBrachyPatient:
+    """HDR patient number ``index``: a catheter CT of the options' size and a plan for the
+    source the simulated afterloader holds today."""
+    geometry = PhantomGeometry(
+        rows=options.rows,
+        columns=options.rows,
+        pixel_spacing=options.pixel_spacing,
+        slices=options.slices,
+        slice_spacing=options.slice_spacing,
+    )
+    spec = BrachySpec(
+        channels=options.channels,
+        dwells_per_channel=options.dwells_per_channel,
+        channel_time_s=options.channel_time,
+        fractions=options.fractions,
+        dose_per_fraction_gy=options.dose_per_fraction,
+    )
+    context = PatientContext(
+        patient_name=f"TDW^Brachy{index:03d}",
+        patient_id=f"{options.patient_id_prefix}B{index:04d}",
+        accession_number=f"{options.patient_id_prefix}B{index:04d}A",
+    )
+    return generate_brachy_patient(context, spec, uids=uids, geometry=geometry)
+
+
+# A brachytherapy seed in a site that also treats with linacs: 4 fractions of 7 Gy, small
+# images (the catheters need no fine CT here), 3 channels of 6 dwells.
+AFTERLOADER_PATIENTS = SeedOptions(
+    kind="afterloader", slices=16, rows=64, pixel_spacing=5.0, fractions=4, dose_per_fraction=7.0
+)
+# The small one: 2 channels of 3 dwells, 3 reference seconds a channel, so a session at
+# time scale 1 lasts under a minute (checks, transfers and all).
+AFTERLOADER_SMALL = replace(
+    AFTERLOADER_PATIENTS, slices=8, rows=32, pixel_spacing=8.0, channels=2,
+    dwells_per_channel=3, channel_time=3.0,
+)  # fmt: skip
