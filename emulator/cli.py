@@ -110,6 +110,21 @@ def _add_seed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dose-bits", type=int, choices=(16, 32), default=16)
     p.add_argument("--uids", choices=("final", "trial"), default="final")
     p.add_argument("--patient-id-prefix", default="TDW")
+    p.add_argument(
+        "--kind",
+        choices=("linac", "afterloader"),
+        default="linac",
+        help="linac: photon IMRT plans; afterloader: HDR brachytherapy plans (Ir-192, for "
+        "the simulated afterloader's source today)",
+    )
+    p.add_argument("--channels", type=int, default=3, help="afterloader: catheters")
+    p.add_argument("--dwells", dest="dwells_per_channel", type=int, default=6, help="per channel")
+    p.add_argument(
+        "--channel-time",
+        type=float,
+        default=60.0,
+        help="afterloader: seconds per channel for the source at its reference strength",
+    )
 
 
 def _add_archive(sub: argparse._SubParsersAction) -> None:
@@ -158,6 +173,14 @@ def _add_tms(sub: argparse._SubParsersAction) -> None:
         default=[],
         metavar="STATION",
         help="store a synthetic patient and schedule a session for STATION",
+    )
+    p.add_argument(
+        "--seed-afterloader",
+        action="append",
+        default=[],
+        metavar="STATION",
+        help="store a synthetic HDR brachytherapy patient and schedule its fraction (one "
+        "delivery UPS) for the afterloader at STATION",
     )
     p.add_argument(
         "--seed-scenarios",
@@ -229,6 +252,12 @@ def _add_tms(sub: argparse._SubParsersAction) -> None:
     schedule.add_argument("--patient-id", help="or: the plan of this patient")
     schedule.add_argument("--station", help="required: station code (Scheduled Station Name)")
     schedule.add_argument(
+        "--kind",
+        choices=("linac", "afterloader"),
+        help="the machine the plan is for, checked against the plan: linac (4 UPS a "
+        "session) or afterloader (one brachytherapy delivery UPS a fraction)",
+    )
+    schedule.add_argument(
         "--fractions", type=int, default=1, help="how many sessions, one per weekday"
     )
     schedule.add_argument("--first-fraction", type=int, default=1, help="number of the first")
@@ -248,8 +277,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, help="YAML file (key 'run'); flags override it")
     p.add_argument(
         "--kind",
-        choices=("pds", "pps", "tdd"),
-        help="required (here or in --config): PDS all four steps, PPS positioning, TDD delivery",
+        choices=("pds", "pps", "tdd", "afterloader"),
+        help="required (here or in --config): PDS all four steps, PPS positioning, TDD "
+        "delivery, afterloader HDR brachytherapy delivery (default device sim:afterloader)",
     )
     p.add_argument("--station", help="required: the Scheduled Station Name code value to query for")
     p.add_argument("--tms", metavar="AET@HOST:PORT", help="required: the TMS")
@@ -270,7 +300,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--wait", type=float, help="seconds to wait for work on the worklist (default: 0)"
     )
-    p.add_argument("--interrupt", metavar="BEAM:MU", help="trip an interlock at BEAM:MU")
+    p.add_argument(
+        "--interrupt",
+        metavar="BEAM:MU",
+        help="trip an interlock at BEAM:MU; for an afterloader CHANNEL:SECONDS, the door "
+        "opening that many seconds of source time into the channel",
+    )
     p.add_argument(
         "--device",
         help="device backend and its address (default sim): sim[:PROFILE], "
@@ -353,7 +388,17 @@ def _add_hil(sub: argparse._SubParsersAction) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="embedded TMS and Archive, and a PDS through a fraction")
     p.add_argument("--data-dir", type=Path, help="keep the demo's data here (default: temp)")
-    p.add_argument("--interrupt", metavar="BEAM:MU", help="interlock, then the CONTINUATION")
+    p.add_argument(
+        "--kind",
+        choices=("pds", "afterloader"),
+        default="pds",
+        help="pds: a linac session of four steps; afterloader: an HDR brachytherapy fraction",
+    )
+    p.add_argument(
+        "--interrupt",
+        metavar="BEAM:MU",
+        help="interlock, then the CONTINUATION; for an afterloader CHANNEL:SECONDS (the door)",
+    )
     p.add_argument("--time-scale", type=float, default=0.02)
 
 
@@ -410,7 +455,10 @@ def _add_soak(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("soak", help="many emulated devices for a long time, and a verdict")
     p.add_argument("--devices", type=int, required=True, help="emulated devices in all")
     p.add_argument("--duration", required=True, help="how long to feed work: 300, 300s, 5m, 8h")
-    p.add_argument("--mix", help="units by weight, e.g. pds=0.5,pps+tdd=0.5 (default pds=1)")
+    p.add_argument(
+        "--mix",
+        help="units by weight, e.g. pds=0.5,pps+tdd=0.3,afterloader=0.2 (default pds=1)",
+    )
     p.add_argument(
         "--fault-rate", type=float, default=0.0, help="chance of an interlock in each beam"
     )
@@ -476,7 +524,11 @@ def _add_soak(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"), default="ihe-ro-2008")
     p.add_argument("--uids", choices=("final", "trial"), default="final")
-    p.add_argument("--device", default="sim", help="device backend spec")
+    p.add_argument(
+        "--device",
+        default="",
+        help="device backend spec (default: each kind's simulated machine)",
+    )
     p.add_argument("--seed", type=int, default=1, help="random seed of the fault injection")
     p.add_argument("--data-dir", type=Path, help="keep the run's data here (default: temp)")
     p.add_argument("--json", type=Path, default=Path("soak-verdict.json"), help="verdict file")
@@ -696,6 +748,7 @@ def _cmd_tms(args: argparse.Namespace) -> int:
         "peer": args.peer,
         "allow": args.allow,
         "seed": args.seed,
+        "seed_afterloader": args.seed_afterloader,
         "seed_scenarios": args.seed_scenarios,
         "accept_any_ae": args.accept_any_ae,
         "profile": args.profile,
@@ -764,13 +817,24 @@ def _fill_site(site, args: argparse.Namespace, values: dict) -> None:
     for index, station in enumerate(values.get("seed") or [], start=1):
         session_id = site.seed(station, index)
         print(f"  seeded session {session_id} for station {station}: 4 UPS", flush=True)
+    first = len(values.get("seed") or []) + 1
+    for index, station in enumerate(values.get("seed_afterloader") or [], start=first):
+        session_id = site.seed(station, index, kind="afterloader")
+        print(
+            f"  seeded HDR brachytherapy session {session_id} for afterloader {station}: 1 UPS",
+            flush=True,
+        )
     if args.load_kit:
         from emulator.conformance.vendor_kit import load_kit
 
         created = load_kit(site, args.load_kit)
         print(f"  loaded kit {args.load_kit}: {created} UPS", flush=True)
     if values.get("seed_scenarios"):
-        seeded = site.seed_scenarios(first_index=len(values.get("seed") or []) + 1)
+        seeded = site.seed_scenarios(
+            first_index=len(values.get("seed") or [])
+            + len(values.get("seed_afterloader") or [])
+            + 1
+        )
         print(f"  seeded {len(seeded)} scenario sessions (tdw-emu scenarios list)", flush=True)
 
 
@@ -800,6 +864,8 @@ def _cmd_tms_schedule(args: argparse.Namespace) -> int:
     site = ReferenceSite(site_config(values))
     try:
         plan_uid = args.plan_uid or site.archive_plan_uid(args.patient_id)
+        if args.kind:
+            site.check_plan_kind(plan_uid, args.kind)
         sessions = site.tms.scheduler.schedule_fractions(
             plan_uid, args.station, start, args.fractions, args.first_fraction, args.weekends
         )
@@ -856,7 +922,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
             logging.getLogger("tdw.device").debug("device start failed", exc_info=True)
             report.problems.append(f"the device could not run: {type(exc).__name__}: {exc}")
         context = CheckContext(
-            profile, RuleBook.load(config.edition), config.tms.ae_title, config.archive.ae_title
+            profile,
+            RuleBook.load(config.edition),
+            config.tms.ae_title,
+            config.archive.ae_title,
+            afterloader_stations=frozenset(
+                [config.station] if config.kind == "afterloader" else []
+            ),
         )
     # Reported, not judged: the verdict on a TMS is 'tdw-emu scenarios run'.
     report.findings = [f.as_json() for f in check_traffic(recorder, context)]
@@ -1113,7 +1185,7 @@ def _hil_check(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from emulator.demo import run_demo
 
-    return run_demo(args.data_dir, args.interrupt, args.time_scale)
+    return run_demo(args.data_dir, args.interrupt, args.time_scale, args.kind)
 
 
 def _cmd_scenarios(args: argparse.Namespace) -> int:

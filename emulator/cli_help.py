@@ -12,8 +12,11 @@ HELP: dict[str, tuple[str, str]] = {
         "Writes synthetic RT patients as DICOM files, one directory each: a phantom CT, an RT "
         "Structure Set (EXTERNAL, PTV, ISOCENTER), an RT Plan with STATIC and DYNAMIC photon "
         "beams, an RT Dose and an RT Beams Delivery Instruction, all valid under dciodvfy and "
-        "the seed's Appendix A. It prints each patient's ID, study and RT Plan UID: what "
-        "'tdw-emu tms schedule' and a TMS under test need.",
+        "the seed's Appendix A. With --kind afterloader: an HDR brachytherapy patient instead "
+        "(a CT with catheters, CTV and organs at risk, an RT Plan with Ir-192 channels and "
+        "dwells for the simulated afterloader's source today, its dose). It prints each "
+        "patient's ID, study and RT Plan UID: what 'tdw-emu tms schedule' and a TMS under "
+        "test need.",
         "tdw-emu seed --out seed-data --patients 2 --beams 4",
     ),
     "archive": (
@@ -54,7 +57,8 @@ HELP: dict[str, tuple[str, str]] = {
         'tdw-emu tms cancel UID --tms TMS@127.0.0.1:11114 --reason "patient moved"',
     ),
     "run": (
-        "Runs one emulated performing device (PPS, PDS or TDD) against a TMS and its Archive: "
+        "Runs one emulated performing device (PPS, PDS, TDD, or an HDR afterloader) against a "
+        "TMS and its Archive: "
         "worklist (RO-17), retrieve (RO-18, RO-20), claim (RO-19), progress (RO-26), the work "
         "on a simulated machine or a real controller (--device), results stored (RO-22 to "
         "RO-24), final update (RO-21) and COMPLETED or CANCELED (RO-25). The TMS and the "
@@ -83,8 +87,11 @@ HELP: dict[str, tuple[str, str]] = {
     ),
     "demo": (
         "Starts the embedded reference TMS and Archive, seeds a patient and runs a PDS "
-        "through the fraction with a live bar per beam. With --interrupt an interlock trips "
-        "there, the TMS schedules the CONTINUATION and the PDS delivers exactly the rest.",
+        "through the fraction with a live bar per beam (--kind afterloader: an HDR fraction, "
+        "a bar per channel in seconds). With --interrupt an interlock trips there (for an "
+        "afterloader CHANNEL:SECONDS, the door), the TMS schedules the CONTINUATION and the "
+        "device delivers exactly the rest. With --data-dir the treatment records are left in "
+        "DIR/records.",
         "tdw-emu demo --interrupt 2:40",
     ),
     "scenarios": (

@@ -16,7 +16,7 @@ from emulator.net.peers import Peer, PeerError, validate_ae_title
 from emulator.profile import UID_SETS
 from emulator.reference.archive import ArchiveConfig
 from emulator.reference.tms_faults import REFUSE_ALWAYS, TmsFaults, parse_holds
-from emulator.seeding import SOAK_PATIENTS, SeedOptions
+from emulator.seeding import AFTERLOADER_PATIENTS, AFTERLOADER_SMALL, SOAK_PATIENTS, SeedOptions
 from emulator.store import AdmissionLimits, DuplicatePolicy
 
 if TYPE_CHECKING:
@@ -211,6 +211,7 @@ def site_config(values: dict[str, Any]) -> SiteConfig:
         "peers",
         "allow",
         "seed",
+        "seed_afterloader",
         "seed_scenarios",
         "accept_any_ae",
         "profile",
@@ -262,6 +263,9 @@ def site_config(values: dict[str, Any]) -> SiteConfig:
         network=network_settings(values),
         feed=_feed_plan(values),
         seed_options=SOAK_PATIENTS if values.get("seed_size") == "small" else SeedOptions(),
+        brachy_options=(
+            AFTERLOADER_SMALL if values.get("seed_size") == "small" else AFTERLOADER_PATIENTS
+        ),
     )
 
 
@@ -444,7 +448,7 @@ def device_config(values: dict[str, Any]) -> tuple[DeviceConfig, int, float, Pat
         edition=_choice(values, "profile", "ihe-ro-2008", EDITIONS),
         uid_set=_choice(values, "uids", "final", UID_SETS),
         time_scale=scale,
-        device=str(values.get("device", "sim")),
+        device=str(values.get("device") or ""),
         interlocks=parse_interrupt(values.get("interrupt")),
         network=network_settings(values),
         tms_retry_window=_seconds(values, "tms_retry_window", 120.0),

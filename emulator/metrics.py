@@ -47,7 +47,12 @@ from emulator.net.commands import message_name, operation_of
 from emulator.profile import load_yaml
 
 # The ``actor`` label: devices of every kind are "performer"; "tms" and "archive" as such.
-ACTOR_PROFILES = {"pds": "performer", "pps": "performer", "tdd": "performer"}
+ACTOR_PROFILES = {
+    "pds": "performer",
+    "pps": "performer",
+    "tdd": "performer",
+    "afterloader": "performer",
+}
 PENDING = "Pending"
 
 
@@ -229,6 +234,18 @@ class Metrics:
         self.beams = Counter(
             "tdw_beams", "Beams delivered, by termination", ["ae", "termination"], registry=r
         )
+        self.channels = Counter(
+            "tdw_channels",
+            "Afterloader channels treated, by termination",
+            ["ae", "termination"],
+            registry=r,
+        )
+        self.source_seconds = Counter(
+            "tdw_source_seconds_delivered",
+            "Afterloader source time at dwell positions, in seconds",
+            ["ae"],
+            registry=r,
+        )
         self.meterset = Counter(
             "tdw_meterset_delivered",
             "Meterset delivered, in the plan's meterset unit (MU)",
@@ -335,6 +352,7 @@ class Metrics:
                 self.sessions.labels(ae, outcome)
             for termination in spec["beam_terminations"]:
                 self.beams.labels(ae, termination)
+                self.channels.labels(ae, termination)
             for kind_ in spec["device_fault_kinds"]:
                 self.faults.labels(ae, kind_)
             for direction in spec["link"]["directions"]:
@@ -342,6 +360,7 @@ class Metrics:
             for error in spec["link"]["errors"]:
                 self.link_errors.labels(ae, error)
             self.meterset.labels(ae)
+            self.source_seconds.labels(ae)
             self.interlocks.labels(ae)
             self.link_round_trip.labels(ae)
             self.backlog.labels(ae)
@@ -527,6 +546,14 @@ class ActorMetrics:
 
     def set_events_owed(self, count: int) -> None:
         self.metrics.ups_events_owed.labels(self.ae).set(count)
+
+    def channel(self, termination: str, seconds: float) -> None:
+        """An afterloader channel treated: its termination and its source time."""
+        self.metrics.channels.labels(self.ae, termination.lower()).inc()
+        if seconds > 0:
+            self.metrics.source_seconds.labels(self.ae).inc(seconds)
+        if termination.upper() == "MACHINE":
+            self.metrics.interlocks.labels(self.ae).inc()
 
     def beam(self, termination: str, meterset: float) -> None:
         self.metrics.beams.labels(self.ae, termination.lower()).inc()

@@ -6,12 +6,16 @@ from pydicom.dataset import Dataset
 
 from emulator.profile import load_yaml
 
-KINDS = {
-    "pps": ("acquisition", "registration", "adjustment"),
-    "tdd": ("delivery",),
-    "pds": ("acquisition", "registration", "adjustment", "delivery"),
-}
 STEP_ORDER = ("acquisition", "registration", "adjustment", "delivery")
+# The device kinds (each a composition of step classes: emulator/performer/kinds.py).
+KINDS = ("pps", "tdd", "pds", "afterloader")
+
+
+def step_names(kind: str) -> tuple[str, ...]:
+    """The session steps a device kind takes, by the names of its step classes."""
+    from emulator.performer.kinds import steps_of  # the steps import the results modules
+
+    return tuple(step.name for step in steps_of(kind))
 
 
 def step_of(ups: Dataset) -> str | None:
@@ -41,10 +45,9 @@ def session_label(ups: Dataset) -> str:
 
 def select(kind: str, worklist: list[Dataset]) -> list[tuple[str, Dataset]]:
     """The UPS this kind performs, session by session, each session in step order."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown device kind {kind!r}; choose {', '.join(KINDS)}")
+    taken = step_names(kind)
     chosen = [(step_of(u), u) for u in worklist]
-    chosen = [(s, u) for s, u in chosen if s in KINDS[kind]]
+    chosen = [(s, u) for s, u in chosen if s in taken]
     return sorted(
         chosen,
         key=lambda su: (*session_key(su[1]), STEP_ORDER.index(su[0])),

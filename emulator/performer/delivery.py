@@ -52,6 +52,11 @@ class BeamTask:
     program: BeamProgram
     delivery_type: str = "TREATMENT"
 
+    def fault_window(self) -> tuple[int, float, float]:
+        """(beam number, first MU, last MU) this session gives it: where a fault may be
+        armed (the soak's --fault-rate)."""
+        return self.program.beam_number, self.program.start_meterset, self.program.stop_meterset
+
 
 @dataclass
 class SessionOutcome:

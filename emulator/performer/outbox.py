@@ -261,30 +261,44 @@ class ClaimJournal(_SpoolTable):
     # A delivery is journaled beam by beam, control point by control point, as the machine
     # reports it: what a restarted process needs to build the record of a killed session.
 
-    def delivery_started(self, ups_uid: str, context: DeliveryContext) -> None:
+    def work_started(self, ups_uid: str, context: dict) -> None:
+        """A delivery begins: what its record will be built from besides what is delivered
+        (JSON-able; each step kind says what)."""
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO deliveries VALUES (?, ?, '[]', ?)",
-                (ups_uid, json.dumps(context.__dict__), _now()),
+                (ups_uid, json.dumps(context), _now()),
             )
 
-    def delivered(self, ups_uid: str, beams: list[DeliveredBeam]) -> None:
+    def work_done(self, ups_uid: str, items: list[dict]) -> None:
+        """What the machine has delivered so far (JSON-able: beams, or channels)."""
         with self._lock:
             self._db.execute(
                 "UPDATE deliveries SET beams = ?, updated = ? WHERE ups_uid = ?",
-                (json.dumps([_beam_to_json(b) for b in beams]), _now(), ups_uid),
+                (json.dumps(items), _now(), ups_uid),
             )
 
-    def delivery(self, ups_uid: str) -> tuple[DeliveryContext, list[DeliveredBeam]] | None:
+    def work(self, ups_uid: str) -> tuple[dict, list[dict]] | None:
         """What the journal holds of the UPS's delivery, or None if it never began."""
         with self._lock:
             row = self._db.execute(
                 "SELECT context, beams FROM deliveries WHERE ups_uid = ?", (ups_uid,)
             ).fetchone()
-        if row is None:
+        return None if row is None else (json.loads(row[0]), json.loads(row[1]))
+
+    def delivery_started(self, ups_uid: str, context: DeliveryContext) -> None:
+        self.work_started(ups_uid, context.__dict__)
+
+    def delivered(self, ups_uid: str, beams: list[DeliveredBeam]) -> None:
+        self.work_done(ups_uid, [_beam_to_json(b) for b in beams])
+
+    def delivery(self, ups_uid: str) -> tuple[DeliveryContext, list[DeliveredBeam]] | None:
+        """What the journal holds of the UPS's beam delivery, or None if it never began."""
+        journaled = self.work(ups_uid)
+        if journaled is None:
             return None
-        context = DeliveryContext(**json.loads(row[0]))
-        return context, [_beam_from_json(b) for b in json.loads(row[1])]
+        context, beams = journaled
+        return DeliveryContext(**context), [_beam_from_json(b) for b in beams]
 
     # What a session's later steps build on (the planning CT and CBCT registered, the
     # correction found), as SOP Instance UIDs in the device's store: a process restarted

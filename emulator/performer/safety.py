@@ -10,34 +10,21 @@ from __future__ import annotations
 from pydicom.dataset import Dataset
 
 from devices.base import Capabilities
-from emulator.profile import SopClasses
 from emulator.synth.plan_access import specified_metersets
 from emulator.ups_references import InstanceReference, references_in
 
 
-def input_problems(step: str, ups: Dataset, known_aes: set[str], uids: SopClasses) -> list[str]:
-    """What is wrong with a UPS's inputs, before anything is retrieved."""
+def input_problems(ups: Dataset, known_aes: set[str]) -> list[str]:
+    """What is wrong with any UPS's inputs, before anything is retrieved (each step then
+    checks the inputs it needs: Step.input_problems)."""
     problems = []
     if not str(ups.get("StudyInstanceUID", "")):
         problems.append("RO-17/Note-9: no Study Instance UID for the results")
-    refs = references_in(ups.get("InputInformationSequence") or [])
-    for ref in refs:
+    for ref in references_in(ups.get("InputInformationSequence") or []):
         if ref.retrieve_ae_title not in known_aes:
             problems.append(
                 f"RO-18: input {ref.sop_instance_uid} is at unknown AE {ref.retrieve_ae_title!r}"
             )
-    classes = [r.sop_class_uid for r in refs]
-    if step == "delivery":
-        if classes.count(uids["rt_plan"]) != 1:
-            problems.append("RO-17/Response-4: delivery needs exactly one RT Plan input")
-        if classes.count(uids["rt_beams_delivery_instruction"]) != 1:
-            problems.append(
-                "RO-17/Response-4: delivery needs exactly one RT Beams Delivery Instruction input"
-            )
-    if step == "acquisition" and refs:
-        series = {r.series_instance_uid for r in refs if r.sop_class_uid == uids["ct_image"]}
-        if len(series) != 1:
-            problems.append("RO-17/Response-1: a CT acquisition needs one CT series input")
     return problems
 
 

@@ -20,12 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
-from devices.base import CouchCorrection, DeliveryEvent, Device, DeviceError
+from devices.base import DeviceError, Machine, role
 from devices.clock import Clock
-from devices.couch_axes import TableTop, misses, to_table_top
 from devices.registry import open_device
 from emulator import ups_attributes
 from emulator.metrics import Metrics, default_metrics
@@ -36,46 +34,41 @@ from emulator.net.receiver import StorageReceiver
 from emulator.net.scu import DimseError
 from emulator.net.shared_receiver import ReceiverInbox, SharedStorageReceiver
 from emulator.net.uid_registry import register_uid_set
-from emulator.net.ups_scu import Reply
 from emulator.performer import actors, safety
 from emulator.performer.cancel_requests import CancelRequests
 from emulator.performer.claim import ClaimedUps
-from emulator.performer.delivery import (
-    BeamTask,
-    SessionDelivery,
-    beam_program,
-    beam_tasks,
-    reconcile_with_machine,
+from emulator.performer.kinds import simulated_machine, steps_of
+from emulator.performer.messages import (
+    STATION_SCHEME,
+    cancel_dataset,
+    claim_refusal,
+    final_update_dataset,
+    progress_dataset,
+    worklist_identifier,
 )
-from emulator.performer.outbox import (
-    Claim,
-    ClaimJournal,
-    DeliveryContext,
-    ResultOutbox,
-    RetryPolicy,
-)
+from emulator.performer.outbox import Claim, ClaimJournal, ResultOutbox, RetryPolicy
 from emulator.performer.progress import ProgressRefused, ProgressReporter
+from emulator.performer.steps.base import Cancel, Step, StepContext, StepInputs, Work
+from emulator.performer.steps.session_state import SessionState
 from emulator.performer.tms_link import LOST_2008_CLAIM, Backoff, TmsLink, TmsUnavailable
 from emulator.profile import Profile, load_profile
-from emulator.results.acquisition import build_cbct_series
-from emulator.results.registration import build_registration
-from emulator.results.rigid_registration import (
-    RegistrationError,
-    register_rigid,
-    volume_from_images,
-)
-from emulator.results.study_identity import result_identity
-from emulator.results.treatment_record import (
-    DeliveredBeam,
-    TreatmentMachine,
-    build_treatment_record,
-)
-from emulator.store import ObjectStore, admit
-from emulator.synth.common import code_item
-from emulator.ups_references import InstanceReference, reference_item, references_in
+from emulator.store import admit
+from emulator.ups_references import InstanceReference, references_in
+
+__all__ = [  # the messages' datasets are imported from here by older callers
+    "STATION_SCHEME",
+    "DeviceConfig",
+    "PerformingDevice",
+    "UpsOutcome",
+    "cancel_dataset",
+    "claim_refusal",
+    "final_update_dataset",
+    "progress_dataset",
+    "session_outcome",
+    "worklist_identifier",
+]
 
 LOG = logging.getLogger("tdw.device")
-STATION_SCHEME = "99TDWEMU"
 
 
 @dataclass
@@ -91,7 +84,7 @@ class DeviceConfig:
     edition: str = "ihe-ro-2008"
     uid_set: str = "final"
     time_scale: float = 0.0
-    device: str = "sim"
+    device: str = ""  # "" is the kind's simulated machine (kinds.simulated_machine)
     interlocks: dict[int, float] = field(default_factory=dict)
     network: NetworkSettings = field(default_factory=NetworkSettings)
     store_retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -127,74 +120,6 @@ class UpsOutcome:
     flags: list[str] = field(default_factory=list)
 
 
-@dataclass
-class _SessionState:
-    planning_ct: list[Dataset] = field(default_factory=list)
-    cbct: list[Dataset] = field(default_factory=list)
-    correction: CouchCorrection | None = None  # what the registration measured
-
-    def journal_state(self) -> dict:
-        """UIDs and numbers only: the images themselves are in the device's store."""
-        correction = self.correction
-        return {
-            "planning_ct": [str(ds.SOPInstanceUID) for ds in self.planning_ct],
-            "cbct": [str(ds.SOPInstanceUID) for ds in self.cbct],
-            "correction": (
-                [list(correction.translation), list(correction.rotation)] if correction else None
-            ),
-        }
-
-    @classmethod
-    def from_journal(cls, state: dict, store: ObjectStore) -> _SessionState:
-        """The session as journaled; an image no longer in the store leaves its list empty,
-        so the step that needs it cancels rather than working on part of a series."""
-
-        def images(uids: list[str]) -> list[Dataset]:
-            found = [store.get(uid) for uid in uids]
-            return [store.read(i) for i in found] if all(found) else []
-
-        correction = state.get("correction")
-        return cls(
-            images(state.get("planning_ct", [])),
-            images(state.get("cbct", [])),
-            CouchCorrection(tuple(correction[0]), tuple(correction[1])) if correction else None,
-        )
-
-
-class _Cancel(Exception):
-    """The work was abandoned after the claim; the UPS must be CANCELED with this reason.
-
-    ``cause`` names the row of ``profiles/discontinuation_reasons.yaml`` that codes it.
-    """
-
-    def __init__(
-        self,
-        reason: str,
-        percent: float = 0.0,
-        stored: list[Dataset] | None = None,
-        cause: str = "device_error",
-    ):
-        super().__init__(reason)
-        self.reason = reason
-        self.percent = percent
-        self.stored = stored or []
-        self.cause = cause
-
-
-@dataclass
-class _Inputs:
-    """What a UPS's inputs gave the device: every object held, and for a delivery the plan
-    and the RT Beams Delivery Instruction among them."""
-
-    held: dict[str, Dataset] = field(default_factory=dict)
-    plan: Dataset | None = None
-    instruction: Dataset | None = None
-
-
-def _dt(moment: dt.datetime) -> str:
-    return moment.strftime("%Y%m%d%H%M%S")
-
-
 INTERRUPTIONS = ("MACHINE termination", "OPERATOR termination")
 
 
@@ -218,20 +143,27 @@ def session_outcome(outcomes: list[UpsOutcome]) -> str:
 
 
 class PerformingDevice:
-    """A PPS, PDS or TDD: a DICOM actor in front of one :class:`Device`."""
+    """A PPS, PDS, TDD or afterloader: a DICOM actor in front of one machine.
+
+    It keeps the UPS lifecycle (query, retrieve, claim, progress, final update, complete or
+    cancel) and journals it; what each step does on the machine is the step's
+    (emulator/performer/steps), and which steps this device performs is its kind's
+    (emulator/performer/kinds.py).
+    """
 
     def __init__(
         self,
         config: DeviceConfig,
-        on_event: Callable[[BeamTask, DeliveryEvent], None] | None = None,
-        on_beam_start: Callable[[BeamTask], None] | None = None,
+        on_event: Callable[[object, object], None] | None = None,
+        on_beam_start: Callable[[object], None] | None = None,
         metrics: Metrics | None = None,
         inbox: SharedStorageReceiver | None = None,
     ) -> None:
-        """``inbox``: receive C-MOVE results through the process's shared receiver (a
-        fleet) instead of a receiver of this device's own."""
-        if config.kind not in actors.KINDS:
-            raise ValueError(f"unknown device kind {config.kind!r}")
+        """``on_event`` sees every machine event of a delivery with its task (a beam or a
+        channel), ``on_beam_start`` each task as it starts. ``inbox``: receive C-MOVE
+        results through the process's shared receiver (a fleet) instead of a receiver of
+        this device's own."""
+        step_classes = steps_of(config.kind)
         self.config = config
         self.profile: Profile = load_profile(config.edition, config.uid_set)
         self.uids = self.profile.sop_classes
@@ -240,8 +172,8 @@ class PerformingDevice:
         self.on_beam_start = on_beam_start
         callers = [config.tms.ae_title, config.archive.ae_title]
         store_dir = Path(config.data_dir) / "store"
-        # The beam hold goes to self.device, opened below.
-        self.cancel_requests = CancelRequests(lambda reason: self.device.interrupt(reason))
+        # The beam hold (or source retraction) goes to self.device, opened below.
+        self.cancel_requests = CancelRequests(self._hold)
         self.receiver: StorageReceiver | ReceiverInbox = (
             inbox.attach(config.ae_title, store_dir, callers, self.cancel_requests.on_event)
             if inbox is not None
@@ -260,16 +192,17 @@ class PerformingDevice:
         self.metrics = (metrics or default_metrics()).add_actor(
             config.ae_title, config.kind, config.station
         )
-        self.device: Device = open_device(
-            config.device,
+        self.device: Machine = open_device(
+            config.device or simulated_machine(config.kind),
             self.clock,
             {
                 "interlocks": dict(config.interlocks),
                 "link_observer": self.metrics,
                 "timing": dict(config.device_timing),
+                "machine": config.kind,
             },
         )
-        self.sessions: dict[str, _SessionState] = {}
+        self.sessions: dict[str, SessionState] = {}
         self.peers = {config.tms.ae_title: config.tms, config.archive.ae_title: config.archive}
         self.outbox = ResultOutbox(Path(config.data_dir) / "outbox.sqlite3")
         self.journal = ClaimJournal(Path(config.data_dir) / "outbox.sqlite3")
@@ -280,6 +213,27 @@ class PerformingDevice:
             config.network,
             Backoff(window_s=config.tms_retry_window),
         )
+        context = StepContext(
+            machine=self.device,
+            uids=self.uids,
+            station=config.station,
+            metrics=self.metrics,
+            journal=self.journal,
+            store=self.receiver.store,
+            cancel_requests=self.cancel_requests,
+            store_results=self._store,
+            progress=self._progress,
+            on_event=lambda task, event: self.on_event and self.on_event(task, event),
+            on_unit_start=lambda task: self.on_beam_start and self.on_beam_start(task),
+        )
+        self.steps: dict[str, Step] = {cls.name: cls(context) for cls in step_classes}
+
+    def _hold(self, reason: str) -> None:
+        """A cancel request heard mid-delivery: the machine holds its beam or retracts its
+        source, whichever it has."""
+        interrupt = getattr(self.device, "interrupt", None)
+        if interrupt is not None:
+            interrupt(reason)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -295,7 +249,15 @@ class PerformingDevice:
         self.tms.tms = tms
 
     def start(self) -> tuple[str, int]:
+        """Connects the machine, refuses in one sentence a machine that lacks a role this
+        kind's steps need (an afterloader asked to deliver beams), starts the receiver."""
         self.device.connect()
+        try:
+            for step in self.steps.values():
+                role(self.device, step.role)
+        except DeviceError as missing:
+            self.device.close()
+            raise DeviceError(f"--kind {self.config.kind}: {missing}") from missing
         self.metrics.set_connected(True)
         return self.receiver.start()
 
@@ -381,8 +343,10 @@ class PerformingDevice:
         problems: list[str] = []
         refs: list[InstanceReference] = []
         for step, ups in session:
-            problems += safety.input_problems(step, ups, set(self.peers), self.uids)
-            refs += references_in(ups.get("InputInformationSequence") or [])
+            these = references_in(ups.get("InputInformationSequence") or [])
+            problems += safety.input_problems(ups, set(self.peers))
+            problems += self.steps[step].input_problems(ups, these)
+            refs += these
         if problems:
             return problems
         try:
@@ -443,23 +407,21 @@ class PerformingDevice:
         session = self._session(ups)
         watching = self._watch(uid, subscribe=True)
         claim.reporter = self._reporter(claim)
+        kind = self.steps[step]
         try:
             with self.cancel_requests.performing(uid):
                 claim.begin()
-                first_beam = None
-                if step == "delivery":
-                    first_beam = int(inputs.instruction.BeamTaskSequence[0].ReferencedBeamNumber)
-                self._progress(claim, 0.0, first_beam)
-                percent = self._do(claim, inputs, session, outcome)
+                self._progress(claim, 0.0, kind.start_marker(inputs))
+                percent = kind.perform(Work(claim, inputs, session, outcome))
                 self._honour_cancel_request(claim, percent)
                 self._progress(claim, percent, None, claim.description)
                 claim.results_kept()
                 claim.end_as("COMPLETED", percent=percent)
-        except _Cancel as cancel:
+        except Cancel as cancel:
             self._cancel_claim(claim, cancel)
         except (DeviceError, DimseError, ValueError) as exc:
             self.metrics.fault("dimse_error" if isinstance(exc, DimseError) else "device_error")
-            self._cancel_claim(claim, _Cancel(f"{type(exc).__name__}: {exc}"))
+            self._cancel_claim(claim, Cancel(f"{type(exc).__name__}: {exc}"))
         finally:
             claim.reporter.close()
             self.device.watch_progress(None)
@@ -487,35 +449,26 @@ class PerformingDevice:
         """A cancel request heard while a step ran ends it CANCELED, with what it stored."""
         reason = self.cancel_requests.requested(claim.uid)
         if reason:
-            raise _Cancel(reason, percent, list(claim.stored or []), cause="tms_request")
+            raise Cancel(reason, percent, list(claim.stored or []), cause="tms_request")
 
-    def _inputs(self, step: str, ups: Dataset) -> tuple[_Inputs, list[str]]:
-        """What the UPS needs, retrieved and checked; the problems that forbid a claim."""
+    def _inputs(self, step: str, ups: Dataset) -> tuple[StepInputs, list[str]]:
+        """What the UPS needs, retrieved and checked by the workflow's rules and then by the
+        step's own (its plan against the machine); the problems that forbid a claim."""
         refs = references_in(ups.get("InputInformationSequence") or [])
-        problems = safety.input_problems(step, ups, set(self.peers), self.uids)
-        inputs = _Inputs()
+        problems = safety.input_problems(ups, set(self.peers))
+        problems += self.steps[step].input_problems(ups, refs)
+        inputs = StepInputs()
         if not problems:
             try:
                 inputs.held = self._retrieve(refs)
             except DimseError as exc:
                 problems = [f"RO-18: retrieval failed: {exc}"]
         problems = problems or safety.arrival_problems(refs, inputs.held)
-        if not problems and step == "delivery":
-            held = inputs.held
-            inputs.plan = next(
-                held[r.sop_instance_uid] for r in refs if r.sop_class_uid == self.uids["rt_plan"]
-            )
-            inputs.instruction = next(
-                held[r.sop_instance_uid]
-                for r in refs
-                if r.sop_class_uid == self.uids["rt_beams_delivery_instruction"]
-            )
-            problems = safety.plan_problems(
-                inputs.plan, inputs.instruction, ups, self.device.capabilities()
-            )
-            session = self._session(ups)
-            if session.planning_ct:
-                problems += safety.frame_problems(inputs.plan, session.planning_ct[0])
+        if not problems:
+            try:
+                problems = self.steps[step].read_inputs(ups, inputs, self._session(ups))
+            except DeviceError as exc:
+                problems = [str(exc)]
         return inputs, problems
 
     def _claim(self, step: str, ups: Dataset, outcome: UpsOutcome) -> ClaimedUps | None:
@@ -555,7 +508,7 @@ class PerformingDevice:
         claim.accepted()
         return claim
 
-    def _cancel_claim(self, claim: ClaimedUps, cancel: _Cancel) -> None:
+    def _cancel_claim(self, claim: ClaimedUps, cancel: Cancel) -> None:
         LOG.warning("UPS %s will be canceled: %s", claim.uid, cancel.reason)
         claim.stored = cancel.stored
         claim.end_as("CANCELED", cancel.reason[:1024], cancel.cause, cancel.percent)
@@ -773,17 +726,17 @@ class PerformingDevice:
             claim.end_as("COMPLETED")
             outcome.reason = "completed after the device restarted"
             return self._finish(claim, outcome)
-        cancel = _Cancel(
+        cancel = Cancel(
             f"the device restarted while performing the {claim.step}; "
             "what was stored before is in the Output Information",
             claim.record.progress,
             claim.stored,
             cause="restart",
         )
-        if not claim.stored:
+        if not claim.stored and claim.step in self.steps:
             try:
-                cancel = self._cancel_from_journal(claim.record, outcome) or cancel
-            except _Cancel as not_taken:
+                cancel = self.steps[claim.step].after_restart(claim.record, outcome) or cancel
+            except Cancel as not_taken:
                 # The rebuilt record is spooled; the UPS is ended once it is stored.
                 outcome.reason = not_taken.reason
                 return outcome
@@ -808,291 +761,17 @@ class PerformingDevice:
         ]
         self.journal.withhold(later, actors.session_label(ups), reason)
 
-    def _cancel_from_journal(self, claim: Claim, outcome: UpsOutcome) -> _Cancel | None:
-        """The record of a delivery the process died in, built from the beams the machine
-        had reported and the journal holds; stored before the UPS is canceled with it, so
-        the TMS schedules a continuation of exactly the rest. None if nothing was delivered.
-        """
-        journaled = self.journal.delivery(claim.ups_uid)
-        if journaled is None:
-            return None
-        context, beams = journaled
-        store = self.receiver.store
-        plan = store.read(store.get(context.plan_uid))
-        journaled_beams = beams
-        if beams:
-            number, start, end, delivery_type = context.tasks[len(beams) - 1]
-            last_task = BeamTask(beam_program(plan, number, start, end), delivery_type)
-            beams = reconcile_with_machine(beams, last_task, self.device.last_delivery())
-        counted = "as the machine counted it" if beams is not journaled_beams else "as reported"
-        delivered = round(sum(beam.delivered for beam in beams), 4)
-        if delivered <= 0:
-            return None
-        previous = [store.read(store.get(u)) for u in context.previous_record_uids]
-        record = self._record(context, beams, plan, previous)
-        planned = context.planned_meterset
-        percent = round(delivered / planned * 100, 2) if planned else 0.0
-        stored = self._store([record], "RO-24", claim.ups_uid, percent)
-        for beam in beams:
-            self.metrics.beam(beam.termination, beam.delivered)
-        outcome.delivered = {beam.beam_number: beam.delivered for beam in beams}
-        return _Cancel(
-            "the device restarted while delivering; the record in the Output Information "
-            f"holds the {delivered:g} MU delivered, {counted}",
-            percent,
-            stored,
-        )
-
     # -- the work ----------------------------------------------------------------------------
 
-    def _session(self, ups: Dataset) -> _SessionState:
+    def _session(self, ups: Dataset) -> SessionState:
         """This session's state: in memory, else as a previous process journaled it."""
         key = actors.session_label(ups)
         if key not in self.sessions:
             state = self.journal.session(key)
             self.sessions[key] = (
-                _SessionState.from_journal(state, self.receiver.store) if state else _SessionState()
+                SessionState.from_journal(state, self.receiver.store) if state else SessionState()
             )
         return self.sessions[key]
-
-    def _session_done(self, ups: Dataset, session: _SessionState) -> None:
-        self.journal.session_saved(actors.session_label(ups), session.journal_state())
-
-    def _do(
-        self, claim: ClaimedUps, inputs: _Inputs, session: _SessionState, outcome: UpsOutcome
-    ) -> float:
-        """Performs the claimed step; keeps what it stored on the claim; returns the progress.
-
-        Nothing here holds a TMS association: a CBCT or a beam takes as long as it takes.
-        """
-        station, ups = self.config.station, claim.ups
-        if claim.step == "acquisition":
-            session.planning_ct = sorted(
-                (ds for ds in inputs.held.values() if ds.SOPClassUID == self.uids["ct_image"]),
-                key=lambda ds: float(ds.ImagePositionPatient[2]),
-            )
-            ctx = result_identity(ups, session.planning_ct)
-            self.device.place_patient(
-                volume_from_images(session.planning_ct), patient_position(session.planning_ct)
-            )
-            # RO-26 while the scan runs, as the machine reports its share done.
-            self.device.watch_progress(lambda _op, share: claim.reporter.offer(share * 100))
-            session.cbct = build_cbct_series(ctx, self.device.acquire("CBCT"), self.uids, station)
-            claim.stored = self._store(session.cbct, "RO-22", claim.uid)
-            self._session_done(ups, session)
-            return 100.0
-        if claim.step == "registration":
-            if not session.cbct or not session.planning_ct:
-                raise _Cancel(
-                    "RO-23: no acquisition in this session to register", cause="refused_input"
-                )
-            try:
-                measured = register_rigid(
-                    volume_from_images(session.planning_ct),
-                    volume_from_images(session.cbct),
-                    rotations=self.device.capabilities().couch_rotation_limits_deg > 0,
-                )
-            except RegistrationError as error:
-                raise _Cancel(f"RO-23: {error}", cause="refused_input") from error
-            ctx = result_identity(ups, session.planning_ct)
-            registration = build_registration(
-                ctx, session.planning_ct, session.cbct, measured.matrix, self.uids, station
-            )
-            claim.stored = self._store([registration], "RO-23", claim.uid)
-            session.correction = CouchCorrection(*measured.correction)
-            self._session_done(ups, session)
-            return 100.0
-        if claim.step == "adjustment":
-            if session.correction is None:
-                # Moving the couch by nothing would leave the patient where the CBCT showed
-                # them to be off: no correction known, no adjustment.
-                raise _Cancel(
-                    "no registration in this session: the couch correction is unknown",
-                    cause="refused_input",
-                )
-            self._move_couch(session)
-            return 100.0
-        return self._deliver(claim, inputs, outcome)
-
-    def _move_couch(self, session: _SessionState) -> TableTop:
-        """The adjustment: the registration's correction as a table-top move, verified in
-        all six axes against what the couch reports it reached (hil/PROTOCOL.md, Safety).
-        Out of the machine's tolerance, the rest is asked for ``couch_retries`` times; still
-        out, no beam may be turned on: the step is canceled naming the couch and the axis.
-        """
-        caps = self.device.capabilities()
-        correction = session.correction
-        asked = to_table_top(
-            correction.translation, correction.rotation, patient_position(session.planning_ct)
-        )
-        before = self.device.couch_position()
-        after = self.device.move_couch(asked)
-        for _ in range(caps.couch_retries):
-            if not misses(asked, after - before, caps.couch_tolerance_mm, caps.couch_tolerance_deg):
-                break
-            LOG.warning("couch short of the correction: asking for the rest")
-            after = self.device.move_couch(asked - (after - before))
-        missed = misses(asked, after - before, caps.couch_tolerance_mm, caps.couch_tolerance_deg)
-        if missed:
-            self.metrics.fault("couch")
-            raise _Cancel(
-                f"couch {'; '.join(missed)} (tolerance {caps.couch_tolerance_mm:g} mm, "
-                f"{caps.couch_tolerance_deg:g}°): no beam may be turned on",
-                cause="couch_out_of_tolerance",
-            )
-        return after
-
-    def _deliver(self, claim: ClaimedUps, inputs: _Inputs, outcome: UpsOutcome) -> float:
-        plan, instruction, ups = inputs.plan, inputs.instruction, claim.ups
-        tasks = beam_tasks(plan, instruction)
-        planned = sum(t.program.stop_meterset - t.program.start_meterset for t in tasks)
-        done: dict[int, float] = {}
-
-        def share(delivery: SessionDelivery) -> float:
-            """The fraction's meterset the machine has reported so far, in percent."""
-            given = sum(beam.delivered for beam in delivery.so_far())
-            return given / planned * 100 if planned else 0.0
-
-        def beam_started(task: BeamTask) -> None:
-            reason = self.cancel_requests.requested(claim.uid)
-            if reason:  # asked between beams: no further beam is started
-                raise _Cancel(reason, cause="tms_request")
-            self._progress(claim, share(delivery), task.program.beam_number)
-            if self.on_beam_start:
-                self.on_beam_start(task)
-
-        def delivered(delivery: SessionDelivery) -> None:
-            self.journal.delivered(claim.uid, delivery.so_far())
-            claim.reporter.offer(share(delivery))
-
-        session_start = dt.datetime.now().replace(microsecond=0)
-        previous = [
-            ds
-            for ds in inputs.held.values()
-            if ds.SOPClassUID == self.uids["rt_beams_treatment_record"]
-        ]
-        context = DeliveryContext(
-            plan_uid=str(plan.SOPInstanceUID),
-            previous_record_uids=[str(ds.SOPInstanceUID) for ds in previous],
-            study_instance_uid=str(ups.StudyInstanceUID),
-            fraction=int(instruction.BeamTaskSequence[0].CurrentFractionNumber),
-            session_start=_dt(session_start),
-            planned_meterset=planned,
-            tasks=[
-                [
-                    t.program.beam_number,
-                    t.program.start_meterset,
-                    t.program.end_meterset,
-                    t.delivery_type,
-                ]
-                for t in tasks
-            ],
-        )
-        self.journal.delivery_started(claim.uid, context)
-        delivery = SessionDelivery(
-            self.device,
-            tasks,
-            self.on_event,
-            beam_started,
-            on_delivered=delivered,
-        )
-        try:
-            result = delivery.run()
-        except _Cancel as refused:
-            # The TMS refused a progress update between beams (it no longer has the UPS IN
-            # PROGRESS for this device): the beams already given are recorded all the same.
-            beams = delivery.outcome.beams
-            given = round(sum(b.delivered for b in beams), 4)
-            refused.percent = round(given / planned * 100, 2) if planned else 0.0
-            if beams:
-                record = self._record(context, beams, plan, previous)
-                refused.stored = self._store([record], "RO-24", claim.uid, refused.percent)
-            outcome.delivered = {b.beam_number: b.delivered for b in beams}
-            raise
-        for beam in result.beams:
-            done[beam.beam_number] = beam.delivered
-            self.metrics.beam(beam.termination, beam.delivered)
-        outcome.flags = self._meterset_flags(tasks, result.beams)
-        outcome.delivered = dict(done)
-        outcome.delivery_type = tasks[0].delivery_type if tasks else ""
-        percent = round(result.delivered / planned * 100, 2) if planned else 0.0
-        if result.interrupted:
-            # RO-26: progress before the results are stored, then the record, then cancel.
-            # Whatever any beam delivered is recorded, also when the device failed between
-            # beams: the TMS and the next fraction must know that dose was given.
-            self._progress(claim, percent, None)
-            stored = []
-            if result.beams:
-                record = self._record(context, result.beams, plan, previous)
-                stored = self._store([record], "RO-24", claim.uid, percent)
-            if result.device_error:
-                raise _Cancel(result.reason, percent, stored, cause="device_error")
-            cause = {"OPERATOR": "operator_hold", "UNKNOWN": "device_error"}.get(
-                result.termination, "interlock"
-            )
-            if result.beams and result.beams[-1].termination_code == "LINK":
-                cause = "device_error"  # the link to the controller, not an interlock
-            elif result.termination == "OPERATOR" and self.cancel_requests.requested(claim.uid):
-                cause = "tms_request"  # the beam hold was the TMS's cancel request
-            raise _Cancel(
-                f"{result.termination} termination: {result.reason or 'beam hold'}",
-                percent,
-                stored,
-                cause=cause,
-            )
-        record = self._record(context, result.beams, plan, previous)
-        claim.stored = self._store([record], "RO-24", claim.uid, percent)
-        if outcome.flags:
-            claim.description = "; ".join(outcome.flags)[:1024]
-        return 100.0
-
-    def _meterset_flags(self, tasks: list[BeamTask], beams: list[DeliveredBeam]) -> list[str]:
-        """Each beam that ended NORMAL with a measured meterset farther from its planned end
-        than the machine's tolerance, in words; such a beam is marked NOT_VERIFIED (PS3.3
-        C.8.8.21, RT Beams Session Record: Treatment Verification Status (3008,002C), "one
-        or more values out of range and not overridden"), the words in its Treatment
-        Termination Description (300A,0730), its record keeping what was measured."""
-        tolerance = self.device.capabilities().meterset_tolerance_mu
-        by_number = {task.program.beam_number: task.program for task in tasks}
-        flags = []
-        for beam in beams:
-            program = by_number.get(beam.beam_number)
-            if program is None or beam.termination != "NORMAL":
-                continue
-            planned = program.stop_meterset - program.start_meterset
-            off = beam.delivered - planned
-            if abs(off) > tolerance:
-                words = (
-                    f"beam {beam.beam_number} delivered {beam.delivered:g} MU of the "
-                    f"{planned:g} MU planned ({off:+.2f} MU, beyond the {tolerance:g} MU "
-                    "tolerance)"
-                )
-                beam.verification = "NOT_VERIFIED"
-                beam.termination_description = words
-                self.metrics.fault("meterset")
-                flags.append(f"{words}: the record says NOT_VERIFIED")
-        return flags
-
-    def _record(
-        self,
-        context: DeliveryContext,
-        beams: list[DeliveredBeam],
-        plan: Dataset,
-        previous: list[Dataset],
-    ) -> Dataset:
-        where = self.device.couch_position()  # the table top reached, as the couch said
-        for beam in beams:
-            beam.table_top = beam.table_top or where
-        return build_treatment_record(
-            plan,
-            beams,
-            self.uids,
-            context.study_instance_uid,
-            TreatmentMachine.identified(self.config.station, self.device.identify()),
-            context.fraction,
-            dt.datetime.strptime(context.session_start, "%Y%m%d%H%M%S"),
-            previous_records=previous,
-        )
 
     # -- messages ----------------------------------------------------------------------------
 
@@ -1100,7 +779,7 @@ class PerformingDevice:
         self, objects: list[Dataset], transaction: str, ups_uid: str, percent: float = 100.0
     ) -> list[Dataset]:
         """Keeps each result locally and in the outbox, then stores it to the Archive,
-        retrying with backoff; raises _Cancel when the Archive still has not taken it.
+        retrying with backoff; raises Cancel when the Archive still has not taken it.
 
         ``percent`` is the progress actually reached, reported if the UPS must be canceled.
         """
@@ -1119,7 +798,7 @@ class PerformingDevice:
             if not error:
                 return objects
             LOG.warning("%s: results not stored yet (%s); retrying", transaction, error)
-        raise _Cancel(
+        raise Cancel(
             f"{transaction}: the Archive did not take the results after "
             f"{self.config.store_retry.attempts} attempts ({error}); they are kept and "
             "will be sent again",
@@ -1199,147 +878,5 @@ class PerformingDevice:
         try:
             claim.reporter.report_now(percent, beam, description)
         except ProgressRefused as refused:
-            raise _Cancel(str(refused), refused.percent, cause="tms_request") from refused
+            raise Cancel(str(refused), refused.percent, cause="tms_request") from refused
         claim.progressed(percent)
-
-
-def patient_position(planning_ct: list[Dataset]) -> str:
-    """How the patient lies (DICOM Patient Position, HFS when the CT does not say): which
-    table-top axis is which patient axis."""
-    return str((planning_ct[0].get("PatientPosition") if planning_ct else "") or "HFS")
-
-
-def claim_refusal(reply: Reply, sent_transaction_uid: str) -> str:
-    """Why a claim was refused, in one sentence: the status, the TMS's Error Comment, and
-    what a zero-length Transaction UID means to a final-standard TMS."""
-    text = f"claim refused (0x{reply.status:04X}" + (
-        f": {reply.comment})" if reply.comment else ")"
-    )
-    if reply.status == 0xC301 and not sent_transaction_uid:
-        text += (
-            ": this device sent a zero-length Transaction UID, as RO-19 2008 has the TMS "
-            "make it, and this TMS wants it from the performer (PS3.4 CC.2.1.2); "
-            "--profile tdw-ii makes the final standard's claim"
-        )
-    return text
-
-
-# -- the datasets of each message, shared with the scenario runner ----------------------------
-
-
-def worklist_identifier(
-    station: str, day: dt.date | None = None, now: dt.datetime | None = None
-) -> Dataset:
-    """RO-17: every required matching and return key of Table 3.17-1 (Notes 1, 5, 6, 7).
-
-    The date range (Note 5, "such as the rest of the current day"): ``day``'s, or today's
-    reaching back at least an hour, so a session scheduled just before midnight is still
-    found just after it."""
-    now = now or dt.datetime.now()
-    first = dt.datetime.combine(day or now.date(), dt.time(0, 0))
-    if day is None:
-        first = min(first, now - dt.timedelta(hours=1))
-    day = day or now.date()
-    ident = Dataset()
-    ident.SpecificCharacterSet = ""
-    ident.SOPClassUID = ""
-    ident.SOPInstanceUID = ""
-    ident.ProcedureStepState = "SCHEDULED"
-    ident.ProcedureStepLabel = ""
-    ident.ScheduledStationNameCodeSequence = Sequence([code_item(station, "", "")])
-    ident.ScheduledProcedureStepStartDateTime = f"{first:%Y%m%d%H%M%S}-{day:%Y%m%d}235959"
-    ident.ScheduledWorkitemCodeSequence = Sequence([])
-    ident.ScheduledProcessingParametersSequence = Sequence([])
-    ident.InputInformationSequence = Sequence([])
-    ident.StudyInstanceUID = ""
-    ident.PatientName = ""
-    ident.PatientID = ""
-    ident.PatientBirthDate = ""
-    ident.PatientSex = ""
-    ident.InputReadinessState = ""
-    return ident
-
-
-def progress_dataset(
-    profile: Profile,
-    transaction: str | None,
-    percent: float,
-    beam: int | None,
-    description: str = "",
-) -> Dataset:
-    """RO-26 modifications; ``transaction`` None leaves the Transaction UID out;
-    ``description`` what the TMS console should show beside the share (a flag)."""
-    ds = Dataset()
-    if transaction is not None:
-        ds.TransactionUID = transaction
-    info = Dataset()
-    info.ProcedureStepProgress = round(min(max(percent, 0.0), 100.0), 2)
-    if description:
-        info.ProcedureStepProgressDescription = description[:1024]
-    ds.ProcedureStepProgressInformationSequence = Sequence([info])
-    if beam is not None:
-        concept = profile.concept("beam_number_in_progress")
-        parameter = Dataset()
-        parameter.ValueType = "TEXT"
-        parameter.ConceptNameCodeSequence = Sequence(
-            [code_item(concept.value, concept.scheme, concept.meaning)]
-        )
-        parameter.TextValue = str(beam)
-        performed = Dataset()
-        performed.PerformedProcessingParametersSequence = Sequence([parameter])
-        performed.OutputInformationSequence = Sequence([])
-        performed.NonDICOMOutputCodeSequence = Sequence([])
-        ds.UnifiedProcedureStepPerformedProcedureSequence = Sequence([performed])
-    return ds
-
-
-def final_update_dataset(
-    ups: Dataset,
-    station: str,
-    transaction: str | None,
-    started: dt.datetime,
-    stored: list[Dataset],
-    archive_ae_title: str,
-    reference_style: str,
-) -> Dataset:
-    """RO-21: the Performed Procedure Sequence; Output Information = exactly what was stored."""
-    performed = Dataset()
-    performed.PerformedStationNameCodeSequence = Sequence(
-        [code_item(station, STATION_SCHEME, "Performed Station Name")]
-    )
-    performed.PerformedProcedureStepStartDateTime = _dt(started)
-    performed.PerformedProcedureStepEndDateTime = _dt(dt.datetime.now())
-    performed.PerformedWorkitemCodeSequence = Sequence([ups.ScheduledWorkitemCodeSequence[0]])
-    by_series: dict[str, list[InstanceReference]] = {}
-    for ds in stored:
-        by_series.setdefault(str(ds.SeriesInstanceUID), []).append(
-            InstanceReference(
-                str(ds.StudyInstanceUID),
-                str(ds.SeriesInstanceUID),
-                str(ds.SOPClassUID),
-                str(ds.SOPInstanceUID),
-                archive_ae_title,
-            )
-        )
-    performed.OutputInformationSequence = Sequence(
-        [reference_item(refs, reference_style) for refs in by_series.values()]
-    )
-    performed.NonDICOMOutputCodeSequence = Sequence([])
-    ds = Dataset()
-    if transaction is not None:
-        ds.TransactionUID = transaction
-    ds.UnifiedProcedureStepPerformedProcedureSequence = Sequence([performed])
-    return ds
-
-
-def cancel_dataset(transaction: str | None, percent: float, reason: str, cause: str) -> Dataset:
-    """RO-25 before CANCELED: the progress reached, when, why in words (seed RO-18
-    3.18.4.1) and why as a CID 9300 code: the Final State X attributes of PS3.4 Table
-    CC.2.5-3, which the Change State request itself cannot carry."""
-    ds = Dataset()
-    if transaction is not None:
-        ds.TransactionUID = transaction
-    ds.ProcedureStepProgressInformationSequence = Sequence(
-        [ups_attributes.cancellation_item(percent, reason[:1024], cause)]
-    )
-    return ds

@@ -6,6 +6,12 @@ CT series for the CBCT acquisition, the RT Plan from the Archive and the RT Beam
 Instruction from the TMS for the delivery. When a delivery ends CANCELED part-way, the
 stored RT Beams Treatment Record says what was delivered, and the continuation session
 asks for exactly the rest (Note 5, 'CONTINUATION').
+
+A brachytherapy plan (an RT Plan with Brachy Application Setups) is scheduled for an
+afterloader: one delivery UPS, workitem 121726 "RT Treatment with Internal Verification"
+(PS3.16 CID 9241, Radiotherapy General Workitem Definition: treatment whatever the
+modality), the RT Plan its input. Its continuation carries the fraction's earlier RT Brachy
+Treatment Records, from which the afterloader gives each dwell exactly its rest.
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from emulator import ups_attributes
+from emulator.brachy_fraction import anything_left, remaining_reference_s
 from emulator.profile import Code, Profile, ProfileError, load_yaml, workitem_codes
 from emulator.reference.ups_store import SessionRecord, UpsRecord, UpsStore
 from emulator.store import ObjectStore, StoredInstance
 from emulator.store.admission import admit
 from emulator.store.object_store import StoreOutcome
 from emulator.synth import ContinuationRange, PatientContext, build_delivery_instruction
+from emulator.synth.brachy_access import is_brachy_plan
 from emulator.synth.common import STUDY_ATTRIBUTES, code_item, new_dataset
 from emulator.synth.plan_access import specified_metersets
 from emulator.ups_references import InstanceReference, reference_item, references_in
@@ -289,11 +297,17 @@ class Scheduler:
         continues_session: str = "",
         extra_tms_inputs: list[Dataset] | None = None,
     ) -> str:
-        """Schedules one session of four UPS; returns its session id."""
+        """Schedules one session of four UPS (one, for a brachytherapy plan); returns its
+        session id."""
         start = within_one_day(start)
         instance, plan = self._archived(plan_uid)
         if plan.SOPClassUID != self.profile.sop_classes["rt_plan"]:
             raise SchedulingError(f"{plan_uid} is not an RT Plan")
+        if is_brachy_plan(plan):
+            records = list(extra_tms_inputs or [])
+            return self._schedule_brachy(
+                instance, plan, station, start, fraction, records, continues_session
+            )
         ct = self._ct_references(plan)
         ctx = PatientContext.from_dataset(plan)
         instruction = build_delivery_instruction(
@@ -352,6 +366,110 @@ class Scheduler:
         )
         return session_id
 
+    def _schedule_brachy(
+        self,
+        instance: StoredInstance,
+        plan: Dataset,
+        station: str,
+        start: dt.datetime,
+        fraction: int,
+        records: list[Dataset],
+        continues_session: str,
+    ) -> str:
+        """An afterloader's session: one delivery UPS with the plan (from the Archive) and,
+        for a continuation, the fraction's earlier records (kept at the TMS) as inputs."""
+        plan_ref = InstanceReference(
+            instance.values["study_instance_uid"],
+            instance.values["series_instance_uid"],
+            instance.sop_class_uid,
+            instance.sop_instance_uid,
+            self.archive_ae_title,
+        )
+        record_refs = [self._store_at_tms(ds) for ds in records]
+        delivery_type = "CONTINUATION" if records else "TREATMENT"
+        code = step_codes()["delivery"]
+        ups = self._ups(
+            "delivery",
+            code,
+            plan,
+            station,
+            start,
+            fraction,
+            delivery_type,
+            [[plan_ref], *([r] for r in record_refs)],
+        )
+        session_id = str(generate_uid())
+        record = SessionRecord(
+            session_id,
+            station,
+            str(plan.PatientID),
+            str(plan.SOPInstanceUID),
+            fraction,
+            delivery_type,
+            continues_session,
+            {},
+        )
+        self.ups.add_session(record, [("delivery", ups)])
+        LOG.info(
+            "scheduled brachy %s session %s fraction %d at %s for %s",
+            delivery_type,
+            session_id,
+            fraction,
+            station,
+            plan.PatientID,
+        )
+        return session_id
+
+    def _schedule_brachy_continuation(
+        self, session: SessionRecord, canceled: UpsRecord, find_object: Callable
+    ) -> str | None:
+        """What is left of a brachy fraction after the canceled session's record and the
+        fraction's earlier ones; nothing scheduled (and a note) when nothing is left or a
+        record's count was never confirmed."""
+        uid = self.profile.sop_classes["rt_brachy_treatment_record"]
+        performed = canceled.dataset.get("UnifiedProcedureStepPerformedProcedureSequence") or []
+        outputs = performed[0].get("OutputInformationSequence", []) if performed else []
+        inputs = canceled.dataset.get("InputInformationSequence", [])
+        records = [
+            ds
+            for ref in [*references_in(inputs), *references_in(outputs)]
+            if ref.sop_class_uid == uid and (ds := find_object(ref.sop_instance_uid))
+        ]
+        new = [
+            r
+            for r in records
+            if str(r.SOPInstanceUID) in {x.sop_instance_uid for x in references_in(outputs)}
+        ]
+        if not new:
+            self._note(session, "continuation needs review: no RT Brachy Treatment Record")
+            return None
+        unknown = [
+            int(setup.get("ReferencedBrachyApplicationSetupNumber", 0))
+            for record in new
+            for setup in record.get("TreatmentSessionApplicationSetupSequence", [])
+            if setup.get("TreatmentTerminationStatus") == "UNKNOWN"
+        ]
+        if unknown:
+            self._note(session, "continuation needs review: a channel ended UNKNOWN")
+            return None
+        _, plan = self._archived(session.plan_uid)
+        if not anything_left(remaining_reference_s(plan, records)):
+            self._note(session, "all dwells delivered; nothing to continue")
+            return None
+        start = dt.datetime.now().replace(microsecond=0) + dt.timedelta(minutes=1)
+        return self.schedule_session(
+            session.plan_uid,
+            session.station_code,
+            start,
+            session.fraction_number,
+            continues_session=session.session_id,
+            extra_tms_inputs=records,
+        )
+
+    def _note(self, session: SessionRecord, note: str) -> None:
+        self.ups.set_session_note(session.session_id, note)
+        LOG.warning("session %s: %s", session.session_id, note)
+
     def schedule_fractions(
         self,
         plan_uid: str,
@@ -382,6 +500,9 @@ class Scheduler:
         session = self.ups.session(canceled.session_id)
         if session is None:
             return None
+        _, plan = self._archived(session.plan_uid)
+        if is_brachy_plan(plan):
+            return self._schedule_brachy_continuation(session, canceled, find_object)
         performed = canceled.dataset.get("UnifiedProcedureStepPerformedProcedureSequence") or []
         outputs = performed[0].get("OutputInformationSequence", []) if performed else []
         record_uid = self.profile.sop_classes["rt_beams_treatment_record"]
@@ -564,11 +685,11 @@ class Scheduler:
             else []
         )
         uids = self.profile.sop_classes
+        kept = (uids["rt_beams_treatment_record"], uids["rt_brachy_treatment_record"])
         records = [
             ds
             for ref in refs
-            if ref.sop_class_uid == uids["rt_beams_treatment_record"]
-            and (ds := find_object(ref.sop_instance_uid))
+            if ref.sop_class_uid in kept and (ds := find_object(ref.sop_instance_uid))
         ]
         continuation = None
         if session.delivery_type == "CONTINUATION":

@@ -18,7 +18,7 @@ from emulator.reference.archive import ArchiveConfig, ArchiveServer
 from emulator.reference.feeder import FeedPlan, SessionFeeder
 from emulator.reference.tms import TmsConfig, TmsServer
 from emulator.reference.tms_faults import TmsFaults
-from emulator.seeding import SeedOptions, synthetic_patient
+from emulator.seeding import AFTERLOADER_PATIENTS, SeedOptions, synthetic_patient
 from emulator.store.importer import dicom_files, import_files
 
 
@@ -36,6 +36,7 @@ class SiteConfig:
     edition: str = "ihe-ro-2008"
     uid_set: str = "final"
     seed_options: SeedOptions = field(default_factory=SeedOptions)
+    brachy_options: SeedOptions = AFTERLOADER_PATIENTS  # what an afterloader station gets
     network: NetworkSettings = field(default_factory=NetworkSettings)
     faults: TmsFaults = field(default_factory=TmsFaults)  # injected, for testing devices
     max_request_bytes: int = 1 << 20  # TmsConfig.max_request_bytes
@@ -111,8 +112,11 @@ class ReferenceSite:
         return self.feeder
 
     def seed_course(self, station: str, index: int) -> tuple[str, int]:
-        """Seeds patient ``index`` with fraction 1 at ``station``: (plan UID, fractions)."""
-        session = self.tms.ups.session(self.seed(station, index))
+        """Seeds patient ``index`` with fraction 1 at ``station`` (an HDR patient at a soak's
+        afterloader station): (plan UID, fractions)."""
+        from emulator.soak.fleet import station_kind
+
+        session = self.tms.ups.session(self.seed(station, index, kind=station_kind(station)))
         plan = self.archive.store.get(session.plan_uid)
         planned = self.archive.store.read(plan, stop_before_pixels=True)
         return session.plan_uid, int(planned.FractionGroupSequence[0].NumberOfFractionsPlanned)
@@ -147,7 +151,7 @@ class ReferenceSite:
         seeded, index = [], first_index
         for scenario in load_scenarios(edition=self.config.edition):
             for _ in range(scenario.sessions):
-                session_id = self.seed(scenario.station, index)
+                session_id = self.seed(scenario.station, index, kind=scenario.kind)
                 if scenario.inputs_missing:
                     plan_uid = self.tms.ups.session(session_id).plan_uid
                     self.archive.store.withdraw(plan_uid)
@@ -165,6 +169,19 @@ class ReferenceSite:
             if isinstance(outcome, Exception):
                 raise ValueError(f"the Archive refused {path}: {outcome}")
         return len(paths)
+
+    def check_plan_kind(self, plan_uid: str, kind: str) -> None:
+        """``tms schedule --kind``: the plan must be one that kind of machine treats."""
+        from emulator.synth.brachy_access import is_brachy_plan
+
+        instance = self.archive.store.get(plan_uid)
+        if instance is None:
+            raise ValueError(f"the Archive holds no RT Plan {plan_uid}")
+        plan = self.archive.store.read(instance, stop_before_pixels=True)
+        brachy = is_brachy_plan(plan)
+        if brachy != (kind == "afterloader"):
+            has = "brachy application setups" if brachy else "external beams"
+            raise ValueError(f"plan {plan_uid} has {has}: it is not for a {kind}")
 
     def archive_plan_uid(self, patient_id: str | None = None) -> str:
         """The RT Plan to schedule when none is named: ``patient_id``'s, or the Archive's
@@ -188,9 +205,13 @@ class ReferenceSite:
             f"--patient-id: {listed}"
         )
 
-    def seed(self, station: str, index: int, start: dt.datetime | None = None) -> str:
-        """Stores one synthetic patient in the Archive and schedules one session for it."""
-        patient = synthetic_patient(self.config.seed_options, index, self.tms.profile.sop_classes)
+    def seed(
+        self, station: str, index: int, start: dt.datetime | None = None, kind: str = "linac"
+    ) -> str:
+        """Stores one synthetic patient in the Archive and schedules one session for it:
+        for a linac station (4 UPS) or an afterloader (one brachytherapy delivery UPS)."""
+        options = self.config.brachy_options if kind == "afterloader" else self.config.seed_options
+        patient = synthetic_patient(options, index, self.tms.profile.sop_classes)
         out = Path(self.config.data_dir) / "seed" / f"patient_{index:03d}"
         paths = patient.write(out)
         planning = [p for p in paths if p.name != "RTBDI.dcm"]
