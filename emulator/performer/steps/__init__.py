@@ -1,0 +1,1 @@
+"""The step kinds a performing device is composed of (see base.py)."""
