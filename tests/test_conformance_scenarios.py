@@ -370,6 +370,18 @@ def _drops_plan_from_inputs(site: ReferenceSite) -> None:
     site.tms._on_find = on_find
 
 
+def _continues_without_brachy_records(site: ReferenceSite) -> None:
+    """A TMS that schedules an HDR continuation without the fraction's brachy records in
+    its inputs: the afterloader cannot tell what was given and treats the whole plan."""
+    original = site.tms.scheduler.schedule_session
+
+    def schedule_session(*args, **kwargs):
+        kwargs.pop("extra_tms_inputs", None)
+        return original(*args, **kwargs)
+
+    site.tms.scheduler.schedule_session = schedule_session
+
+
 def _n_set_answers(status_code: int):
     """A TMS that stores each N-SET of an IN PROGRESS UPS and answers it with
     ``status_code``, a status PS3.4 does not define for N-SET."""
@@ -446,6 +458,12 @@ MUTANTS = {
     "slow-worklist": (_slow_worklist, "long-beam-while-querying", "RO-17/Responsive"),
     "race-loser-gets-c300": (_loser_gets_c300, "race-for-ups", "CC/State-table"),
     "drops-plan-from-inputs": (_drops_plan_from_inputs, "inputs-missing", "RO-17/Note-8"),
+    "drops-the-hdr-plan": (_drops_plan_from_inputs, "afterloader-fraction", "RO-17/Note-8"),
+    "continues-hdr-without-records": (
+        _continues_without_brachy_records,
+        "afterloader-door-continuation",
+        "RO-17/Note-5-continuation",
+    ),
 }
 
 # Scenarios that exist only in some editions: their mutant runs under that edition.
@@ -474,7 +492,7 @@ def test_each_mutant_tms_fails_and_the_broken_rule_is_named(mutant, tmp_path, ca
     )
     site = ReferenceSite(config)
     scenario = next(s for s in load_scenarios(edition=edition) if s.name == scenario_name)
-    site.seed(scenario.station, 1)
+    site.seed(scenario.station, 1, kind=scenario.kind)
     breaks(site)
     addresses = site.start()
     try:

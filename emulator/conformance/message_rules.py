@@ -40,6 +40,9 @@ class CheckContext:
     tms_ae: str
     archive_ae: str
     exchange_timeout_s: float | None = None
+    # Stations that are afterloaders: their delivery UPS carry a brachytherapy plan's
+    # inputs (profiles/rules.yaml ro17_inputs: delivery_brachy), not a linac's.
+    afterloader_stations: frozenset[str] = frozenset()
 
     @property
     def reply_within_s(self) -> float:
@@ -376,6 +379,10 @@ class TrafficChecker:
     def _inputs(self, ident: Dataset, step: str | None, label: str, where: Message) -> None:
         refs = references_in(ident.get("InputInformationSequence") or [])
         self.session_inputs[session_key(ident)].update(r.sop_instance_uid for r in refs)
+        stations = ident.get("ScheduledStationNameCodeSequence") or []
+        station = str(stations[0].get("CodeValue", "")) if stations else ""
+        if step == "delivery" and station in self.ctx.afterloader_stations:
+            step = "delivery_brachy"
         table = self.tables["ro17_inputs"].get(step or "")
         if not table:
             return

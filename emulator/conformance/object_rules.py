@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
+from emulator.conformance.brachy_rules import brachy_record_problems
 from emulator.conformance.rulebook import Finding, RuleBook, attribute_label
 from emulator.profile import SopClasses
 
@@ -30,6 +31,7 @@ CLASS_LABELS = {
     "rt_dose": "RT Dose",
     "rt_beams_delivery_instruction": "RT Beams Delivery Instruction",
     "rt_beams_treatment_record": "RT Beams Treatment Record",
+    "rt_brachy_treatment_record": "RT Brachy Treatment Record",
     "spatial_registration": "Spatial Registration",
     "rt_image": "RT Image",
 }
@@ -131,11 +133,30 @@ def _problem(check: str, value: object, ds: Dataset, keyword: str) -> str | None
     raise ValueError(f"unknown check {check!r} in profiles/rules.yaml")
 
 
+def constraint_tables(obj: DicomObject, book: RuleBook) -> list[dict]:
+    """The constraint tables that judge ``obj``: those of its class (the key, or the
+    table's ``class``) whose ``when_present`` / ``unless_present`` attribute says so."""
+    chosen = []
+    for name, table in book.tables()["object_constraints"].items():
+        if table.get("class", name) != obj.class_name or table["rule"] not in book:
+            continue
+        if "when_present" in table and table["when_present"] not in obj.dataset:
+            continue
+        if "unless_present" in table and table["unless_present"] in obj.dataset:
+            continue
+        chosen.append(table)
+    return chosen
+
+
 def constraint_findings(obj: DicomObject, book: RuleBook) -> list[Finding]:
     """Appendix A.2/A.3 constraints for one object (profiles/rules.yaml object_constraints)."""
-    table = book.tables()["object_constraints"].get(obj.class_name)
-    if table is None or table["rule"] not in book:
-        return []
+    findings = []
+    for table in constraint_tables(obj, book):
+        findings += _table_findings(obj, book, table)
+    return findings
+
+
+def _table_findings(obj: DicomObject, book: RuleBook, table: dict) -> list[Finding]:
     findings = []
     for constraint in table["constraints"]:
         parts = constraint["path"].split(">")
@@ -299,10 +320,31 @@ def copy_findings(
 def appendix_a_findings(
     objects: list[DicomObject], book: RuleBook, session_links: Iterable[Iterable[str]] = ()
 ) -> list[Finding]:
-    """Everything Appendix A says about this set of objects."""
+    """Everything Appendix A says about this set of objects, and what a brachy record
+    must hold together (RO-24/Brachy-record)."""
     findings = copy_findings(objects, book, session_links)
     for obj in objects:
         findings.extend(constraint_findings(obj, book))
+    findings.extend(brachy_record_findings(objects, book))
+    return findings
+
+
+def brachy_record_findings(objects: list[DicomObject], book: RuleBook) -> list[Finding]:
+    """RO-24/Brachy-record for each RT Brachy Treatment Record, against its plan when the
+    set holds it."""
+    plans = {o.uid: o.dataset for o in objects if o.class_name == "rt_plan"}
+    plan_class = next(
+        (str(o.dataset.SOPClassUID) for o in objects if o.class_name == "rt_plan"),
+        "1.2.840.10008.5.1.4.1.1.481.5",
+    )
+    findings = []
+    for obj in objects:
+        if obj.class_name != "rt_brachy_treatment_record":
+            continue
+        refs = obj.dataset.get("ReferencedRTPlanSequence") or []
+        plan = plans.get(str(refs[0].get("ReferencedSOPInstanceUID", ""))) if refs else None
+        for problem in brachy_record_problems(obj.dataset, plan_class, plan):
+            findings.append(book.finding("RO-24/Brachy-record", problem, where=obj.label))
     return findings
 
 

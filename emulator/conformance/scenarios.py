@@ -23,6 +23,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from emulator import ups_attributes, ups_events
+from emulator.brachy_fraction import recorded_source, treated_at
+from emulator.conformance.brachy_rules import brachy_record_problems
 from emulator.conformance.exercise import exercised_rules, traffic_kinds
 from emulator.conformance.message_rules import (
     CheckContext,
@@ -30,7 +32,7 @@ from emulator.conformance.message_rules import (
     delivery_type_parameter,
 )
 from emulator.conformance.rulebook import Finding, RuleBook
-from emulator.conformance.suite import Scenario
+from emulator.conformance.suite import Scenario, load_scenarios
 from emulator.conformance.traffic import TrafficRecorder
 from emulator.net import scu
 from emulator.net.ae_factory import NetworkSettings
@@ -50,6 +52,8 @@ from emulator.performer.workflow import (
     worklist_identifier,
 )
 from emulator.profile import Profile, load_profile
+from emulator.results.brachy_record import delivered_channel_times
+from emulator.synth.brachy_access import planned_channels, planned_source
 from emulator.synth.plan_access import specified_metersets
 from emulator.ups_references import references_in
 
@@ -231,6 +235,9 @@ class ScenarioRunner:
             self.config.tms.ae_title,
             self.config.archive.ae_title,
             self.reply_within_s,
+            afterloader_stations=frozenset(
+                s.station for s in load_scenarios() if s.kind == "afterloader"
+            ),
         )
         messages = [m for m in self.recorder.since(result.first_seq) if m.seq <= result.last_seq]
         result.findings = check_traffic(self.recorder, context, messages=messages)
@@ -394,13 +401,18 @@ class ScenarioRunner:
             problems.append(f"no {expect['delivery_type']} delivery")
         if expect.get("metersets") == "complete":
             problems += state.meterset_problems()
+        if expect.get("records") == "brachy":
+            problems += state.brachy_record_problems()
+        if expect.get("dwell_times") == "complete":
+            problems += state.dwell_time_problems()
         observed = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "no UPS"
         reasons = sorted({o.reason for o in outcomes if o.reason})
         if reasons:
             observed += " (" + "; ".join(r[:160] for r in reasons) + ")"
         if problems:
             observed += " - " + "; ".join(problems)
-        wanted = {k: v for k, v in expect.items() if k in ("ups", "delivery_type", "metersets")}
+        judged = ("ups", "delivery_type", "metersets", "records", "dwell_times")
+        wanted = {k: v for k, v in expect.items() if k in judged}
         return not problems, str(wanted), observed
 
     def _do_perform(self, state: _ScenarioState, step: dict, expect: dict):
@@ -760,6 +772,7 @@ class _ScenarioState:
         self.attempted: dict[str, list[str]] = {}
         self.outcomes: list[UpsOutcome] = []
         self.plans: dict[str, Dataset] = {}
+        self.brachy_records: dict[str, Dataset] = {}
         self.events: queue.Queue[UpsEventNotice] = queue.Queue()
         self.seen_events: list[UpsEventNotice] = []
         self.event_receiver: EventReceiver | None = None
@@ -779,9 +792,51 @@ class _ScenarioState:
         self.outcomes += outcomes
         store = device.receiver.store
         plan_class = device.uids["rt_plan"]
+        record_class = device.uids["rt_brachy_treatment_record"]
         for instance in store:
             if instance.sop_class_uid == plan_class:
                 self.plans[instance.sop_instance_uid] = store.read(instance)
+            elif instance.sop_class_uid == record_class:
+                self.brachy_records[instance.sop_instance_uid] = store.read(instance)
+
+    def brachy_record_problems(self) -> list[str]:
+        """RO-24/Brachy-record for every brachy record the devices stored (none is one)."""
+        if not self.brachy_records:
+            return ["no RT Brachy Treatment Record was stored"]
+        problems = []
+        for uid, record in self.brachy_records.items():
+            refs = record.get("ReferencedRTPlanSequence") or []
+            plan = self.plans.get(str(refs[0].ReferencedSOPInstanceUID)) if refs else None
+            plan_class = str(plan.SOPClassUID) if plan is not None else ""
+            problems += [
+                f"record {uid}: {p}" for p in brachy_record_problems(record, plan_class, plan)
+            ]
+        return problems
+
+    def dwell_time_problems(self) -> list[str]:
+        """Interrupted plus continued sessions give each dwell its planned time, decay-
+        corrected to each session's date, within 0.1 s a channel, and never more."""
+        if len(self.plans) != 1:
+            return [f"{len(self.plans)} plans retrieved, cannot add the dwell times up"]
+        plan = next(iter(self.plans.values()))
+        records = sorted(
+            self.brachy_records.values(), key=lambda r: (str(r.TreatmentDate), str(r.TreatmentTime))
+        )
+        problems = []
+        planned = {c.channel_number: c.total_time_s for c in planned_channels(plan)}
+        reference = planned_source(plan).reference_air_kerma_rate
+        given: Counter = Counter()
+        for record in records:
+            factor = recorded_source(record).strength_at(treated_at(record)) / reference
+            for channel, seconds in delivered_channel_times(record).items():
+                given[channel] += seconds * factor
+        for channel, seconds in sorted(planned.items()):
+            if abs(given[channel] - seconds) > 0.1:
+                problems.append(
+                    f"channel {channel}: {given[channel]:.2f} s of the plan's {seconds:.2f} s "
+                    "given over the sessions (decay-corrected)"
+                )
+        return problems
 
     def meterset_problems(self) -> list[str]:
         """Interrupted plus continued deliveries add up to the plan, and never exceed it."""

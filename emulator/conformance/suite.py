@@ -23,6 +23,7 @@ class Scenario:
     inputs_missing: bool = False
     expected_findings: tuple[str, ...] = ()
     editions: tuple[str, ...] = ()  # empty: every edition
+    kind: str = "linac"  # the patient its sessions treat: linac or afterloader (HDR)
 
     def applies_to(self, edition: str) -> bool:
         return not self.editions or edition in self.editions
@@ -43,6 +44,7 @@ def load_scenarios(only: list[str] | None = None, edition: str | None = None) ->
             bool(s.get("inputs_missing", False)),
             tuple(s.get("expected_findings", ())),
             tuple(s.get("editions", ())),
+            str(s.get("kind", "linac")),
         )
         for s in data
     ]

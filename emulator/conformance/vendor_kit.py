@@ -94,7 +94,7 @@ def write_kit(request: KitRequest, scenarios: list[Scenario] | None = None) -> d
             for scenario in scenarios:
                 sessions = []
                 for _ in range(scenario.sessions):
-                    session_id = site.seed(scenario.station, index, start=start)
+                    session_id = site.seed(scenario.station, index, start=start, kind=scenario.kind)
                     sessions.append(_export_session(site, scenario, session_id, index, out))
                     index += 1
                 stations.append(
