@@ -35,6 +35,12 @@ class MessageType(enum.IntEnum):
     ACQUIRE = 0x06
     GET_STATE = 0x07
     HEARTBEAT = 0x10
+    # The afterloader's requests (hil/PROTOCOL.md, Afterloader): sent only to a controller
+    # whose HELLO_REPLY says ``"machine": "afterloader"``.
+    GET_SOURCE_STATUS = 0x20
+    LOAD_CHANNEL = 0x21
+    TREAT = 0x22
+    RETRACT = 0x23
     HELLO_REPLY = 0x81
     LOADED = 0x82
     BEAM_STARTED = 0x83
@@ -46,6 +52,12 @@ class MessageType(enum.IntEnum):
     BEAM_ENDED = 0xA2
     STATE = 0xA3
     PROGRESS = 0xA4
+    SOURCE_STATUS = 0xB0
+    CHANNEL_STARTED = 0xB2
+    DWELL_PROGRESS = 0xC0
+    DWELL_DONE = 0xC1
+    CHANNEL_ENDED = 0xC2
+    DOOR = 0xC3
     ACK = 0xF0
     NAK = 0xF1
     ERROR = 0xFE

@@ -1,16 +1,19 @@
-"""A Device whose machine is a controller at the other end of a protocol-v2 link.
+"""A Machine that is a controller at the other end of a protocol-v2 link: a linac
+(:class:`RemoteDevice`) or an HDR afterloader (:class:`RemoteAfterloader`), whichever its
+HELLO_REPLY says it drives (hil/PROTOCOL.md, HELLO_REPLY ``machine``).
 
 The serial and TCP backends differ only in how the byte stream is opened. Whatever the
 link does, the driver reports as delivered only what the controller reported in intact,
-acknowledged frames; if the link drops or the controller stalls while the beam is on, the
-beam ends MACHINE at that meterset ("link lost") and the driver reconnects before the next
-command.
+acknowledged frames; if the link drops or the controller stalls while the beam is on (or
+the source is out), the beam (channel) ends MACHINE at that count ("link lost") and the
+driver reconnects before the next command.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import datetime as dt
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,19 +23,33 @@ from urllib.parse import parse_qsl
 import numpy as np
 import serial
 
+from devices.afterloader import (
+    Afterloader,
+    AfterloaderEvent,
+    AfterloaderLimits,
+    BrachySource,
+    ChannelEnded,
+    ChannelProgramme,
+    ChannelTick,
+    Dwell,
+    DwellDone,
+)
 from devices.base import (
     AxisState,
+    BeamDeliverer,
     BeamEnded,
     BeamProgram,
     Capabilities,
     ControlPointReached,
     DeliveryEvent,
-    Device,
     DeviceError,
     Identity,
+    Imager,
     ImageSet,
+    Machine,
     MachineDelivery,
     MetersetTick,
+    Positioner,
     Termination,
 )
 from devices.clock import Clock
@@ -120,14 +137,31 @@ class LinkDown(DeviceError):
     """The link died under a request: the request may be sent again on a fresh link."""
 
 
+# How long a host waits, TREAT refused INTERLOCK, for the door to be closed again.
+INTERLOCK_WAIT_S = 60.0
+
+
 class ControllerRefused(DeviceError):
     """The controller answered a request with ERROR: it did not do it (a refused BEAM_ON
-    turned no beam on, so there is no count to reconcile)."""
+    turned no beam on, so there is no count to reconcile). ``code`` is the ERROR's."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
-class RemoteDevice(Device):
-    """The host side of protocol version 2. How long it waits is the controller's stated timing
-    budget (HELLO_REPLY ``timing``), with a rig's ``timing_overrides`` put over it."""
+class RemoteMachine(Machine):
+    """The host side of protocol version 2, whatever machine the controller drives: the link,
+    HELLO, and requests waited for as the controller's stated timing budget (HELLO_REPLY
+    ``timing``) says, with a rig's ``timing_overrides`` put over it.
+
+    A subclass drives one machine kind (``kind``). Built as this class itself (a device URL
+    opened with no hint of the machine behind it), the object becomes the subclass for the
+    kind HELLO_REPLY names when it connects, so a role check after ``connect()`` sees the
+    right roles; built as a subclass, a controller of another kind is refused in words.
+    """
+
+    kind: str | None = None  # the HELLO_REPLY ``machine`` this class drives (None: any)
 
     def __init__(
         self,
@@ -182,10 +216,36 @@ class RemoteDevice(Device):
                 f"the controller speaks protocol {spoken}; this host speaks "
                 f"{PROTOCOL_VERSION} (hil/PROTOCOL.md, Versioning): update its firmware"
             )
+        self._become(str(reply.body.get("machine") or "linac"))
         self._hello = reply.body
-        self._couch = TableTop.from_body(reply.body["couch"])
+        self._greeted(reply.body)
         stated = TimingBudget.from_body(reply.body.get("timing"))
         self.timing = stated.overridden(self.timing_overrides)
+
+    def _become(self, kind: str) -> None:
+        """This object as the class for the machine the controller drives (a generic
+        RemoteMachine becomes it; a RemoteDevice told of an afterloader refuses)."""
+        wanted = REMOTE_MACHINES.get(kind)
+        if wanted is None:
+            self.close()
+            raise DeviceError(
+                f"the controller drives a machine of kind {kind!r}; this host knows "
+                f"{' and '.join(REMOTE_MACHINES)} (hil/PROTOCOL.md, HELLO_REPLY)"
+            )
+        if type(self) is RemoteMachine:
+            self.__class__ = wanted
+        elif not isinstance(self, wanted):
+            self.close()
+            raise DeviceError(
+                f"the controller drives {_an(kind)}; this device was configured for "
+                f"{_an(self.kind or '?')} (hil/PROTOCOL.md, HELLO_REPLY machine)"
+            )
+
+    def _greeted(self, hello: dict) -> None:
+        """What this machine kind takes from a HELLO_REPLY besides identity and timing."""
+
+    def _unsolicited(self, frame: Frame) -> None:
+        """A frame that arrived while the host waited for another (an event, a late one)."""
 
     def close(self) -> None:
         if self.link is not None:
@@ -240,7 +300,8 @@ class RemoteDevice(Device):
                 if frame.type == MessageType.ERROR:
                     raise ControllerRefused(
                         f"controller refused {frame.body.get('request') or kind.name}: "
-                        f"{frame.body.get('code')}: {frame.body.get('text')}"
+                        f"{frame.body.get('code')}: {frame.body.get('text')}",
+                        str(frame.body.get("code") or ""),
                     )
                 if frame.type in expect:
                     return frame
@@ -248,16 +309,32 @@ class RemoteDevice(Device):
                     heard = now
                     if "done" in frame.body:
                         self._report_progress(kind.name, float(frame.body["done"]))
+                else:
+                    self._unsolicited(frame)
                 if limit is not None and now - started > limit:
                     raise DeviceError(f"{kind.name} took more than its stated {limit:g} s")
         except LinkLost as exc:
             self.close()
             raise LinkDown(f"link lost: {exc}") from exc
 
-    # -- Device ----------------------------------------------------------------------------
-
     def identify(self) -> Identity:
         return Identity(**self._hello["identity"])
+
+    def _beam_watchdog(self) -> float:
+        """With a beam on (a source out), nothing heard for this long: the link is lost."""
+        return max(self.watchdog, 4 * self.timing.tick_s)
+
+
+class RemoteDevice(RemoteMachine, BeamDeliverer, Positioner, Imager):
+    """A linac controller: beams, the couch and imaging (hil/PROTOCOL.md, Delivery, Couch,
+    Images)."""
+
+    kind = "linac"
+
+    def _greeted(self, hello: dict) -> None:
+        self._couch = TableTop.from_body(hello["couch"])
+
+    # -- Device ----------------------------------------------------------------------------
 
     def capabilities(self) -> Capabilities:
         """HELLO_REPLY ``capabilities`` (hil/PROTOCOL.md's table): the fields this host
@@ -354,10 +431,6 @@ class RemoteDevice(Device):
         except (LinkLost, DeviceError) as exc:
             self.close()
             yield self._count_after_link_loss(beam, start, last, exc)
-
-    def _beam_watchdog(self) -> float:
-        """With a beam on, nothing heard for this long means the link is lost."""
-        return max(self.watchdog, 4 * self.timing.tick_s)
 
     def _protocol_error(self, why: str, last: float) -> BeamEnded:
         """The controller broke hil/PROTOCOL.md during a beam: hold it, read its final count,
@@ -480,6 +553,388 @@ class RemoteDevice(Device):
             raise LinkDown(f"link lost: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class SourceStatus:
+    """An afterloader's SOURCE_STATUS: its source as calibrated, where the source is
+    (``"safe"`` or ``"out"``) and the treatment room door (``"closed"`` or ``"open"``)."""
+
+    source: BrachySource
+    position: str
+    door: str
+
+
+def channel_to_body(programme: ChannelProgramme) -> dict:
+    """LOAD_CHANNEL's body (hil/PROTOCOL.md, Afterloader). On the wire dwells are numbered
+    0, 1, 2, ... in delivery order, whatever the host calls them (a continuation's dwells
+    are the plan's later ones): :func:`in_programme_numbers` maps the controller's back."""
+    return {
+        "channel": programme.channel,
+        "length_mm": programme.length_mm,
+        "dwells": [
+            {"index": wire, "position_mm": d.position_mm, "time_s": d.time_s}
+            for wire, d in enumerate(programme.dwells)
+        ],
+    }
+
+
+def in_programme_numbers(event: AfterloaderEvent, programme: ChannelProgramme) -> AfterloaderEvent:
+    """An event whose dwell numbers are the wire's (0, 1, 2, ... of the LOAD_CHANNEL sent),
+    renumbered as the programme numbers its dwells."""
+    dwells = programme.dwells
+
+    def host(wire: int | None) -> int | None:
+        return dwells[wire].index if wire is not None and 0 <= wire < len(dwells) else wire
+
+    if isinstance(event, DwellDone):
+        return dataclasses.replace(event, index=host(event.index))
+    if isinstance(event, ChannelEnded):
+        return dataclasses.replace(event, dwell=host(event.dwell))
+    return event
+
+
+def channel_from_body(body: dict) -> ChannelProgramme:
+    """A LOAD_CHANNEL body as a programme; ValueError for dwells not numbered 0, 1, 2, ..."""
+    dwells = tuple(
+        Dwell(int(d["index"]), float(d["position_mm"]), float(d["time_s"])) for d in body["dwells"]
+    )
+    indices = [d.index for d in dwells]
+    if indices != list(range(len(dwells))):
+        raise ValueError(f"dwell indices {indices}: they must be 0, 1, 2, ... in order")
+    return ChannelProgramme(int(body["channel"]), float(body["length_mm"]), dwells)
+
+
+def local_datetime(text: str) -> dt.datetime:
+    """An ISO 8601 date-time as the host's local time (naive), whatever offset it carries."""
+    moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment.astimezone().replace(tzinfo=None) if moment.tzinfo else moment
+
+
+class RemoteAfterloader(RemoteMachine, Afterloader):
+    """An HDR afterloader controller (hil/PROTOCOL.md, Afterloader): its source, its limits,
+    one channel loaded and treated at a time.
+
+    What it reports as delivered is what the controller reported in intact frames: the
+    seconds of DWELL_PROGRESS and DWELL_DONE, and CHANNEL_ENDED's final count. If the link
+    dies with a channel treated, the controller retracts the source; the host reconnects for
+    ``reconnect_s`` and takes the controller's own count of that treatment (HELLO_REPLY
+    ``last_channel``), or ends the channel UNKNOWN at the seconds it last heard.
+    """
+
+    kind = "afterloader"
+    IDEMPOTENT = (MessageType.LOAD_CHANNEL, MessageType.GET_SOURCE_STATUS)
+
+    door = "closed"  # the treatment room door, as the controller last said
+    _channel: ChannelProgramme | None = None
+    _treatment = 0
+
+    def _unsolicited(self, frame: Frame) -> None:
+        if frame.type == MessageType.DOOR:
+            self.door = str(frame.body.get("door", self.door))
+
+    def source_status(self) -> SourceStatus:
+        body = self._request(MessageType.GET_SOURCE_STATUS, {}, {MessageType.SOURCE_STATUS}).body
+        self.door = str(body["door"])
+        source = BrachySource(
+            str(body["isotope"]),
+            float(body["half_life_days"]),
+            float(body["reference_air_kerma_rate"]),
+            local_datetime(str(body["reference_datetime"])),
+        )
+        return SourceStatus(source, str(body["source_position"]), self.door)
+
+    def source(self) -> BrachySource:
+        return self.source_status().source
+
+    def afterloader_limits(self) -> AfterloaderLimits:
+        caps = self._hello["capabilities"]
+        return AfterloaderLimits(
+            channels=int(caps["channels"]),
+            max_channel_length_mm=float(caps["max_channel_length_mm"]),
+            min_dwell_s=float(caps["min_dwell_s"]),
+            max_dwell_s=float(caps["max_dwell_s"]),
+            max_dwells_per_channel=int(caps["max_dwells_per_channel"]),
+        )
+
+    def last_channel(self) -> dict | None:
+        """HELLO_REPLY ``last_channel``: the controller's own count of its last treatment."""
+        return self._hello.get("last_channel")
+
+    def load_channel(self, programme: ChannelProgramme) -> None:
+        """LOAD_CHANNEL; the controller refuses (ERROR) a channel outside its limits before
+        anything moves, and says what it loaded, which must be what was sent."""
+        self._channel = None
+        reply = self._request(
+            MessageType.LOAD_CHANNEL, channel_to_body(programme), {MessageType.LOADED}
+        ).body
+        said = (reply.get("channel"), reply.get("dwells"), float(reply.get("total_s", -1.0)))
+        if (
+            said[0] != programme.channel
+            or said[1] != len(programme.dwells)
+            or abs(said[2] - programme.total_s) > 1e-3
+        ):
+            raise DeviceError(
+                f"the controller loaded channel {said[0]} with {said[1]} dwells of {said[2]:g} "
+                f"s, not channel {programme.channel} with {len(programme.dwells)} of "
+                f"{programme.total_s:g} s: nothing is treated"
+            )
+        self._channel = programme
+        self._treatment = int(reply["treatment"])
+
+    def treat(self) -> Iterator[AfterloaderEvent]:
+        """The loaded channel's events as the controller reports them, each held to
+        hil/PROTOCOL.md (Afterloader): a count that falls, a DWELL_DONE out of the
+        programme's order, or a NORMAL end before every dwell is a protocol error that
+        retracts the source (:meth:`_protocol_error`). Dwells carry the programme's
+        numbers, not the wire's."""
+        programme = self._channel
+        for event in self._treat_on_the_wire():
+            yield in_programme_numbers(event, programme) if programme else event
+
+    def _treat_on_the_wire(self) -> Iterator[AfterloaderEvent]:
+        programme, self._channel = self._channel, None
+        if programme is None:
+            raise DeviceError("no channel loaded")
+        number, treatment = programme.channel, self._treatment
+        progress = _ChannelHeard(programme, treatment)
+        try:
+            started = self._treat_when_the_door_closes()
+        except ControllerRefused:
+            raise  # the controller did not start it: nothing moved, nothing delivered
+        except (LinkLost, DeviceError) as exc:
+            self.close()
+            yield from self._after_link_loss(progress, treatment, exc)
+            return
+        try:
+            body = started.body
+            if (body.get("channel"), body.get("treatment")) != (number, treatment):
+                yield self._protocol_error(
+                    f"CHANNEL_STARTED for channel {body.get('channel')} treatment "
+                    f"{body.get('treatment')}, not channel {number} treatment {treatment}",
+                    progress,
+                )
+                return
+            link = self.link
+            while True:
+                frame = link.recv(timeout=0.05)
+                if frame is None:
+                    silent = time.monotonic() - link.last_received
+                    if silent > self._beam_watchdog():
+                        raise LinkLost(f"nothing from the controller for {silent:.1f} s")
+                    if silent > self.timing.heartbeat_s:
+                        link.send(MessageType.HEARTBEAT, {})
+                    continue
+                if frame.type == MessageType.DOOR:
+                    self._unsolicited(frame)
+                    continue
+                if frame.type not in _CHANNEL_FRAMES:
+                    continue
+                why = progress.problem(frame)
+                if why:
+                    yield self._protocol_error(why, progress)
+                    return
+                event = progress.take(frame)
+                yield event
+                if isinstance(event, ChannelEnded):
+                    return
+        except (LinkLost, DeviceError) as exc:
+            self.close()
+            yield from self._after_link_loss(progress, treatment, exc)
+
+    def _treat_when_the_door_closes(self) -> Frame:
+        """TREAT; refused INTERLOCK (the door still open after an interruption), the
+        channel stays loaded and TREAT is asked again until the door closes, for at most
+        ``INTERLOCK_WAIT_S``: a console waits for the room to be closed, it does not give
+        up the treatment."""
+        deadline = time.monotonic() + INTERLOCK_WAIT_S
+        while True:
+            try:
+                return self._request(MessageType.TREAT, {}, {MessageType.CHANNEL_STARTED})
+            except ControllerRefused as refused:
+                if refused.code != "INTERLOCK" or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.5)
+
+    def _protocol_error(self, why: str, progress: _ChannelHeard) -> ChannelEnded:
+        """The controller broke hil/PROTOCOL.md during a channel: retract the source, read
+        its final count, end the channel MACHINE with code PROTOCOL."""
+        final, dwell = progress.heard, None
+        link = self.link
+        try:
+            link.send(MessageType.RETRACT, {"reason": f"protocol error: {why}"})
+            deadline = time.monotonic() + self.timing.silence_s
+            while time.monotonic() < deadline:
+                frame = link.recv(timeout=0.05)
+                if frame is None:
+                    continue
+                if frame.type == MessageType.DWELL_PROGRESS:
+                    final = max(final, float(frame.body["delivered_s"]))
+                elif frame.type == MessageType.CHANNEL_ENDED:
+                    final = max(final, float(frame.body["delivered_s"]))
+                    dwell = frame.body.get("dwell")
+                    break
+        except LinkLost:
+            self.close()
+        return ChannelEnded(
+            progress.programme.channel,
+            round(final, 4),
+            Termination.MACHINE,
+            f"protocol error: {why}",
+            "PROTOCOL",
+            None if dwell is None else int(dwell),
+        )
+
+    def _after_link_loss(
+        self, progress: _ChannelHeard, treatment: int, cause: Exception
+    ) -> Iterator[AfterloaderEvent]:
+        """The treatment the link died in, as the controller counted it.
+
+        The controller retracts the source when it loses its host and keeps the count
+        (HELLO_REPLY ``last_channel``). The host reconnects for up to ``reconnect_s``: the
+        same treatment, at least what the host heard, stands (with the dwells it finished
+        whose DWELL_DONE was lost); a treatment the controller never began delivered
+        nothing; otherwise the channel ends UNKNOWN at the seconds last heard.
+        """
+        number, heard = progress.programme.channel, progress.heard
+        deadline = time.monotonic() + self.timing.reconnect_s
+        while time.monotonic() < deadline:
+            try:
+                self.connect()
+            except DeviceError:
+                self.close()
+                time.sleep(0.5)
+                continue
+            self.reconnects += 1
+            last = self.last_channel()
+            if (
+                last is not None
+                and int(last["treatment"]) == treatment
+                and int(last["channel"]) == number
+                and float(last["delivered_s"]) >= heard - 1e-6
+            ):
+                for done in last["dwells"]:
+                    if int(done["index"]) >= progress.next_index:
+                        yield DwellDone(
+                            number,
+                            int(done["index"]),
+                            float(done["position_mm"]),
+                            float(done["delivered_s"]),
+                        )
+                counted = float(last["delivered_s"])
+                own = f" ({last['reason']})" if last.get("reason") else ""
+                yield ChannelEnded(
+                    number,
+                    counted,
+                    Termination.NORMAL if last["termination"] == "NORMAL" else Termination.MACHINE,
+                    f"link lost: {cause}; the controller counted {counted:g} s{own}",
+                    str(last.get("code") or "LINK"),
+                    None if last.get("dwell") is None else int(last["dwell"]),
+                )
+                return
+            never = last is None or int(last["treatment"]) < treatment
+            if never and heard <= 0 and not progress.done:
+                yield ChannelEnded(
+                    number,
+                    0.0,
+                    Termination.MACHINE,
+                    f"link lost: {cause}; the controller never began this channel",
+                    "LINK",
+                )
+                return
+            break
+        yield ChannelEnded(
+            number,
+            heard,
+            Termination.UNKNOWN,
+            f"link lost: {cause}; the controller's count could not be confirmed",
+            "LINK",
+        )
+
+    def interrupt(self, reason: str) -> None:
+        """RETRACT: the source comes back at once; ``treat`` ends OPERATOR."""
+        link = self.link
+        if link is not None and not link.closed.is_set():
+            try:
+                link.send(MessageType.RETRACT, {"reason": reason})
+            except LinkLost:
+                self.close()
+
+
+_CHANNEL_FRAMES = (MessageType.DWELL_PROGRESS, MessageType.DWELL_DONE, MessageType.CHANNEL_ENDED)
+
+
+class _ChannelHeard:
+    """What the host heard of one channel's treatment, and the rules each frame must keep."""
+
+    def __init__(self, programme: ChannelProgramme, treatment: int) -> None:
+        self.programme = programme
+        self.treatment = treatment
+        self.counted = 0.0  # the highest DWELL_PROGRESS count: source seconds, cumulative
+        self.done: list[DwellDone] = []
+
+    @property
+    def heard(self) -> float:
+        """The most source seconds any intact frame said: a DWELL_PROGRESS, or the
+        DWELL_DONEs' sum."""
+        return max(self.counted, round(sum(d.delivered_s for d in self.done), 4))
+
+    @property
+    def next_index(self) -> int:
+        return len(self.done)
+
+    def problem(self, frame: Frame) -> str:
+        """How ``frame`` breaks hil/PROTOCOL.md (Afterloader), or ""."""
+        body, number = frame.body, self.programme.channel
+        if int(body["channel"]) != number:
+            return f"{frame.type.name} for channel {body['channel']} while {number} is treated"
+        if frame.type == MessageType.DWELL_PROGRESS:
+            count = float(body["delivered_s"])
+            if count < self.counted - 1e-6:
+                return f"DWELL_PROGRESS fell from {self.counted:g} to {count:g} s"
+        elif frame.type == MessageType.DWELL_DONE:
+            index, dwells = int(body["index"]), self.programme.dwells
+            if index != self.next_index:
+                wanted = str(self.next_index) if self.next_index < len(dwells) else "none"
+                return f"DWELL_DONE index {index} where {wanted} was next"
+        elif int(body["treatment"]) != self.treatment:
+            return f"CHANNEL_ENDED of treatment {body['treatment']}, not {self.treatment}"
+        elif body["termination"] == "NORMAL" and len(self.done) != len(self.programme.dwells):
+            return (
+                f"CHANNEL_ENDED NORMAL after {len(self.done)} of "
+                f"{len(self.programme.dwells)} dwells"
+            )
+        return ""
+
+    def take(self, frame: Frame) -> AfterloaderEvent:
+        body, number = frame.body, self.programme.channel
+        if frame.type == MessageType.DWELL_PROGRESS:
+            self.counted = max(self.counted, float(body["delivered_s"]))
+            return ChannelTick(number, self.heard)
+        if frame.type == MessageType.DWELL_DONE:
+            event = DwellDone(
+                number, int(body["index"]), float(body["position_mm"]), float(body["delivered_s"])
+            )
+            self.done.append(event)
+            return event
+        return ChannelEnded(
+            number,
+            max(self.heard, float(body["delivered_s"])),
+            Termination(body["termination"]),
+            str(body.get("reason", "")),
+            str(body.get("code", "")),
+            None if body.get("dwell") is None else int(body["dwell"]),
+        )
+
+
+REMOTE_MACHINES: dict[str, type[RemoteMachine]] = {
+    "linac": RemoteDevice,
+    "afterloader": RemoteAfterloader,
+}
+
+
+def _an(kind: str) -> str:
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
+
+
 class ImageAssembly:
     """IMAGES fragments put together: whole planes in order, one geometry, until
     ``planes_total`` planes arrived; anything else is a protocol error (DeviceError)."""
@@ -560,15 +1015,27 @@ def link_opener(spec: str) -> tuple[Callable[[], Transport], DeviceUrl]:
     return (lambda: SerialTransport(url.target, **url.serial)), url
 
 
+# What a performing device kind (``run --kind``, passed as the ``machine`` option) drives
+# over a controller link: an afterloader, or a linac with its couch and imager.
+KIND_MACHINES = {"afterloader": "afterloader", "pps": "linac", "pds": "linac", "tdd": "linac"}
+
+
 def protocol_device(scheme: str):
-    """The backend for one protocol-v1 scheme: ``serial:///dev/ttyUSB0?baudrate=57600&
+    """The backend for one protocol-v2 scheme: ``serial:///dev/ttyUSB0?baudrate=57600&
     parity=E&rtscts=1`` (pyserial's setting names; default 115200 8N1; any pyserial URL such
     as ``serial:loop://``), ``tcp://HOST:PORT``, and pyserial's network handlers
-    ``rfc2217://HOST:PORT`` (a terminal server) and ``socket://HOST:PORT`` (a raw bridge)."""
+    ``rfc2217://HOST:PORT`` (a terminal server) and ``socket://HOST:PORT`` (a raw bridge).
 
-    def factory(rest: str, clock: Clock, options: dict) -> Device:
+    The class is the machine the run's kind needs (``options["machine"]``: a device kind or
+    ``linac``/``afterloader``): :class:`RemoteAfterloader` or :class:`RemoteDevice`, which
+    refuses at ``connect()`` a controller of the other kind. Without a hint it is a
+    :class:`RemoteMachine` that becomes the class HELLO_REPLY's ``machine`` names."""
+
+    def factory(rest: str, clock: Clock, options: dict) -> Machine:
         opener, url = link_opener(f"{scheme}:{rest}")
-        return RemoteDevice(
+        hint = str(options.get("machine") or "")
+        machine = REMOTE_MACHINES.get(KIND_MACHINES.get(hint, hint), RemoteMachine)
+        return machine(
             opener,
             clock,
             observer=options.get("link_observer"),

@@ -5,6 +5,12 @@ Each check drives the controller through one clause of ``hil/PROTOCOL.md`` on it
 engineer reading a failure knows which paragraph the controller broke. The beams it asks
 for are small (a few MU at the lowest dose rate the controller allows) and start with the
 gantry where it is.
+
+A controller whose HELLO_REPLY says ``"machine": "afterloader"`` is held to the Afterloader
+clauses instead: its capabilities and source, a refusal before anything moves, a short
+channel's dwells numbered and timed as measured, RETRACT, and the source retracted when its
+host is lost. Its channels are short too (dwells of a second or two; the long ones are
+retracted after a few seconds).
 """
 
 from __future__ import annotations
@@ -20,11 +26,18 @@ from pathlib import Path
 import numpy as np
 
 from devices import schemas
+from devices.afterloader import ChannelProgramme, Dwell
 from devices.base import BeamProgram, ControlPointProgram, DeviceError
 from devices.couch_axes import TableTop, misses
 from devices.link import Link, LinkLost
 from devices.protocol import PROTOCOL_VERSION, Frame, MessageType
-from devices.remote import ImageAssembly, link_opener, program_to_body
+from devices.remote import (
+    ImageAssembly,
+    channel_to_body,
+    link_opener,
+    local_datetime,
+    program_to_body,
+)
 from devices.timing import TimingBudget
 
 
@@ -47,8 +60,10 @@ class _Session:
     def __init__(self, opener: Callable) -> None:
         self.link = Link(opener(), validate=False)
         self.frames: list[Frame] = []
+        self.arrived: list[float] = []  # when each of ``frames`` arrived (monotonic)
         self.timing = TimingBudget()
         self.hello: dict = {}
+        self.loaded: dict = {}  # the last LOADED body of an afterloader's channel
 
     def close(self) -> None:
         self.link.close()
@@ -64,6 +79,7 @@ class _Session:
             if frame is None:
                 continue
             self.frames.append(frame)
+            self.arrived.append(time.monotonic())
             broken = schemas.problems(frame.type, frame.body)
             if broken:
                 raise CheckFailed(f"{frame.type.name} breaks hil/schemas: {broken[0]}")
@@ -79,6 +95,33 @@ class _Session:
         self.send(MessageType.LOAD_BEAM, program_to_body(beam))
         self.wait_for({MessageType.LOADED}, self.timing.limit_for("LOAD_BEAM") or 120)
         self.send(MessageType.BEAM_ON)
+
+    def source_status(self) -> dict:
+        self.send(MessageType.GET_SOURCE_STATUS)
+        return self.wait_for({MessageType.SOURCE_STATUS}, self.timing.silence_s).body
+
+    def start_channel(self, programme: ChannelProgramme) -> Frame:
+        """LOAD_CHANNEL, its LOADED, TREAT and its CHANNEL_STARTED (returned)."""
+        self.loaded = self.load_channel(programme)
+        self.send(MessageType.TREAT)
+        return self.wait_for({MessageType.CHANNEL_STARTED}, self.timing.silence_s)
+
+    def load_channel(self, programme: ChannelProgramme) -> dict:
+        self.send(MessageType.LOAD_CHANNEL, channel_to_body(programme))
+        return self.wait_for({MessageType.LOADED}, self.timing.silence_s).body
+
+    def run_channel(self, programme: ChannelProgramme) -> tuple[dict, Frame, Frame]:
+        """A whole channel: LOADED's body, CHANNEL_STARTED and CHANNEL_ENDED."""
+        started = self.start_channel(programme)
+        ended = self.wait_for({MessageType.CHANNEL_ENDED}, 120 + programme.total_s)
+        return self.loaded, started, ended
+
+    def until_delivering(self) -> tuple[float, float]:
+        """The first DWELL_PROGRESS counting source seconds: its count and when it came."""
+        while True:
+            frame = self.wait_for({MessageType.DWELL_PROGRESS}, 120)
+            if float(frame.body["delivered_s"]) > 0:
+                return float(frame.body["delivered_s"]), time.monotonic()
 
     def handshake(self) -> dict:
         self.send(MessageType.HELLO, {"protocol": PROTOCOL_VERSION})
@@ -107,12 +150,58 @@ def _small_beam(
     return BeamProgram(number, "HILCHECK", energy, rate, meterset, points)
 
 
+def _channel(hello: dict, number: int, dwells: int, seconds: float) -> ChannelProgramme:
+    """Channel ``number`` inside the controller's capabilities: ``dwells`` dwells of
+    ``seconds`` each (held to its dwell limits), 5 mm apart back from the tip."""
+    caps = hello.get("capabilities", {})
+    seconds = max(seconds, float(caps.get("min_dwell_s") or 0.1))
+    seconds = min(seconds, float(caps.get("max_dwell_s") or seconds))
+    length = min(1000.0, float(caps.get("max_channel_length_mm") or 1000.0))
+    return ChannelProgramme(
+        number, length, tuple(Dwell(i, 5.0 * i, seconds) for i in range(dwells))
+    )
+
+
+AFTERLOADER_CAPABILITIES = (
+    "channels",
+    "max_channel_length_mm",
+    "min_dwell_s",
+    "max_dwell_s",
+    "max_dwells_per_channel",
+)
+# What an afterloader sends in a session that treats one channel (the check's DOOR aside:
+# no door is opened by a check).
+AFTERLOADER_REPLIES = {
+    MessageType.HELLO_REPLY,
+    MessageType.HEARTBEAT_REPLY,
+    MessageType.SOURCE_STATUS,
+    MessageType.LOADED,
+    MessageType.CHANNEL_STARTED,
+    MessageType.DWELL_PROGRESS,
+    MessageType.DWELL_DONE,
+    MessageType.CHANNEL_ENDED,
+}
+
+
 class ControllerCheck:
     """The checks of PROTOCOL.md, in order; ``run`` returns one result each."""
 
     def __init__(self, spec: str) -> None:
         self.opener, _ = link_opener(spec)
         self.results: list[CheckResult] = []
+        self._machine: str | None = None
+
+    def machine(self) -> str:
+        """The machine the controller says it drives (HELLO_REPLY ``machine``, ``linac`` when
+        it says none). A controller that cannot be greeted gets the linac's checks, which
+        then fail on the link."""
+        if self._machine is None:
+            try:
+                with self._greeted() as session:
+                    self._machine = str(session.hello.get("machine") or "linac")
+            except (CheckFailed, LinkLost, OSError):
+                self._machine = "linac"
+        return self._machine
 
     def _session(self) -> _Session:
         try:
@@ -141,7 +230,9 @@ class ControllerCheck:
 
     def checks(self) -> list[tuple[str, str, Callable[[], str]]]:
         """Every check: its name, the PROTOCOL.md clause it holds a controller to, and the
-        method that tries it."""
+        method that tries it. An afterloader's are :meth:`afterloader_checks`."""
+        if self.machine() == "afterloader":
+            return self.afterloader_checks()
         return [
             ("handshake and version", "Versioning; HELLO_REPLY", self.check_handshake),
             ("every message type", "Message types", self.check_messages),
@@ -409,6 +500,261 @@ class ControllerCheck:
         if float(last["measured"]) < heard:
             raise CheckFailed(f"last_delivery measured {last['measured']} < {heard} heard")
         return f"last_delivery beam 7 {last['termination']} at {last['measured']} MU"
+
+    # -- the afterloader's checks (hil/PROTOCOL.md, Afterloader) ---------------------------
+
+    def afterloader_checks(self) -> list[tuple[str, str, Callable[[], str]]]:
+        """The checks of an afterloader: the Afterloader section's clauses, and the link's."""
+        return [
+            (
+                "handshake and afterloader capabilities",
+                "Versioning; HELLO_REPLY; Afterloader",
+                self.check_afterloader_handshake,
+            ),
+            ("source status", "Afterloader (SOURCE_STATUS)", self.check_source_status),
+            ("every message type", "Message types; Afterloader", self.check_afterloader_messages),
+            ("NAK and retransmission", "Reliability", self.check_nak),
+            ("heartbeat", "Reliability (Heartbeat)", self.check_heartbeat),
+            (
+                "refusals before the source moves",
+                "Afterloader (LOAD_CHANNEL); Errors",
+                self.check_channel_refusals,
+            ),
+            (
+                "dwell numbering and measured times",
+                "Afterloader (Treatment)",
+                self.check_dwells,
+            ),
+            ("RETRACT during a channel", "Afterloader (RETRACT)", self.check_retract),
+            (
+                "source retracted when the host is lost",
+                "Afterloader (Losing the host); Safety",
+                self.check_afterloader_host_loss,
+            ),
+        ]
+
+    def check_afterloader_handshake(self) -> str:
+        with self._greeted() as session:
+            body = session.hello
+            if body.get("protocol") != PROTOCOL_VERSION:
+                raise CheckFailed(
+                    f"HELLO_REPLY protocol {body.get('protocol')!r}, not {PROTOCOL_VERSION}"
+                )
+            if body.get("machine") != "afterloader":
+                raise CheckFailed(f"HELLO_REPLY machine {body.get('machine')!r}")
+            caps = body.get("capabilities", {})
+            missing = [k for k in AFTERLOADER_CAPABILITIES if k not in caps]
+            if missing:
+                raise CheckFailed(f"HELLO_REPLY capabilities lack {', '.join(missing)}")
+            if float(caps["min_dwell_s"]) > float(caps["max_dwell_s"]):
+                raise CheckFailed(f"min_dwell_s {caps['min_dwell_s']} > max_dwell_s")
+            if "last_channel" not in body or "timing" not in body:
+                raise CheckFailed("HELLO_REPLY states no last_channel or no timing")
+            identity = body["identity"]
+            return (
+                f"{identity['vendor']} {identity['model']} {identity['serial']}: "
+                f"{caps['channels']} channels up to {caps['max_channel_length_mm']:g} mm, dwells "
+                f"{caps['min_dwell_s']:g}..{caps['max_dwell_s']:g} s, "
+                f"{caps['max_dwells_per_channel']} a channel"
+            )
+
+    def check_source_status(self) -> str:
+        with self._greeted() as session:
+            body = session.source_status()
+            try:
+                reference = local_datetime(str(body["reference_datetime"]))
+            except ValueError as exc:
+                raise CheckFailed(f"reference_datetime: {exc}") from exc
+            if body["source_position"] != "safe":
+                raise CheckFailed("the source is out with no channel treated")
+            return (
+                f"{body['isotope']} {body['reference_air_kerma_rate']:g} µGy/h at 1 m on "
+                f"{reference:%Y-%m-%d %H:%M}, half-life {body['half_life_days']:g} d; source "
+                f"{body['source_position']}, door {body['door']}"
+            )
+
+    def check_afterloader_messages(self) -> str:
+        with self._greeted() as session:
+            session.send(MessageType.HEARTBEAT)
+            session.wait_for({MessageType.HEARTBEAT_REPLY}, session.timing.silence_s)
+            session.source_status()
+            _, _, ended = session.run_channel(_channel(session.hello, 1, 1, 1.0))
+            if ended.body["termination"] != "NORMAL":
+                raise CheckFailed(f"a one-dwell channel ended {ended.body['termination']}")
+            seen = {f.type for f in session.frames}
+            missing = sorted(k.name for k in AFTERLOADER_REPLIES - seen)
+            if missing:
+                raise CheckFailed(f"no {', '.join(missing)} during a one-dwell channel")
+            return (
+                f"{len(session.frames)} frames of {len(seen)} types, every body follows its schema"
+            )
+
+    def check_channel_refusals(self) -> str:
+        with self._greeted() as session:
+            budget, caps = session.timing, session.hello.get("capabilities", {})
+            too_long = float(caps.get("max_dwell_s") or 600.0) + 60.0
+            sound = _channel(session.hello, 1, 1, 1.0)
+            programme = ChannelProgramme(
+                1, sound.length_mm, (sound.dwells[0], Dwell(1, 10.0, too_long))
+            )
+            refusals = []
+            for bad, what in (
+                (programme, f"a {too_long:g} s dwell"),
+                (_channel(session.hello, int(caps.get("channels") or 1) + 1, 1, 1.0), "a channel"),
+            ):
+                session.send(MessageType.LOAD_CHANNEL, channel_to_body(bad))
+                refusal = session.wait_for(
+                    {MessageType.ERROR, MessageType.LOADED}, budget.silence_s
+                )
+                if refusal.type != MessageType.ERROR or refusal.body.get("code") != "LIMIT":
+                    raise CheckFailed(
+                        f"LOAD_CHANNEL of {what} got {refusal.type.name} {refusal.body}"
+                    )
+                if refusal.body.get("request") != "LOAD_CHANNEL":
+                    raise CheckFailed(f"ERROR LIMIT names request {refusal.body.get('request')!r}")
+                refusals.append(what)
+            session.send(MessageType.TREAT)
+            treat = session.wait_for({MessageType.ERROR, MessageType.CHANNEL_STARTED}, 10)
+            if treat.type != MessageType.ERROR or treat.body.get("code") != "NOT_LOADED":
+                raise CheckFailed(f"TREAT after refused loads got {treat.type.name} {treat.body}")
+            if session.source_status()["source_position"] != "safe":
+                raise CheckFailed("the source left its safe after refused loads")
+            session.send(MessageType.GET_STATE)
+            other = session.wait_for({MessageType.ERROR, MessageType.STATE}, budget.silence_s)
+            if other.type != MessageType.ERROR or other.body.get("code") != "UNSUPPORTED":
+                raise CheckFailed(f"a linac's GET_STATE got {other.type.name} {other.body}")
+            return (
+                f"LIMIT for {' and for '.join(refusals)} beyond channel {caps.get('channels')}; "
+                "then NOT_LOADED for TREAT, the source safe; UNSUPPORTED for GET_STATE"
+            )
+
+    def check_dwells(self) -> str:
+        with self._greeted() as session:
+            programme = _channel(session.hello, 2, 3, 1.0)
+            loaded, started, ended = session.run_channel(programme)
+            said = (loaded.get("channel"), loaded.get("dwells"), float(loaded.get("total_s", -1)))
+            if said != (programme.channel, len(programme.dwells), programme.total_s):
+                raise CheckFailed(
+                    f"LOADED {loaded} for channel 2 of 3 dwells, {programme.total_s} s"
+                )
+            for frame in (started, ended):
+                if frame.body.get("treatment") != loaded["treatment"]:
+                    raise CheckFailed(
+                        f"{frame.type.name} treatment {frame.body.get('treatment')}, LOADED "
+                        f"said {loaded['treatment']}"
+                    )
+            if ended.body["termination"] != "NORMAL":
+                raise CheckFailed(f"the channel ended {ended.body['termination']} {ended.body}")
+            done = [f.body for f in session.frames if f.type == MessageType.DWELL_DONE]
+            indices = [int(d["index"]) for d in done]
+            if indices != [0, 1, 2]:
+                raise CheckFailed(f"DWELL_DONE indices {indices} for dwells 0..2, not [0, 1, 2]")
+            for body, dwell in zip(done, programme.dwells, strict=True):
+                if abs(float(body["position_mm"]) - dwell.position_mm) > 0.5:
+                    raise CheckFailed(
+                        f"DWELL_DONE {dwell.index} at {body['position_mm']} mm, loaded at "
+                        f"{dwell.position_mm:g} mm"
+                    )
+                if abs(float(body["delivered_s"]) - dwell.time_s) > 0.1 + 0.01 * dwell.time_s:
+                    raise CheckFailed(
+                        f"DWELL_DONE {dwell.index} measured {body['delivered_s']} s of "
+                        f"{dwell.time_s:g} s, yet the channel ended NORMAL"
+                    )
+            measured = [float(d["delivered_s"]) for d in done]
+            total = float(ended.body["delivered_s"])
+            if abs(sum(measured) - total) > 0.1:
+                raise CheckFailed(
+                    f"DWELL_DONE seconds {measured} sum to {sum(measured):g}, CHANNEL_ENDED "
+                    f"says {total:g}"
+                )
+            at = [i for i, f in enumerate(session.frames) if f.type == MessageType.DWELL_PROGRESS]
+            counts = [float(session.frames[i].body["delivered_s"]) for i in at]
+            if any(b < a for a, b in itertools.pairwise(counts)) or max(counts) > total + 1e-6:
+                raise CheckFailed(f"DWELL_PROGRESS falls or passes CHANNEL_ENDED: {counts}")
+            count, summed = 0.0, 0.0  # each DWELL_DONE after a DWELL_PROGRESS counting it
+            for frame in session.frames:
+                if frame.type == MessageType.DWELL_PROGRESS:
+                    count = float(frame.body["delivered_s"])
+                elif frame.type == MessageType.DWELL_DONE:
+                    summed += float(frame.body["delivered_s"])
+                    if count < summed - 0.05:
+                        raise CheckFailed(
+                            f"DWELL_DONE {frame.body['index']} came when DWELL_PROGRESS had "
+                            f"counted {count:g} s of the {summed:g} s done"
+                        )
+            first = session.frames.index(started)
+            times = [session.arrived[first]] + [session.arrived[i] for i in at]
+            times.append(session.arrived[session.frames.index(ended)])
+            gap = max(b - a for a, b in itertools.pairwise(times))
+            if gap > session.timing.tick_s * 1.5 + 0.25:
+                raise CheckFailed(
+                    f"DWELL_PROGRESS {gap:.2f} s apart, stated tick_s {session.timing.tick_s}"
+                )
+            return (
+                f"DWELL_DONE {indices} measuring {measured} s, sum {sum(measured):g} s, "
+                f"CHANNEL_ENDED NORMAL {total:g} s; {len(counts)} DWELL_PROGRESS at most "
+                f"{gap:.2f} s apart"
+            )
+
+    def check_retract(self) -> str:
+        with self._greeted() as session:
+            programme = _channel(session.hello, 3, 1, 600.0)
+            session.start_channel(programme)
+            heard, _ = session.until_delivering()
+            asked = time.monotonic()
+            session.send(MessageType.RETRACT, {"reason": "hil check"})
+            ended = session.wait_for({MessageType.CHANNEL_ENDED}, 10).body
+            took = time.monotonic() - asked
+            if ended["termination"] != "OPERATOR" or ended["reason"] != "hil check":
+                raise CheckFailed(f"RETRACT ended the channel {ended}")
+            delivered = float(ended["delivered_s"])
+            if not heard - 1e-6 <= delivered < programme.total_s:
+                raise CheckFailed(
+                    f"{delivered:g} s after {heard:g} s were heard, of {programme.total_s:g}"
+                )
+            if session.source_status()["source_position"] != "safe":
+                raise CheckFailed("SOURCE_STATUS says the source is out after CHANNEL_ENDED")
+            return (
+                f"CHANNEL_ENDED OPERATOR at {delivered:g} s of {programme.total_s:g}, "
+                f"{took:.2f} s after RETRACT; the source safe"
+            )
+
+    def check_afterloader_host_loss(self) -> str:
+        """The host vanishes with the source out. The source must come back within the 2 s a
+        controller waits for a silent host (its retries, 1.2 s, may end it sooner): told
+        apart from one that waits for the next HELLO by the seconds it counted meanwhile, at
+        the rate its DWELL_PROGRESS counted before."""
+        with self._greeted() as session:
+            programme = _channel(session.hello, 4, 1, 600.0)
+            treatment = int(session.start_channel(programme).body["treatment"])
+            first, since = session.until_delivering()
+            heard, last = first, since
+            while last - since < 2.0 or heard <= first:
+                frame = session.wait_for({MessageType.DWELL_PROGRESS}, 10)
+                heard, last = float(frame.body["delivered_s"]), time.monotonic()
+            rate = (heard - first) / (last - since)  # source seconds a wall-clock second
+        time.sleep(7.0)
+        with self._greeted() as again:
+            ended = again.hello.get("last_channel") or {}
+        if ended.get("treatment") != treatment:
+            raise CheckFailed(f"HELLO_REPLY last_channel {ended!r}, not treatment {treatment}")
+        if (ended.get("termination"), ended.get("code")) != ("MACHINE", "LINK"):
+            raise CheckFailed(
+                f"ended {ended.get('termination')} {ended.get('code')!r}, not MACHINE LINK"
+            )
+        delivered = float(ended["delivered_s"])
+        if delivered < heard - 1e-6:
+            raise CheckFailed(f"last_channel counts {delivered:g} s, {heard:g} s were heard")
+        out = (delivered - heard) / rate
+        if delivered >= programme.total_s - 1e-6 or delivered > heard + 4.5 * rate + 1.0:
+            raise CheckFailed(
+                f"the source stayed out about {out:.1f} s after its host went silent "
+                f"({delivered:g} s counted, {heard:g} s heard): not retracted at once"
+            )
+        return (
+            f"treatment {treatment} ended MACHINE LINK at {delivered:g} s of "
+            f"{programme.total_s:g}, about {max(out, 0.0):.1f} s after the host's last frame"
+        )
 
 
 def write_junit(results: list[CheckResult], path: Path, device: str) -> Path:

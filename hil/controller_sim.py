@@ -5,6 +5,9 @@ the protocol interface in front of it, plus the faults of hil.faults. Its timing
 linac's: axis speeds and dose rate at the configured time scale. The host tells it, through
 the control channel, whose anatomy lies on the couch (``place_patient``), so its CBCT
 images the patient being treated, not a bench phantom.
+
+A machine profile of kind ``afterloader`` (``--machine afterloader``) gets the afterloader
+controller of hil/afterloader_sim.py instead, on the same serving code.
 """
 
 from __future__ import annotations
@@ -102,6 +105,13 @@ LONG_REPLIES = {
 }
 MAX_PLANE_BYTES = 1 << 20  # an IMAGES body holds whole planes up to the 1 MiB frame limit
 HOST_SILENCE_S = 2.0  # with a beam on, nothing from the host for this long: the host is lost
+# The afterloader's requests: a linac answers them ERROR UNSUPPORTED (hil/PROTOCOL.md, Errors).
+AFTERLOADER_REQUESTS = (
+    MessageType.GET_SOURCE_STATUS,
+    MessageType.LOAD_CHANNEL,
+    MessageType.TREAT,
+    MessageType.RETRACT,
+)
 
 
 # Deliberately broken variants, for proving that `tdw-emu hil check` catches what it claims
@@ -121,6 +131,17 @@ QUIRKS = {
 
 
 class ControllerSim:
+    """The simulated controller of one machine. Built with an afterloader's profile
+    (``ControllerSim("afterloader", ...)``, as ``--machine afterloader`` does), it is a
+    :class:`hil.afterloader_sim.AfterloaderControllerSim`."""
+
+    def __new__(cls, machine: str = "linac", *args, **kwargs) -> ControllerSim:
+        if cls is ControllerSim and load_machine_profile(machine).get("kind") == "afterloader":
+            from hil.afterloader_sim import AfterloaderControllerSim
+
+            return super().__new__(AfterloaderControllerSim)
+        return super().__new__(cls)
+
     def __init__(
         self,
         machine: str = "linac",
@@ -181,6 +202,7 @@ class ControllerSim:
             last = None
         return {
             "protocol": PROTOCOL_VERSION,
+            "machine": "linac",
             "identity": asdict(self.linac.identify()),
             "capabilities": caps,
             "timing": self.timing.as_body(),
@@ -286,6 +308,8 @@ class ControllerSim:
                 if self._beam_is_on():
                     state = "beam_on"
                 link.send(MessageType.HEARTBEAT_REPLY, {"state": state, "sessions": self.sessions})
+            elif kind in AFTERLOADER_REQUESTS:
+                self._error(link, "UNSUPPORTED", f"a linac does not take {kind.name}", kind)
         except DeviceError as exc:
             self._error(link, "LIMIT", str(exc), kind)
         except (KeyError, TypeError, ValueError) as exc:
@@ -296,6 +320,10 @@ class ControllerSim:
 
     def _beam_is_on(self) -> bool:
         return self._delivery is not None and self._delivery.is_alive()
+
+    def _treating(self) -> bool:
+        """The machine is delivering (a beam on, a source out): a silent host is lost."""
+        return self._beam_is_on()
 
     def _beam_on(self, link: Link) -> None:
         if self._beam_is_on() or (self._is_busy() and self._busy_session == self.sessions):
@@ -431,7 +459,7 @@ class ControllerSim:
                     self.faults.count("dropped")
                     break
                 silent = time.monotonic() - link.last_received > HOST_SILENCE_S
-                if silent and self._beam_is_on() and not self.faults.stalled:
+                if silent and self._treating() and not self.faults.stalled:
                     self.faults.count("host_lost")
                     break
                 frame = link.recv(timeout=0.05) if not link.closed.is_set() else None

@@ -2,8 +2,9 @@
 
 Faults act where real rigs break: on the wire (garbled, duplicated or reordered frames,
 latency and jitter, an unplugged cable) and in the controller (an interlock at a given
-meterset, a stall). The control channel is a line-oriented JSON socket on loopback, so a
-test or an operator can inject them while a session runs, as lewis does for its devices.
+meterset, a stall; for an afterloader, the door, the power, a stuck source, an obstructed
+catheter). The control channel is a line-oriented JSON socket on loopback, so a test or an
+operator can inject them while a session runs, as lewis does for its devices.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ from devices.control_channel import send_command
 from devices.couch_axes import ROTATIONS, TRANSLATIONS
 
 COUCH_AXES = TRANSLATIONS + ROTATIONS
+# The afterloader's faults, by devices.sim.afterloader.AfterloaderFaults' names: channel ->
+# seconds of source time into it (door, power), channel -> seconds the source stays out
+# (stuck), channels whose check run stops (obstructed).
+AFTERLOADER_FAULTS = ("door", "power", "stuck", "obstructed")
+DOOR_OPEN_S = 5.0  # how long (device seconds) a door opened by a fault stays open
 
 
 @dataclass
@@ -32,7 +38,13 @@ class Faults:
     stall_until: float = 0.0
     unplugged_until: float = 0.0
     drop_requested: bool = False
+    # A linac: beam -> meterset (MU) at which an interlock trips. An afterloader: channel ->
+    # seconds of source time into it at which the door opens (AfterloaderFaults' interlocks).
     interlocks: dict[int, float] = field(default_factory=dict)
+    # An afterloader's other faults, as AfterloaderFaults.from_options takes them:
+    # {"door": {channel: s}, "power": {channel: s}, "stuck": {channel: s}, "obstructed":
+    # [channel, ...], "door_open_s": {channel: s}}.
+    afterloader_faults: dict[str, object] = field(default_factory=dict)
     # An axis that stops short: gantry or collimator (degrees), or a couch axis as
     # couch_lateral_mm ... couch_yaw_deg (mm or degrees).
     axis_faults: dict[str, float] = field(default_factory=dict)
@@ -61,8 +73,12 @@ class Faults:
         """One control-channel command; returns the reply."""
         kind = command.get("fault")
         now = time.monotonic()
-        if kind == "interlock":
-            self.interlocks[int(command["beam"])] = float(command["meterset"])
+        if kind == "interlock":  # a beam at a meterset, or an afterloader channel at seconds
+            unit = command["beam"] if "beam" in command else command["channel"]
+            at = command["meterset"] if "meterset" in command else command["seconds"]
+            self.interlocks[int(unit)] = float(at)
+        elif kind in AFTERLOADER_FAULTS:
+            return self._afterloader_fault(kind, command)
         elif kind in ("garble", "duplicate", "reorder"):
             setattr(self, f"{kind}_rate", float(command.get("rate", 1.0)))
         elif kind == "latency":
@@ -91,10 +107,32 @@ class Faults:
             self.interlocks.clear()
             self.axis_faults.clear()
             self.overrun_mu = 0.0
+            self.afterloader_faults.clear()
         elif kind == "status":
             pass
         else:
             return {"ok": False, "error": f"unknown fault {kind!r}"}
+        return {"ok": True, "counters": dict(self.counters)}
+
+    def _afterloader_fault(self, kind: str, command: dict) -> dict:
+        """``{"fault": "door" | "power", "channel": c, "seconds": s}`` (s seconds of source
+        time into channel c; a door also ``"open_s"``, how long it stays open), ``{"fault":
+        "stuck", "channel": c, "seconds": s}`` (the source stays out s seconds more before
+        the emergency retraction), ``{"fault": "obstructed", "channel": c}``."""
+        channel = int(command["channel"])
+        faults = self.afterloader_faults
+        if kind == "obstructed":
+            faults.setdefault("obstructed", [])
+            if channel not in faults["obstructed"]:
+                faults["obstructed"].append(channel)
+        else:
+            seconds = float(command.get("seconds", 3.0 if kind == "stuck" else 0.0))
+            if seconds < 0:
+                return {"ok": False, "error": f"{kind}: seconds must be 0 or more"}
+            faults.setdefault(kind, {})[channel] = seconds
+            if kind == "door":
+                opened = float(command.get("open_s", DOOR_OPEN_S))
+                faults.setdefault("door_open_s", {})[channel] = opened
         return {"ok": True, "counters": dict(self.counters)}
 
 
