@@ -52,7 +52,7 @@ def test_the_device_dashboards_all_is_the_devices_only():
     board = json.loads((GRAFANA / "dashboards" / "tdw-device.json").read_text())
     device = next(v for v in board["templating"]["list"] if v["name"] == "device")
     assert device["includeAll"] and "allValue" not in device
-    assert 'kind=~"pds|pps|tdd"' in device["definition"]
+    assert 'kind=~"pds|pps|tdd|afterloader"' in device["definition"]
 
 
 def test_dashboards_are_provisionable_as_they_are():
@@ -105,7 +105,7 @@ def prometheus_tools():
 
 def test_every_dashboard_query_is_valid_and_has_data_from_a_real_soak(tmp_path, prometheus_tools):
     prometheus, promtool = prometheus_tools
-    devices = int(os.environ.get("TDW_SOAK_DEVICES", "3"))
+    devices = int(os.environ.get("TDW_SOAK_DEVICES", "4"))
     duration = float(os.environ.get("TDW_SOAK_DURATION", "55"))
 
     check = subprocess.run(
@@ -140,7 +140,7 @@ def test_every_dashboard_query_is_valid_and_has_data_from_a_real_soak(tmp_path, 
         "--devices",
         str(devices),
         "--mix",
-        "pds=1,pps+tdd=1",
+        "pds=1,pps+tdd=2,afterloader=1",
         "--duration",
         str(duration),
         "--fault-rate",
@@ -219,7 +219,7 @@ def test_every_dashboard_query_is_valid_and_has_data_from_a_real_soak(tmp_path, 
         assert jobs == ["tdw-soak"]
         aes = _get(
             f"{base}/api/v1/label/ae/values?"
-            + urllib.parse.urlencode({"match[]": 'tdw_actor_info{kind=~"pds|pps|tdd"}'})
+            + urllib.parse.urlencode({"match[]": 'tdw_actor_info{kind=~"pds|pps|tdd|afterloader"}'})
         )["data"]
         assert len(aes) == devices
         completed = _query(base, 'sum(tdw_sessions_total{outcome="completed"})')

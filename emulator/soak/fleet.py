@@ -1,15 +1,26 @@
 """Which devices a soak run starts: the ``--mix`` of units, stations and AE titles.
 
-A unit is what one treatment room needs to complete a session on its own: a PDS alone, or a
-PPS and a TDD sharing one station. A PPS or a TDD alone would leave half of every session
-SCHEDULED and its station would never be fed again, so the mix accepts whole units only.
+A unit is what one treatment room needs to complete a session on its own: a PDS alone, a
+PPS and a TDD sharing one station, or an HDR afterloader. A PPS or a TDD alone would leave
+half of every session SCHEDULED and its station would never be fed again, so the mix
+accepts whole units only.
+
+An afterloader's station carries ``HDR`` in its code: the TMS that feeds the soak (in
+process or ``tdw-emu tms --feed``) seeds brachytherapy patients there, linac patients
+elsewhere (:func:`station_kind`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-UNITS = {"pds": ("pds",), "pps+tdd": ("pps", "tdd")}
+UNITS = {"pds": ("pds",), "pps+tdd": ("pps", "tdd"), "afterloader": ("afterloader",)}
+AFTERLOADER_MARK = "HDR"
+
+
+def station_kind(station: str) -> str:
+    """The patients a soak station is fed: ``afterloader`` (HDR) or ``linac``."""
+    return "afterloader" if AFTERLOADER_MARK in station else "linac"
 
 
 class FleetError(ValueError):
@@ -51,10 +62,12 @@ def plan_fleet(devices: int, mix: dict[str, float], prefix: str = "SOAK") -> lis
     if devices < 1:
         raise FleetError("--devices must be at least 1")
     total = sum(mix.values())
-    pair_devices = 0
+    pair_devices = afterloaders = 0
     if "pps+tdd" in mix:
         pair_devices = round(devices * mix["pps+tdd"] / total) // 2 * 2
-    pds_devices = devices - pair_devices
+    if "afterloader" in mix:
+        afterloaders = min(round(devices * mix["afterloader"] / total), devices - pair_devices)
+    pds_devices = devices - pair_devices - afterloaders
     members: list[FleetMember] = []
     station_index = 0
     for _ in range(pds_devices):
@@ -68,4 +81,7 @@ def plan_fleet(devices: int, mix: dict[str, float], prefix: str = "SOAK") -> lis
             members.append(
                 FleetMember(kind, station, f"{kind.upper()}{station_index:03d}", len(members) + 1)
             )
+    for number in range(1, afterloaders + 1):
+        station = f"{prefix}{AFTERLOADER_MARK}{number:03d}"
+        members.append(FleetMember("afterloader", station, f"AL{number:03d}", len(members) + 1))
     return members

@@ -23,6 +23,7 @@ from emulator.config import tls_file_flags
 from emulator.net.peers import Peer
 from emulator.net.ports import free_port
 from emulator.soak import locustfile_path
+from emulator.soak.fleet import AFTERLOADER_MARK
 from emulator.soak.runner import SoakConfig
 from emulator.soak.tms_process import ReferenceTmsProcess
 from emulator.soak.verdict import Verdict
@@ -54,7 +55,8 @@ class LocustSoak:
         """The stations Locust's users will ask for (locustfile.LocustFleet.member names
         them), to prime: each worker gets about its share of each kind."""
         share = -(-self.config.devices // len(fleet_ids)) + 1
-        units = [unit for unit, name in (("D", "pds"), ("P", "pps+tdd")) if name in self.config.mix]
+        named = (("D", "pds"), ("P", "pps+tdd"), (AFTERLOADER_MARK, "afterloader"))
+        units = [unit for unit, name in named if name in self.config.mix]
         return [
             f"{self.config.station_prefix}{fid}{unit}{n:03d}"
             for fid in fleet_ids

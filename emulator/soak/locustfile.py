@@ -48,7 +48,7 @@ from emulator.net.peers import Peer
 from emulator.net.shared_receiver import SharedStorageReceiver
 from emulator.performer.workflow import DeviceConfig, PerformingDevice
 from emulator.profile import load_profile
-from emulator.soak.fleet import FleetMember
+from emulator.soak.fleet import AFTERLOADER_MARK, FleetMember
 from emulator.soak.processes import merge_verdicts
 from emulator.soak.runner import (
     RetryBackoff,
@@ -120,7 +120,7 @@ class LocustFleet:
         self.tally = Tally()
         self.records: list[dict] = []
         self.members: list[FleetMember] = []
-        self._numbers = {kind: itertools.count(1) for kind in ("pds", "pps", "tdd")}
+        self._numbers = {kind: itertools.count(1) for kind in ("pds", "pps", "tdd", "afterloader")}
         self._lock = threading.Lock()
         self.memory = MemoryWatch(30.0)
         self.started = time.monotonic()
@@ -152,7 +152,7 @@ class LocustFleet:
         """The next device of ``kind`` here; the n-th PPS and TDD share a station."""
         with self._lock:
             number = next(self._numbers[kind])
-            unit = "D" if kind == "pds" else "P"
+            unit = {"pds": "D", "afterloader": AFTERLOADER_MARK}.get(kind, "P")
             station = f"{self.options.tdw_station_prefix}{self.fleet_id}{unit}{number:03d}"
             member = FleetMember(
                 kind, station, f"{self.fleet_id}{kind.upper()}{number:03d}", len(self.members)
@@ -329,6 +329,14 @@ class TddUser(DeviceUser):
     weight = 0
 
 
+class AfterloaderUser(DeviceUser):
+    """An HDR afterloader; its station carries the afterloader mark, so the TMS feeds it
+    brachytherapy patients (emulator/soak/fleet.station_kind)."""
+
+    kind = "afterloader"
+    weight = 0
+
+
 def _apply_mix() -> None:
     """``TDW_MIX`` (as ``tdw-emu soak --mix``) sets the user classes' weights."""
     from emulator.soak.fleet import parse_mix
@@ -337,6 +345,7 @@ def _apply_mix() -> None:
     total = sum(mix.values())
     PdsUser.weight = round(mix.get("pds", 0) / total * 100)
     PpsUser.weight = TddUser.weight = round(mix.get("pps+tdd", 0) / total * 50)
+    AfterloaderUser.weight = round(mix.get("afterloader", 0) / total * 100)
 
 
 _apply_mix()

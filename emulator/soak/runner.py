@@ -34,12 +34,13 @@ from emulator.net.peers import Peer
 from emulator.net.scu import DimseError
 from emulator.net.shared_receiver import SharedStorageReceiver
 from emulator.performer.delivery import BeamTask
+from emulator.performer.dwell_delivery import ChannelTask
 from emulator.performer.tms_link import Backoff, TmsUnavailable
 from emulator.performer.workflow import DeviceConfig, PerformingDevice, UpsOutcome
 from emulator.profile import load_profile
 from emulator.reference.feeder import FeedPlan
 from emulator.reference.site import ReferenceSite, SiteConfig
-from emulator.seeding import SOAK_PATIENTS, SeedOptions
+from emulator.seeding import AFTERLOADER_SMALL, SOAK_PATIENTS, SeedOptions
 from emulator.soak.fleet import FleetMember, plan_fleet
 from emulator.soak.verdict import (
     MemoryWatch,
@@ -70,7 +71,7 @@ class SoakConfig:
     station_prefix: str = "SOAK"
     edition: str = "ihe-ro-2008"
     uid_set: str = "final"
-    device: str = "sim"
+    device: str = ""  # "": each kind's simulated machine (a linac, an afterloader)
     drain_s: float | None = None  # None: long enough for a session at this time scale
     poll_s: float | None = None  # between empty worklist rounds; None: by the time scale
     warmup_s: float | None = None
@@ -136,7 +137,7 @@ class SoakConfig:
             raise ValueError("--fault-rate is a probability per beam, 0 to 1")
         if (self.tms is None) != (self.archive is None):
             raise ValueError("give both --tms and --archive, or --embedded")
-        if self.fault_rate and self.device.split(":")[0] != "sim":
+        if self.fault_rate and (self.device or "sim").split(":")[0] != "sim":
             raise ValueError("--fault-rate arms simulated interlocks; use the sim device")
         if self.tms is not None and not self.listen_port:
             raise ValueError("with --tms give --listen-port: its Archive sends to that port")
@@ -239,14 +240,12 @@ class SoakRun:
         somewhere inside that beam. One draw per beam keeps a seeded run reproducible: the
         idle polls between sessions draw nothing."""
 
-        def on_beam_start(task: BeamTask) -> None:
+        def on_beam_start(task: BeamTask | ChannelTask) -> None:
             if rng.random() >= self.config.fault_rate:
                 return
             device = self.devices[member.ae_title].device
-            program = task.program
-            span = program.stop_meterset - program.start_meterset
-            at = program.start_meterset + span * rng.uniform(0.1, 0.9)
-            device.arm_interlock(program.beam_number, round(at, 2))
+            number, start, stop = task.fault_window()
+            device.arm_interlock(number, round(start + (stop - start) * rng.uniform(0.1, 0.9), 2))
 
         return on_beam_start
 
@@ -296,6 +295,7 @@ class SoakRun:
                 edition=cfg.edition,
                 uid_set=cfg.uid_set,
                 seed_options=cfg.seed_options,
+                brachy_options=AFTERLOADER_SMALL,
                 network=self.network,
             ),
             self.metrics,

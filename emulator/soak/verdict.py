@@ -21,6 +21,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from emulator.performer.workflow import UpsOutcome, session_outcome
+from emulator.results.brachy_record import delivered_channel_times
 
 METERSET_TOLERANCE = 1e-3  # MU; records carry metersets to 4 decimals
 # The counts of an :func:`audit_records` result (beside its "problems").
@@ -113,6 +114,17 @@ class Tally:
         }
 
 
+def recorded_amounts(record: Dataset) -> dict[int, float]:
+    """What a record says was delivered: MU per beam (RT Beams Treatment Record), or
+    source seconds per channel (RT Brachy Treatment Record)."""
+    amounts = {
+        int(item.ReferencedBeamNumber): float(item.get("DeliveredPrimaryMeterset", 0) or 0)
+        for item in record.get("TreatmentSessionBeamSequence") or []
+    }
+    amounts.update(delivered_channel_times(record))
+    return amounts
+
+
 def audit_records(
     deliveries: list[DeliveryRecord], archived: Callable[[str], Dataset | None]
 ) -> dict:
@@ -135,10 +147,8 @@ def audit_records(
                 problems.append(f"{delivery.ae_title}: record {uid} is not in the Archive")
                 continue
             held += 1
-            for item in record.get("TreatmentSessionBeamSequence") or []:
-                number = int(item.ReferencedBeamNumber)
-                mu = float(item.get("DeliveredPrimaryMeterset", 0) or 0)
-                recorded[number] = recorded.get(number, 0.0) + mu
+            for number, amount in recorded_amounts(record).items():
+                recorded[number] = recorded.get(number, 0.0) + amount
         for number, mu in beams.items():
             if number not in recorded:
                 lost_beams += 1
