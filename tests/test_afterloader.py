@@ -250,7 +250,7 @@ def test_a_door_interlock_in_channel_2_then_the_continuation_delivers_exactly_th
     (first,) = s.device.run_once()
     assert first.state == "CANCELED" and "door" in first.reason
     assert discontinuation_code(s.site, first.sop_instance_uid) == "110501"  # CID 9300
-    (interrupted,) = s.records()
+    (interrupted,) = s.records()  # the one record so far
     setup = interrupted.TreatmentSessionApplicationSetupSequence[0]
     assert setup.TreatmentTerminationStatus == "MACHINE"
     assert delivered_channel_times(interrupted)[2] == pytest.approx(4.0, abs=0.1)
@@ -271,8 +271,11 @@ def test_a_door_interlock_in_channel_2_then_the_continuation_delivers_exactly_th
         assert totals[channel.channel_number] == pytest.approx(channel.total_time_s, abs=0.1)
     left = remaining_reference_s(plan, records)
     assert all(s <= 0.05 for owed in left.values() for s in owed)
-    ref = records[1].ReferencedTreatmentRecordSequence[0]
-    assert ref.ReferencedSOPInstanceUID == records[0].SOPInstanceUID
+    kinds = {
+        r.TreatmentSessionApplicationSetupSequence[0].TreatmentDeliveryType: r for r in records
+    }
+    ref = kinds["CONTINUATION"].ReferencedTreatmentRecordSequence[0]
+    assert ref.ReferencedSOPInstanceUID == kinds["TREATMENT"].SOPInstanceUID
 
 
 def test_a_plan_for_another_source_is_refused_before_any_source_moves(session):
