@@ -22,6 +22,7 @@ from emulator.cli_events import (
     cmd_watch,
 )
 from emulator.cli_help import describe
+from emulator.interrupts import EXIT_INTERRUPTED
 
 if TYPE_CHECKING:  # the soak modules are imported only by the soak command
     from emulator.soak.verdict import Verdict
@@ -677,11 +678,19 @@ def _cmd_seed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_for_signal() -> None:
+def _wait_for_signal() -> str:
+    """Serves until SIGINT or SIGTERM; returns its name."""
     stop = threading.Event()
+    received: list[str] = []
+
+    def handle(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, handle)
     stop.wait()
+    return received[0] if received else "stop"
 
 
 def _cmd_archive(args: argparse.Namespace) -> int:
@@ -721,10 +730,11 @@ def _cmd_archive(args: argparse.Namespace) -> int:
     for peer in server.peers:
         print(f"  move destination {peer}", flush=True)
     try:
-        _wait_for_signal()
+        name = _wait_for_signal()
     finally:
         server.stop()
-    return 0
+    print(f"stopped by {name}: the Archive closed; its objects stay in {config.data_dir}")
+    return EXIT_INTERRUPTED
 
 
 def _cmd_tms(args: argparse.Namespace) -> int:
@@ -800,12 +810,16 @@ def _cmd_tms(args: argparse.Namespace) -> int:
         print(f"  profile {config.edition}, UIDs {config.uid_set}, callers: {callers}", flush=True)
         print(f"  {_tls_banner(config.network)}", flush=True)
         print("ready", flush=True)
-        _wait_for_signal()
+        name = _wait_for_signal()
     finally:
         if metrics_server:
             metrics_server.stop()
         site.stop()
-    return 0
+    print(
+        f"stopped by {name}: the TMS and its Archive closed; their UPS and objects stay in "
+        f"{config.data_dir}"
+    )
+    return EXIT_INTERRUPTED
 
 
 def _fill_site(site, args: argparse.Namespace, values: dict) -> None:
@@ -877,7 +891,6 @@ def _cmd_tms_schedule(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import tempfile
 
     from rich.table import Table
 
@@ -887,6 +900,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from emulator.conformance.message_rules import CheckContext, check_traffic
     from emulator.conformance.rulebook import RuleBook
     from emulator.conformance.traffic import TrafficRecorder
+    from emulator.interrupts import EXIT_INTERRUPTED, GracefulStop
     from emulator.metrics import default_metrics
     from emulator.net.scu import AssociationRejected, DimseError
     from emulator.performer.runner import RunReport, run_sessions
@@ -897,8 +911,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     values = merge(load_yaml_config(args.config, "run"), flags)
     recorder = TrafficRecorder(keep_stored_objects=True)
     report = RunReport()
-    with tempfile.TemporaryDirectory(prefix="tdw-run-") as tmp:
-        values.setdefault("data_dir", tmp)
+    stop = GracefulStop()
+    with stop.installed():
         config, sessions, wait, report_dir = device_config(values)
         # Every message the device receives is judged by the same rules as the scenarios.
         metrics = default_metrics()
@@ -908,6 +922,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         profile = load_profile(config.edition, config.uid_set)
         try:
             with PerformingDevice(config, metrics=metrics) as device:
+                stop.on_stop(device.stop_work)
+                _say_what_is_resumed(device)
                 metrics_server = _serve_metrics(values, metrics)
                 try:
                     report = run_sessions(device, sessions, wait)
@@ -951,9 +967,43 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "the next run on this --data-dir retries it",
             file=sys.stderr,
         )
+    if stop.requested:
+        print(_stopped_sentence(stop, report, config.data_dir), file=sys.stderr)
+        return EXIT_INTERRUPTED
     for problem in report.problems:
         print(f"problem: {problem}", file=sys.stderr)
     return 0 if report.ok else 1
+
+
+def _say_what_is_resumed(device) -> None:
+    """One line at start: where the device keeps its journal, and what an earlier run
+    left there that this one ends first."""
+    pending = device.journal.open_claims()
+    unsent = device.outbox.pending()
+    left = []
+    if pending:
+        left.append(f"{len(pending)} UPS claimed by an earlier run, ended first")
+    if unsent:
+        left.append(f"{len(unsent)} result(s) not yet in the Archive, sent first")
+    said = f" ({'; '.join(left)})" if left else ""
+    print(f"device journal in {device.config.data_dir}{said}", flush=True)
+
+
+def _stopped_sentence(stop, report, data_dir: Path) -> str:
+    """What a stop by signal left, in one sentence."""
+    canceled = [o for o in report.outcomes if o.state == "CANCELED" and not o.settled]
+    skipped = [o for o in report.outcomes if o.state == "SKIPPED"]
+    text = (
+        f"stopped by {stop.signal_name}: {len(canceled)} UPS canceled as an operator hold "
+        f"(CID 9300 110513) with the record of what the machine measured, {len(skipped)} "
+        "left SCHEDULED"
+    )
+    if report.final_pending:
+        return (
+            f"{text}; {len(report.final_pending)} UPS still IN PROGRESS at the TMS (it did "
+            f"not take the end): the same command, journal {data_dir}, ends them"
+        )
+    return f"{text}; nothing left IN PROGRESS"
 
 
 def parse_duration(text: str) -> float:
@@ -987,6 +1037,7 @@ SOAK_REQUIRED_PLACEHOLDERS = ["--devices", "0", "--duration", "0", "--embedded"]
 def _cmd_soak(args: argparse.Namespace) -> int:
     from emulator import terminal
     from emulator.config import network_settings
+    from emulator.interrupts import EXIT_INTERRUPTED, GracefulStop
     from emulator.net.peers import Peer
     from emulator.soak.display import LiveSummary, verdict_tables
     from emulator.soak.fleet import parse_mix
@@ -994,6 +1045,7 @@ def _cmd_soak(args: argparse.Namespace) -> int:
     from emulator.soak.runner import SoakConfig
     from emulator.soak.verdict import SoakLimits
 
+    stop = GracefulStop()
     if args.config:
         _apply_config_file(args, "soak")
     if args.tms and not args.archive:
@@ -1059,10 +1111,11 @@ def _cmd_soak(args: argparse.Namespace) -> int:
             for share, port in zip(fleet.shares, fleet.receiver_ports, strict=True):
                 titles = " ".join(member.ae_title for member in share)
                 console.print(f"devices receiving on {config.listen_host}:{port}: {titles}")
-        with LiveSummary(console, config.duration_s) as live:
+        stop.on_stop(fleet.stop)
+        with stop.installed(), LiveSummary(console, config.duration_s) as live:
             verdict = fleet.run(on_progress=live)
     else:
-        verdict = _soak_in_process(config, values, console)
+        verdict = _soak_in_process(config, values, console, stop)
     for table in verdict_tables(verdict):
         console.print(table)
     print(f"verdict written to {verdict.write(args.json)}")
@@ -1070,6 +1123,16 @@ def _cmd_soak(args: argparse.Namespace) -> int:
         print(f"problem: {problem}", file=sys.stderr)
     for problem in verdict.records["problems"][:10]:
         print(f"  {problem}", file=sys.stderr)
+    if stop.requested:
+        left = int((verdict.tms or {}).get("in_progress", 0))
+        print(
+            f"stopped by {stop.signal_name}: every device ended the session it was in (an "
+            "operator hold, its record stored) and returned its part of the verdict; "
+            + (f"{left} UPS IN PROGRESS at the TMS" if left else "nothing left IN PROGRESS"),
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_INTERRUPTED
     print("PASS: nothing lost" if verdict.ok else "FAIL", flush=True)
     return 0 if verdict.ok else 1
 
@@ -1081,7 +1144,7 @@ def _cmd_locustfile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _soak_in_process(config, values: dict, console) -> Verdict:
+def _soak_in_process(config, values: dict, console, stop) -> Verdict:
     """The whole fleet, and the embedded site, in this one process."""
     from emulator.metrics import default_metrics
     from emulator.soak.display import LiveSummary
@@ -1095,7 +1158,8 @@ def _soak_in_process(config, values: dict, console) -> Verdict:
             console.print(f"every device receives on {config.listen_host}:{config.listen_port}")
             for member in run.fleet:
                 console.print(f"device {member.ae_title} ({member.kind}) at {member.station}")
-        with LiveSummary(console, config.duration_s) as live:
+        stop.on_stop(run.stop)
+        with stop.installed(), LiveSummary(console, config.duration_s) as live:
             return run.run(on_progress=live)
     finally:
         if server:
@@ -1265,15 +1329,28 @@ def _cmd_scenarios(args: argparse.Namespace) -> int:
         for name, path in paths.items():
             print(f"{name:8} {path}")
         return 2
+    from emulator.interrupts import EXIT_INTERRUPTED, GracefulStop
+
     runner = ScenarioRunner(config)
-    try:
-        results = runner.run(scenarios)
-    finally:
-        runner.close()
-    paths = write_reports(results, runner.recorder, runner.book, meta, args.report_dir)
+    stop = GracefulStop()
+    stop.on_stop(runner.stop)
+    with stop.installed():
+        try:
+            results = runner.run(scenarios)
+        finally:
+            runner.close()
+        paths = write_reports(results, runner.recorder, runner.book, meta, args.report_dir)
     print_summary(results)
     for name, path in paths.items():
         print(f"{name:8} {path}")
+    if stop.requested:
+        print(
+            f"stopped by {stop.signal_name}: {len(results)} of {len(scenarios)} scenarios "
+            "begun, the one interrupted not judged, every UPS the suite claimed ended; the "
+            "reports above hold what ran",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     return 0 if suite_ok(results) else 1
 
 

@@ -6,6 +6,8 @@ the command line wins over the file.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,11 +64,13 @@ def _peers(values: Any) -> list[Peer]:
         raise ConfigError(str(exc)) from exc
 
 
-def _check_known(values: dict[str, Any], known: set[str], section: str) -> None:
+def _check_known(
+    values: dict[str, Any], known: set[str], section: str, data_dir_required: bool = True
+) -> None:
     unknown = set(values) - known
     if unknown:
         raise ConfigError(f"unknown {section} settings: {', '.join(sorted(unknown))}")
-    if not values.get("data_dir"):
+    if data_dir_required and not values.get("data_dir"):
         raise ConfigError("data_dir is required")
 
 
@@ -411,13 +415,22 @@ def parse_interrupt(text: str | None) -> dict[int, float]:
     return value
 
 
+def default_device_dir(ae_title: str, station: str) -> Path:
+    """Where a device keeps its journal when no --data-dir is given: the user's state
+    directory (XDG_STATE_HOME, ~/.local/state), keyed by AE title and station, so the same
+    command after a kill or a Ctrl-C finds what it left and ends it."""
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{ae_title.strip()}-{station.strip()}")
+    return base / "tdw-emulator" / "devices" / safe
+
+
 def device_config(values: dict[str, Any]) -> tuple[DeviceConfig, int, float, Path | None]:
     """Validates the merged ``run`` settings: the device config, sessions, wait, report dir."""
     from emulator.performer.actors import KINDS
     from emulator.performer.workflow import DeviceConfig
     from emulator.profile import EDITIONS
 
-    _check_known(values, set(RUN_SETTINGS), "run")
+    _check_known(values, set(RUN_SETTINGS), "run", data_dir_required=False)
     for key in ("kind", "station", "tms", "archive"):
         if not values.get(key):
             raise ConfigError(f"{key} is required")
@@ -442,7 +455,11 @@ def device_config(values: dict[str, Any]) -> tuple[DeviceConfig, int, float, Pat
         ae_title=_ae_title(values, "ae_title", kind.upper() + "1"),
         tms=tms,
         archive=archive,
-        data_dir=Path(values["data_dir"]),
+        data_dir=Path(values["data_dir"])
+        if values.get("data_dir")
+        else default_device_dir(
+            _ae_title(values, "ae_title", kind.upper() + "1"), str(values["station"])
+        ),
         listen_host=str(values.get("listen_host", "127.0.0.1")),
         listen_port=_port(values, "listen_port", 11113),
         edition=_choice(values, "profile", "ihe-ro-2008", EDITIONS),

@@ -23,6 +23,7 @@ from devices.afterloader import ChannelEnded, ChannelTick
 from devices.base import BeamEnded, DeliveryEvent, MetersetTick
 from emulator import terminal
 from emulator.config import parse_interrupt
+from emulator.interrupts import EXIT_INTERRUPTED, GracefulStop
 from emulator.net.peers import Peer
 from emulator.performer.delivery import BeamTask
 from emulator.performer.dwell_delivery import ChannelTask
@@ -147,6 +148,26 @@ def run_demo(
 ) -> int:
     console = terminal.console()
     demo = KINDS[kind]
+    stop = GracefulStop()
+    with stop.installed():
+        code = _run(demo, console, stop, data_dir, interrupt, time_scale)
+    if stop.requested:
+        console.print(
+            f"stopped by {stop.signal_name}: the UPS performed was canceled as an operator "
+            "hold with its record; nothing left IN PROGRESS"
+        )
+        return EXIT_INTERRUPTED
+    return code
+
+
+def _run(
+    demo: DemoKind,
+    console,
+    stop: GracefulStop,
+    data_dir: Path | None,
+    interrupt: str | None,
+    time_scale: float,
+) -> int:
     interlocks = parse_interrupt(interrupt)
     with tempfile.TemporaryDirectory(prefix="tdw-demo-") as tmp:
         root = Path(data_dir) if data_dir else Path(tmp)
@@ -193,8 +214,11 @@ def run_demo(
                 kind_of_patient = "afterloader" if demo.kind == "afterloader" else "linac"
                 site.seed(demo.station, 1, kind=kind_of_patient)
                 rounds = 2 if interlocks else 1
+                stop.on_stop(device.stop_work)
                 with progress:
                     for _ in range(rounds):
+                        if stop.requested:
+                            break
                         outcomes += device.run_once()
                 held = Counter(i.values["modality"] for i in site.archive.store)
                 records = _copy_records(site, root / "records") if data_dir else []

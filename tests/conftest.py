@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -32,6 +33,10 @@ DCIODVFY_KNOWN_DEFECT = re.compile(
     r"^Error - Unrecognized enumerated value <(NOT_)?VERIFIED>.*Treatment Verification Status"
 )
 
+
+# A device run without --data-dir keeps its journal in the user's state directory: in the
+# tests, one of their own, so no run meets a journal another test (or a user) left.
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="tdw-test-state-")
 
 # Anything the project writes with a value invalid for its VR fails the test at once.
 pydicom_config.settings.writing_validation_mode = pydicom_config.RAISE

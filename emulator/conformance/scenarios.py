@@ -181,6 +181,16 @@ class ScenarioRunner:
             raise ValueError("the suite needs two device AEs (PPS/TDD splits, races)")
         self._tmp = tempfile.TemporaryDirectory(prefix="tdw-scenarios-")
         self.root = Path(config.data_dir or self._tmp.name)
+        # A stop asked by the operator (SIGINT): no further step or scenario starts, the
+        # devices performing end what they claimed, every scenario's cleanup still runs.
+        self.stopping = ""
+        self._active: set[PerformingDevice] = set()
+
+    def stop(self, reason: str) -> None:
+        """Stops the suite at the next step; a device performing now ends its UPS."""
+        self.stopping = reason
+        for device in list(self._active):
+            device.stop_work(reason)
 
     def close(self) -> None:
         self._tmp.cleanup()
@@ -188,13 +198,21 @@ class ScenarioRunner:
     # -- the suite -----------------------------------------------------------------------------
 
     def run(self, scenarios: list[Scenario]) -> list[ScenarioResult]:
-        return [self.run_one(s) for s in scenarios]
+        results = []
+        for scenario in scenarios:
+            if self.stopping:
+                break
+            results.append(self.run_one(scenario))
+        return results
 
     def run_one(self, scenario: Scenario) -> ScenarioResult:
         result = ScenarioResult(scenario, first_seq=self.recorder.last_seq)
         state = _ScenarioState(scenario, self.root / scenario.name)
         started = time.monotonic()
         for index, step in enumerate(scenario.steps, start=1):
+            if self.stopping:
+                result.error = f"interrupted: {self.stopping}; not judged"
+                break
             self.recorder.label = f"{scenario.name}/{index}-{step['action']}"
             t0 = time.monotonic()
             try:
@@ -358,7 +376,11 @@ class ScenarioRunner:
             network=self.network,
             **extra,
         )
-        return PerformingDevice(config)
+        device = PerformingDevice(config)
+        self._active.add(device)
+        if self.stopping:
+            device.stop_work(self.stopping)
+        return device
 
     def _query(self, state: _ScenarioState, device: int = 0) -> list[Dataset]:
         with self._connection(device) as tms:

@@ -27,6 +27,9 @@ class CancelRequests:
     def __init__(self, hold_beam: Callable[[str], None]) -> None:
         self.hold_beam = hold_beam
         self._requests: dict[str, str] = {}
+        # Why, as a profiles/discontinuation_reasons.yaml cause: the TMS's request unless
+        # the operator of this device stopped it (a signal).
+        self._causes: dict[str, str] = {}
         self._performing: str | None = None
         self._lock = threading.Lock()
 
@@ -55,9 +58,18 @@ class CancelRequests:
         a progress report): as a cancel request, the beam is held."""
         self._stop(uid, text)
 
-    def _stop(self, uid: str, text: str) -> None:
+    def operator_stop(self, text: str) -> None:
+        """This device's operator stopped it (SIGINT, SIGTERM): the UPS being performed is
+        held and canceled as an operator hold."""
+        with self._lock:
+            uid = self._performing
+        if uid is not None:
+            self._stop(uid, text, cause="operator_hold")
+
+    def _stop(self, uid: str, text: str, cause: str = "tms_request") -> None:
         with self._lock:
             self._requests[uid] = text
+            self._causes[uid] = cause
             active = self._performing == uid
         LOG.warning("UPS %s: %s", uid, text)
         if active:
@@ -79,6 +91,12 @@ class CancelRequests:
         with self._lock:
             return self._requests.get(uid)
 
+    def cause(self, uid: str) -> str:
+        """The CID 9300 cause of the request for ``uid`` (tms_request or operator_hold)."""
+        with self._lock:
+            return self._causes.get(uid, "tms_request")
+
     def forget(self, uid: str) -> None:
         with self._lock:
             self._requests.pop(uid, None)
+            self._causes.pop(uid, None)

@@ -101,6 +101,9 @@ def run_sessions(
         if outcomes:
             report.sessions += 1
             report.outcomes.extend(outcomes)
+        if device.stopping:
+            break  # the operator stopped the device: nothing more is started
+        if outcomes:
             continue
         if time.monotonic() >= deadline:
             if sessions is not None:

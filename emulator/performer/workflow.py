@@ -174,6 +174,7 @@ class PerformingDevice:
         store_dir = Path(config.data_dir) / "store"
         # The beam hold (or source retraction) goes to self.device, opened below.
         self.cancel_requests = CancelRequests(self._hold)
+        self.stopping = ""  # why the operator stopped this device (stop_work), if it did
         self.receiver: StorageReceiver | ReceiverInbox = (
             inbox.attach(config.ae_title, store_dir, callers, self.cancel_requests.on_event)
             if inbox is not None
@@ -227,6 +228,13 @@ class PerformingDevice:
             on_unit_start=lambda task: self.on_beam_start and self.on_beam_start(task),
         )
         self.steps: dict[str, Step] = {cls.name: cls(context) for cls in step_classes}
+
+    def stop_work(self, reason: str) -> None:
+        """The operator stopped this device (a signal): no new UPS is claimed, and the one
+        being performed is held (its beam, its source) and ends CANCELED as an operator
+        hold, with the record of what the machine measured. Safe from any thread."""
+        self.stopping = reason
+        self.cancel_requests.operator_stop(reason)
 
     def _hold(self, reason: str) -> None:
         """A cancel request heard mid-delivery: the machine holds its beam or retracts its
@@ -295,22 +303,28 @@ class PerformingDevice:
         """
         self.flush_outbox()
         outcomes: list[UpsOutcome] = self.resume_claims()
+        if self.stopping:
+            return outcomes
         chosen = [
             (step, ups)
             for step, ups in actors.select(self.config.kind, self.query_worklist())
             if not self.journal.withheld(str(ups.SOPInstanceUID))
         ]
         for _, members in itertools.groupby(chosen, key=lambda su: actors.session_key(su[1])):
+            if self.stopping:
+                break  # the sessions not begun stay SCHEDULED for the next run
             session = list(members)
             done = self._run_session(session)
             key = actors.session_label(session[0][1])
             for outcome in done:
                 outcome.session = key
             self.metrics.session(session_outcome(done))
+            outcomes += done
+            if self.stopping and any(o.state == "SKIPPED" for o in done):
+                continue  # its later steps run next time, from what the journal keeps
             # What the session kept (planning CT, CBCT) is not needed by the next one.
             self.sessions.pop(key, None)
             self.journal.session_ended(key)
-            outcomes += done
         return outcomes
 
     def _run_session(self, session: list[tuple[str, Dataset]]) -> list[UpsOutcome]:
@@ -321,6 +335,9 @@ class PerformingDevice:
             return [self._outcome(step, ups, "REFUSED", reason) for step, ups in session]
         outcomes: list[UpsOutcome] = []
         for index, (step, ups) in enumerate(session):
+            if self.stopping:  # left SCHEDULED, not withheld: the next run goes on with it
+                why = f"not started: {self.stopping}"
+                return outcomes + [self._outcome(s, u, "SKIPPED", why) for s, u in session[index:]]
             outcome = self.perform(step, ups)
             outcomes.append(outcome)
             if outcome.state != "COMPLETED":
@@ -401,6 +418,9 @@ class PerformingDevice:
             outcome.reason = "; ".join(problems)
             LOG.warning("UPS %s not claimed: %s", uid, outcome.reason)
             return outcome
+        if self.stopping:
+            outcome.state, outcome.reason = "SKIPPED", f"not started: {self.stopping}"
+            return outcome
         claim = self._claim(step, ups, outcome)
         if claim is None:
             return outcome
@@ -449,7 +469,8 @@ class PerformingDevice:
         """A cancel request heard while a step ran ends it CANCELED, with what it stored."""
         reason = self.cancel_requests.requested(claim.uid)
         if reason:
-            raise Cancel(reason, percent, list(claim.stored or []), cause="tms_request")
+            cause = self.cancel_requests.cause(claim.uid)
+            raise Cancel(reason, percent, list(claim.stored or []), cause=cause)
 
     def _inputs(self, step: str, ups: Dataset) -> tuple[StepInputs, list[str]]:
         """What the UPS needs, retrieved and checked by the workflow's rules and then by the

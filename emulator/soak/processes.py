@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,8 @@ class ProcessFleet:
         self.receiver_ports = [base + k if base else free_port() for k in range(len(self.shares))]
         self.tms: ReferenceTmsProcess | None = None
         self.metrics_urls: list[str] = []
+        self._processes: list[subprocess.Popen] = []
+        self.stopped_reason = ""
 
     def _port(self, offset: int) -> int | None:
         base = self.endpoints.metrics_port
@@ -134,11 +137,22 @@ class ProcessFleet:
                     )
                 ]
                 processes = [self._start_worker(s, root, k) for k, s in enumerate(specs, 1)]
+                self._processes = processes
+                if self.stopped_reason:  # stopped while the workers were starting
+                    self.stop(self.stopped_reason)
                 self._wait(processes, specs, on_progress)
             finally:
                 if self.tms is not None:
                     self.tms.stop()
             return self._verdict(specs, processes)
+
+    def stop(self, reason: str) -> None:
+        """The operator stopped the soak: each worker is told (SIGTERM) to end its
+        devices' sessions and return its part of the verdict; this waits for them."""
+        self.stopped_reason = reason
+        for process in self._processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
 
     def _wait(self, processes, specs, on_progress) -> None:
         started = time.monotonic()

@@ -233,7 +233,18 @@ class SoakRun:
             ),
         )
 
-    # -- set-up ------------------------------------------------------------------------------
+        # -- set-up ------------------------------------------------------------------------------
+        self.stopped = threading.Event()
+        self.stopped_reason = ""
+
+    def stop(self, reason: str) -> None:
+        """The operator stopped the soak (a signal): the run phase ends now, every device
+        ends the UPS it performs as an operator hold and starts nothing new, and the drain
+        and the verdict follow as after a normal run."""
+        self.stopped_reason = reason
+        self.stopped.set()
+        for device in list(self.devices.values()):
+            device.stop_work(reason)
 
     def _fault_injector(self, member: FleetMember, rng: random.Random):
         """At each beam's start, with ``fault_rate``, arms the simulated dosimetry interlock
@@ -387,8 +398,8 @@ class SoakRun:
         spawner.start()
         deadline = started + cfg.duration_s
         warm = False
-        while time.monotonic() < deadline:
-            time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+        while time.monotonic() < deadline and not self.stopped.is_set():
+            self.stopped.wait(min(1.0, max(deadline - time.monotonic(), 0.0)))
             if not warm and time.monotonic() - started >= warmup:
                 # Latency and memory are judged in steady state, after the patients are
                 # seeded and every device has started its first session.

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from emulator.config import network_settings
+from emulator.interrupts import GracefulStop
 from emulator.metrics import Metrics
 from emulator.net.peers import Peer
 from emulator.soak.fleet import FleetMember
@@ -70,8 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     def report(progress: Progress) -> None:
         write_json(progress_path, dataclasses.asdict(progress))
 
+    run = SoakRun(config, metrics)
+    stop = GracefulStop(signals_to_exit=3)
+    stop.on_stop(run.stop)
     try:
-        verdict = SoakRun(config, metrics).run(on_progress=report)
+        with stop.installed():  # the parent's SIGTERM (or the terminal's SIGINT): drain
+            verdict = run.run(on_progress=report)
     finally:
         if server is not None:
             server.stop()

@@ -91,7 +91,7 @@ class BeamDeliveryStep(Step):
         def beam_started(task: BeamTask) -> None:
             reason = context.cancel_requests.requested(claim.uid)
             if reason:  # asked between beams: no further beam is started
-                raise Cancel(reason, cause="tms_request")
+                raise Cancel(reason, cause=context.cancel_requests.cause(claim.uid))
             context.progress(claim, share(delivery), task.program.beam_number)
             if context.on_unit_start:
                 context.on_unit_start(task)
@@ -152,7 +152,7 @@ class BeamDeliveryStep(Step):
             if result.beams and result.beams[-1].termination_code == "LINK":
                 cause = "device_error"  # the link to the controller, not an interlock
             elif result.termination == "OPERATOR" and context.cancel_requests.requested(claim.uid):
-                cause = "tms_request"  # the beam hold was the TMS's cancel request
+                cause = context.cancel_requests.cause(claim.uid)  # the hold was asked
             raise Cancel(
                 f"{result.termination} termination: {result.reason or 'beam hold'}",
                 percent,

@@ -201,7 +201,7 @@ class DwellDeliveryStep(Step):
         def channel_started(task: ChannelTask) -> None:
             reason = context.cancel_requests.requested(claim.uid)
             if reason:  # asked between channels: no further source goes out
-                raise Cancel(reason, cause="tms_request")
+                raise Cancel(reason, cause=context.cancel_requests.cause(claim.uid))
             context.progress(claim, share(delivery), None)
             if context.on_unit_start:
                 context.on_unit_start(task)
@@ -247,7 +247,7 @@ class DwellDeliveryStep(Step):
                 result.termination, "interlock"
             )
             if result.termination == "OPERATOR" and context.cancel_requests.requested(claim.uid):
-                cause = "tms_request"
+                cause = context.cancel_requests.cause(claim.uid)
             raise Cancel(
                 f"{result.termination} termination: {result.reason or 'source retracted'}",
                 percent,
