@@ -24,6 +24,12 @@ def add_console_flags(actions: argparse._SubParsersAction, add_tls_flags) -> Non
     )
     cancel.add_argument("uid", help="the UPS SOP Instance UID (tdw-emu tms list shows them)")
     cancel.add_argument("--reason", default="canceled by the operator", help="why")
+    cancel.add_argument(
+        "--force",
+        action="store_true",
+        help="the performer is gone: the reference TMS ends the IN PROGRESS UPS CANCELED "
+        "itself (PS3.4 CC.2.1.3), from --calling-ae OPERATOR",
+    )
     listing = actions.add_parser(
         "list",
         help="list the UPS a running TMS holds (C-FIND)",
@@ -61,9 +67,10 @@ def cmd_tms_console(args: argparse.Namespace, tls: dict) -> int:
             if not args.uid:
                 raise ValueError("tms cancel needs the UPS SOP Instance UID")
             status, comment = request_cancel(
-                tms, args.calling_ae, args.uid, args.reason, profile, network
+                tms, args.calling_ae, args.uid, args.reason, profile, network, args.force
             )
-            print(f"Request Cancel {args.uid}: 0x{status:04X} {comment}".rstrip())
+            forced = " (forced: the performer is gone, PS3.4 CC.2.1.3)" if args.force else ""
+            print(f"Request Cancel {args.uid}{forced}: 0x{status:04X} {comment}".rstrip())
             return 0 if status == 0x0000 or status & 0xF000 == 0xB000 else 1
         found = list_ups(tms, args.calling_ae, profile, args.station or "", network)
         if args.state:

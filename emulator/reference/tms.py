@@ -79,6 +79,8 @@ class TmsConfig:
     faults: TmsFaults = field(default_factory=TmsFaults)  # for testing performers
     # The largest N-CREATE, N-SET or C-FIND request body accepted, encoded (docs/tms.md).
     max_request_bytes: int = 1 << 20
+    # AEs whose forced Request Cancel ends an IN PROGRESS UPS (tdw-emu tms cancel --force).
+    operator_consoles: tuple[str, ...] = ("OPERATOR",)
 
     def calling_allow_list(self) -> list[str] | None:
         return calling_allow_list(self.peers, self.allowed_callers, self.accept_any_ae)
@@ -406,6 +408,9 @@ class TmsServer(ServedAE):
             if current is None:
                 outcome["status"] = ups_rules.ups_rules()["change_state"]["unknown_instance"]
                 return None
+            if current.state == "IN PROGRESS" and self._forced(info, requester):
+                outcome["status"] = 0x0000
+                return self._ended_by_operator(current, info, requester)
             decision = ups_rules.request_cancel(current.state)
             outcome["status"] = decision.status
             if decision.status != 0:
@@ -438,6 +443,45 @@ class TmsServer(ServedAE):
         if updated is not None and updated.state == "CANCELED":
             self._after_canceled(updated, performed=False)
         return _answer(status, outcome.get("comment", "")), None
+
+    def _forced(self, info: Dataset, requester: str) -> bool:
+        """A Request Cancel from an operator console proposing the operator_forced code
+        (profiles/ups.yaml): the operator has determined that the performer is gone."""
+        forced = ups_rules.ups_rules()["request_cancel"]["operator_forced"]
+        codes = info.get("ProcedureStepDiscontinuationReasonCodeSequence") or []
+        proposed = {
+            (str(c.get("CodingSchemeDesignator", "")), str(c.get("CodeValue", ""))) for c in codes
+        }
+        return requester in self.config.operator_consoles and (
+            (forced["scheme"], forced["code"]) in proposed
+        )
+
+    def _ended_by_operator(self, current: UpsRecord, info: Dataset, requester: str) -> UpsRecord:
+        """PS3.4 CC.2.1.3: the SCP ends the UPS itself, CANCELED with the progress it had,
+        the operator's reason and a CID 9300 code, as the Final State requires; subscribers
+        (the performer, if it lives) get the State Report."""
+        after = deepcopy(current.dataset)
+        after.ProcedureStepState = "CANCELED"
+        items = after.get("ProcedureStepProgressInformationSequence") or []
+        percent = float(items[0].get("ProcedureStepProgress", 0) or 0) if items else 0.0
+        reason = str(info.get("ReasonForCancellation", "") or "the performer is gone")
+        cause = ups_rules.ups_rules()["request_cancel"]["operator_forced"]["cause"]
+        after.ProcedureStepProgressInformationSequence = Sequence(
+            [ups_attributes.cancellation_item(percent, f"ended by {requester}: {reason}", cause)]
+        )
+        LOG.warning(
+            "UPS %s ended CANCELED by operator %s: %s", current.sop_instance_uid, requester, reason
+        )
+        return UpsRecord(
+            current.sop_instance_uid,
+            current.session_id,
+            current.step,
+            "CANCELED",
+            current.transaction_uid,
+            False,
+            after,
+            context={"requesting_ae": requester, "request": info},
+        )
 
     def _after_canceled(self, canceled: UpsRecord, performed: bool) -> None:
         """What becomes of a session once one of its steps ended CANCELED (docs/tms.md).
