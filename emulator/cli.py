@@ -866,6 +866,11 @@ def _cmd_tms_schedule(args: argparse.Namespace) -> int:
     )
     if not values.get("data_dir") or not args.station:
         raise ValueError("tms schedule needs --data-dir (the TMS's) and --station")
+    if not (Path(values["data_dir"]) / "tms").is_dir():
+        raise ValueError(
+            f"--data-dir {values['data_dir']} holds no TMS: give the directory a 'tdw-emu tms "
+            "--data-dir' used (it holds tms/ and archive/)"
+        )
     values["accept_any_ae"] = True  # nothing listens: the callers play no part
     try:
         start = (
@@ -903,7 +908,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from emulator.interrupts import EXIT_INTERRUPTED, GracefulStop
     from emulator.metrics import default_metrics
     from emulator.net.scu import AssociationRejected, DimseError
-    from emulator.performer.runner import RunReport, run_sessions
+    from emulator.performer.runner import RunReport, reach_tms, run_sessions
     from emulator.performer.workflow import PerformingDevice
     from emulator.profile import load_profile
 
@@ -924,6 +929,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             with PerformingDevice(config, metrics=metrics) as device:
                 stop.on_stop(device.stop_work)
                 _say_what_is_resumed(device)
+                reach_tms(device)
                 metrics_server = _serve_metrics(values, metrics)
                 try:
                     report = run_sessions(device, sessions, wait)

@@ -83,6 +83,8 @@ def synthetic_patient(
 
 def seed_patients(out_dir: Path, options: SeedOptions) -> list[list[Path]]:
     """One sub-directory per patient (``patient_001`` ...), names chosen by us."""
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"--out {out_dir} is a file: give a directory for the patients")
     uids = load_sop_classes(options.uids)
     return [
         synthetic_patient(options, index, uids).write(Path(out_dir) / f"patient_{index:03d}")

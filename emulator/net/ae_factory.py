@@ -8,6 +8,7 @@ the requesting and the accepting side, through the connection-open event.
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import threading
 from collections.abc import Callable, Iterable
@@ -109,6 +110,23 @@ def make_ae(
     return ae
 
 
+class PortUnavailable(ValueError):
+    """A server could not listen where it was told: a set-up problem, said in one sentence
+    that names the address (the command exits 2)."""
+
+    def __init__(self, ae_title: str, host: str, port: int, cause: OSError) -> None:
+        if cause.errno == errno.EADDRINUSE:
+            why = "is already in use (another server, or an earlier run still stopping)"
+        elif cause.errno == errno.EACCES:
+            why = "needs privileges to bind (ports below 1024)"
+        else:
+            why = f"cannot be bound ({cause.strerror or cause})"
+        super().__init__(
+            f"{ae_title} cannot listen on {host}:{port}: the port {why}; choose another "
+            "port, or 0 for a free one"
+        )
+
+
 def start_server(
     ae: AE,
     host: str,
@@ -120,12 +138,15 @@ def start_server(
     settings = settings or NetworkSettings()
     patterns = getattr(ae, "tdw_calling_patterns", ())
     checks = [calling_pattern_check(patterns)] if patterns else []
-    server = ae.make_server(
-        (host, port),
-        evt_handlers=[*checks, *association_handlers(settings), *handlers],
-        ssl_context=settings.tls.server_context() if settings.tls else None,
-        server_class=GuardedAssociationServer,
-    )
+    try:
+        server = ae.make_server(
+            (host, port),
+            evt_handlers=[*checks, *association_handlers(settings), *handlers],
+            ssl_context=settings.tls.server_context() if settings.tls else None,
+            server_class=GuardedAssociationServer,
+        )
+    except OSError as exc:
+        raise PortUnavailable(ae.ae_title, host, port, exc) from exc
     server.limits = settings.admission
     report = settings.on_connection_refused
     if report is not None:

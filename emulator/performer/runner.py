@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from devices.base import DeviceError
-from emulator.net.scu import AssociationRejected, DimseError
+from emulator.net import scu
+from emulator.net.scu import AssociationFailed, AssociationRejected, DimseError
 from emulator.performer.tms_link import TmsUnavailable
 from emulator.performer.workflow import PerformingDevice, UpsOutcome
 
@@ -73,6 +74,39 @@ def judge(outcomes: list[UpsOutcome], injected_interrupt: bool) -> list[str]:
     return problems
 
 
+# How long `tdw-emu run` waits for a TMS to answer at all before it calls the address a
+# set-up mistake (exit 2). Once it has answered, an outage is retried for
+# --tms-retry-window (a restart, a network blip), which is another matter.
+FIRST_CONTACT_S = 15.0
+
+
+class TmsUnreachable(ValueError):
+    """The TMS never answered: a wrong address, or it is not running (exit 2)."""
+
+
+def reach_tms(device: PerformingDevice, window_s: float = FIRST_CONTACT_S) -> None:
+    """A C-ECHO to the TMS, tried for ``window_s``: it answering anything (even refusing
+    Verification) is enough; a rejection of this AE is the set-up problem it names."""
+    config = device.config
+    deadline = time.monotonic() + window_s
+    while True:
+        try:
+            scu.echo(config.ae_title, config.tms, config.network)
+            return
+        except AssociationRejected:
+            raise  # it answered, and said no: main() says why in one sentence
+        except AssociationFailed as exc:
+            if time.monotonic() >= deadline:
+                raise TmsUnreachable(
+                    f"the TMS {config.tms} did not answer within {window_s:g} s: {exc} (once "
+                    "it has answered, an outage is retried for --tms-retry-window, "
+                    f"{config.tms_retry_window:g} s)"
+                ) from exc
+        except DimseError:
+            return  # an association, a refused Verification: it is there
+        time.sleep(1.0)
+
+
 def run_sessions(
     device: PerformingDevice,
     sessions: int | None = 1,
@@ -107,9 +141,15 @@ def run_sessions(
             continue
         if time.monotonic() >= deadline:
             if sessions is not None:
-                report.problems.append(
-                    f"found work for {report.sessions} of {sessions} sessions on the worklist"
-                )
+                found = f"found work for {report.sessions} of {sessions} sessions on the worklist"
+                if not report.sessions:
+                    found = (
+                        f"the worklist of {device.config.tms} holds nothing for station "
+                        f"{device.config.station} that a {device.config.kind.upper()} takes "
+                        "today: schedule a session there (tdw-emu tms --seed "
+                        f"{device.config.station}, or tdw-emu tms schedule)"
+                    )
+                report.problems.append(found)
             break
         time.sleep(poll_seconds)
     _settle(device, report)

@@ -30,6 +30,9 @@ def import_files(
 
 
 def dicom_files(root: Path) -> list[Path]:
-    """Every ``*.dcm`` below ``root`` (or ``root`` itself), in a stable order."""
+    """Every ``*.dcm`` below ``root`` (or ``root`` itself), in a stable order; a ``root``
+    that does not exist is a set-up mistake (ValueError), not an import of nothing."""
     root = Path(root)
+    if not root.exists():
+        raise ValueError(f"{root} does not exist: nothing to import from it")
     return [root] if root.is_file() else sorted(p for p in root.rglob("*.dcm") if p.is_file())
