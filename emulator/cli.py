@@ -131,15 +131,32 @@ def _add_seed(sub: argparse._SubParsersAction) -> None:
 def _add_archive(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("archive", help="run the reference Archive (Storage, FIND, MOVE SCP)")
     p.add_argument("--config", type=Path, help="YAML file; flags override it")
-    p.add_argument("--data-dir", type=Path)
-    p.add_argument("--ae-title")
-    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="0 picks a free port")
-    p.add_argument("--peer", action="append", default=[], metavar="AET@HOST:PORT")
+    p.add_argument(
+        "--data-dir", type=Path, help="required (here or in --config): its store and index"
+    )
+    p.add_argument("--ae-title", help="the Archive's AE title (default: ARCHIVE)")
+    p.add_argument("--host", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="0 picks a free port (default: 11112)")
+    p.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="AET@HOST:PORT",
+        help="a caller that is also a C-MOVE destination (repeatable)",
+    )
     p.add_argument("--allow", action="append", default=[], metavar="AET", help="extra caller")
-    p.add_argument("--accept-any-ae", action="store_true", default=None)
-    p.add_argument("--duplicate-policy", choices=("reject", "replace"))
-    p.add_argument("--uids", choices=("final", "trial"))
+    p.add_argument(
+        "--accept-any-ae",
+        action="store_true",
+        default=None,
+        help="accept any calling AE title (default: --peer and --allow only)",
+    )
+    p.add_argument(
+        "--duplicate-policy",
+        choices=("reject", "replace"),
+        help="an instance stored again (default: reject)",
+    )
+    p.add_argument("--uids", choices=("final", "trial"), help="UID set (default: final)")
     p.add_argument("--import", dest="import_dir", type=Path, help="preload files from a dir")
     _add_tls_flags(p)
     _add_admission_flags(p)
@@ -161,12 +178,20 @@ def _add_tms(sub: argparse._SubParsersAction) -> None:
         help="store the DICOM files under this directory in the Archive first (e.g. "
         "tdw-emu seed's output)",
     )
-    p.add_argument("--ae-title")
-    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="TMS port; 0 picks a free port")
-    p.add_argument("--archive-ae-title")
-    p.add_argument("--archive-port", type=int, help="Archive port; 0 picks a free port")
-    p.add_argument("--peer", action="append", default=[], metavar="AET@HOST:PORT")
+    p.add_argument("--ae-title", help="the TMS's AE title (default: TMS)")
+    p.add_argument("--host", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TMS port; 0 picks a free port (default: 11114)")
+    p.add_argument("--archive-ae-title", help="its Archive's AE title (default: ARCHIVE)")
+    p.add_argument(
+        "--archive-port", type=int, help="Archive port; 0 picks a free port (default: 11112)"
+    )
+    p.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="AET@HOST:PORT",
+        help="a device (caller and C-MOVE destination); repeatable",
+    )
     p.add_argument("--allow", action="append", default=[], metavar="AET", help="extra caller")
     p.add_argument(
         "--seed",
@@ -201,9 +226,18 @@ def _add_tms(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="load a 'tdw-emu scenarios prepare' kit: its patient data, TMS objects and UPS",
     )
-    p.add_argument("--accept-any-ae", action="store_true", default=None)
-    p.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"))
-    p.add_argument("--uids", choices=("final", "trial"))
+    p.add_argument(
+        "--accept-any-ae",
+        action="store_true",
+        default=None,
+        help="accept any calling AE title (default: --peer and --allow only)",
+    )
+    p.add_argument(
+        "--profile",
+        choices=("ihe-ro-2008", "tdw-ii"),
+        help="profile edition (default: ihe-ro-2008)",
+    )
+    p.add_argument("--uids", choices=("final", "trial"), help="UID set (default: final)")
     p.add_argument(
         "--fault-refuse-canceled",
         metavar="N|always",
@@ -268,8 +302,12 @@ def _add_tms(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="a session every day, Saturday and Sunday too (default: weekdays only)",
     )
-    schedule.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"))
-    schedule.add_argument("--uids", choices=("final", "trial"))
+    schedule.add_argument(
+        "--profile",
+        choices=("ihe-ro-2008", "tdw-ii"),
+        help="profile edition (default: ihe-ro-2008)",
+    )
+    schedule.add_argument("--uids", choices=("final", "trial"), help="UID set (default: final)")
     add_console_flags(actions, _add_tls_flags)
 
 
@@ -313,8 +351,15 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "serial:///dev/ttyUSB0?baudrate=57600&parity=E, tcp://HOST:PORT, rfc2217://HOST:PORT, "
         f"socket://HOST:PORT; backends found: {', '.join(_backends())}",
     )
-    p.add_argument("--data-dir", type=Path, help="device state and results (default: temp)")
-    p.add_argument("--report-dir", type=Path)
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        help="its journal, results and retrieved objects (default: "
+        "$XDG_STATE_HOME/tdw-emulator/devices/AE-STATION, so the same command resumes)",
+    )
+    p.add_argument(
+        "--report-dir", type=Path, help="write run-report.json and the DIMSE traffic log here"
+    )
     p.add_argument(
         "--tms-retry-window",
         type=float,
@@ -437,7 +482,13 @@ def _add_scenarios(sub: argparse._SubParsersAction) -> None:
         help="address the devices' receivers bind (default: each --device host), e.g. "
         "0.0.0.0 when the TMS reaches this machine at another address",
     )
-    run.add_argument("--only", action="append", default=[], metavar="NAME")
+    run.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="run this scenario only (repeatable; default: every scenario of the profile)",
+    )
     run.add_argument(
         "--dimse-timeout",
         type=float,
@@ -445,7 +496,12 @@ def _add_scenarios(sub: argparse._SubParsersAction) -> None:
         help="a reply later than this is a DIMSE/Reply finding; the suite still waits "
         "longer to read it (default: exchange_timeout_s of profiles/rules.yaml, 30)",
     )
-    run.add_argument("--report-dir", type=Path, default=Path("conformance-report"))
+    run.add_argument(
+        "--report-dir",
+        type=Path,
+        default=Path("conformance-report"),
+        help="where the JSON, JUnit, HTML and traffic reports go",
+    )
     run.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"), default="ihe-ro-2008")
     run.add_argument("--uids", choices=("final", "trial"), default="final")
     run.add_argument("--data-dir", type=Path, help="keep the devices' data here (default: temp)")
@@ -609,13 +665,18 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         )
 
     def _get_help_string(self, action: argparse.Action) -> str:
+        """The help with its default said once (unless the text says it already, or there
+        is no value to say) and a required option marked "required"."""
         text = action.help or ""
+        if action.required and action.option_strings and "required" not in text:
+            text = f"required: {text}" if text else "required"
         default = action.default
         if (
             "%(default)" in text
+            or "default" in text
             or not action.option_strings
             or action.required
-            or default in (None, False, [], argparse.SUPPRESS)
+            or default in (None, False, [], "", argparse.SUPPRESS)
         ):
             return text
         return f"{text} (default: %(default)s)"

@@ -46,8 +46,12 @@ def add_console_flags(actions: argparse._SubParsersAction, add_tls_flags) -> Non
     for p in (cancel, listing):
         p.add_argument("--tms", metavar="AET@HOST:PORT", help="required: the running TMS")
         p.add_argument("--calling-ae", default=OPERATOR_AE, help="this console's AE title")
-        p.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"))
-        p.add_argument("--uids", choices=("final", "trial"))
+        p.add_argument(
+            "--profile",
+            choices=("ihe-ro-2008", "tdw-ii"),
+            help="profile edition (default: ihe-ro-2008)",
+        )
+        p.add_argument("--uids", choices=("final", "trial"), help="UID set (default: final)")
         add_tls_flags(p)
 
 
@@ -110,7 +114,7 @@ def add_watch(sub: argparse._SubParsersAction, add_tls_flags) -> None:
         metavar="AET@HOST:PORT",
         default="TDWWATCH@127.0.0.1:11140",
         help="this watcher's AE title and where the TMS sends events (the TMS must know it "
-        "as a peer); default TDWWATCH@127.0.0.1:11140",
+        "as a peer)",
     )
     p.add_argument("--listen-host", help="address to bind, when not the --listen host")
     p.add_argument("--ups", default="", help="one UPS SOP Instance UID (default: all, global)")
@@ -127,7 +131,7 @@ def add_watch(sub: argparse._SubParsersAction, add_tls_flags) -> None:
         help="stop once an event matches, e.g. event=ups_state_report,state=COMPLETED "
         "(keys: event, state, ups, type)",
     )
-    p.add_argument("--count", type=int, default=1, help="how many matching events (default 1)")
+    p.add_argument("--count", type=int, default=1, help="how many matching events")
     p.add_argument("--timeout", type=float, help="give up after this many seconds (exit 1)")
     p.add_argument("--profile", choices=("ihe-ro-2008", "tdw-ii"), default="ihe-ro-2008")
     p.add_argument("--uids", choices=("final", "trial"), default="final")

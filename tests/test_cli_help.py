@@ -49,6 +49,10 @@ def test_tms_schedule_has_its_own_help():
 def test_tms_schedule_takes_the_plan_from_the_archive(tmp_path):
     """No caller need be allowed (nothing listens); with no --plan-uid the Archive's only
     plan, or --patient-id's, is scheduled; none or several is one sentence, exit 2."""
+    nowhere = _tdw("tms", "schedule", "--data-dir", str(tmp_path / "nowhere"), "--station", "X")
+    assert nowhere.returncode == 2 and "holds no TMS" in nowhere.stderr
+    assert not (tmp_path / "nowhere").exists()
+    ReferenceSite(SiteConfig(data_dir=tmp_path / "empty", accept_any_ae=True)).stop()
     empty = _tdw("tms", "schedule", "--data-dir", str(tmp_path / "empty"), "--station", "X")
     assert empty.returncode == 2, empty.stdout + empty.stderr
     assert empty.stderr.count("\n") == 1 and "Traceback" not in empty.stderr
@@ -110,3 +114,55 @@ def test_docs_cli_md_is_every_commands_help():
     )  # fmt: skip
     written = (REPO / "docs" / "cli.md").read_text()
     assert written == made.stdout, "docs/cli.md is stale: run make cli-docs"
+
+
+def _option_help(parser, action) -> str:
+    """An option's help as --help prints it (defaults filled in), on one line."""
+    return " ".join(parser._get_formatter()._expand_help(action).split())
+
+
+def test_every_option_says_its_default_once_and_every_required_one_is_marked():
+    """README promises every option with its default: each option with a value for a
+    default says it exactly once (never '(default: )'), and each required one says so."""
+    import argparse
+
+    problems = []
+    for path, child in subcommands(build_parser()):
+        for action in child._actions:
+            if not action.option_strings or isinstance(
+                action, argparse._HelpAction | argparse._VersionAction
+            ):
+                continue
+            text = _option_help(child, action)
+            name = f"tdw-emu {path} {action.option_strings[-1]}"
+            if not text:
+                problems.append(f"{name}: no description")
+            if text.count("default") > 1:
+                problems.append(f"{name}: says its default more than once: {text!r}")
+            if "(default: )" in text:
+                problems.append(f"{name}: an empty default: {text!r}")
+            if action.default not in (None, False, [], "", argparse.SUPPRESS) and (
+                "default" not in text
+            ):
+                problems.append(f"{name}: its default {action.default!r} is not said")
+            if action.required and "required" not in text:
+                problems.append(f"{name}: required, not marked")
+    assert problems == []
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "said"),
+    [
+        ("tms", "--port", "11114"),
+        ("tms", "--archive-port", "11112"),
+        ("tms", "--ae-title", "TMS"),
+        ("archive", "--port", "11112"),
+        ("archive", "--data-dir", "required"),
+        ("run", "--data-dir", "XDG_STATE_HOME"),
+    ],
+)
+def test_defaults_the_configuration_applies_are_said_too(command, option, said):
+    """Options whose default comes from the YAML-merging config (argparse's is None)."""
+    parser = dict(subcommands(build_parser()))[command]
+    (action,) = [a for a in parser._actions if option in a.option_strings]
+    assert said in _option_help(parser, action)
