@@ -587,6 +587,13 @@ def _add_soak(sub: argparse._SubParsersAction) -> None:
         help="device backend spec (default: each kind's simulated machine)",
     )
     p.add_argument("--seed", type=int, default=1, help="random seed of the fault injection")
+    p.add_argument(
+        "--admit-p95",
+        type=float,
+        metavar="SECONDS",
+        help="start no new session while the devices' recent DIMSE p95 is above this "
+        "(default: max_recent_p95_s of profiles/soak.yaml, 5)",
+    )
     p.add_argument("--data-dir", type=Path, help="keep the run's data here (default: temp)")
     p.add_argument("--json", type=Path, default=Path("soak-verdict.json"), help="verdict file")
     p.add_argument(
@@ -1136,6 +1143,7 @@ def _cmd_soak(args: argparse.Namespace) -> int:
         uid_set=args.uids,
         device=args.device,
         drain_s=args.drain,
+        admit_p95_s=args.admit_p95,
         seed=args.seed,
         network=network_settings(_tls_values(args)),
         limits=SoakLimits(

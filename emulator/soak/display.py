@@ -103,7 +103,7 @@ def verdict_tables(verdict: Verdict) -> list[Table]:
         ("sessions refused / failed", f"{s.get('refused', 0)} / {s.get('failed', 0)}"),
         ("sessions per minute", f"{verdict.sessions_per_minute:g}"),
         ("continuations completed", str(verdict.continuations_completed)),
-        ("beams delivered", str(r["delivered_beams"])),
+        ("beams and channels delivered", str(r["delivered_beams"])),
         ("records stored / in the Archive", f"{r['records_stored']} / {r['records_in_archive']}"),
         ("records lost", str(r["lost_records"])),
         ("beams lost", str(r["lost_beams"])),
@@ -118,6 +118,15 @@ def verdict_tables(verdict: Verdict) -> list[Table]:
             ),
         ),
         *((f"limit {name}", f"{value:g}") for name, value in verdict.limits.items()),
+        (
+            "overload (new sessions held)",
+            f"{verdict.overload.get('holds', 0)} time(s), {verdict.overload.get('held_s', 0):g} s"
+            + (
+                f" (peak recent p95 {verdict.overload.get('peak_recent_p95_ms', 0):g} ms)"
+                if verdict.overload
+                else ""
+            ),
+        ),
     ]
     for name, value in rows:
         summary.add_row(name, value)

@@ -29,9 +29,18 @@ from emulator.metrics import LatencySamples
 from emulator.net.peers import Peer
 from emulator.net.ports import free_port
 from emulator.soak.fleet import FleetMember, plan_fleet
-from emulator.soak.runner import Progress, SoakConfig
+from emulator.soak.runner import STOP_GRACE_S, Progress, SoakConfig
 from emulator.soak.tms_process import ReferenceTmsProcess
-from emulator.soak.verdict import SoakLimits, Tally, Verdict, judge, judge_limits, sum_audits
+from emulator.soak.verdict import (
+    SoakLimits,
+    Tally,
+    Verdict,
+    judge,
+    judge_limits,
+    merge_overloads,
+    overload_problem,
+    sum_audits,
+)
 from emulator.soak.worker import spec_config, write_json
 
 GRACE_S = 120.0  # past duration and drain, before a silent worker is judged stuck
@@ -158,8 +167,14 @@ class ProcessFleet:
         started = time.monotonic()
         limit = started + self.config.duration_s + self.config.drain_limit_s + GRACE_S
         self._write_targets(specs)
+        asked = False
         while any(p.poll() is None for p in processes):
-            if time.monotonic() > limit:
+            if time.monotonic() > limit and not asked:
+                # Past the run, the drain and its grace: each worker is told to end its
+                # sessions and still write its part of the verdict (SIGTERM).
+                self.stop("the run went past its drain limit")
+                asked, limit = True, time.monotonic() + STOP_GRACE_S + GRACE_S
+            elif time.monotonic() > limit:
                 for process in processes:
                     process.kill()
                 break
@@ -245,6 +260,7 @@ def merge_verdicts(
     memory["growth_mib_per_hour"] = round(sum(rates), 1) if rates and None not in rates else None
     memory["window_s"] = min((p["memory"].get("window_s", 0.0) for p in parts), default=0.0)
     latency_ms = latencies.percentiles()
+    overload = merge_overloads([part.get("overload", {}) for part in parts])
     return Verdict(
         devices=len(fleet),
         mix=dict(Counter(m.kind for m in fleet)),
@@ -263,10 +279,12 @@ def merge_verdicts(
             *problems,
             *judge(tally, audit, tms, interrupted_left),
             *judge_limits(limits, latency_ms, memory),
+            *overload_problem(overload, len(fleet)),
         ],
         retried_rounds=sum(part["retried_rounds"] for part in parts),
         interrupted_left=interrupted_left,
         limits=limits.as_json(),
+        overload=overload,
     )
 
 

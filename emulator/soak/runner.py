@@ -37,10 +37,11 @@ from emulator.performer.delivery import BeamTask
 from emulator.performer.dwell_delivery import ChannelTask
 from emulator.performer.tms_link import Backoff, TmsUnavailable
 from emulator.performer.workflow import DeviceConfig, PerformingDevice, UpsOutcome
-from emulator.profile import load_profile
+from emulator.profile import load_profile, load_yaml
 from emulator.reference.feeder import FeedPlan
 from emulator.reference.site import ReferenceSite, SiteConfig
 from emulator.seeding import AFTERLOADER_SMALL, SOAK_PATIENTS, SeedOptions
+from emulator.soak.admission import Admission, AdmissionLimits
 from emulator.soak.fleet import FleetMember, plan_fleet
 from emulator.soak.verdict import (
     MemoryWatch,
@@ -50,10 +51,16 @@ from emulator.soak.verdict import (
     audit_records,
     judge,
     judge_limits,
+    overload_problem,
 )
 
 PLACEHOLDER = Peer("TMS", "127.0.0.1", 104)
 SESSION_S = 120.0  # about one PDS session at real pace, in device seconds
+
+
+# Past the drain limit, devices still in a session are stopped and given this long to end
+# their UPS (profiles/soak.yaml).
+STOP_GRACE_S = float(load_yaml("soak.yaml")["stop_grace_s"])
 
 
 @dataclass
@@ -90,6 +97,8 @@ class SoakConfig:
     watch_claimed_ups: bool = True
     # Latency and memory limits the verdict judges (tdw-emu soak --max-p99-ms and friends).
     limits: SoakLimits = field(default_factory=SoakLimits)
+    # Admission's latency bound (tdw-emu soak --admit-p95); None: profiles/soak.yaml's.
+    admit_p95_s: float | None = None
 
     @property
     def drain_limit_s(self) -> float:
@@ -232,10 +241,20 @@ class SoakRun:
                 max_pending=max(admission.max_pending, limit),
             ),
         )
-
-        # -- set-up ------------------------------------------------------------------------------
         self.stopped = threading.Event()
         self.stopped_reason = ""
+        # No new session while this process is overloaded (profiles/soak.yaml).
+        limits = AdmissionLimits.from_profile()
+        if config.admit_p95_s is not None:
+            limits = dataclasses.replace(limits, max_recent_p95_s=config.admit_p95_s)
+        self.admission = Admission(limits, self._results_backlog)
+        self.metrics.request_listeners.append(self.admission.observe)
+
+    def _results_backlog(self) -> int:
+        """Results the devices hold that the Archive has not taken yet."""
+        return sum(len(device.outbox.pending()) for device in list(self.devices.values()))
+
+    # -- set-up ------------------------------------------------------------------------------
 
     def stop(self, reason: str) -> None:
         """The operator stopped the soak (a signal): the run phase ends now, every device
@@ -325,6 +344,8 @@ class SoakRun:
     def _loop(self, member: FleetMember, device: PerformingDevice) -> None:
         backoff = RetryBackoff(random.Random(self.config.seed * 7919 + member.index))
         while not self.halt.is_set():
+            if not self._admitted():
+                return
             with self._busy_lock:
                 self._busy.add(member.ae_title)
             try:
@@ -341,6 +362,15 @@ class SoakRun:
             self.halt.wait(self.config.poll_interval_s)
 
     # -- the run -----------------------------------------------------------------------------
+
+    def _admitted(self) -> bool:
+        """Waits while the process is overloaded; False once the run is draining or over
+        (a device held at the gate has no session to finish)."""
+        while not self.admission.is_open():
+            if self.draining.is_set() or self.halt.is_set():
+                return False
+            self.halt.wait(0.5)
+        return not self.halt.is_set()
 
     def progress(self, started: float, phase: str, memory: MemoryWatch) -> Progress:
         latency = self.metrics.latencies.percentiles().get("all", {})
@@ -395,6 +425,7 @@ class SoakRun:
         spawner = threading.Thread(
             target=self._spawn, args=(threads,), name="soak-spawner", daemon=True
         )
+        self.admission.start()
         spawner.start()
         deadline = started + cfg.duration_s
         warm = False
@@ -417,8 +448,17 @@ class SoakRun:
             time.sleep(0.5)
             if on_progress:
                 on_progress(self.progress(started, "draining", memory))
+        if any(t.is_alive() for t in threads):
+            # Still in a session past the drain limit: each is stopped as an operator hold
+            # (its UPS CANCELED with its record), never left IN PROGRESS.
+            for member in self.fleet:
+                self.devices[member.ae_title].stop_work("the soak's drain limit was reached")
+            grace = time.monotonic() + STOP_GRACE_S
+            while any(t.is_alive() for t in threads) and time.monotonic() < grace:
+                time.sleep(0.5)
         drained_s = time.monotonic() - started - ran_s
         self.halt.set()
+        self.admission.stop()
         stuck = [t.name for t in threads if t.is_alive()]
         for thread in threads:
             if thread.ident is not None:
@@ -460,6 +500,7 @@ class SoakRun:
             tms=self.site.tms.ups.count_by_state() if self.site is not None else {},
             stuck=stuck,
             limits=self.config.limits,
+            overload=self.admission.summary(),
         )
         return draw_verdict(facts, records)
 
@@ -496,6 +537,7 @@ class RunFacts:
     tms: dict
     stuck: list[str] = field(default_factory=list)
     limits: SoakLimits = field(default_factory=SoakLimits)
+    overload: dict = field(default_factory=dict)  # Admission.summary()
 
 
 def draw_verdict(facts: RunFacts, records: dict) -> Verdict:
@@ -510,6 +552,7 @@ def draw_verdict(facts: RunFacts, records: dict) -> Verdict:
     interrupted_left = max(interrupted - continued, 0)
     problems = judge(tally, records, facts.tms, interrupted_left)
     problems += judge_limits(facts.limits, facts.latency_ms, facts.memory)
+    problems += overload_problem(facts.overload, len(facts.fleet))
     if facts.stuck:
         problems.append(f"still busy after the drain: {', '.join(facts.stuck)}")
     completed = tally.sessions.get("completed", 0)
@@ -536,4 +579,5 @@ def draw_verdict(facts: RunFacts, records: dict) -> Verdict:
         retried_rounds=sum(tally.transients.values()),
         interrupted_left=interrupted_left,
         limits=facts.limits.as_json(),
+        overload=facts.overload,
     )

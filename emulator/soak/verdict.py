@@ -200,6 +200,9 @@ class Verdict:
     retried_rounds: int = 0
     interrupted_left: int = 0  # interrupted deliveries without a completed continuation
     limits: dict = field(default_factory=dict)  # SoakLimits.as_json(): what was judged
+    # Admission control (emulator/soak/admission.py): how often and how long new sessions
+    # were held because the process was overloaded, and why.
+    overload: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -265,6 +268,32 @@ class SoakLimits:
 
     def as_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def overload_problem(overload: dict, devices: int) -> list[str]:
+    """An overloaded run is named as such: its figures are the emulator's, not the TMS's."""
+    if not overload.get("holds"):
+        return []
+    return [
+        f"overloaded: new sessions were held {overload['holds']} time(s), "
+        f"{overload['held_s']:g} s in all ({overload.get('why') or 'beyond the bounds'}); "
+        f"this machine could not hold {devices} devices at this pace (profiles/soak.yaml)"
+    ]
+
+
+def merge_overloads(parts: list[dict]) -> dict:
+    """The workers' admission figures as one: holds and time summed, peaks the worst."""
+    seen = [p for p in parts if p]
+    if not seen:
+        return {}
+    return {
+        "holds": sum(p["holds"] for p in seen),
+        "held_s": round(sum(p["held_s"] for p in seen), 1),
+        "peak_recent_p95_ms": max(p["peak_recent_p95_ms"] for p in seen),
+        "peak_results_backlog": max(p["peak_results_backlog"] for p in seen),
+        "why": next((p["why"] for p in seen if p.get("why")), ""),
+        "limits": seen[0]["limits"],
+    }
 
 
 def judge_limits(limits: SoakLimits, latency_ms: dict, memory: dict) -> list[str]:
