@@ -7,7 +7,7 @@ PYTHON  ?= python3
 STAMP   := $(VENV)/.installed
 PYTEST_WORKERS ?= auto
 
-.PHONY: demo test mutation cli-docs lint format debian-packages clean
+.PHONY: demo test test-loaded mutation cli-docs lint format debian-packages clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: $(STAMP) debian-packages
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The suite beside a busy loop pinned to one core: it must pass on a loaded machine too.
+test-loaded:
+	bash .ci/run-loaded
 
 # Mutation testing of profiles/ (benchmarks/mutation.py): prints survivors and the score.
 MUTATION_JOBS ?= 6

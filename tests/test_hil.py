@@ -84,7 +84,7 @@ def test_garbled_frames_are_retried_and_the_delivery_is_exact(bench, kind):
     ],
 )
 def test_link_lost_mid_beam_ends_machine_at_the_last_reported_meterset(bench, kind, fault):
-    spec, sim, control = start_controller(kind, time_scale=0.02)
+    spec, sim, control = start_controller(kind, time_scale=0.2)
     site, device = bench(spec)
     reported: list[float] = []
     injected = threading.Event()
@@ -251,7 +251,9 @@ def test_stuck_axis_over_the_link_cancels_before_any_meterset(bench):
 
 @pytest.mark.parametrize("kind", ["serial", "tcp"])
 def test_operator_hold_over_the_link(bench, kind):
-    spec, sim, _ = start_controller(kind, time_scale=0.02)
+    # At time scale 0.2 a 100 MU beam lasts 2 s: the hold asked at 30 MU lands mid-beam
+    # even on a loaded machine (at 0.02 it had 0.14 s, and once came after the beam ended).
+    spec, sim, _ = start_controller(kind, time_scale=0.2)
     _site, device = bench(spec)
     seen: list[float] = []
 
@@ -278,7 +280,7 @@ def test_a_count_the_controller_cannot_confirm_ends_unknown_and_needs_review(ben
     """The controller stalls with the beam on and stays silent past the host's reconnect
     window: the beam ends UNKNOWN at the last meterset heard, the record says so, and the
     TMS schedules no continuation by itself (it could deliver the unheard part twice)."""
-    spec, _sim, control = start_controller("tcp", time_scale=0.02)
+    spec, _sim, control = start_controller("tcp", time_scale=0.2)
     site, device = bench(f"{spec}?reconnect_s=1.5&hello_s=0.5")
     reported: list[float] = []
 
