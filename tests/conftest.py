@@ -221,6 +221,8 @@ def one_session_site(data_dir: Path, **config):
 LONGEST_FIRST = [
     "tests/test_real_time.py",
     "tests/test_docs_commands.py",
+    "tests/test_interrupts.py",
+    "tests/test_soak_overload.py",
     "tests/test_independent_controller_session.py",
     "tests/test_kill_restart.py",
     "tests/test_tms_restart.py",
@@ -232,6 +234,9 @@ LONGEST_FIRST = [
     "tests/test_fault_matrix.py",
     "tests/test_conformance_preflight.py",
     "tests/test_tls.py",
+    "tests/test_afterloader_real_time.py",
+    "tests/test_afterloader_hil.py",
+    "tests/test_setup_mistakes.py",
 ]
 
 

@@ -243,7 +243,8 @@ def test_run_command_fails_when_the_worklist_is_empty(tmp_path, archive_process_
         timeout=120,
     )
     assert result.returncode == 1
-    assert "found work for 0 of 1 sessions" in result.stderr
+    assert "holds nothing for station LINAC9" in result.stderr
+    assert "tdw-emu tms --seed LINAC9" in result.stderr
 
 
 def test_tms_config_from_yaml_matches_flags(tmp_path):

@@ -68,33 +68,53 @@ def _code(workitem) -> str:
     return str(item.ProcedureStepDiscontinuationReasonCodeSequence[0].CodeValue)
 
 
-def _delivered_mu(site_dir: Path) -> float:
+def _delivered(site_dir: Path) -> float:
+    """MU a beam record holds, or source seconds a brachy record holds."""
+    from emulator.soak.verdict import recorded_amounts
+
     store = ObjectStore(site_dir / "archive")
     try:
         records = [store.read(i) for i in store if i.values["modality"] == "RTRECORD"]
     finally:
         store.close()
-    return sum(
-        float(beam.DeliveredPrimaryMeterset)
-        for record in records
-        for beam in record.TreatmentSessionBeamSequence
-    )
+    return sum(sum(recorded_amounts(record).values()) for record in records)
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_during_a_beam_cancels_the_ups_with_the_measured_record(signum, tmp_path):
+@pytest.mark.parametrize(
+    ("signum", "kind"), [(signal.SIGINT, "pds"), (signal.SIGTERM, "afterloader")]
+)
+def test_a_signal_during_a_beam_cancels_the_ups_with_the_measured_record(signum, kind, tmp_path):
+    """SIGINT with a linac's beam on, SIGTERM with an afterloader's source out."""
     port = free_port()
-    site = _site(tmp_path, port)
+    seed = ("--seed", "LINAC1") if kind == "pds" else ("--seed-afterloader", "HDR1")
+    ae, station = ("PDS1", "LINAC1") if kind == "pds" else ("AL1", "HDR1")
+    site = start_cli_process(
+        "tms",
+        "--data-dir", str(tmp_path / "site"),
+        "--port", "0", "--archive-port", "0",
+        "--peer", f"{ae}@127.0.0.1:{port}", *seed, "--seed-size", "small",
+        ready="ready",
+    )  # fmt: skip
     ups = UpsStore(tmp_path / "site" / "tms" / "ups.sqlite3")
     env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"))
+    tms_host, tms_port = site.addresses["TMS"]
+    archive_host, archive_port = site.addresses["ARCHIVE"]
     try:
         process = subprocess.Popen(
-            _run(site, port, "--time-scale", "0.3"),
+            [
+                sys.executable, "-m", "emulator.cli", "run", "--kind", kind,
+                "--station", station, "--ae-title", ae,
+                "--tms", f"TMS@{tms_host}:{tms_port}",
+                "--archive", f"ARCHIVE@{archive_host}:{archive_port}",
+                "--listen-port", str(port), "--time-scale", "0.3",
+            ],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         _wait_for_delivery(ups, process)
-        time.sleep(1.5)  # beam 1 on (100 MU at 600 MU/min, at time scale 0.3: 3 s)
+        # A linac's beam 1 is on (100 MU at 600 MU/min: 3 s at time scale 0.3); an
+        # afterloader's source is out after its check run and transfer (1.7 s).
+        time.sleep(1.5 if kind == "pds" else 2.5)
         process.send_signal(signum)
         out, err = process.communicate(timeout=120)
     finally:
@@ -110,7 +130,8 @@ def test_a_signal_during_a_beam_cancels_the_ups_with_the_measured_record(signum,
     (delivery,) = [w for w in workitems if w.step == "delivery" and w.state == "CANCELED"]
     assert _code(delivery) == "110513"  # CID 9300: discontinued (the operator's hold)
     assert f"({name})" in cancel_reason(delivery)
-    assert 0 < _delivered_mu(tmp_path / "site") < 400  # the record of what was measured
+    given = _delivered(tmp_path / "site")
+    assert 0 < given < (400 if kind == "pds" else 20)  # what was measured, not the plan
 
 
 @pytest.mark.timeout(300)
@@ -198,12 +219,12 @@ def test_sigint_during_a_soak_ends_every_session_and_every_worker_reports(tmp_pa
     process = subprocess.Popen(
         [
             sys.executable, "-m", "emulator.cli", "soak", "--embedded",
-            "--devices", "4", "--mix", "pds=1,afterloader=1", "--duration", "300",
+            "--devices", "3", "--mix", "pds=1,afterloader=1", "--duration", "300",
             "--time-scale", "0.3", "--workers", "2", "--json", str(verdict_file),
         ],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(40)  # every device in a session: CBCTs, beams, channels
+    time.sleep(20)  # every device in a session: CBCTs, beams, channels
     assert process.poll() is None, process.communicate()
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=300)
@@ -219,10 +240,12 @@ def test_sigint_during_a_soak_ends_every_session_and_every_worker_reports(tmp_pa
 
 @pytest.mark.timeout(300)
 def test_an_operator_ends_a_ups_whose_performer_is_gone(tmp_path):
-    """kill -9 of the device mid-beam and nobody restarts it: `tdw-emu tms cancel` alone
-    leaves the UPS IN PROGRESS for good (the performer cannot answer); with --force the
-    TMS, told by its operator that the performer is gone, ends it CANCELED itself (PS3.4
+    """A performer claims the delivery and is never heard of again: `tdw-emu tms cancel`
+    alone leaves the UPS IN PROGRESS for good (nobody can answer); with --force the TMS,
+    told by its operator that the performer is gone, ends it CANCELED itself (PS3.4
     CC.2.1.3) with a coded reason, and its subscribers hear the State Report."""
+    from pydicom.uid import generate_uid
+
     from tests.peers.event_receiver import EventReceiver
     from tests.peers.ups_scu import UpsScu
     from tests.peers.ups_uids import EventType
@@ -232,19 +255,16 @@ def test_an_operator_ends_a_ups_whose_performer_is_gone(tmp_path):
         site = _site_with(tmp_path, port, "--allow", "OPERATOR",
                           "--peer", f"PEERWATCH@127.0.0.1:{watcher.port}")  # fmt: skip
         ups = UpsStore(tmp_path / "site" / "tms" / "ups.sqlite3")
-        env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"))
         try:
             tms_host, tms_port = site.addresses["TMS"]
+            (stuck,) = [w for w in ups.select() if w.step == "delivery"]
+            with UpsScu(tms_host, tms_port, "TMS", "PDS1") as performer:
+                claim = performer.change_state(
+                    stuck.sop_instance_uid, "IN PROGRESS", str(generate_uid())
+                )
+                assert claim.status == 0x0000
             with UpsScu(tms_host, tms_port, "TMS", "PEERWATCH") as scu:
                 assert scu.subscribe("global", "PEERWATCH").status == 0x0000
-            process = subprocess.Popen(
-                _run(site, port, "--time-scale", "0.3"),
-                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            _wait_for_delivery(ups, process)
-            process.send_signal(signal.SIGKILL)
-            process.wait(timeout=10)
-            (stuck,) = [w for w in ups.select() if w.state == "IN PROGRESS"]
             tms = f"TMS@{tms_host}:{tms_port}"
             forced = subprocess.run(
                 [sys.executable, "-m", "emulator.cli", "tms", "cancel", stuck.sop_instance_uid,

@@ -33,8 +33,8 @@ from tests.kill_harness import (
     undecided_claims,
 )
 
-# Four kills at random moments (TDW_KILLS=N for more): make test fits 20 minutes on 2 cores.
-KILLS = int(os.environ.get("TDW_KILLS", "4"))
+# Three kills at random moments (TDW_KILLS=N for more): make test fits 20 minutes on 2 cores.
+KILLS = int(os.environ.get("TDW_KILLS", "3"))
 
 
 def test_killed_and_restarted_device_leaves_nothing_in_progress(tmp_path):

@@ -21,7 +21,7 @@ def test_an_overloaded_soak_holds_new_sessions_and_leaves_nothing_in_progress(tm
     result = subprocess.run(
         [
             sys.executable, "-m", "emulator.cli", "soak", "--embedded",
-            "--devices", "30", "--duration", "30", "--time-scale", "0.2", "--workers", "2",
+            "--devices", "20", "--duration", "20", "--time-scale", "0.2", "--workers", "2",
             "--admit-p95", "0.02", "--json", str(verdict_file),
         ],
         cwd=REPO, capture_output=True, text=True, timeout=380,

@@ -85,16 +85,15 @@ class TmsUnreachable(ValueError):
 
 
 def reach_tms(device: PerformingDevice, window_s: float = FIRST_CONTACT_S) -> None:
-    """A C-ECHO to the TMS, tried for ``window_s``: it answering anything (even refusing
-    Verification) is enough; a rejection of this AE is the set-up problem it names."""
+    """A C-ECHO to the TMS, tried for ``window_s``: it answering anything is enough (a TMS
+    may refuse Verification, or reject an association it has no use for: the worklist
+    query then says what it thinks of this device)."""
     config = device.config
     deadline = time.monotonic() + window_s
     while True:
         try:
             scu.echo(config.ae_title, config.tms, config.network)
             return
-        except AssociationRejected:
-            raise  # it answered, and said no: main() says why in one sentence
         except AssociationFailed as exc:
             if time.monotonic() >= deadline:
                 raise TmsUnreachable(
@@ -103,7 +102,7 @@ def reach_tms(device: PerformingDevice, window_s: float = FIRST_CONTACT_S) -> No
                     f"{config.tms_retry_window:g} s)"
                 ) from exc
         except DimseError:
-            return  # an association, a refused Verification: it is there
+            return  # a rejection, a refused Verification: it is there
         time.sleep(1.0)
 
 
