@@ -23,7 +23,7 @@ from emulator.profile import load_yaml
 class AdmissionLimits:
     max_recent_p95_s: float = 5.0
     window: int = 200
-    max_results_backlog: int = 50
+    max_results_backlog: int = 200
     check_every_s: float = 1.0
 
     @classmethod

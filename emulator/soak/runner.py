@@ -251,8 +251,8 @@ class SoakRun:
         self.metrics.request_listeners.append(self.admission.observe)
 
     def _results_backlog(self) -> int:
-        """Results the devices hold that the Archive has not taken yet."""
-        return sum(len(device.outbox.pending()) for device in list(self.devices.values()))
+        """The most results any one device holds that the Archive has not taken yet."""
+        return max((len(d.outbox.pending()) for d in list(self.devices.values())), default=0)
 
     # -- set-up ------------------------------------------------------------------------------
 
