@@ -20,18 +20,14 @@ from emulator.profile import SopClasses
 from emulator.results.treatment_record import (
     MACHINE_CODE_SCHEME,
     TERMINATIONS,
+    RecordSession,
     TreatmentMachine,
+    new_treatment_record,
 )
 from emulator.synth.common import (
-    PatientContext,
-    apply_equipment,
-    apply_series,
     code_item,
     da,
-    new_dataset,
-    new_uid,
     sequence,
-    sop_reference,
     tm,
 )
 
@@ -176,34 +172,19 @@ def build_brachy_treatment_record(
     given = [c for c in channels if c.dwells]
     if not given:
         raise ValueError("no channel delivered any source time: there is no record to make")
-    machine = session.machine
-    ctx = PatientContext.from_dataset(plan)
-    ctx.study_instance_uid = session.study_instance_uid
-    ds = new_dataset(uids["rt_brachy_treatment_record"])
-    ctx.apply_patient_study(ds)
-    apply_series(ds, ctx, "RTRECORD", new_uid(), 21, "Brachy treatment record")
-    apply_equipment(ds, model=machine.model[:64], station=machine.name[:16])
-    ds.Manufacturer = machine.manufacturer[:64]
-    ds.DeviceSerialNumber = machine.serial[:64]
-    if machine.software:
-        ds.SoftwareVersions = machine.software[:64]
-    # RT General Treatment Record
-    ds.InstanceNumber = session.fraction
-    ds.TreatmentDate = da(session.started)
-    ds.TreatmentTime = tm(session.started)
-    ds.ReferencedRTPlanSequence = sequence(sop_reference(plan))
-    if session.previous_records:
-        ds.ReferencedTreatmentRecordSequence = sequence(
-            *(sop_reference(record) for record in session.previous_records)
-        )
-    # RT Treatment Machine Record
-    treated_on = Dataset()
-    treated_on.TreatmentMachineName = machine.name[:16]
-    treated_on.Manufacturer = machine.manufacturer[:64]
-    treated_on.InstitutionName = ""
-    treated_on.ManufacturerModelName = machine.model[:64]
-    treated_on.DeviceSerialNumber = machine.serial[:64]
-    ds.TreatmentMachineSequence = sequence(treated_on)
+    ds = new_treatment_record(
+        uids["rt_brachy_treatment_record"],
+        plan,
+        RecordSession(
+            session.study_instance_uid,
+            session.machine,
+            session.fraction,
+            session.started,
+            session.previous_records,
+        ),
+        21,
+        "Brachy treatment record",
+    )
     # RT Brachy Session Record
     group = plan.FractionGroupSequence[0]
     ds.ReferencedFractionGroupNumber = int(group.FractionGroupNumber)

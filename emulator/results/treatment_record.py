@@ -90,6 +90,56 @@ class TreatmentMachine:
         return cls(name, identity.vendor, identity.model, identity.serial, identity.firmware)
 
 
+@dataclass(frozen=True)
+class RecordSession:
+    """What every treatment record says of its session beyond what was delivered: the
+    study the UPS supplied (RO-24), the machine, the fraction, when, and the records it
+    continues."""
+
+    study_instance_uid: str
+    machine: TreatmentMachine
+    fraction: int
+    started: dt.datetime
+    previous_records: tuple[Dataset, ...] = ()
+
+
+def new_treatment_record(
+    sop_class_uid: str, plan: Dataset, session: RecordSession, series_number: int, title: str
+) -> Dataset:
+    """The modules a beams and a brachy treatment record share (PS3.3 A.29, A.30): patient,
+    study and series copied from the plan, the machine as General Equipment, RT General
+    Treatment Record and RT Treatment Machine Record."""
+    machine = session.machine
+    ctx = PatientContext.from_dataset(plan)
+    ctx.study_instance_uid = session.study_instance_uid
+    ds = new_dataset(sop_class_uid)
+    ctx.apply_patient_study(ds)
+    apply_series(ds, ctx, "RTRECORD", new_uid(), series_number, title)
+    apply_equipment(ds, model=machine.model[:64], station=machine.name[:16])
+    ds.Manufacturer = machine.manufacturer[:64]
+    ds.DeviceSerialNumber = machine.serial[:64]
+    if machine.software:
+        ds.SoftwareVersions = machine.software[:64]
+    # RT General Treatment Record
+    ds.InstanceNumber = session.fraction
+    ds.TreatmentDate = da(session.started)
+    ds.TreatmentTime = tm(session.started)
+    ds.ReferencedRTPlanSequence = sequence(sop_reference(plan))
+    if session.previous_records:
+        ds.ReferencedTreatmentRecordSequence = sequence(
+            *(sop_reference(record) for record in session.previous_records)
+        )
+    # RT Treatment Machine Record
+    treated_on = Dataset()
+    treated_on.TreatmentMachineName = machine.name[:16]
+    treated_on.Manufacturer = machine.manufacturer[:64]
+    treated_on.InstitutionName = ""
+    treated_on.ManufacturerModelName = machine.model[:64]
+    treated_on.DeviceSerialNumber = machine.serial[:64]
+    ds.TreatmentMachineSequence = sequence(treated_on)
+    return ds
+
+
 def build_treatment_record(
     plan: Dataset,
     beams: list[DeliveredBeam],
@@ -109,36 +159,13 @@ def build_treatment_record(
     for beam in beams:
         if beam.termination not in TERMINATIONS:
             raise ValueError(f"termination {beam.termination!r} not in {TERMINATIONS}")
-    ctx = PatientContext.from_dataset(plan)
-    ctx.study_instance_uid = study_instance_uid
-    ds = new_dataset(uids["rt_beams_treatment_record"])
-    ctx.apply_patient_study(ds)
-    apply_series(ds, ctx, "RTRECORD", new_uid(), 20, "Treatment record")
+    session = RecordSession(
+        study_instance_uid, machine, fraction_number, session_start, tuple(previous_records or ())
+    )
+    ds = new_treatment_record(
+        uids["rt_beams_treatment_record"], plan, session, 20, "Treatment record"
+    )
     ds.OperatorsName = operator
-    apply_equipment(ds, model="tdw-emulator performing device", station=machine.name[:16])
-    ds.Manufacturer = machine.manufacturer[:64]
-    ds.ManufacturerModelName = machine.model[:64]
-    ds.DeviceSerialNumber = machine.serial[:64]
-    if machine.software:
-        ds.SoftwareVersions = machine.software[:64]
-    # RT General Treatment Record
-    ds.InstanceNumber = fraction_number
-    ds.TreatmentDate = da(session_start)
-    ds.TreatmentTime = tm(session_start)
-    ref_plan = sop_reference(plan)
-    ds.ReferencedRTPlanSequence = sequence(ref_plan)
-    if previous_records:
-        ds.ReferencedTreatmentRecordSequence = sequence(
-            *(sop_reference(record) for record in previous_records)
-        )
-    # RT Treatment Machine Record
-    treated_on = Dataset()
-    treated_on.TreatmentMachineName = machine.name[:16]
-    treated_on.Manufacturer = machine.manufacturer[:64]
-    treated_on.InstitutionName = ""
-    treated_on.ManufacturerModelName = machine.model[:64]
-    treated_on.DeviceSerialNumber = machine.serial[:64]
-    ds.TreatmentMachineSequence = sequence(treated_on)
     # RT Beams Session Record
     group = plan.FractionGroupSequence[0]
     ds.NumberOfFractionsPlanned = group.NumberOfFractionsPlanned

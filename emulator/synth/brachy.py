@@ -32,6 +32,7 @@ from emulator.synth.common import (
 )
 from emulator.synth.ct import RESCALE_INTERCEPT, build_ct_series
 from emulator.synth.dose import build_dose
+from emulator.synth.patient import write_patient_files
 from emulator.synth.phantom import PhantomGeometry, ellipse_points
 
 CATHETER_HU = 1500
@@ -398,19 +399,11 @@ class SyntheticBrachyPatient:
 
     def write(self, out_dir: Path) -> list[Path]:
         """Every object as a DICOM Part 10 file; names come from our own counters."""
-        out_dir.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for index, ds in enumerate(self.ct, start=1):
-            paths.append(out_dir / f"CT_{index:04d}.dcm")
-            ds.save_as(paths[-1], enforce_file_format=True)
-        for name, ds in (
-            ("RTSTRUCT", self.structure_set),
-            ("RTPLAN", self.plan),
-            ("RTDOSE", self.dose),
-        ):
-            paths.append(out_dir / f"{name}.dcm")
-            ds.save_as(paths[-1], enforce_file_format=True)
-        return paths
+        return write_patient_files(
+            out_dir,
+            self.ct,
+            (("RTSTRUCT", self.structure_set), ("RTPLAN", self.plan), ("RTDOSE", self.dose)),
+        )
 
 
 def simulated_afterloader_source() -> BrachySource:

@@ -38,20 +38,32 @@ class SyntheticPatient:
 
     def write(self, out_dir: Path) -> list[Path]:
         """Writes every object as a DICOM Part 10 file; names come from our own counters."""
-        out_dir.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for index, ds in enumerate(self.ct, start=1):
-            paths.append(out_dir / f"CT_{index:04d}.dcm")
-            ds.save_as(paths[-1], enforce_file_format=True)
-        for name, ds in (
-            ("RTSTRUCT", self.structure_set),
-            ("RTPLAN", self.plan),
-            ("RTDOSE", self.dose),
-            ("RTBDI", self.delivery_instruction),
-        ):
-            paths.append(out_dir / f"{name}.dcm")
-            ds.save_as(paths[-1], enforce_file_format=True)
-        return paths
+        return write_patient_files(
+            out_dir,
+            self.ct,
+            (
+                ("RTSTRUCT", self.structure_set),
+                ("RTPLAN", self.plan),
+                ("RTDOSE", self.dose),
+                ("RTBDI", self.delivery_instruction),
+            ),
+        )
+
+
+def write_patient_files(
+    out_dir: Path, ct: list[Dataset], named: tuple[tuple[str, Dataset], ...]
+) -> list[Path]:
+    """CT_0001.dcm ... and NAME.dcm for each other object: names from our own counters,
+    never from a peer's data."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, ds in enumerate(ct, start=1):
+        paths.append(out_dir / f"CT_{index:04d}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    for name, ds in named:
+        paths.append(out_dir / f"{name}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths
 
 
 def generate_patient(
