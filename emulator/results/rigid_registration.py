@@ -8,12 +8,24 @@ sample of CBCT voxels weighted towards edges (where position is visible).
 
 scipy does the work: ``ndimage`` resamples and smooths, ``optimize.minimize`` (Powell, no
 gradients needed) searches. It is the well-kept numerical library numpy users already
-have; SimpleITK would add a 50 MB wheel for the same mono-modal rigid problem.
+have; SimpleITK would add a 50 MB wheel for the same mono-modal rigid problem. Powell's
+line searches are what find the right disc along z: a short planning CT shows a disc or two
+of a column that repeats every 27 mm, and Levenberg-Marquardt (tried for [5/7], 4 to 7
+times fewer resamplings) settled on the wrong one, measuring a 12 mm setup error on an
+8-slice CT as 7 mm (tests/test_hil_safety.py).
+
+The planning CT's side of the work (decoding, smoothing to the CBCT's resolution, spline
+coefficients) depends on the planning CT and the CBCT's voxel size only:
+:func:`prepared_planning` does it once and keeps it for the next session, or the next
+device of a soak worker, that registers against the same series.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -40,6 +52,10 @@ MIN_TILT_OVERLAP_MM = 40.0
 # stages reach the same residual (under 0.1 mm, 0.1 degree) as four in a quarter of the time:
 # a fleet of PPS registers a CBCT per session.
 STAGES = ((6.0, 0.05), (0.0, 0.01))
+# Prepared planning CTs kept per process, and the largest kept (voxels): a soak's small CTs
+# are shared by its devices; a 200-slice 512 x 512 CT is prepared per use, not held.
+PREPARED_KEPT = 4
+PREPARED_MAX_VOXELS = 16_000_000
 
 
 class RegistrationError(ValueError):
@@ -53,11 +69,66 @@ class RigidRegistration:
     matrix: np.ndarray
     mean_squared_hu: float
     evaluations: int
+    correlation: float = 1.0  # of the two images' voxels at the best fit
 
     @property
     def correction(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
         """The couch move that brings the patient to the plan: the same transform."""
         return rigid_parameters(self.matrix)
+
+
+@dataclass(frozen=True)
+class PreparedPlanning:
+    """The planning CT as every registration against one CBCT geometry compares with it."""
+
+    volume: Volume
+    exact: Volume  # spline coefficients at the CBCT's resolution: the last stage's target
+    smoothed: dict[float, Volume] = field(default_factory=dict)  # coarse stages' targets
+
+    @classmethod
+    def of(cls, planning: Volume, cbct_spacing: tuple[float, float, float]) -> PreparedPlanning:
+        # The CBCT's voxels average over more tissue than the planning CT's: compare the
+        # planning CT at the CBCT's resolution, or every edge is a mismatch.
+        at_cbct = _smoothed(planning, _resolution_gap(planning.spacing, cbct_spacing))
+        # (Trilinear sampling of the smoothed images, a fifth of the spline's cost, lost the
+        # 40-slice CT's z in benchmarks/registration.py: cubic splines for both stages.)
+        smoothed = {
+            sigma: _smoothed(at_cbct, (sigma,) * 3).as_spline() for sigma, _ in STAGES if sigma
+        }
+        return cls(planning, at_cbct.as_spline(), smoothed)
+
+
+_prepared: OrderedDict[tuple, PreparedPlanning] = OrderedDict()
+_prepared_lock = threading.Lock()
+
+
+def prepared_planning(
+    images: Sequence[Dataset], cbct_spacing: tuple[float, float, float]
+) -> PreparedPlanning:
+    """The planning CT series prepared for a CBCT of ``cbct_spacing``, from the process's
+    cache when this series (by SOP Instance UIDs, which name one content) was prepared."""
+    key = (tuple(str(ds.SOPInstanceUID) for ds in images), tuple(cbct_spacing))
+    with _prepared_lock:
+        if key in _prepared:
+            _prepared.move_to_end(key)
+            return _prepared[key]
+    prepared = PreparedPlanning.of(volume_from_images(list(images)), cbct_spacing)
+    if prepared.volume.hu.size <= PREPARED_MAX_VOXELS:
+        with _prepared_lock:
+            _prepared[key] = prepared
+            while len(_prepared) > PREPARED_KEPT:
+                _prepared.popitem(last=False)
+    return prepared
+
+
+def planning_volume(images: Sequence[Dataset]) -> Volume:
+    """The planning CT's voxels, decoded once per series while a prepared copy is kept."""
+    key_uids = tuple(str(ds.SOPInstanceUID) for ds in images)
+    with _prepared_lock:
+        for (uids, _spacing), prepared in _prepared.items():
+            if uids == key_uids:
+                return prepared.volume
+    return volume_from_images(list(images))
 
 
 def volume_from_images(images: list[Dataset]) -> Volume:
@@ -110,9 +181,14 @@ def _sample_points(cbct: Volume, planning: Volume) -> tuple[np.ndarray, np.ndarr
     return centres[unique], cbct.hu.ravel()[unique]
 
 
-def register_rigid(planning: Volume, cbct: Volume, rotations: bool = True) -> RigidRegistration:
+def register_rigid(
+    planning: Volume | PreparedPlanning, cbct: Volume, rotations: bool = True
+) -> RigidRegistration:
     """The CBCT-to-planning transform; rotations only when the couch can correct them, and
     pitch and roll only when the scans overlap along enough of the patient to show them."""
+    if isinstance(planning, Volume):
+        planning = PreparedPlanning.of(planning, cbct.spacing)
+    prepared, planning = planning, planning.volume
     points, values = _sample_points(cbct, planning)
     evaluations = 0
     tilts = rotations and _overlap_length(planning, cbct) >= MIN_TILT_OVERLAP_MM
@@ -123,7 +199,8 @@ def register_rigid(planning: Volume, cbct: Volume, rotations: bool = True) -> Ri
         every[free] = params
         return rigid_matrix(tuple(every[:3]), tuple(every[3:]))
 
-    def cost(params: np.ndarray, target: Volume, observed: np.ndarray) -> float:
+    def mean_square(params: np.ndarray, target: Volume, observed: np.ndarray) -> float:
+        """The mean squared HU difference over the covered points (1e12: too few)."""
         nonlocal evaluations
         evaluations += 1
         sampled, inside = target.sample(transform_points(matrix_of(params), points))
@@ -132,24 +209,21 @@ def register_rigid(planning: Volume, cbct: Volume, rotations: bool = True) -> Ri
         return float(np.mean((sampled[inside] - observed[inside]) ** 2))
 
     params = np.zeros(int(free.sum()))
-    # The CBCT's voxels average over more tissue than the planning CT's: compare the
-    # planning CT at the CBCT's resolution, or every edge is a mismatch.
-    at_cbct_resolution = _smoothed(planning, _resolution_gap(planning, cbct))
-    exact = at_cbct_resolution.as_spline()  # the last stage's target and the final cost's
+    exact = prepared.exact  # the last stage's target and the final cost's
     for sigma_mm, tolerance in STAGES:
         target, observed = exact, values
         if sigma_mm:
-            target = _smoothed(at_cbct_resolution, (sigma_mm,) * 3).as_spline()
+            target = prepared.smoothed[sigma_mm]
             observed, _ = _smoothed(cbct, (sigma_mm,) * 3).sample(points)
         result = minimize(
-            cost,
+            mean_square,
             params,
             args=(target, observed),
             method="Powell",  # unbounded: a bounded Powell line-searches the whole range
             options={"xtol": tolerance, "ftol": 1e-7, "maxfev": 600},
         )
         params = result.x
-    final = cost(params, exact, values)
+    final = mean_square(params, exact, values)
     if final >= 1e12:
         raise RegistrationError("the CBCT and the planning CT do not overlap")
     translation, rotation = rigid_parameters(matrix_of(params))
@@ -173,7 +247,7 @@ def register_rigid(planning: Volume, cbct: Volume, rotations: bool = True) -> Ri
             f"{correlation:.2f} (the same patient correlates above {MIN_CORRELATION:g}); is "
             f"the patient imaged the patient planned?"
         )
-    return RigidRegistration(matrix_of(params), final, evaluations)
+    return RigidRegistration(matrix_of(params), final, evaluations, correlation)
 
 
 def _overlap_length(planning: Volume, cbct: Volume) -> float:
@@ -187,14 +261,15 @@ def _overlap_length(planning: Volume, cbct: Volume) -> float:
     return max(0.0, min(a1, b1) - max(a0, b0))
 
 
-def _resolution_gap(fine: Volume, coarse: Volume) -> tuple[float, float, float]:
+def _resolution_gap(
+    fine: tuple[float, float, float], coarse: tuple[float, float, float]
+) -> tuple[float, float, float]:
     """Gaussian sigma (mm, x y z) that blurs ``fine`` voxels to ``coarse`` voxels' width.
 
     A box of width w has the variance w**2 / 12; the blur adds what the finer box lacks.
     """
     return tuple(  # type: ignore[return-value]
-        float(np.sqrt(max(c**2 - f**2, 0.0) / 12.0))
-        for f, c in zip(fine.spacing, coarse.spacing, strict=True)
+        float(np.sqrt(max(c**2 - f**2, 0.0) / 12.0)) for f, c in zip(fine, coarse, strict=True)
     )
 
 

@@ -17,6 +17,8 @@ from emulator.results.acquisition import build_cbct_series
 from emulator.results.registration import build_registration
 from emulator.results.rigid_registration import (
     RegistrationError,
+    planning_volume,
+    prepared_planning,
     register_rigid,
     volume_from_images,
 )
@@ -53,7 +55,7 @@ class AcquisitionStep(Step):
         identity = result_identity(claim.ups, session.planning_ct)
         imager = self.machine
         imager.place_patient(
-            volume_from_images(session.planning_ct), patient_position(session.planning_ct)
+            planning_volume(session.planning_ct), patient_position(session.planning_ct)
         )
         # RO-26 while the scan runs, as the machine reports its share done.
         context.machine.watch_progress(lambda _op, share: claim.reporter.offer(share * 100))
@@ -76,9 +78,10 @@ class RegistrationStep(Step):
         if not session.cbct or not session.planning_ct:
             raise Cancel("RO-23: no acquisition in this session to register", cause="refused_input")
         try:
+            cbct = volume_from_images(session.cbct)
             measured = register_rigid(
-                volume_from_images(session.planning_ct),
-                volume_from_images(session.cbct),
+                prepared_planning(session.planning_ct, cbct.spacing),
+                cbct,
                 rotations=context.machine.capabilities().couch_rotation_limits_deg > 0,
             )
         except RegistrationError as error:
