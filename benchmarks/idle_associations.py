@@ -51,7 +51,7 @@ def measure(associations: int, idle_s: float, echoes: int) -> dict:
                 trips.append(time.perf_counter() - started)
         for assoc in open_:
             assoc.release()
-        # One association per exchange, as a device talks to its TMS (tms_link.py).
+        # One association per exchange, as a device opens one per burst (tms_link.py).
         cycles = []
         for _ in range(echoes * 10):
             started = time.perf_counter()

@@ -2,7 +2,7 @@
 
 Both run in this process against the same reference TMS and Archive on loopback: the
 emulated PDS (4 UPS, 5 beams, 16-slice CT, with input checks, results building, local
-spooling and one association per exchange group) and a minimal script of raw pynetdicom
+spooling, and one TMS association per burst of exchanges) and a minimal script of raw pynetdicom
 calls that sends the same C-FIND, C-MOVE, N-ACTION, N-SET and C-STORE messages with
 objects prepared in advance. It prints both median times and their ratio.
 

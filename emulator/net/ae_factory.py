@@ -47,6 +47,9 @@ class NetworkSettings:
     admission: AdmissionLimits = field(default_factory=AdmissionLimits)
     # Told (AE title, reason) of every connection refused before it became an association.
     on_connection_refused: Callable[[str, str], None] | None = None
+    # A requested association is kept this long after an exchange for the next one of the
+    # same burst (emulator/net/association_hold.py); 0 opens one per exchange.
+    association_hold_s: float = 1.0
 
 
 def _set_nodelay(event: evt.Event) -> None:

@@ -80,6 +80,13 @@ class UpsConnection:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def is_open(self) -> bool:
+        return self.assoc is not None and self.assoc.is_established
+
+    def close(self) -> None:
+        """Releases the association (A-RELEASE), if it is still established."""
         if self.assoc is not None and self.assoc.is_established:
             self.assoc.release()
 

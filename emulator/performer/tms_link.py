@@ -1,8 +1,12 @@
-"""The performer's exchanges with the TMS: one association per exchange, retried.
+"""The performer's exchanges with the TMS: one association per burst of exchanges, retried.
 
 A real device does not hold its TMS association through a 60 s CBCT or a beam: the TMS's
 idle timeout would drop it, and a fleet of devices would hold the TMS's association slots.
-Each exchange here opens an association, sends one request, and releases it. When the TMS
+Nor does it open one per request of a burst (claim, progress, final N-SET, COMPLETED).
+Each exchange here borrows the association the last one left open
+(emulator/net/association_hold.py), which is released ``association_hold_s`` after its
+last use; an exchange that fails on a held association the TMS has meanwhile dropped is
+sent again at once on a new one (counted as a retry, for the rules below). When the TMS
 cannot be reached (refused connection, aborted association, no response), the exchange is
 retried with jittered exponential backoff until ``window_s`` has passed; then
 :class:`TmsUnavailable` says so. A failure *status* is an answer, never retried here: the
@@ -28,6 +32,7 @@ from pydicom.dataset import Dataset
 
 from emulator import ups_events
 from emulator.net.ae_factory import NetworkSettings
+from emulator.net.association_hold import AssociationHold
 from emulator.net.peers import Peer
 from emulator.net.scu import DimseError
 from emulator.net.ups_scu import Reply, UpsConnection
@@ -97,22 +102,45 @@ class TmsLink:
         self.backoff = backoff or Backoff()
         self._rng = random.Random()
         self.retries = 0  # exchanges repeated because the TMS could not be reached
+        self._hold: AssociationHold[UpsConnection] = AssociationHold(
+            lambda: UpsConnection(
+                self.calling_ae, self.tms, self.profile, self.settings
+            ).__enter__(),
+            settings.association_hold_s,
+        )
+
+    @property
+    def associations_opened(self) -> int:
+        return self._hold.opened
+
+    def close(self) -> None:
+        """Releases the held association (the device stops)."""
+        self._hold.close()
 
     def _exchange(self, what: str, send: Callable[[UpsConnection], T], patient: bool = True) -> T:
-        """``send`` on a fresh association; retried while the TMS cannot be reached.
+        """``send`` on the held or a new association; retried while the TMS cannot be reached.
 
         ``patient=False`` tries twice only: for a progress report, which must not hold a
         beam or the next step back while a TMS restarts.
         """
         delays = self.backoff.delays(self._rng) if patient else [self.backoff.first_delay_s]
         attempt = 0
+        stale_retried = False
         while True:
+            reused = False
             try:
-                with UpsConnection(self.calling_ae, self.tms, self.profile, self.settings) as c:
-                    return send(c)
+                with self._hold.connection() as (connection, reused):
+                    return send(connection)
             except DimseError as exc:
                 if exc.status is not None or getattr(exc, "permanent", False):
                     raise  # an answer (a status, a permanent rejection), not an outage
+                if reused and not stale_retried:
+                    # The held association died while held (the TMS's idle timeout, a
+                    # restart): once, at once, on a new one.
+                    LOG.info("%s: the held association failed (%s); sending again", what, exc)
+                    stale_retried = True
+                    self.retries += 1
+                    continue
                 if attempt >= len(delays):
                     raise TmsUnavailable(
                         f"{what}: the TMS {self.tms} could not be reached "

@@ -69,6 +69,9 @@ __all__ = [  # the messages' datasets are imported from here by older callers
 ]
 
 LOG = logging.getLogger("tdw.device")
+# How long a device that watched a UPS listens for the TMS's State Report of the final
+# state before it unsubscribes (and, at the end of a run, stops listening).
+FINAL_REPORT_WAIT_S = 1.0
 
 
 @dataclass
@@ -270,6 +273,7 @@ class PerformingDevice:
         return self.receiver.start()
 
     def stop(self) -> None:
+        self.tms.close()
         self.receiver.stop()
         self.outbox.close()
         self.journal.close()
@@ -447,6 +451,8 @@ class PerformingDevice:
             self.device.watch_progress(None)
         finished = self._finish(claim, outcome)
         if watching:
+            if finished.state in ("COMPLETED", "CANCELED"):
+                self.cancel_requests.wait_for_final_report(uid, FINAL_REPORT_WAIT_S)
             self._watch(uid, subscribe=False)
         self.cancel_requests.forget(uid)
         return finished
