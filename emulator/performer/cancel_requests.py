@@ -32,6 +32,8 @@ class CancelRequests:
         self._causes: dict[str, str] = {}
         self._performing: str | None = None
         self._lock = threading.Lock()
+        # UPS whose final State Report (COMPLETED or CANCELED) this device has heard.
+        self._final_reports: dict[str, threading.Event] = {}
 
     def on_event(self, notice: UpsEventNotice) -> None:
         """The receiver's callback for every UPS event addressed to this device: a Cancel
@@ -45,6 +47,8 @@ class CancelRequests:
             state = str(notice.info.get("ProcedureStepState", "") or "")
             with self._lock:
                 performing = self._performing == notice.ups_uid
+                if state in ("COMPLETED", "CANCELED"):
+                    self._final_report(notice.ups_uid).set()
             if performing and state in ("COMPLETED", "CANCELED"):
                 reason = str(notice.info.get("ReasonForCancellation", "") or "")
                 self._stop(
@@ -96,7 +100,20 @@ class CancelRequests:
         with self._lock:
             return self._causes.get(uid, "tms_request")
 
+    def _final_report(self, uid: str) -> threading.Event:
+        return self._final_reports.setdefault(uid, threading.Event())
+
+    def wait_for_final_report(self, uid: str, seconds: float) -> bool:
+        """Whether the TMS's State Report of the final state of ``uid`` came within
+        ``seconds``. A subscriber that unsubscribed and stopped listening the moment its
+        final N-ACTION was answered would leave the TMS an event it cannot deliver
+        (PS3.4 CC.2.4.3 owes it to the subscriber of the state change)."""
+        with self._lock:
+            heard = self._final_report(uid)
+        return heard.wait(seconds)
+
     def forget(self, uid: str) -> None:
         with self._lock:
             self._requests.pop(uid, None)
             self._causes.pop(uid, None)
+            self._final_reports.pop(uid, None)
