@@ -22,7 +22,11 @@ from devices.registry import open_device
 from emulator.profile import load_sop_classes
 from emulator.results.acquisition import build_cbct_series
 from emulator.results.registration import build_registration
-from emulator.results.rigid_registration import register_rigid, volume_from_images
+from emulator.results.rigid_registration import (
+    register_rigid,
+    register_series,
+    volume_from_images,
+)
 from emulator.synth import PatientContext
 from emulator.synth.ct import build_ct_series
 from emulator.synth.phantom import PhantomGeometry
@@ -217,3 +221,32 @@ def test_a_short_planning_ct_gets_no_tilt_it_cannot_see():
             assert np.all(np.abs(left_translation[:2]) < 1.0), left_translation
             assert abs(left_translation[2]) < 2.5, left_translation
             assert np.abs(setup_translation).min() >= 1.0
+
+
+def test_identical_images_under_other_names_share_one_measurement():
+    """A soak's patients are one phantom under many names: the second device's
+    registration of the same voxels is the first one's result, and a CBCT that differs
+    in any voxel (the next acquisition's noise) is measured afresh."""
+    uids = load_sop_classes()
+    geometry = PhantomGeometry(rows=64, columns=64, slices=8)
+    first = build_ct_series(
+        PatientContext(patient_name="TDW^A", patient_id="SHARE1"), geometry, uids
+    )
+    other = build_ct_series(
+        PatientContext(patient_name="TDW^B", patient_id="SHARE2"), geometry, uids
+    )
+    assert first[0].SOPInstanceUID != other[0].SOPInstanceUID
+    with open_device("sim", Clock(0)) as device:
+        device.place_patient(volume_from_images(first))
+        cbct = volume_from_images(
+            build_cbct_series(PatientContext(), device.acquire("CBCT"), uids, "X")
+        )
+        later = volume_from_images(
+            build_cbct_series(PatientContext(), device.acquire("CBCT"), uids, "X")
+        )
+    measured = register_series(first, cbct)
+    shared = register_series(other, cbct)
+    assert shared is measured
+    assert np.allclose(register_rigid(volume_from_images(other), cbct).matrix, measured.matrix)
+    again = register_series(other, later)
+    assert again is not measured and again.evaluations > 0

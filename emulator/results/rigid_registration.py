@@ -22,6 +22,7 @@ device of a soak worker, that registers against the same series.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -106,8 +107,8 @@ def prepared_planning(
     images: Sequence[Dataset], cbct_spacing: tuple[float, float, float]
 ) -> PreparedPlanning:
     """The planning CT series prepared for a CBCT of ``cbct_spacing``, from the process's
-    cache when this series (by SOP Instance UIDs, which name one content) was prepared."""
-    key = (tuple(str(ds.SOPInstanceUID) for ds in images), tuple(cbct_spacing))
+    cache when a series of the same voxels was prepared (:func:`series_key`)."""
+    key = (series_key(images), tuple(cbct_spacing))
     with _prepared_lock:
         if key in _prepared:
             _prepared.move_to_end(key)
@@ -123,12 +124,69 @@ def prepared_planning(
 
 def planning_volume(images: Sequence[Dataset]) -> Volume:
     """The planning CT's voxels, decoded once per series while a prepared copy is kept."""
-    key_uids = tuple(str(ds.SOPInstanceUID) for ds in images)
+    wanted = series_key(images)
     with _prepared_lock:
-        for (uids, _spacing), prepared in _prepared.items():
-            if uids == key_uids:
+        for (key, _spacing), prepared in _prepared.items():
+            if key == wanted:
                 return prepared.volume
     return volume_from_images(list(images))
+
+
+def series_key(images: Sequence[Dataset]) -> bytes:
+    """A SHA-256 of what :func:`volume_from_images` reads (pixel data, position,
+    orientation, spacing, rescale), without decoding: two series with this key are the
+    same voxels in the same place, whatever their UIDs (a soak's patients are one phantom
+    under many names)."""
+    digest = hashlib.sha256()
+    for ds in sorted(images, key=lambda ds: float(ds.ImagePositionPatient[2])):
+        geometry = (
+            ds.ImagePositionPatient,
+            ds.ImageOrientationPatient,
+            ds.PixelSpacing,
+            ds.get("RescaleSlope", 1),
+            ds.get("RescaleIntercept", 0),
+            ds.Rows,
+            ds.Columns,
+            ds.BitsAllocated,
+            ds.PixelRepresentation,
+        )
+        digest.update(repr(tuple(str(v) for v in geometry)).encode())
+        digest.update(ds.PixelData)
+    return digest.digest()
+
+
+_measured: OrderedDict[tuple, RigidRegistration | RegistrationError] = OrderedDict()
+MEASURED_KEPT = 64
+
+
+def register_series(
+    planning_images: Sequence[Dataset], cbct: Volume, rotations: bool = True
+) -> RigidRegistration:
+    """:func:`register_rigid` of a planning CT series and a CBCT, measured once per process
+    for the same inputs: a soak worker's simulated devices treating one patient image the
+    same voxels (the simulator's noise is seeded per acquisition), and a registration is a
+    pure function of them. The key is :func:`series_key` of the planning CT and a SHA-256
+    of the CBCT's voxels and geometry: only identical images share a result (or a refusal).
+    """
+    digest = hashlib.sha256(np.ascontiguousarray(cbct.hu).tobytes())
+    digest.update(repr((cbct.origin, cbct.spacing, cbct.hu.shape)).encode())
+    key = (series_key(planning_images), digest.digest(), rotations)
+    with _prepared_lock:
+        known = _measured.get(key)
+    if known is None:
+        try:
+            known = register_rigid(
+                prepared_planning(planning_images, cbct.spacing), cbct, rotations
+            )
+        except RegistrationError as error:
+            known = error
+        with _prepared_lock:
+            _measured[key] = known
+            while len(_measured) > MEASURED_KEPT:
+                _measured.popitem(last=False)
+    if isinstance(known, RegistrationError):
+        raise RegistrationError(str(known))
+    return known
 
 
 def volume_from_images(images: list[Dataset]) -> Volume:

@@ -18,8 +18,7 @@ from emulator.results.registration import build_registration
 from emulator.results.rigid_registration import (
     RegistrationError,
     planning_volume,
-    prepared_planning,
-    register_rigid,
+    register_series,
     volume_from_images,
 )
 from emulator.results.study_identity import result_identity
@@ -78,10 +77,9 @@ class RegistrationStep(Step):
         if not session.cbct or not session.planning_ct:
             raise Cancel("RO-23: no acquisition in this session to register", cause="refused_input")
         try:
-            cbct = volume_from_images(session.cbct)
-            measured = register_rigid(
-                prepared_planning(session.planning_ct, cbct.spacing),
-                cbct,
+            measured = register_series(
+                session.planning_ct,
+                volume_from_images(session.cbct),
                 rotations=context.machine.capabilities().couch_rotation_limits_deg > 0,
             )
         except RegistrationError as error:
