@@ -9,6 +9,8 @@ import threading
 import time
 from dataclasses import replace
 
+from pynetdicom.association import Association
+
 from emulator.net import scu
 from emulator.net.ae_factory import NetworkSettings
 from emulator.net.connection_guard import AdmissionLimits
@@ -126,7 +128,7 @@ def test_finished_associations_go_without_pynetdicom_s_forced_collections(tmp_pa
         while listener.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)
         assert listener.active_associations == []
-        seen = weakref.WeakSet(o for o in gc.get_objects() if type(o).__name__ == "Association")
+        seen = weakref.WeakSet(o for o in gc.get_objects() if isinstance(o, Association))
         listener._gc[0] = listener._gc[1]  # stock pynetdicom collects at its next poll
         time.sleep(1.2)  # two polls of 0.5 s
         assert calls == []

@@ -49,7 +49,7 @@ class NetworkSettings:
     on_connection_refused: Callable[[str, str], None] | None = None
     # A requested association is kept this long after an exchange for the next one of the
     # same burst (emulator/net/association_hold.py); 0 opens one per exchange.
-    association_hold_s: float = 1.0
+    association_hold_s: float = 0.25
 
 
 def _set_nodelay(event: evt.Event) -> None:

@@ -106,7 +106,13 @@ class AssociationHold(Generic[C]):
     def close(self) -> None:
         """Releases the held connection now; later exchanges open their own and release them."""
         with self._lock:
-            held, self._held, self._closed = self._held, None, True
+            self._closed = True
+        self.release_held()
+
+    def release_held(self) -> None:
+        """Releases the held connection now (the caller knows the burst is over)."""
+        with self._lock:
+            held, self._held = self._held, None
         if held is not None:
             self._discard(held)
 

@@ -117,6 +117,11 @@ class TmsLink:
         """Releases the held association (the device stops)."""
         self._hold.close()
 
+    def release_held(self) -> None:
+        """Releases the held association now (a burst is known to be over); the next
+        exchange opens a new one."""
+        self._hold.release_held()
+
     def _exchange(self, what: str, send: Callable[[UpsConnection], T], patient: bool = True) -> T:
         """``send`` on the held or a new association; retried while the TMS cannot be reached.
 

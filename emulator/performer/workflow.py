@@ -305,6 +305,12 @@ class PerformingDevice:
         happen, or delivering on an unverified position, is not safe. The stop is journaled,
         so later queries, and the process after a restart, withhold those steps too.
         """
+        try:
+            return self._run_once()
+        finally:
+            self.tms.release_held()  # the run's last burst is over: free the TMS's slot
+
+    def _run_once(self) -> list[UpsOutcome]:
         self.flush_outbox()
         outcomes: list[UpsOutcome] = self.resume_claims()
         if self.stopping:
@@ -386,6 +392,8 @@ class PerformingDevice:
             if store.get(ref.sop_instance_uid) is None:
                 missing.setdefault(ref.retrieve_ae_title, []).append(ref)
         for ae_title, wanted in missing.items():
+            if self.peers[ae_title] == self.tms.tms:
+                self.tms.release_held()  # a TMS short of slots needs it for the C-MOVE
             # One C-MOVE per series, with the unique keys of every level above IMAGE: the
             # hierarchical form every Study Root SCP supports (PS3.4 C.4.2.2.1), not only
             # ours, which also matches relationally.
