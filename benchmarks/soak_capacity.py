@@ -12,7 +12,7 @@ Throughput, at time scale 0 (the machine simulated instantly, so only the DICOM 
 left): ``--throughput-devices`` devices for ``--throughput-duration`` seconds; the TMS's
 sessions per minute, for both layouts.
 
-    .venv/bin/python benchmarks/soak_capacity.py [--ladder 50,100,150,200] [--duration 300]
+    .venv/bin/python benchmarks/soak_capacity.py [--ladder 200,400,600,800,1000] [--duration 300]
         [--single-ladder 25,50,100]
 """
 
@@ -76,7 +76,11 @@ def climb(name: str, ladder: list[int], args: argparse.Namespace, workers: int) 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ladder", default="50,100,150,200", help="device counts, workers")
+    parser.add_argument(
+        "--ladder",
+        default="200,400,600,800,1000",
+        help="device counts, workers (to 1,000: the goal)",
+    )
     parser.add_argument(
         "--single-ladder", help="device counts for the one-process baseline (default: --ladder)"
     )
