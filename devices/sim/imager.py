@@ -10,8 +10,6 @@ registration has to measure the pose rather than read it back.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from functools import cache
 from typing import Any
 
@@ -19,15 +17,14 @@ import numpy as np
 
 from devices.base import CouchCorrection, ImageSet
 from devices.geometry import Volume, rigid_matrix, transform_points
+from devices.kept import Kept
 
 STORED_OFFSET = 1024  # stored value = HU + 1024, the CBCT's Rescale Intercept is -1024
 SUBSAMPLES = 2  # per axis, per voxel
 NOISE_HU = 8.0
 # Noiseless scans kept per process: a soak worker's simulated machines image one phantom
 # through the same setup pose, and integrating it costs 0.1 to 0.3 CPU-seconds a CBCT.
-SCANS_KEPT = 16
-_scans: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-_scans_lock = threading.Lock()
+_scans: Kept[tuple[np.ndarray, np.ndarray]] = Kept(16)
 
 
 @cache
@@ -90,8 +87,7 @@ def _integrated_scan(
     held in the entry so that identity cannot be reused).
     """
     key = (id(anatomy.hu), pose.tobytes(), rows, slices, spacing)
-    with _scans_lock:
-        known = _scans.get(key)
+    known = _scans.get(key)
     if known is not None:
         return known[1]
     pixel, dz = spacing
@@ -110,8 +106,5 @@ def _integrated_scan(
                 total += values
     hu = total / SUBSAMPLES**3
     hu.setflags(write=False)
-    with _scans_lock:
-        _scans[key] = (anatomy.hu, hu)
-        while len(_scans) > SCANS_KEPT:
-            _scans.popitem(last=False)
+    _scans.put(key, (anatomy.hu, hu))
     return hu

@@ -45,11 +45,12 @@ class CancelRequests:
             self._stop(notice.ups_uid, f"cancel requested by {requester}: {reason}")
         elif notice.event_type == ups_events.STATE_REPORT:
             state = str(notice.info.get("ProcedureStepState", "") or "")
+            final = state in ("COMPLETED", "CANCELED")
             with self._lock:
                 performing = self._performing == notice.ups_uid
-                if state in ("COMPLETED", "CANCELED"):
+                if final:
                     self._final_report(notice.ups_uid).set()
-            if performing and state in ("COMPLETED", "CANCELED"):
+            if performing and final:
                 reason = str(notice.info.get("ReasonForCancellation", "") or "")
                 self._stop(
                     notice.ups_uid,

@@ -23,8 +23,6 @@ device of a soak worker, that registers against the same series.
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +32,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.optimize import minimize
 
 from devices.geometry import Volume, rigid_matrix, rigid_parameters, transform_points
+from devices.kept import Kept
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 SAMPLE_POINTS = 4_000  # 12,000 took 4x the CPU for no better residual (0.1 mm either)
@@ -55,7 +54,6 @@ MIN_TILT_OVERLAP_MM = 40.0
 STAGES = ((6.0, 0.05), (0.0, 0.01))
 # Prepared planning CTs kept per process, and the largest kept (voxels): a soak's small CTs
 # are shared by its devices; a 200-slice 512 x 512 CT is prepared per use, not held.
-PREPARED_KEPT = 4
 PREPARED_MAX_VOXELS = 16_000_000
 
 
@@ -99,36 +97,31 @@ class PreparedPlanning:
         return cls(planning, at_cbct.as_spline(), smoothed)
 
 
-_prepared: OrderedDict[tuple, PreparedPlanning] = OrderedDict()
-_prepared_lock = threading.Lock()
+_prepared: Kept[PreparedPlanning] = Kept(4)
+_measured: Kept[RigidRegistration | RegistrationError] = Kept(64)
 
 
 def prepared_planning(
-    images: Sequence[Dataset], cbct_spacing: tuple[float, float, float]
+    images: Sequence[Dataset], cbct_spacing: tuple[float, float, float], key: bytes = b""
 ) -> PreparedPlanning:
     """The planning CT series prepared for a CBCT of ``cbct_spacing``, from the process's
-    cache when a series of the same voxels was prepared (:func:`series_key`)."""
-    key = (series_key(images), tuple(cbct_spacing))
-    with _prepared_lock:
-        if key in _prepared:
-            _prepared.move_to_end(key)
-            return _prepared[key]
-    prepared = PreparedPlanning.of(volume_from_images(list(images)), cbct_spacing)
-    if prepared.volume.hu.size <= PREPARED_MAX_VOXELS:
-        with _prepared_lock:
-            _prepared[key] = prepared
-            while len(_prepared) > PREPARED_KEPT:
-                _prepared.popitem(last=False)
+    cache when a series of the same voxels was prepared (``key``: its :func:`series_key`,
+    computed here when the caller has not)."""
+    kept_as = (key or series_key(images), tuple(cbct_spacing))
+    prepared = _prepared.get(kept_as)
+    if prepared is None:
+        prepared = PreparedPlanning.of(volume_from_images(list(images)), cbct_spacing)
+        if prepared.volume.hu.size <= PREPARED_MAX_VOXELS:
+            _prepared.put(kept_as, prepared)
     return prepared
 
 
 def planning_volume(images: Sequence[Dataset]) -> Volume:
     """The planning CT's voxels, decoded once per series while a prepared copy is kept."""
     wanted = series_key(images)
-    with _prepared_lock:
-        for (key, _spacing), prepared in _prepared.items():
-            if key == wanted:
-                return prepared.volume
+    for (key, _spacing), prepared in _prepared.items():
+        if key == wanted:
+            return prepared.volume
     return volume_from_images(list(images))
 
 
@@ -155,10 +148,6 @@ def series_key(images: Sequence[Dataset]) -> bytes:
     return digest.digest()
 
 
-_measured: OrderedDict[tuple, RigidRegistration | RegistrationError] = OrderedDict()
-MEASURED_KEPT = 64
-
-
 def register_series(
     planning_images: Sequence[Dataset], cbct: Volume, rotations: bool = True
 ) -> RigidRegistration:
@@ -168,22 +157,18 @@ def register_series(
     pure function of them. The key is :func:`series_key` of the planning CT and a SHA-256
     of the CBCT's voxels and geometry: only identical images share a result (or a refusal).
     """
+    planning_key = series_key(planning_images)
     digest = hashlib.sha256(np.ascontiguousarray(cbct.hu).tobytes())
     digest.update(repr((cbct.origin, cbct.spacing, cbct.hu.shape)).encode())
-    key = (series_key(planning_images), digest.digest(), rotations)
-    with _prepared_lock:
-        known = _measured.get(key)
+    key = (planning_key, digest.digest(), rotations)
+    known = _measured.get(key)
     if known is None:
         try:
-            known = register_rigid(
-                prepared_planning(planning_images, cbct.spacing), cbct, rotations
-            )
+            prepared = prepared_planning(planning_images, cbct.spacing, planning_key)
+            known = register_rigid(prepared, cbct, rotations)
         except RegistrationError as error:
             known = error
-        with _prepared_lock:
-            _measured[key] = known
-            while len(_measured) > MEASURED_KEPT:
-                _measured.popitem(last=False)
+        _measured.put(key, known)
     if isinstance(known, RegistrationError):
         raise RegistrationError(str(known))
     return known
